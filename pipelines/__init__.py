@@ -1,0 +1,1 @@
+"""Prune-then-distill pipeline for Llama-family models on megatron-core and NVIDIA ModelOpt."""

@@ -1,0 +1,148 @@
+"""Import a Hugging Face Llama folder into an engine checkpoint, and export one back.
+
+Used by ``scripts/import_hf.py`` and ``scripts/export_hf.py``. Import streams: tensors are read
+one at a time (``pipelines.safetensors_stream``) into an uninitialised model, so the peak memory
+is about one copy of the weights (``bench/import_memory.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from pipelines import checkpoint, hf_llama, runtime
+from pipelines import model as model_lib
+from pipelines.artifacts import read_manifest, sha256_file, staged_folder, write_manifest
+from pipelines.errors import UserError, require
+from pipelines.safetensors_stream import SafetensorsFolder, write_sharded
+
+SINGLE_PROCESS = OmegaConf.create({"tensor": 1, "pipeline": 1, "context": 1})
+
+
+def _required_path(cfg, key: str) -> Path:
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    require(value not in (None, "???", ""), f"{key} is not set", key)
+    return Path(str(value)).expanduser()
+
+
+def _check_output(output: Path, inputs: dict) -> bool:
+    """True if ``output`` already holds exactly this result; error if it holds something else."""
+    if not output.exists():
+        return False
+    manifest = read_manifest(output)
+    if manifest is None:
+        require(not any(output.iterdir()), f"output folder {output} exists and is not a "
+                "checkpoint; choose another or remove it", "output")
+        output.rmdir()
+        return False
+    if manifest.get("inputs") != inputs:
+        raise UserError(f"output folder {output} already holds a different checkpoint (made from "
+                        f"{manifest.get('source')}); choose another output or remove it", "output")
+    return True
+
+
+def _copy_tokenizer(source: Path, destination: Path) -> list[str]:
+    copied = []
+    for name in hf_llama.TOKENIZER_FILES + ("special_token_ids.json",):
+        if (source / name).exists():
+            destination.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, destination / name)
+            copied.append(name)
+    return copied
+
+
+def import_hf(cfg) -> dict:
+    """Convert ``cfg.source`` (a Hugging Face Llama folder) into the checkpoint ``cfg.output``."""
+    source, output = _required_path(cfg, "source"), _required_path(cfg, "output")
+    arch = hf_llama.read_config(source, int(cfg.make_vocab_size_divisible_by))
+    model_lib.validate(arch)
+    reader = SafetensorsFolder(source)
+    missing = sorted(hf_llama.expected_hf_names(arch) - set(reader.keys()))
+    require(not missing, f"{source} lacks tensors {missing[:4]}{'...' if len(missing) > 4 else ''}",
+            "source")
+    inputs = {path.name: sha256_file(path) for path in [source / "config.json", *reader.files()]}
+    if _check_output(output, inputs):
+        print(f"[import] {output} already holds this checkpoint; nothing to do")
+        return read_manifest(output)
+
+    layout = runtime.initialize(SINGLE_PROCESS)
+    dtype = reader.get("model.norm.weight").dtype
+    config = model_lib.transformer_config(arch, dtype)
+    model = model_lib.build(arch, config, initialize=False)
+    transformer_engine = runtime.transformer_engine_available()
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in hf_llama.to_megatron(reader.get, arch):
+            parameter = parameters.pop(hf_llama.engine_name(name, transformer_engine))
+            require(parameter.shape == tensor.shape, f"{source}: {name} has shape "
+                    f"{tuple(tensor.shape)}, config.json implies {tuple(parameter.shape)}", "source")
+            parameter.copy_(tensor)
+            del tensor
+    if parameters:
+        raise RuntimeError(f"import left parameters unset: {sorted(parameters)}")
+
+    hf = json.loads((source / "config.json").read_text())
+    token_ids = {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    manifest = {
+        "stage": "import",
+        "source": str(source.resolve()),
+        "inputs": inputs,
+        "config": arch,
+        "dtype": checkpoint.dtype_name(dtype),
+        "parameters": model_lib.count_parameters(arch),
+    }
+    with staged_folder(output, layout.is_main) as staging:
+        checkpoint.save_weights(model, staging)
+        checkpoint.write_architecture(staging, arch, dtype)
+        tokenizer = staging / "tokenizer"
+        manifest["tokenizer_files"] = _copy_tokenizer(source, tokenizer)
+        tokenizer.mkdir(exist_ok=True)
+        (tokenizer / "special_token_ids.json").write_text(json.dumps(token_ids))
+        write_manifest(staging, manifest)
+    print(f"[import] {source} -> {output}: {manifest['parameters']:,} parameters, {manifest['dtype']}")
+    return manifest
+
+
+def export_hf(cfg) -> dict:
+    """Write the checkpoint ``cfg.source`` as a Hugging Face Llama folder ``cfg.output``."""
+    source, output = _required_path(cfg, "source"), _required_path(cfg, "output")
+    arch, _ = checkpoint.read_architecture(source)
+    source_manifest = read_manifest(source)
+    inputs = {"checkpoint": str(source.resolve()), "written_at": source_manifest.get("written_at")}
+    if _check_output(output, inputs):
+        print(f"[export] {output} already holds this export; nothing to do")
+        return read_manifest(output)
+
+    layout = runtime.initialize(SINGLE_PROCESS)
+    model, arch = checkpoint.load_model(source, layout)
+    dtype = model.embedding.word_embeddings.weight.dtype
+    state = {name: tensor for name, tensor in model.state_dict().items()
+             if not name.endswith("_extra_state")}
+    transformer_engine = runtime.transformer_engine_available()
+
+    def get(name: str) -> torch.Tensor:
+        return state[hf_llama.engine_name(name, transformer_engine)]
+
+    token_ids_path = source / "tokenizer" / "special_token_ids.json"
+    token_ids = json.loads(token_ids_path.read_text()) if token_ids_path.exists() else {}
+    manifest = {
+        "stage": "export",
+        "source": str(source.resolve()),
+        "inputs": inputs,
+        "config": arch,
+        "parameters": model_lib.count_parameters(arch),
+    }
+    with staged_folder(output, layout.is_main) as staging:
+        write_sharded(hf_llama.to_hf(get, arch), staging, int(cfg.max_shard_bytes))
+        hf_config = hf_llama.hf_config(arch, dtype, token_ids.get("bos_token_id"),
+                                       token_ids.get("eos_token_id"))
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+        _copy_tokenizer(source / "tokenizer", staging)
+        (staging / "special_token_ids.json").unlink(missing_ok=True)
+        write_manifest(staging, manifest)
+    print(f"[export] {source} -> {output}: {manifest['parameters']:,} parameters")
+    return manifest

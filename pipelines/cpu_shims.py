@@ -1,0 +1,110 @@
+"""CPU shims for megatron-core 0.16 and ModelOpt 0.43: the only place the project bends them.
+
+megatron-core assumes CUDA in a handful of places that have nothing to do with the maths. On a
+machine without a GPU, :func:`apply` patches exactly those places so the *same* model, schedule,
+optimizer and checkpoint code runs on CPU with gloo. With CUDA available it does nothing, and
+``tests/test_cpu_shims.py`` checks that.
+
+Each shim was measured (see DEVELOPERS.md and shared/reference/cpu-probe) and is listed in
+:data:`SHIMS` with the megatron/ModelOpt call that needs it:
+
+- ``current_device``: ``torch.cuda.current_device()`` returns ``"cpu"`` (rotary embeddings,
+  ``tensor_parallel`` helpers move tensors there).
+- ``synchronize``: ``torch.cuda.synchronize()`` is a no-op (``dist_checkpointing`` save).
+- ``factory_device``: a ``TorchFunctionMode`` rewrites ``device="cuda"`` / ``device=<int>`` in
+  torch factory calls to the CPU (pipeline schedules, optimizer).
+- ``tensor_type``: ``Tensor.type()`` reports ``torch.cuda.*Tensor`` for CPU tensors, because
+  ``clip_grads.py`` and ``distrib_optimizer.py`` assert on those names.
+- ``tensor_cuda``: ``Tensor.cuda()`` is the identity (ModelOpt depth pruning, ModelOpt
+  distributed helpers).
+- ``gloo_allgather_0d``: gloo rejects 0-d inputs to ``all_gather_into_tensor`` that NCCL
+  accepts (ModelOpt ``drop_mcore_language_model_layers``); they are reshaped to ``(1,)``.
+
+The RNG tracker is handled by :func:`pipelines.runtime.seed_everything`, which calls
+``model_parallel_cuda_manual_seed`` on GPU and ``initialize_rng_tracker(force_reset=True)`` on
+CPU. The ModelOpt registration of ``torch.nn.RMSNorm`` is needed by the *local* layer spec on any
+device, so it lives in :mod:`pipelines.prune`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+SHIMS = (
+    "current_device",
+    "synchronize",
+    "factory_device",
+    "tensor_type",
+    "tensor_cuda",
+    "gloo_allgather_0d",
+)
+
+_applied: list[str] = []
+_factory_mode: TorchFunctionMode | None = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class _CudaFactoryToCpu(TorchFunctionMode):
+    """Rewrites ``device=cuda`` keyword arguments of any torch call to ``cpu``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
+
+
+def applied() -> list[str]:
+    """Names of the shims applied in this process so far."""
+    return list(_applied)
+
+
+def apply(force: bool = False) -> list[str]:
+    """Apply every shim once if CUDA is unavailable (or ``force``); return the names applied."""
+    global _factory_mode
+    if _applied or (torch.cuda.is_available() and not force):
+        return applied()
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+    _factory_mode = _CudaFactoryToCpu()
+    _factory_mode.__enter__()
+
+    original_type = torch.Tensor.type
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original_type(self)
+            if self.device.type == "cpu" and name.startswith("torch.") and ".cuda." not in name:
+                return "torch.cuda." + name[len("torch."):]
+            return name
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = tensor_type
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+    import torch.distributed as dist
+
+    original_all_gather = dist.all_gather_into_tensor
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        if input_tensor.dim() == 0:
+            input_tensor = input_tensor.reshape(1)
+        return original_all_gather(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    dist.all_gather_into_tensor = all_gather_into_tensor
+    _applied.extend(SHIMS)
+    return applied()

@@ -1,0 +1,202 @@
+"""Hugging Face Llama <-> megatron-core: config and weight mapping, one tensor at a time.
+
+Names are megatron's *local* layer spec; :func:`engine_name` translates them to the
+transformer-engine spec, which fuses the two RMSNorm weights into the following linear layer.
+QKV is megatron's per-group layout: for each query group, its query heads, then its key head,
+then its value head. The MLP's ``linear_fc1`` is ``[gate; up]``. Embedding and output rows are
+padded with zeros to the padded vocabulary, and the padding is dropped again on export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from pipelines.errors import UserError, require
+from pipelines.model import padded_vocab_size
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "generation_config.json",
+)
+
+
+def read_config(folder: Path, make_vocab_size_divisible_by: int = 128) -> dict:
+    """The megatron architecture of a Hugging Face Llama folder, validated."""
+    require(folder.is_dir(), f"{folder} is not a folder", "source")
+    config_path = folder / "config.json"
+    require(config_path.exists(), f"{folder} has no config.json (not a Hugging Face model folder)",
+            "source")
+    hf = json.loads(config_path.read_text())
+    model_type = hf.get("model_type")
+    require(model_type in SUPPORTED_MODEL_TYPES, f"{config_path}: model_type {model_type!r} is not "
+            f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})", "source")
+    require(hf.get("hidden_act", "silu") == "silu", f"{config_path}: hidden_act "
+            f"{hf.get('hidden_act')!r} is not supported (only silu)", "source")
+    require(not hf.get("attention_bias", False) and not hf.get("mlp_bias", False),
+            f"{config_path}: biases in attention or MLP are not supported", "source")
+    heads = hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling")
+    rope_theta = hf.get("rope_theta")
+    if scaling is None and isinstance(hf.get("rope_parameters"), dict):  # transformers >= 5 layout
+        scaling = dict(hf["rope_parameters"])
+        rope_theta = scaling.pop("rope_theta", rope_theta)
+    rope_scaling = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "llama3":
+            rope_scaling = {
+                "type": "llama3",
+                "factor": float(scaling["factor"]),
+                "low_freq_factor": float(scaling["low_freq_factor"]),
+                "high_freq_factor": float(scaling["high_freq_factor"]),
+                "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+            }
+        elif kind not in (None, "default"):
+            raise UserError(f"{config_path}: rope_scaling type {kind!r} is not supported "
+                            "(supported: llama3, default)", "source")
+    return {
+        "num_layers": hf["num_hidden_layers"],
+        "hidden_size": hf["hidden_size"],
+        "ffn_hidden_size": hf["intermediate_size"],
+        "num_attention_heads": heads,
+        "num_query_groups": hf.get("num_key_value_heads") or heads,
+        "kv_channels": hf.get("head_dim") or hf["hidden_size"] // heads,
+        "vocab_size": hf["vocab_size"],
+        "max_position_embeddings": hf.get("max_position_embeddings", 4096),
+        "rotary_base": float(rope_theta if rope_theta is not None else 10000.0),
+        "rope_scaling": rope_scaling,
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-5)),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+    }
+
+
+def hf_config(arch: Mapping[str, Any], dtype: torch.dtype, bos_token_id=None, eos_token_id=None) -> dict:
+    """A ``config.json`` for ``LlamaForCausalLM`` with this architecture (any shape, pruned too)."""
+    from transformers import LlamaConfig
+
+    scaling = arch["rope_scaling"]
+    rope = None
+    if scaling is not None:
+        rope = {key: value for key, value in scaling.items() if key != "type"}
+        rope["rope_type"] = "llama3"
+    config = LlamaConfig(
+        vocab_size=arch["vocab_size"],
+        hidden_size=arch["hidden_size"],
+        intermediate_size=arch["ffn_hidden_size"],
+        num_hidden_layers=arch["num_layers"],
+        num_attention_heads=arch["num_attention_heads"],
+        num_key_value_heads=arch["num_query_groups"],
+        head_dim=arch["kv_channels"],
+        max_position_embeddings=arch["max_position_embeddings"],
+        rms_norm_eps=arch["norm_eps"],
+        rope_theta=arch["rotary_base"],
+        rope_scaling=rope,
+        tie_word_embeddings=arch["tie_word_embeddings"],
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return config.to_dict()
+
+
+def engine_name(name: str, transformer_engine: bool) -> str:
+    """Translate a local-spec parameter name to the transformer-engine spec's, if needed."""
+    if not transformer_engine:
+        return name
+    return (name.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
+                .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"))
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    return padded
+
+
+def _qkv_to_megatron(q, k, v, heads: int, groups: int, head_dim: int) -> torch.Tensor:
+    hidden = q.shape[1]
+    q = q.view(groups, heads // groups, head_dim, hidden)
+    k = k.view(groups, 1, head_dim, hidden)
+    v = v.view(groups, 1, head_dim, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+
+def _qkv_from_megatron(qkv, heads: int, groups: int, head_dim: int):
+    hidden = qkv.shape[1]
+    per_group = heads // groups
+    grouped = qkv.view(groups, per_group + 2, head_dim, hidden)
+    q = grouped[:, :per_group].reshape(heads * head_dim, hidden)
+    k = grouped[:, per_group].reshape(groups * head_dim, hidden)
+    v = grouped[:, per_group + 1].reshape(groups * head_dim, hidden)
+    return q, k, v
+
+
+def to_megatron(get: Callable[[str], torch.Tensor], arch: Mapping[str, Any]
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(megatron local-spec name, tensor)`` from a Hugging Face tensor getter."""
+    heads, groups, head_dim = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
+    vocab = padded_vocab_size(arch)
+    yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), vocab)
+    for layer in range(arch["num_layers"]):
+        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        yield mc + "input_layernorm.weight", get(hf + "input_layernorm.weight")
+        yield mc + "self_attention.linear_qkv.weight", _qkv_to_megatron(
+            get(hf + "self_attn.q_proj.weight"), get(hf + "self_attn.k_proj.weight"),
+            get(hf + "self_attn.v_proj.weight"), heads, groups, head_dim)
+        yield mc + "self_attention.linear_proj.weight", get(hf + "self_attn.o_proj.weight")
+        yield mc + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight")
+        yield mc + "mlp.linear_fc1.weight", torch.cat(
+            [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0)
+        yield mc + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    if not arch["tie_word_embeddings"]:
+        yield "output_layer.weight", _pad_rows(get("lm_head.weight"), vocab)
+
+
+def to_hf(get: Callable[[str], torch.Tensor], arch: Mapping[str, Any]
+          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(Hugging Face name, tensor)`` from a megatron local-spec tensor getter."""
+    heads, groups, head_dim = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
+    vocab = arch["vocab_size"]
+    ffn = arch["ffn_hidden_size"]
+    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")[:vocab]
+    for layer in range(arch["num_layers"]):
+        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        yield hf + "input_layernorm.weight", get(mc + "input_layernorm.weight")
+        q, k, v = _qkv_from_megatron(get(mc + "self_attention.linear_qkv.weight"), heads, groups, head_dim)
+        yield hf + "self_attn.q_proj.weight", q
+        yield hf + "self_attn.k_proj.weight", k
+        yield hf + "self_attn.v_proj.weight", v
+        yield hf + "self_attn.o_proj.weight", get(mc + "self_attention.linear_proj.weight")
+        yield hf + "post_attention_layernorm.weight", get(mc + "pre_mlp_layernorm.weight")
+        fc1 = get(mc + "mlp.linear_fc1.weight")
+        yield hf + "mlp.gate_proj.weight", fc1[:ffn]
+        yield hf + "mlp.up_proj.weight", fc1[ffn:]
+        yield hf + "mlp.down_proj.weight", get(mc + "mlp.linear_fc2.weight")
+    yield "model.norm.weight", get("decoder.final_layernorm.weight")
+    if not arch["tie_word_embeddings"]:
+        yield "lm_head.weight", get("output_layer.weight")[:vocab]
+
+
+def expected_hf_names(arch: Mapping[str, Any]) -> set[str]:
+    """Every tensor name a Hugging Face folder of this architecture must hold."""
+    per_layer = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                 "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+                 "mlp.down_proj")
+    names = {f"model.layers.{layer}.{part}.weight" for layer in range(arch["num_layers"])
+             for part in per_layer}
+    names |= {"model.embed_tokens.weight", "model.norm.weight"}
+    if not arch["tie_word_embeddings"]:
+        names.add("lm_head.weight")
+    return names

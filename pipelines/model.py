@@ -1,0 +1,190 @@
+"""Llama-family models in megatron-core: one builder for the tiny test model and for 8B.
+
+The architecture is a plain mapping (the ``model`` config group, also stored in every engine
+checkpoint as ``model.yaml``). :func:`build` turns it into a megatron ``GPTModel`` for the
+current parallel layout, with the layer spec chosen by :func:`pipelines.runtime.layer_spec`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.errors import require
+
+ARCHITECTURE_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+    "max_position_embeddings",
+    "rotary_base",
+    "rope_scaling",
+    "norm_eps",
+    "tie_word_embeddings",
+    "make_vocab_size_divisible_by",
+)
+
+
+def architecture(model_cfg: Mapping[str, Any]) -> dict:
+    """The architecture keys of a model config as a plain dict (what a checkpoint stores)."""
+    missing = [key for key in ARCHITECTURE_KEYS if key not in model_cfg]
+    require(not missing, f"model config lacks {missing}", "model.<key>")
+    arch = {key: model_cfg[key] for key in ARCHITECTURE_KEYS}
+    if arch["kv_channels"] is None:
+        arch["kv_channels"] = arch["hidden_size"] // arch["num_attention_heads"]
+    if arch["rope_scaling"] is not None:
+        arch["rope_scaling"] = dict(arch["rope_scaling"])
+    return arch
+
+
+def padded_vocab_size(arch: Mapping[str, Any]) -> int:
+    """Vocabulary rounded up to ``make_vocab_size_divisible_by``, independent of the layout.
+
+    Megatron-LM pads by ``divisor × tensor_parallel``; padding by a fixed divisor instead keeps a
+    checkpoint loadable at any tensor-parallel size that divides the divisor.
+    """
+    divisor = int(arch["make_vocab_size_divisible_by"])
+    return int(math.ceil(arch["vocab_size"] / divisor) * divisor)
+
+
+def count_parameters(arch: Mapping[str, Any]) -> int:
+    """Parameters of the unpadded model, as Hugging Face counts them."""
+    hidden, ffn, layers = arch["hidden_size"], arch["ffn_hidden_size"], arch["num_layers"]
+    heads, groups, head_dim = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
+    attention = hidden * head_dim * (heads + 2 * groups) + heads * head_dim * hidden
+    per_layer = attention + 3 * hidden * ffn + 2 * hidden
+    embeddings = arch["vocab_size"] * hidden * (1 if arch["tie_word_embeddings"] else 2)
+    return layers * per_layer + embeddings + hidden
+
+
+def validate(arch: Mapping[str, Any], tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+    """Check shapes against each other and against the parallel layout, before any compute."""
+    heads, groups = arch["num_attention_heads"], arch["num_query_groups"]
+    require(heads % groups == 0, f"num_attention_heads={heads} is not divisible by "
+            f"num_query_groups={groups}", "model.num_attention_heads")
+    require(groups % tensor_parallel == 0, f"num_query_groups={groups} is not divisible by "
+            f"tensor parallel size {tensor_parallel}", "parallel.tensor")
+    require(arch["ffn_hidden_size"] % tensor_parallel == 0, f"ffn_hidden_size="
+            f"{arch['ffn_hidden_size']} is not divisible by tensor parallel size {tensor_parallel}",
+            "parallel.tensor")
+    require(arch["num_layers"] % pipeline_parallel == 0, f"num_layers={arch['num_layers']} is not "
+            f"divisible by pipeline parallel size {pipeline_parallel}", "parallel.pipeline")
+    require(padded_vocab_size(arch) % tensor_parallel == 0, "padded vocabulary is not divisible by "
+            f"tensor parallel size {tensor_parallel}", "model.make_vocab_size_divisible_by")
+    scaling = arch["rope_scaling"]
+    if scaling is not None:
+        require(scaling.get("type") == "llama3", f"rope_scaling type {scaling.get('type')!r} is not "
+                "supported (only 'llama3' or none)", "model.rope_scaling")
+
+
+def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_parallel: int = 1,
+                       pipeline_parallel: int = 1, context_parallel: int = 1, **overrides):
+    """megatron ``TransformerConfig`` for a Llama architecture (RMSNorm, SwiGLU, RoPE, GQA)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=arch["num_layers"],
+        hidden_size=arch["hidden_size"],
+        ffn_hidden_size=arch["ffn_hidden_size"],
+        num_attention_heads=arch["num_attention_heads"],
+        num_query_groups=arch["num_query_groups"],
+        kv_channels=arch["kv_channels"],
+        normalization="RMSNorm",
+        layernorm_epsilon=arch["norm_eps"],
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # Pipeline send/recv of a batched p2p op hangs or mismatches on gloo; measured exact without.
+        batch_p2p_sync=on_gpu,
+        init_method_std=0.02,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def llama3_inv_freq(head_dim: int, base: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
+    """RoPE inverse frequencies, with Llama-3 scaling when ``scaling`` is given (as transformers)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def build(arch: Mapping[str, Any], config, initialize: bool = True):
+    """A ``GPTModel`` holding this process's share of the model, for the current layout.
+
+    ``initialize=False`` leaves weights uninitialized (for loading: no time spent on random init).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from pipelines.runtime import layer_spec
+
+    config.perform_initialization = initialize
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(),
+        vocab_size=padded_vocab_size(arch),
+        max_sequence_length=arch["max_position_embeddings"],
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=bool(arch["tie_word_embeddings"]),
+        position_embedding_type="rope",
+        rotary_base=arch["rotary_base"],
+    )
+    if getattr(model, "rotary_pos_emb", None) is not None:
+        inv_freq = llama3_inv_freq(arch["kv_channels"], arch["rotary_base"], arch["rope_scaling"])
+        model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+    return model
+
+
+def causal_mask(sequence_length: int, device=None) -> torch.Tensor:
+    """Megatron attention mask [1, 1, s, s]: True where a position may NOT attend."""
+    return torch.triu(torch.ones(1, 1, sequence_length, sequence_length, dtype=torch.bool,
+                                 device=device), diagonal=1)
+
+
+def position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Positions 0..s-1 for a [b, s] batch of tokens."""
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, vocab_padded] of a one-stage model, gathered over TP ranks."""
+    from megatron.core import tensor_parallel
+
+    logits = model(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits.contiguous())

@@ -1,0 +1,168 @@
+"""The distributed runtime: process group, megatron parallel state, seeds and the layer spec.
+
+Every stage starts with :func:`initialize`, whatever launched it: a plain ``python`` process,
+``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM ``srun`` (``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_LOCALID``, master address from ``SLURM_JOB_NODELIST``). It uses NCCL on
+GPUs and gloo on CPU, where :mod:`pipelines.cpu_shims` is applied first. Stage code never branches
+on the parallel layout; it asks this module for the layout and the layer spec.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipelines import cpu_shims
+from pipelines.errors import require
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: ranks and the megatron parallel sizes."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    context_parallel: int
+    data_parallel: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as ``gpu[003-005,009],cpu1`` (no scontrol needed)."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not match:
+        return nodelist
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _launch_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun, SLURM, or a plain single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    if "MASTER_PORT" not in env:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(sock.getsockname()[1])
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    return 0, 1, 0
+
+
+def initialize(parallel, seed: int = 1234) -> Layout:
+    """Start (or reuse) the process group and megatron parallel state for ``parallel``.
+
+    ``parallel`` is the ``parallel`` config group: ``tensor``, ``pipeline`` and ``context``
+    sizes; the data-parallel size is what the world size leaves.
+    """
+    from megatron.core import parallel_state
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_shims.apply()
+    rank, world_size, local_rank = _launch_environment()
+    tensor, pipeline = int(parallel.tensor), int(parallel.pipeline)
+    context = int(parallel.get("context", 1))
+    model_parallel = tensor * pipeline * context
+    require(
+        world_size % model_parallel == 0,
+        f"world size {world_size} is not divisible by tensor({tensor}) x pipeline({pipeline}) "
+        f"x context({context})",
+        "parallel.tensor / parallel.pipeline / parallel.context, or the number of processes",
+    )
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=int(parallel.get("timeout_minutes", 30))),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        context_parallel_size=context,
+    )
+    seed_everything(seed)
+    return Layout(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        tensor_parallel=tensor,
+        pipeline_parallel=pipeline,
+        context_parallel=context,
+        data_parallel=parallel_state.get_data_parallel_world_size(),
+        device=device,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's model-parallel RNG tracker."""
+    from megatron.core.tensor_parallel import random as tensor_parallel_random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel_random.model_parallel_cuda_manual_seed(seed)
+    else:
+        # model_parallel_cuda_manual_seed reads CUDA RNG state; on CPU the torch RNG is enough and
+        # the tracker only has to exist (attention forks it for dropout).
+        tensor_parallel_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def shutdown() -> None:
+    """Tear down megatron parallel state and the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def transformer_engine_available() -> bool:
+    """True when transformer-engine imports (and a GPU is present to run it)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def layer_spec():
+    """The GPT layer spec: transformer-engine's when available, megatron's local one otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if transformer_engine_available():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")

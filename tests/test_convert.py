@@ -1,0 +1,126 @@
+"""Import/export of Hugging Face Llama checkpoints: parity, round trip, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import export_cfg, import_cfg, make_hf_llama, run_script
+from pipelines import checkpoint, convert
+from pipelines.model import forward_logits
+from pipelines.safetensors_stream import SafetensorsFolder
+
+
+def hf_logits(folder, tokens):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_import_matches_transformers_logits(tmp_path, cpu_runtime, tie):
+    source = make_hf_llama(tmp_path / "hf", tie=tie)
+    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    model, arch = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
+    tokens = torch.randint(0, 300, (2, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = forward_logits(model.eval(), tokens)[..., : arch["vocab_size"]]
+    reference = hf_logits(source, tokens)
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+
+def test_import_without_rope_scaling(tmp_path, cpu_runtime):
+    source = make_hf_llama(tmp_path / "hf", rope_scaling=None, rope_theta=10000.0)
+    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    model, arch = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
+    tokens = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = forward_logits(model.eval(), tokens)[..., :300]
+    assert (ours - hf_logits(source, tokens)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_export_reimport_round_trips_bit_for_bit(tmp_path, cpu_runtime, tie):
+    source = make_hf_llama(tmp_path / "hf", tie=tie)
+    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    convert.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "exported"))
+    original, exported = SafetensorsFolder(source), SafetensorsFolder(tmp_path / "exported")
+    expected = set(original.keys()) - ({"lm_head.weight"} if tie else set())
+    assert set(exported.keys()) == expected
+    for name in exported.keys():
+        assert torch.equal(original.get(name), exported.get(name)), name
+    convert.import_hf(import_cfg(tmp_path / "exported", tmp_path / "ckpt2"))
+    first, _ = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
+    second, _ = checkpoint.load_model(tmp_path / "ckpt2", cpu_runtime)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+
+
+def test_export_loads_in_transformers_without_warnings(tmp_path, cpu_runtime):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    source = make_hf_llama(tmp_path / "hf")
+    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    convert.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "exported"))
+    logging.set_verbosity_warning()
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
+def test_import_is_skipped_when_done_and_refuses_another_checkpoint(tmp_path, cpu_runtime, capsys):
+    first = make_hf_llama(tmp_path / "a", seed=0)
+    second = make_hf_llama(tmp_path / "b", seed=1)
+    convert.import_hf(import_cfg(first, tmp_path / "ckpt"))
+    convert.import_hf(import_cfg(first, tmp_path / "ckpt"))
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(Exception, match="already holds a different checkpoint.*fix: output"):
+        convert.import_hf(import_cfg(second, tmp_path / "ckpt"))
+
+
+def _cli_error(result):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_error(tmp_path):
+    good = make_hf_llama(tmp_path / "good")
+    not_llama = tmp_path / "mistral"
+    shutil.copytree(good, not_llama)
+    config = json.loads((not_llama / "config.json").read_text())
+    (not_llama / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    yarn = tmp_path / "yarn"
+    shutil.copytree(good, yarn)
+    (yarn / "config.json").write_text(json.dumps(
+        {**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    cases = {
+        tmp_path / "missing": "is not a folder",
+        not_llama: "model_type 'mistral' is not supported",
+        yarn: "rope_scaling type 'yarn' is not supported",
+        truncated: "is truncated",
+    }
+    for source, message in cases.items():
+        output = tmp_path / f"out-{source.name}"
+        line = _cli_error(run_script("scripts/import_hf.py", f"source={source}", f"output={output}"))
+        assert message in line and "fix: source" in line, line
+        assert not output.exists()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "something.txt").write_text("keep me")
+    line = _cli_error(run_script("scripts/import_hf.py", f"source={good}", f"output={occupied}"))
+    assert "fix: output" in line
+    assert (occupied / "something.txt").read_text() == "keep me"
