@@ -47,13 +47,49 @@ def write_architecture(folder: Path, arch: Mapping[str, Any], dtype: torch.dtype
         yaml.safe_dump({**dict(arch), "dtype": dtype_name(dtype)}, sort_keys=False))
 
 
-def save_weights(model, folder: Path) -> None:
-    """Save this rank's share of ``model`` into ``folder/weights`` (all ranks call this)."""
+def _own_views_releasing_parameters(model, state) -> None:
+    """Replace tensor views in a sharded state dict by copies, freeing each parameter after.
+
+    megatron stores SwiGLU's ``linear_fc1`` as two views (gate, up) and its writer clones every
+    CPU view before writing, so a save briefly holds all of ``fc1`` twice. Copying the views of
+    one parameter and then freeing that parameter keeps the peak at one ``fc1`` extra. The
+    model is unusable afterwards: only for a final save (import).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    apply_factories(state)
+    owners = {parameter.untyped_storage().data_ptr(): parameter for parameter in model.parameters()}
+    views: dict[int, list] = {}
+    for value in nested_values(state):
+        if isinstance(value, ShardedTensor) and value.data is not None:
+            storage = value.data.untyped_storage()
+            if storage.size() != value.data.numel() * value.data.element_size():
+                views.setdefault(storage.data_ptr(), []).append(value)
+    for pointer, sharded in views.items():
+        for value in sharded:
+            value.data = value.data.clone()
+        if pointer in owners:
+            owners[pointer].data = owners[pointer].data.new_empty(0)
+
+
+def save_weights(model, folder: Path, release_model: bool = False, writer_processes: int = 1) -> None:
+    """Save this rank's share of ``model`` into ``folder/weights`` (all ranks call this).
+
+    ``release_model`` frees the model's memory while saving (see
+    :func:`_own_views_releasing_parameters`). ``writer_processes`` is megatron's
+    ``thread_count``: forked writer processes per rank.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     weights = Path(folder) / "weights"
     weights.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(prefix=""), str(weights))
+    state = model.sharded_state_dict(prefix="")
+    if release_model:
+        _own_views_releasing_parameters(model, state)
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writer_processes)
+    dist_checkpointing.save(state, str(weights), strategy)
 
 
 def load_weights(model, folder: Path) -> None:

@@ -64,6 +64,12 @@ def import_hf(cfg) -> dict:
     missing = sorted(hf_llama.expected_hf_names(arch) - set(reader.keys()))
     require(not missing, f"{source} lacks tensors {missing[:4]}{'...' if len(missing) > 4 else ''}",
             "source")
+    hf_rows: dict[str, int] = {}
+    for _, _, hf_name, _, rows in hf_llama.placements(arch):
+        hf_rows[hf_name] = hf_rows.get(hf_name, 0) + rows
+    for hf_name, rows in hf_rows.items():
+        require(reader.shape(hf_name)[0] == rows, f"{source}: {hf_name} has shape "
+                f"{reader.shape(hf_name)}, config.json implies {rows} rows", "source")
     inputs = {path.name: sha256_file(path) for path in [source / "config.json", *reader.files()]}
     if _check_output(output, inputs):
         print(f"[import] {output} already holds this checkpoint; nothing to do")
@@ -74,16 +80,21 @@ def import_hf(cfg) -> dict:
     config = model_lib.transformer_config(arch, dtype)
     model = model_lib.build(arch, config, initialize=False)
     transformer_engine = runtime.transformer_engine_available()
-    parameters = dict(model.named_parameters())
+    parameters = {name: parameter for name, parameter in model.named_parameters()}
+    shapes = hf_llama.megatron_shapes(arch)
+    unset = set(parameters)
     with torch.no_grad():
-        for name, tensor in hf_llama.to_megatron(reader.get, arch):
-            parameter = parameters.pop(hf_llama.engine_name(name, transformer_engine))
-            require(parameter.shape == tensor.shape, f"{source}: {name} has shape "
-                    f"{tuple(tensor.shape)}, config.json implies {tuple(parameter.shape)}", "source")
-            parameter.copy_(tensor)
-            del tensor
-    if parameters:
-        raise RuntimeError(f"import left parameters unset: {sorted(parameters)}")
+        for name, row, hf_name, hf_row, rows in hf_llama.placements(arch):
+            parameter = parameters[hf_llama.engine_name(name, transformer_engine)]
+            require(tuple(parameter.shape) == shapes[name] and reader.shape(hf_name)[1:] ==
+                    list(parameter.shape[1:]), f"{source}: {hf_name} has shape "
+                    f"{reader.shape(hf_name)}, config.json implies {list(shapes[name])}", "source")
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                parameter[arch["vocab_size"]:].zero_()  # vocabulary padding
+            reader.read_rows(hf_name, hf_row, parameter.data[row:row + rows])
+            unset.discard(hf_llama.engine_name(name, transformer_engine))
+    if unset:
+        raise RuntimeError(f"import left parameters unset: {sorted(unset)}")
 
     hf = json.loads((source / "config.json").read_text())
     token_ids = {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -96,7 +107,7 @@ def import_hf(cfg) -> dict:
         "parameters": model_lib.count_parameters(arch),
     }
     with staged_folder(output, layout.is_main) as staging:
-        checkpoint.save_weights(model, staging)
+        checkpoint.save_weights(model, staging, release_model=True)
         checkpoint.write_architecture(staging, arch, dtype)
         tokenizer = staging / "tokenizer"
         manifest["tokenizer_files"] = _copy_tokenizer(source, tokenizer)

@@ -116,77 +116,86 @@ def engine_name(name: str, transformer_engine: bool) -> str:
                 .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"))
 
 
-def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    if tensor.shape[0] == rows:
-        return tensor
-    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    return padded
+def placements(arch: Mapping[str, Any]) -> Iterator[tuple[str, int, str, int, int]]:
+    """Where every Hugging Face row block goes in megatron's tensors.
+
+    Yields ``(megatron name, megatron first row, hf name, hf first row, rows)``. Rows of a
+    megatron tensor not covered (vocabulary padding) are zero. Import reads each block straight
+    into the model's memory with no intermediate copy; :func:`to_megatron` assembles tensors
+    from the same table, so both paths share one mapping.
+    """
+    heads, groups, head_dim = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
+    per_group, ffn, hidden = heads // groups, arch["ffn_hidden_size"], arch["hidden_size"]
+    yield "embedding.word_embeddings.weight", 0, "model.embed_tokens.weight", 0, arch["vocab_size"]
+    for layer in range(arch["num_layers"]):
+        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        yield mc + "input_layernorm.weight", 0, hf + "input_layernorm.weight", 0, hidden
+        qkv = mc + "self_attention.linear_qkv.weight"
+        for group in range(groups):
+            row = group * (per_group + 2) * head_dim
+            yield qkv, row, hf + "self_attn.q_proj.weight", group * per_group * head_dim, per_group * head_dim
+            yield qkv, row + per_group * head_dim, hf + "self_attn.k_proj.weight", group * head_dim, head_dim
+            yield qkv, row + (per_group + 1) * head_dim, hf + "self_attn.v_proj.weight", group * head_dim, head_dim
+        yield mc + "self_attention.linear_proj.weight", 0, hf + "self_attn.o_proj.weight", 0, hidden
+        yield mc + "pre_mlp_layernorm.weight", 0, hf + "post_attention_layernorm.weight", 0, hidden
+        yield mc + "mlp.linear_fc1.weight", 0, hf + "mlp.gate_proj.weight", 0, ffn
+        yield mc + "mlp.linear_fc1.weight", ffn, hf + "mlp.up_proj.weight", 0, ffn
+        yield mc + "mlp.linear_fc2.weight", 0, hf + "mlp.down_proj.weight", 0, hidden
+    yield "decoder.final_layernorm.weight", 0, "model.norm.weight", 0, hidden
+    if not arch["tie_word_embeddings"]:
+        yield "output_layer.weight", 0, "lm_head.weight", 0, arch["vocab_size"]
 
 
-def _qkv_to_megatron(q, k, v, heads: int, groups: int, head_dim: int) -> torch.Tensor:
-    hidden = q.shape[1]
-    q = q.view(groups, heads // groups, head_dim, hidden)
-    k = k.view(groups, 1, head_dim, hidden)
-    v = v.view(groups, 1, head_dim, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
-
-
-def _qkv_from_megatron(qkv, heads: int, groups: int, head_dim: int):
-    hidden = qkv.shape[1]
-    per_group = heads // groups
-    grouped = qkv.view(groups, per_group + 2, head_dim, hidden)
-    q = grouped[:, :per_group].reshape(heads * head_dim, hidden)
-    k = grouped[:, per_group].reshape(groups * head_dim, hidden)
-    v = grouped[:, per_group + 1].reshape(groups * head_dim, hidden)
-    return q, k, v
+def megatron_shapes(arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the megatron local-spec tensors (single process, padded vocabulary)."""
+    heads, groups, head_dim = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
+    hidden, ffn, vocab = arch["hidden_size"], arch["ffn_hidden_size"], padded_vocab_size(arch)
+    shapes = {"embedding.word_embeddings.weight": (vocab, hidden),
+              "decoder.final_layernorm.weight": (hidden,)}
+    for layer in range(arch["num_layers"]):
+        mc = f"decoder.layers.{layer}."
+        shapes.update({
+            mc + "input_layernorm.weight": (hidden,),
+            mc + "self_attention.linear_qkv.weight": ((heads + 2 * groups) * head_dim, hidden),
+            mc + "self_attention.linear_proj.weight": (hidden, heads * head_dim),
+            mc + "pre_mlp_layernorm.weight": (hidden,),
+            mc + "mlp.linear_fc1.weight": (2 * ffn, hidden),
+            mc + "mlp.linear_fc2.weight": (hidden, ffn),
+        })
+    if not arch["tie_word_embeddings"]:
+        shapes["output_layer.weight"] = (vocab, hidden)
+    return shapes
 
 
 def to_megatron(get: Callable[[str], torch.Tensor], arch: Mapping[str, Any]
-                ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(megatron local-spec name, tensor)`` from a Hugging Face tensor getter."""
-    heads, groups, head_dim = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
-    vocab = padded_vocab_size(arch)
-    yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), vocab)
-    for layer in range(arch["num_layers"]):
-        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        yield mc + "input_layernorm.weight", get(hf + "input_layernorm.weight")
-        yield mc + "self_attention.linear_qkv.weight", _qkv_to_megatron(
-            get(hf + "self_attn.q_proj.weight"), get(hf + "self_attn.k_proj.weight"),
-            get(hf + "self_attn.v_proj.weight"), heads, groups, head_dim)
-        yield mc + "self_attention.linear_proj.weight", get(hf + "self_attn.o_proj.weight")
-        yield mc + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight")
-        yield mc + "mlp.linear_fc1.weight", torch.cat(
-            [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")], dim=0)
-        yield mc + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    if not arch["tie_word_embeddings"]:
-        yield "output_layer.weight", _pad_rows(get("lm_head.weight"), vocab)
+                ) -> dict[str, torch.Tensor]:
+    """Megatron local-spec tensors assembled from a Hugging Face tensor getter (in memory)."""
+    shapes = megatron_shapes(arch)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, row, hf_name, hf_row, rows in placements(arch):
+        source = get(hf_name)
+        if name not in tensors:
+            tensors[name] = source.new_zeros(shapes[name])
+        tensors[name][row:row + rows] = source[hf_row:hf_row + rows]
+    return tensors
 
 
 def to_hf(get: Callable[[str], torch.Tensor], arch: Mapping[str, Any]
           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(Hugging Face name, tensor)`` from a megatron local-spec tensor getter."""
-    heads, groups, head_dim = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
-    vocab = arch["vocab_size"]
-    ffn = arch["ffn_hidden_size"]
-    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")[:vocab]
-    for layer in range(arch["num_layers"]):
-        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        yield hf + "input_layernorm.weight", get(mc + "input_layernorm.weight")
-        q, k, v = _qkv_from_megatron(get(mc + "self_attention.linear_qkv.weight"), heads, groups, head_dim)
-        yield hf + "self_attn.q_proj.weight", q
-        yield hf + "self_attn.k_proj.weight", k
-        yield hf + "self_attn.v_proj.weight", v
-        yield hf + "self_attn.o_proj.weight", get(mc + "self_attention.linear_proj.weight")
-        yield hf + "post_attention_layernorm.weight", get(mc + "pre_mlp_layernorm.weight")
-        fc1 = get(mc + "mlp.linear_fc1.weight")
-        yield hf + "mlp.gate_proj.weight", fc1[:ffn]
-        yield hf + "mlp.up_proj.weight", fc1[ffn:]
-        yield hf + "mlp.down_proj.weight", get(mc + "mlp.linear_fc2.weight")
-    yield "model.norm.weight", get("decoder.final_layernorm.weight")
-    if not arch["tie_word_embeddings"]:
-        yield "lm_head.weight", get("output_layer.weight")[:vocab]
+    blocks: dict[str, list[tuple[str, int, int, int]]] = {}
+    for name, row, hf_name, hf_row, rows in placements(arch):
+        blocks.setdefault(hf_name, []).append((name, row, hf_row, rows))
+    for hf_name, parts in blocks.items():
+        if len(parts) == 1:
+            name, row, _, rows = parts[0]
+            yield hf_name, get(name)[row:row + rows]
+            continue
+        first = get(parts[0][0])
+        tensor = first.new_empty((sum(rows for *_, rows in parts), *first.shape[1:]))
+        for name, row, hf_row, rows in parts:
+            tensor[hf_row:hf_row + rows] = get(name)[row:row + rows]
+        yield hf_name, tensor
 
 
 def expected_hf_names(arch: Mapping[str, Any]) -> set[str]:

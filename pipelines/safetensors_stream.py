@@ -79,6 +79,26 @@ class SafetensorsFolder:
     def files(self) -> list[Path]:
         return sorted({path for path, _, _ in self.entries.values()})
 
+    def read_rows(self, name: str, first_row: int, out: torch.Tensor) -> None:
+        """Read rows ``first_row : first_row + len(out)`` of tensor ``name`` into ``out`` in place."""
+        path, entry, data_start = self.entries[name]
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        if dtype != out.dtype or list(out.shape[1:]) != shape[1:] or not out.is_contiguous():
+            raise ValueError(f"{name}: cannot read {shape} {dtype} rows into {tuple(out.shape)} {out.dtype}")
+        row_bytes = out[0].numel() * out.element_size() if out.dim() > 1 else out.element_size()
+        start = entry["data_offsets"][0] + first_row * row_bytes
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(data_start + start)
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            while view:
+                read = handle.readinto(view)
+                if not read:
+                    raise UserError(f"{path} ended early while reading {name}", "source")
+                view = view[read:]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.entries[name][1]["shape"])
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory."""
         path, entry, data_start = self.entries[name]

@@ -1,0 +1,43 @@
+"""The model configs: both go through the same builder and validation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipelines import model as model_lib
+from pipelines.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def load(name):
+    return model_lib.architecture(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()))
+
+
+def test_llama31_8b_has_eight_billion_parameters():
+    arch = load("llama3.1-8b")
+    model_lib.validate(arch, tensor_parallel=8)
+    assert model_lib.count_parameters(arch) == 8_030_261_248  # Llama-3.1-8B's published count
+    assert model_lib.padded_vocab_size(arch) == 128256
+
+
+def test_tiny_builds_and_runs(cpu_runtime):
+    arch = load("tiny")
+    model = model_lib.build(arch, model_lib.transformer_config(arch, torch.float32))
+    counted = sum(p.numel() for p in model.parameters())
+    padding = (model_lib.padded_vocab_size(arch) - arch["vocab_size"]) * arch["hidden_size"] * 2
+    assert counted == model_lib.count_parameters(arch) + padding
+    tokens = torch.randint(0, arch["vocab_size"], (2, 16))
+    assert model_lib.forward_logits(model, tokens).shape == (2, 16, 1024)
+
+
+def test_validation_names_the_key():
+    arch = load("tiny")
+    with pytest.raises(UserError, match="fix: parallel.tensor"):
+        model_lib.validate(arch, tensor_parallel=4)
+    with pytest.raises(UserError, match="fix: model.num_attention_heads"):
+        model_lib.validate({**arch, "num_attention_heads": 3})
+    with pytest.raises(UserError, match="fix: parallel.pipeline"):
+        model_lib.validate(arch, pipeline_parallel=3)
