@@ -1,0 +1,18 @@
+"""Write a random-initialised Hugging Face Llama of a model config.
+
+    python scripts/random_hf.py model=tiny output=runs/demo/random_hf
+"""
+
+import hydra
+
+from pipelines.cli import run_cli
+from pipelines.random_hf import write_random_hf
+
+
+@hydra.main(config_path="../configs", config_name="random_hf", version_base="1.3")
+def main(cfg):
+    run_cli(write_random_hf, cfg)
+
+
+if __name__ == "__main__":
+    main()
