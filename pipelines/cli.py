@@ -25,6 +25,7 @@ KNOWN_NOISE = (
     r".*`load_state_dict` is deprecated.*",
     r".*all_gather_into_tensor.*is deprecated.*",
     r".*_reduce_scatter_base.*is deprecated.*",
+    r".*Unknown file type: assumed RDS.*",
 )
 
 
