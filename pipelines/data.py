@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import tempfile
 import zlib
@@ -33,8 +34,11 @@ def fetch_austen(cache: Path) -> Path:
     if not Path(str(prefix) + ".rdb").exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            result = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp,
-                                    capture_output=True, text=True)
+            download = ["apt-get", "download", "r-cran-janeaustenr"]
+            result = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
+            if result.returncode != 0 and os.geteuid() == 0:  # a fresh machine has no apt lists
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                result = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
             debs = list(Path(tmp).glob("r-cran-janeaustenr*.deb"))
             require(bool(debs), "could not download the Debian package r-cran-janeaustenr "
                     f"({result.stderr.strip()[-200:]}); run 'apt-get update' first", "data.source")

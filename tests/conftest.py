@@ -73,3 +73,52 @@ def cpu_runtime():
     from pipelines import runtime
 
     return runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+
+
+WORDS = ("the of and to a in that was her it his she had you with for not be as he at by on "
+         "letter sister mother father house morning evening walk dinner ball marriage fortune "
+         "friend family garden carriage visit manner temper opinion feeling reason").split()
+
+
+def compose(config_name: str, overrides: list[str]):
+    """A stage config composed with Hydra, as the scripts get it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A tokenized synthetic corpus with a trained 300-token byte-level BPE."""
+    from pipelines.data import prepare
+
+    folder = tmp_path_factory.mktemp("data")
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(400):
+        picks = torch.randint(0, len(WORDS), (60,), generator=generator).tolist()
+        lines.append(" ".join(WORDS[i] for i in picks) + ".")
+    (folder / "corpus.txt").write_text("\n\n".join(lines))
+    cfg = compose("prepare_data", [f"data.files=[{folder / 'corpus.txt'}]", "data.source=text",
+                                   "data.name=tiny", "data.train_tokenizer_vocab=300",
+                                   f"data.output={folder / 'tokens'}", "data.valid_fraction=0.1",
+                                   f"paths.data={folder}"])
+    prepare(cfg)
+    return folder / "tokens"
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
+    """An imported random tiny Llama (4 layers) with the tiny corpus's tokenizer."""
+    import shutil
+
+    from pipelines import convert
+
+    folder = tmp_path_factory.mktemp("teacher")
+    hf = make_hf_llama(folder / "hf", num_hidden_layers=4)
+    for file in (tiny_data / "tokenizer").iterdir():
+        shutil.copy(file, hf / file.name)
+    convert.import_hf(import_cfg(hf, folder / "ckpt"))
+    return folder / "ckpt"

@@ -1,0 +1,264 @@
+"""Structured pruning of a Llama checkpoint: depth (drop layers) or width (Minitron).
+
+Used by ``scripts/prune.py``. Depth pruning drops whole transformer blocks, either the
+``prune.drop_layers`` given or the contiguous block chosen by a measured criterion:
+``loss`` (the validation LM-loss increase when the block is removed; Minitron's) or
+``block_influence`` (ShortGPT: cosine distance between the block's input and output on
+calibration data). Width pruning runs ModelOpt's ``mcore_minitron`` on calibration data to rank
+hidden channels, MLP neurons and attention heads, caching the importance scores so another
+target shape of the same teacher and data reuses them.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from pipelines import checkpoint, runtime
+from pipelines import model as model_lib
+from pipelines.artifacts import config_hash, read_manifest, staged_folder, write_json, write_manifest
+from pipelines.data import TokenWindows
+from pipelines.errors import UserError, require
+
+
+def register_rmsnorm_for_modelopt() -> None:
+    """Let ModelOpt prune ``torch.nn.RMSNorm`` (the local layer spec's norm without Apex/TE).
+
+    ModelOpt 0.43 registers TE's norms only; this mirrors its ``_DynamicTENorm``.
+    """
+    from modelopt.torch.nas.modules.norm import _DynamicLayerNorm
+    from modelopt.torch.nas.registry import DMRegistry
+
+    if torch.nn.RMSNorm in DMRegistry:
+        return
+
+    @DMRegistry.register({torch.nn.RMSNorm: "nn.RMSNorm"})
+    class _DynamicTorchRMSNorm(_DynamicLayerNorm):
+        def _setup(self, *, num_features):
+            self._register_hparam("num_features", num_features)
+            self._register_dynamic_attribute("weight", self._cut_to_active_features)
+            self._register_dynamic_attribute("normalized_shape", self._get_normalized_shape)
+
+
+def lm_loss(model, batches, vocab_size: int) -> float:
+    """Mean next-token cross-entropy of ``model`` over ``[b, s+1]`` token batches."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            tokens, labels = batch[:, :-1], batch[:, 1:]
+            logits = model_lib.forward_logits(model, tokens)[..., :vocab_size].float()
+            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += labels.numel()
+    return total / count
+
+
+class _SkippedLayers:
+    """Context manager: run ``model`` with the given decoder layers removed."""
+
+    def __init__(self, model, drop: list[int]):
+        self.model, self.drop = model, set(drop)
+
+    def __enter__(self):
+        self.layers = self.model.decoder.layers
+        kept = [layer for number, layer in enumerate(self.layers) if number not in self.drop]
+        self.model.decoder.layers = torch.nn.ModuleList(kept)
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.decoder.layers = self.layers
+
+
+def depth_scores(model, arch, criterion: str, drop_count: int, calib, valid) -> dict[str, float]:
+    """Score of removing each contiguous block of ``drop_count`` layers (lower is better)."""
+    layers = arch["num_layers"]
+    starts = range(layers - drop_count + 1)
+    if criterion == "loss":
+        scores = {}
+        for start in starts:
+            with _SkippedLayers(model, list(range(start, start + drop_count))):
+                scores[f"{start}-{start + drop_count - 1}"] = lm_loss(model, valid(), arch["vocab_size"])
+        return scores
+    if criterion == "block_influence":
+        hidden = {}
+        hooks = [model.embedding.register_forward_hook(lambda m, i, o: hidden.__setitem__(0, o))]
+        for number, layer in enumerate(model.decoder.layers):
+            hooks.append(layer.register_forward_hook(
+                lambda m, i, o, n=number + 1: hidden.__setitem__(n, o[0] if isinstance(o, tuple) else o)))
+        sums = {start: 0.0 for start in starts}
+        tokens_seen = 0
+        with torch.no_grad():
+            for batch in calib():
+                model_lib.forward_logits(model, batch[:, :-1])
+                for start in starts:
+                    cosine = F.cosine_similarity(hidden[start].float(), hidden[start + drop_count].float(), dim=-1)
+                    sums[start] += (1 - cosine).sum().item()
+                tokens_seen += batch[:, :-1].numel()
+        for hook in hooks:
+            hook.remove()
+        return {f"{s}-{s + drop_count - 1}": total / tokens_seen for s, total in sums.items()}
+    raise UserError(f"unknown depth criterion {criterion!r} (loss, block_influence)", "prune.criterion")
+
+
+def drop_layers(model, arch, drop: list[int], layout):
+    """A new model without the ``drop`` layers, holding the kept layers' weights."""
+    kept = [number for number in range(arch["num_layers"]) if number not in set(drop)]
+    new_arch = {**arch, "num_layers": len(kept)}
+    config = model_lib.transformer_config(new_arch, model.config.params_dtype, layout.tensor_parallel,
+                                          layout.pipeline_parallel, layout.context_parallel)
+    pruned = model_lib.build(new_arch, config, initialize=False)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("decoder.layers."):
+            number = int(name.split(".")[2])
+            if number not in kept:
+                continue
+            name = name.replace(f"decoder.layers.{number}.", f"decoder.layers.{kept.index(number)}.", 1)
+        state[name] = tensor
+    result = pruned.load_state_dict(state, strict=False)
+    require(not [k for k in result.missing_keys if not k.endswith("_extra_state")],
+            f"layer drop left keys unset: {result.missing_keys[:4]}", "prune.drop_layers")
+    return pruned, new_arch
+
+
+def width_prune(model, arch, targets: dict, calib_batches, scores_path: Path):
+    """ModelOpt Minitron width pruning to ``targets``; returns the pruned model and its arch."""
+    import modelopt.torch.prune as mtp
+    from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
+
+    register_rmsnorm_for_modelopt()
+    sources = {"hidden_size": arch["hidden_size"], "ffn_hidden_size": arch["ffn_hidden_size"],
+               "num_attention_heads": arch["num_attention_heads"]}
+    export_config = {key: int(value) for key, value in targets.items() if value is not None}
+    divisors = {f"{key}_divisor": math.gcd(export_config.get(key, size), size)
+                for key, size in sources.items() if key != "num_attention_heads"}
+
+    def forward_loop(module):
+        with torch.no_grad():
+            for batch in calib_batches():
+                tokens = batch[:, :-1]
+                module(tokens, model_lib.position_ids(tokens), model_lib.causal_mask(tokens.shape[1]))
+
+    pruned, _ = mtp.prune(
+        model,
+        mode=[("mcore_minitron", get_mcore_minitron_config(num_layers_divisor=1, **divisors))],
+        constraints={"export_config": export_config},
+        dummy_input=None,
+        config={"forward_loop": forward_loop, "scores_path": str(scores_path)},
+    )
+    config = pruned.config
+    new_arch = {**arch, "hidden_size": config.hidden_size, "ffn_hidden_size": config.ffn_hidden_size,
+                "num_attention_heads": config.num_attention_heads,
+                "num_query_groups": config.num_query_groups, "kv_channels": config.kv_channels}
+    return pruned, new_arch
+
+
+def validate_prune_config(cfg, arch, layout) -> None:
+    """Reject impossible targets before any compute, naming the key."""
+    prune = cfg.prune
+    require(prune.mode in ("depth", "width"), f"prune mode {prune.mode!r} is not depth or width",
+            "prune")
+    if prune.mode == "depth":
+        if prune.drop_layers:
+            bad = [n for n in prune.drop_layers if not 0 <= int(n) < arch["num_layers"]]
+            require(not bad, f"layers {bad} do not exist (the model has {arch['num_layers']})",
+                    "prune.drop_layers")
+            require(len(set(prune.drop_layers)) < arch["num_layers"], "cannot drop every layer",
+                    "prune.drop_layers")
+        else:
+            target = prune.target_num_layers
+            require(target is not None and 0 < int(target) < arch["num_layers"],
+                    f"target_num_layers must be between 1 and {arch['num_layers'] - 1}",
+                    "prune.target_num_layers")
+            require(int(target) % layout.pipeline_parallel == 0, "target_num_layers is not divisible "
+                    "by the pipeline parallel size", "prune.target_num_layers")
+        return
+    require(layout.tensor_parallel == 1, "width pruning needs tensor parallel size 1 (a ModelOpt "
+            "limit); pipeline parallelism is allowed", "parallel.tensor")
+    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        value = prune.target.get(key)
+        if value is not None:
+            require(0 < int(value) <= arch[key], f"target {key}={value} must be between 1 and "
+                    f"the source's {arch[key]}", f"prune.target.{key}")
+    heads = prune.target.get("num_attention_heads") or arch["num_attention_heads"]
+    require(int(heads) % arch["num_query_groups"] == 0, f"target num_attention_heads={heads} is not "
+            f"divisible by num_query_groups={arch['num_query_groups']}", "prune.target.num_attention_heads")
+
+
+def run(cfg) -> dict:
+    """Prune ``cfg.prune.source`` into ``cfg.prune.output``; returns the report."""
+    source, output = Path(str(cfg.prune.source)), Path(str(cfg.prune.output))
+    arch, _ = checkpoint.read_architecture(source)
+    inputs = {"source": read_manifest(source).get("written_at"), "source_path": str(source.resolve()),
+              "prune": config_hash(OmegaConf.to_container(cfg.prune)),
+              "data": str(cfg.data.output), "calib_samples": int(cfg.prune.calib_samples)}
+    done = read_manifest(output) if output.exists() else None
+    if done and done.get("inputs") == inputs and not cfg.get("force", False):
+        print(f"[prune] {output} is up to date; skipping (force=true reruns)")
+        return done["report"]
+    layout = runtime.initialize(cfg.parallel)
+    validate_prune_config(cfg, arch, layout)
+    sequence_length = int(cfg.prune.sequence_length)
+    calib_data = TokenWindows(Path(str(cfg.data.output)), "train", sequence_length)
+    valid_data = TokenWindows(Path(str(cfg.data.output)), "valid", sequence_length)
+    batch_size = int(cfg.prune.batch_size)
+
+    def calib():
+        return calib_data.batches(batch_size, int(cfg.prune.calib_samples))
+
+    def valid():
+        return valid_data.batches(batch_size, int(cfg.prune.eval_samples))
+
+    started = time.perf_counter()
+    dtype = torch.float32 if layout.device.type == "cpu" else torch.bfloat16
+    model, arch = checkpoint.load_model(source, layout, dtype=dtype)
+    model.eval()
+    teacher_loss = lm_loss(model, valid(), arch["vocab_size"])
+    report = {"mode": cfg.prune.mode, "source": str(source), "config_before": arch,
+              "params_before": model_lib.count_parameters(arch), "val_loss_teacher": teacher_loss}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.prune.mode == "depth":
+        drop = sorted(int(n) for n in cfg.prune.drop_layers or [])
+        if not drop:
+            count = arch["num_layers"] - int(cfg.prune.target_num_layers)
+            scores = depth_scores(model, arch, cfg.prune.criterion, count, calib, valid)
+            best = min(scores, key=scores.get)
+            first, last = (int(n) for n in best.split("-"))
+            drop = list(range(first, last + 1))
+            report.update(criterion=cfg.prune.criterion, importance=scores)
+            print(f"[prune] {cfg.prune.criterion} score of removing each block of {count} layers:")
+            for block, score in scores.items():
+                print(f"  layers {block:>7}: {score:.4f}{'  <- chosen' if block == best else ''}")
+        pruned, new_arch = drop_layers(model, arch, drop, layout)
+        report["removed"] = {"layers": drop}
+    else:
+        calibration = config_hash({"teacher": inputs["source"], "path": inputs["source_path"],
+                                   "data": inputs["data"], "calib_samples": inputs["calib_samples"],
+                                   "sequence_length": sequence_length})
+        cache = (Path(str(cfg.prune.scores_cache)) if cfg.prune.scores_cache
+                 else output.parent / f".minitron_scores-{calibration}")
+        # ModelOpt writes one scores<rank>.pth per rank into this folder.
+        pruned, new_arch = width_prune(model, arch, dict(cfg.prune.target), calib, cache / "scores.pth")
+        report["removed"] = {key: arch[key] - new_arch[key] for key in
+                             ("hidden_size", "ffn_hidden_size", "num_attention_heads")}
+        report["importance"] = {"scores_cache": str(cache)}
+    pruned.eval()
+    report.update(config_after=new_arch, params_after=model_lib.count_parameters(new_arch),
+                  val_loss_pruned=lm_loss(pruned, valid(), arch["vocab_size"]),
+                  seconds=time.perf_counter() - started)
+    with staged_folder(output, layout.is_main, barrier=torch.distributed.barrier) as staging:
+        checkpoint.save_weights(pruned, staging)
+        if layout.is_main:
+            checkpoint.write_architecture(staging, new_arch, dtype)
+            shutil.copytree(source / "tokenizer", staging / "tokenizer")
+            write_json(staging / "prune_report.json", report)
+            write_manifest(staging, {"stage": "prune", "inputs": inputs, "report": report,
+                                     "config": new_arch, "parameters": report["params_after"]})
+    print(f"[prune] {cfg.prune.mode}: parameters {report['params_before']:,} -> {report['params_after']:,}; "
+          f"val loss teacher {teacher_loss:.4f}, pruned {report['val_loss_pruned']:.4f}; {output}")
+    return report

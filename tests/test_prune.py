@@ -1,0 +1,93 @@
+"""Depth and width pruning of the tiny model."""
+
+import pytest
+import torch
+
+from conftest import compose, export_cfg
+from pipelines import checkpoint, convert, prune
+from pipelines.errors import UserError
+from pipelines.model import forward_logits
+from pipelines.safetensors_stream import SafetensorsFolder
+
+COMMON = ["prune.calib_samples=16", "prune.eval_samples=8", "prune.sequence_length=64",
+          "prune.batch_size=4"]
+
+
+def prune_cfg(teacher, data, output, mode, *overrides):
+    return compose("prune", [f"prune={mode}", f"prune.source={teacher}", f"prune.output={output}",
+                             f"data.output={data}", *COMMON, *overrides])
+
+
+def tokens():
+    return torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(5))
+
+
+def test_explicit_drop_layers_equals_model_without_them(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
+    from transformers import LlamaForCausalLM
+
+    prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "depth", "depth", "prune.drop_layers=[1,2]"))
+    model, arch = checkpoint.load_model(tmp_path / "depth", cpu_runtime)
+    assert arch["num_layers"] == 2
+    with torch.no_grad():
+        ours = forward_logits(model.eval(), tokens())[..., :300]
+    reference = LlamaForCausalLM.from_pretrained(tiny_teacher.parent / "hf").eval()
+    reference.model.layers = torch.nn.ModuleList([reference.model.layers[i] for i in (0, 3)])
+    reference.config.num_hidden_layers = 2
+    with torch.no_grad():
+        expected = reference(tokens(), use_cache=False).logits
+    assert (ours - expected).abs().max().item() <= 1e-5
+    convert.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "depth_hf")
+    assert exported.config.num_hidden_layers == 2
+
+
+def test_depth_criteria_score_every_block_reproducibly(tmp_path, tiny_teacher, tiny_data):
+    reports = [prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / f"d{i}", "depth",
+                                   "prune.target_num_layers=2", f"prune.criterion={criterion}"))
+               for i, criterion in enumerate(["loss", "loss", "block_influence"])]
+    assert reports[0]["importance"] == reports[1]["importance"]
+    assert list(reports[0]["importance"]) == ["0-1", "1-2", "2-3"]
+    chosen = "{}-{}".format(reports[0]["removed"]["layers"][0], reports[0]["removed"]["layers"][-1])
+    assert reports[0]["importance"][chosen] == min(reports[0]["importance"].values())
+    assert reports[0]["val_loss_pruned"] == pytest.approx(reports[0]["importance"][chosen], rel=1e-6)
+    assert len(reports[2]["importance"]) == 3
+
+
+def test_width_to_the_same_shape_keeps_logits(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
+    prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "same", "width",
+                        "prune.target.hidden_size=64", "prune.target.ffn_hidden_size=160",
+                        "prune.target.num_attention_heads=4"))
+    teacher, _ = checkpoint.load_model(tiny_teacher, cpu_runtime)
+    pruned, _ = checkpoint.load_model(tmp_path / "same", cpu_runtime)
+    with torch.no_grad():
+        difference = forward_logits(teacher.eval(), tokens()) - forward_logits(pruned.eval(), tokens())
+    assert difference.abs().max().item() <= 1e-5
+
+
+def test_width_prune_reuses_cached_scores_bit_identically(tmp_path, tiny_teacher, tiny_data):
+    from transformers import LlamaForCausalLM
+
+    targets = ["prune.target.hidden_size=48", "prune.target.ffn_hidden_size=96",
+               "prune.target.num_attention_heads=2", f"prune.scores_cache={tmp_path / 'scores'}"]
+    prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "w1", "width", *targets))
+    assert (tmp_path / "scores" / "scores0.pth").exists()
+    prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "w2", "width", *targets))
+    for name in ("w1", "w2"):
+        convert.export_hf(export_cfg(tmp_path / name, tmp_path / f"{name}_hf"))
+    first, second = SafetensorsFolder(tmp_path / "w1_hf"), SafetensorsFolder(tmp_path / "w2_hf")
+    for key in first.keys():
+        assert torch.equal(first.get(key), second.get(key)), key
+    config = LlamaForCausalLM.from_pretrained(tmp_path / "w1_hf").config
+    assert (config.hidden_size, config.intermediate_size, config.num_attention_heads) == (48, 96, 2)
+
+
+@pytest.mark.parametrize("mode,override,key", [
+    ("width", "prune.target.hidden_size=128", "prune.target.hidden_size"),
+    ("width", "prune.target.num_attention_heads=3", "prune.target.num_attention_heads"),
+    ("depth", "prune.target_num_layers=4", "prune.target_num_layers"),
+    ("depth", "prune.drop_layers=[7]", "prune.drop_layers"),
+])
+def test_bad_targets_name_the_key(tmp_path, tiny_teacher, tiny_data, mode, override, key):
+    with pytest.raises(UserError, match=f"fix: {key}"):
+        prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "bad", mode, override))
+    assert not (tmp_path / "bad").exists()
