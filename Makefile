@@ -5,7 +5,7 @@ ARGS ?=
 RUNS ?= runs
 SETUP_STAMP := .venv/.setup-done
 
-.PHONY: help setup test test-slow demo import export bench
+.PHONY: help setup test test-slow demo prepare-data prune import export bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -26,12 +26,27 @@ test: setup  ## run the default test tier (CPU, ~minutes)
 test-slow: setup  ## run the slow tier too
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "slow or not slow"
 
-demo: setup  ## tiny Llama on CPU: random HF model -> import -> export -> check it loads in transformers
-	rm -rf $(RUNS)/demo
-	$(PYTHON) scripts/random_hf.py model=tiny output=$(RUNS)/demo/random_hf $(ARGS)
-	$(PYTHON) scripts/import_hf.py source=$(RUNS)/demo/random_hf output=$(RUNS)/demo/import
-	$(PYTHON) scripts/export_hf.py source=$(RUNS)/demo/import output=$(RUNS)/demo/export
-	$(PYTHON) -c "import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('$(RUNS)/demo/export'); print('[demo] exported model loads in transformers:', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
+DEMO := $(RUNS)/demo
+PRUNE_DEMO := data=austen prune.calib_samples=64 prune.eval_samples=32 prune.sequence_length=128
+
+demo: setup  ## tiny Llama on CPU: Austen data -> import -> prune by depth and width -> export
+	rm -rf $(DEMO)
+	$(PYTHON) scripts/prepare_data.py data=austen
+	$(PYTHON) scripts/random_hf.py model=tiny output=$(DEMO)/random_hf $(ARGS)
+	cp data/austen/tokenizer/* $(DEMO)/random_hf/
+	$(PYTHON) scripts/import_hf.py source=$(DEMO)/random_hf output=$(DEMO)/teacher
+	$(PYTHON) scripts/prune.py prune=depth prune.source=$(DEMO)/teacher prune.output=$(DEMO)/pruned_depth prune.target_num_layers=2 $(PRUNE_DEMO)
+	$(PYTHON) scripts/prune.py prune=width prune.source=$(DEMO)/teacher prune.output=$(DEMO)/pruned_width prune.target.hidden_size=48 prune.target.ffn_hidden_size=128 prune.target.num_attention_heads=2 $(PRUNE_DEMO) > $(DEMO)/prune_width.log
+	tail -1 $(DEMO)/prune_width.log
+	$(PYTHON) scripts/export_hf.py source=$(DEMO)/pruned_depth output=$(DEMO)/export_depth
+	$(PYTHON) scripts/export_hf.py source=$(DEMO)/pruned_width output=$(DEMO)/export_width
+	$(PYTHON) -c "import transformers as t; [print(f'[demo] {s}-pruned student exported to $(DEMO)/export_{s}: loads in transformers,', sum(p.numel() for p in t.AutoModelForCausalLM.from_pretrained('$(DEMO)/export_' + s).parameters()), 'parameters') for s in ('depth', 'width')]"
+
+prepare-data: setup  ## tokenize a corpus: make prepare-data ARGS="data=austen"
+	$(PYTHON) scripts/prepare_data.py $(ARGS)
+
+prune: setup  ## prune a checkpoint: make prune ARGS="prune=depth prune.source=CKPT prune.output=OUT prune.target_num_layers=16"
+	$(PYTHON) scripts/prune.py $(ARGS)
 
 import: setup  ## import a Hugging Face folder: make import ARGS="source=HF_DIR output=CKPT_DIR"
 	$(PYTHON) scripts/import_hf.py $(ARGS)
@@ -41,3 +56,4 @@ export: setup  ## export a checkpoint: make export ARGS="source=CKPT_DIR output=
 
 bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/import_memory.py
+	$(PYTHON) bench/calibration_cost.py
