@@ -122,3 +122,37 @@ def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
         shutil.copy(file, hf / file.name)
     convert.import_hf(import_cfg(hf, folder / "ckpt"))
     return folder / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory, tiny_teacher, tiny_data) -> Path:
+    """The tiny teacher after 150 AdamW steps on the tiny corpus (plain torch loop, CPU)."""
+    import shutil
+
+    import torch.nn.functional as F
+
+    from pipelines import checkpoint, runtime
+    from pipelines.artifacts import write_manifest
+    from pipelines.data import TokenWindows
+    from pipelines.model import forward_logits
+
+    layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    model, arch = checkpoint.load_model(tiny_teacher, layout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    windows = TokenWindows(tiny_data, "train", 64)
+    batches = list(windows.batches(8))
+    model.train()
+    for step in range(150):
+        batch = batches[step % len(batches)]
+        logits = forward_logits(model, batch[:, :-1])[..., : arch["vocab_size"]]
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("trained") / "ckpt"
+    folder.mkdir()
+    checkpoint.save_weights(model, folder)
+    checkpoint.write_architecture(folder, arch, torch.float32)
+    shutil.copytree(tiny_teacher / "tokenizer", folder / "tokenizer")
+    write_manifest(folder, {"stage": "test-train", "final_loss": loss.item()})
+    return folder

