@@ -49,10 +49,16 @@ def export_cfg(source: Path, output: Path):
                              "max_shard_bytes": 4 << 30})
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """This environment minus the in-process runtime's rendezvous (a child needs its own port)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    return {**env, **(extra or {})}
+
+
 def run_script(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a repository script in a fresh interpreter (for CLI behaviour and global shims)."""
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env=child_env(env))
 
 
 def run_torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,0 +1,152 @@
+"""Teacher soft labels computed once: a compact, checksummed, resumable top-k cache.
+
+Layout of a cache folder (``scripts/teacher_logits.py`` writes it)::
+
+    shard-00000.bin     samples [0, S) : for each sample, in order,
+                          ids      ceil(s*k*id_bits/8) bytes, top-k ids bit-packed (little-endian bits)
+                          logprobs s*k float16, top-k log-probabilities at the temperature
+                          tail     s   float16, log of the probability mass outside the top-k
+    shard-00000.sha256  the shard's sha256 (written after the shard, before the manifest)
+    manifest.json       what the cache is valid for (teacher, data, sequence length, k,
+                        temperature, tokenizer), the layout numbers, and every shard's sha256;
+                        written last
+
+Every sample has the same byte size, so sample ``i`` is read with one memory-mapped slice.
+A shard is written under a temporary name and renamed, so a killed run leaves only complete
+shards, and a rerun computes just the missing ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.artifacts import read_manifest, sha256_file, write_manifest
+from pipelines.errors import UserError, require
+
+
+def id_bits(vocab_size: int) -> int:
+    """Bits per token id: 17 for Llama-3's 128,256."""
+    return max(1, math.ceil(math.log2(vocab_size)))
+
+
+def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative ids into ``bits`` bits each (uint8 array, little-endian bit order)."""
+    ids = ids.astype(np.uint32).reshape(-1)
+    planes = ((ids[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_ids(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
+    return (planes.astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(-1).astype(np.int64)
+
+
+class Layout:
+    """Byte layout of one sample."""
+
+    def __init__(self, sequence_length: int, k: int, vocab_size: int):
+        self.sequence_length, self.k, self.bits = sequence_length, k, id_bits(vocab_size)
+        self.id_bytes = math.ceil(sequence_length * k * self.bits / 8)
+        self.logprob_bytes = sequence_length * k * 2
+        self.tail_bytes = sequence_length * 2
+        self.sample_bytes = self.id_bytes + self.logprob_bytes + self.tail_bytes
+
+    def encode(self, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor) -> bytes:
+        """One sample ([s, k] ids and log-probs, [s] tail) as bytes."""
+        parts = [pack_ids(ids.cpu().numpy(), self.bits).tobytes(),
+                 logprobs.to(torch.float16).cpu().numpy().tobytes(),
+                 tail.to(torch.float16).cpu().numpy().tobytes()]
+        return b"".join(parts)
+
+    def decode(self, raw: np.ndarray):
+        s, k = self.sequence_length, self.k
+        ids = unpack_ids(raw[: self.id_bytes], self.bits, s * k).reshape(s, k)
+        offset = self.id_bytes
+        logprobs = raw[offset: offset + self.logprob_bytes].view(np.float16).reshape(s, k)
+        tail = raw[offset + self.logprob_bytes:].view(np.float16)
+        return (torch.from_numpy(ids), torch.from_numpy(logprobs.astype(np.float32)),
+                torch.from_numpy(tail.astype(np.float32)))
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.bin"
+
+
+def write_shard(folder: Path, index: int, samples: list[bytes]) -> str:
+    """Write one shard atomically, then its checksum file; return the sha256."""
+    path = folder / shard_name(index)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    with open(temporary, "wb") as handle:
+        for sample in samples:
+            handle.write(sample)
+            digest.update(sample)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    (folder / f"shard-{index:05d}.sha256").write_text(digest.hexdigest())
+    return digest.hexdigest()
+
+
+def finished_shards(folder: Path) -> set[int]:
+    """Shards already complete (shard file plus checksum file) from an earlier run."""
+    return {int(path.stem.split("-")[1]) for path in folder.glob("shard-*.sha256")
+            if (folder / path.name.replace(".sha256", ".bin")).exists()}
+
+
+def finalize(folder: Path, identity: dict, layout: Layout, samples: int, samples_per_shard: int) -> dict:
+    """Write the manifest (last) once every shard exists."""
+    shards = math.ceil(samples / samples_per_shard)
+    missing = sorted(set(range(shards)) - finished_shards(folder))
+    require(not missing, f"cache {folder} lacks shards {missing[:5]}", "logits")
+    manifest = {"stage": "teacher_logits", "identity": identity, "samples": samples,
+                "samples_per_shard": samples_per_shard, "sequence_length": layout.sequence_length,
+                "k": layout.k, "id_bits": layout.bits, "sample_bytes": layout.sample_bytes,
+                "shards": {shard_name(i): (folder / f"shard-{i:05d}.sha256").read_text()
+                           for i in range(shards)}}
+    write_manifest(folder, manifest)
+    return manifest
+
+
+class LogitsCache:
+    """Random access by sample index to a finished cache, checked against what the run expects."""
+
+    def __init__(self, folder: Path, expected_identity: dict | None = None, verify: bool = True):
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        require(manifest is not None and manifest.get("stage") == "teacher_logits",
+                f"{self.folder} is not a finished teacher-logits cache", "distill.cache")
+        for key, value in (expected_identity or {}).items():
+            cached = manifest["identity"].get(key)
+            if cached != value:
+                raise UserError(f"teacher-logits cache {self.folder} was made for {key}={cached!r}, "
+                                f"this run has {value!r}; recompute it (make logits)", "distill.cache")
+        self.manifest, self.verify = manifest, verify
+        self.layout = Layout(manifest["sequence_length"], manifest["k"], 2 ** manifest["id_bits"])
+        self._maps: dict[int, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return self.manifest["samples"]
+
+    def _shard(self, index: int) -> np.memmap:
+        if index not in self._maps:
+            path = self.folder / shard_name(index)
+            require(path.exists(), f"cache shard {path} is missing", "distill.cache")
+            if self.verify and sha256_file(path) != self.manifest["shards"][path.name]:
+                raise UserError(f"cache shard {path} is corrupted (checksum mismatch); delete it "
+                                "and rerun the teacher-logits stage to recompute it", "distill.cache")
+            self._maps[index] = np.memmap(path, dtype=np.uint8, mode="r")
+        return self._maps[index]
+
+    def __getitem__(self, sample: int):
+        """``(ids [s, k] int64, logprobs [s, k] float32, tail [s] float32)`` of one sample."""
+        per_shard = self.manifest["samples_per_shard"]
+        shard = self._shard(sample // per_shard)
+        start = (sample % per_shard) * self.layout.sample_bytes
+        return self.layout.decode(np.asarray(shard[start: start + self.layout.sample_bytes]))

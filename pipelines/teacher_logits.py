@@ -1,0 +1,90 @@
+"""The teacher-logits stage: run the teacher once over the distillation samples and cache its
+top-k soft labels (``scripts/teacher_logits.py``; format in :mod:`pipelines.logits_cache`).
+
+Samples are the train split's :class:`~pipelines.data.TokenWindows` in order, the order distill
+reads. Shard ``i`` is computed by data-parallel rank ``i % dp``; tensor-parallel ranks compute
+together and their first rank writes. Finished shards are skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines import checkpoint, runtime
+from pipelines.artifacts import read_manifest, sha256_file
+from pipelines.data import TokenWindows
+from pipelines.errors import require
+from pipelines.kd_loss import teacher_topk
+from pipelines.logits_cache import Layout, finalize, finished_shards, write_shard
+from pipelines.model import forward_logits
+
+
+def cache_identity(teacher: Path, data: Path, sequence_length: int, k: int, temperature: float) -> dict:
+    """What a cache is valid for; distill compares its own run against this."""
+    tokenizer = teacher / "tokenizer" / "tokenizer.json"
+    data_manifest = read_manifest(data) or {}
+    return {"teacher": str(teacher.resolve()), "teacher_written_at": read_manifest(teacher).get("written_at"),
+            "data": str(data.resolve()), "data_inputs": data_manifest.get("inputs"),
+            "sequence_length": sequence_length, "k": k, "temperature": temperature,
+            "tokenizer": sha256_file(tokenizer) if tokenizer.exists() else None}
+
+
+def run(cfg) -> dict:
+    from megatron.core import parallel_state
+
+    logits_cfg = cfg.logits
+    teacher, output = Path(str(logits_cfg.teacher)), Path(str(logits_cfg.output))
+    data = Path(str(cfg.data.output))
+    sequence_length, k = int(logits_cfg.sequence_length), int(logits_cfg.k)
+    temperature = float(logits_cfg.temperature)
+    arch, _ = checkpoint.read_architecture(teacher)
+    require(1 <= k <= arch["vocab_size"], f"k={k} must be between 1 and the vocabulary "
+            f"({arch['vocab_size']})", "logits.k")
+    require(temperature > 0, "temperature must be positive", "logits.temperature")
+    identity = cache_identity(teacher, data, sequence_length, k, temperature)
+    done = read_manifest(output) if output.exists() else None
+    if done and done.get("identity") == identity:
+        print(f"[teacher_logits] {output} is up to date; skipping")
+        return done
+    windows = TokenWindows(data, "train", sequence_length)
+    samples = min(len(windows), int(logits_cfg.samples or len(windows)))
+    per_shard = int(logits_cfg.samples_per_shard)
+    layout = runtime.initialize(cfg.parallel)
+    require(layout.pipeline_parallel == 1, "the teacher-logits stage runs with pipeline parallel "
+            "size 1", "parallel.pipeline")
+    model, arch = checkpoint.load_model(teacher, layout, dtype=torch.float32
+                                        if layout.device.type == "cpu" else torch.bfloat16)
+    model.eval()
+    output.mkdir(parents=True, exist_ok=True)
+    cache_layout = Layout(sequence_length, k, arch["vocab_size"])
+    shards = math.ceil(samples / per_shard)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    writer = parallel_state.get_tensor_model_parallel_rank() == 0
+    todo = [i for i in range(shards) if i % layout.data_parallel == dp_rank and i not in finished_shards(output)]
+    started, tokens = time.perf_counter(), 0
+    batch_size = int(logits_cfg.batch_size)
+    for number, shard in enumerate(todo):
+        encoded = []
+        indices = list(range(shard * per_shard, min((shard + 1) * per_shard, samples)))
+        for first in range(0, len(indices), batch_size):
+            batch = torch.stack([windows[i] for i in indices[first:first + batch_size]])
+            with torch.no_grad():
+                logits = forward_logits(model, batch[:, :-1].to(layout.device))[..., : arch["vocab_size"]]
+                ids, logprobs, tail = teacher_topk(logits, k, temperature)
+            encoded += [cache_layout.encode(ids[j], logprobs[j], tail[j]) for j in range(len(batch))]
+            tokens += batch[:, :-1].numel()
+        if writer:
+            write_shard(output, shard, encoded)
+        rate = tokens / (time.perf_counter() - started)
+        print(f"[teacher_logits] rank {layout.rank}: shard {shard} done ({number + 1}/{len(todo)}), "
+              f"{rate:,.0f} tokens/s", flush=True)
+    torch.distributed.barrier()
+    manifest = finalize(output, identity, cache_layout, samples, per_shard) if layout.is_main else {}
+    if layout.is_main:
+        print(f"[teacher_logits] {output}: {samples} samples x {sequence_length} tokens, k={k}, "
+              f"{cache_layout.sample_bytes / sequence_length:.1f} bytes/token")
+    return manifest

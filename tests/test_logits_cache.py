@@ -1,0 +1,100 @@
+"""The teacher-logits cache: fidelity, compact format, resume after kill -9, checksums, DP=2."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, child_env, compose, run_torchrun
+from pipelines import checkpoint, teacher_logits
+from pipelines.data import TokenWindows
+from pipelines.errors import UserError
+from pipelines.kd_loss import teacher_topk
+from pipelines.logits_cache import LogitsCache, pack_ids, unpack_ids
+from pipelines.model import forward_logits
+
+
+def overrides(teacher, data, output, k=8, samples=12, per_shard=3):
+    return [f"logits.teacher={teacher}", f"logits.output={output}", f"data.output={data}",
+            f"logits.k={k}", f"logits.samples={samples}", f"logits.samples_per_shard={per_shard}",
+            "logits.sequence_length=32", "logits.batch_size=2"]
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*"))}
+
+
+def test_id_packing_round_trips_17_bits():
+    ids = np.random.default_rng(0).integers(0, 128256, size=999)
+    packed = pack_ids(ids, 17)
+    assert packed.nbytes == int(np.ceil(999 * 17 / 8))
+    assert (unpack_ids(packed, 17, 999) == ids).all()
+
+
+def test_cache_holds_the_teachers_topk(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, tmp_path / "c", k=300)))
+    cache = LogitsCache(tmp_path / "c")
+    assert len(cache) == 12
+    model, arch = checkpoint.load_model(tiny_teacher, cpu_runtime)
+    sample = TokenWindows(tiny_data, "train", 32)[7]
+    with torch.no_grad():
+        logits = forward_logits(model.eval(), sample[None, :-1])[0, :, :300]
+    ids, logprobs, tail = cache[7]
+    expected_ids, expected_logprobs, _ = teacher_topk(logits, 300)
+    full = torch.full((32, 300), float("nan"))
+    full.scatter_(-1, ids, logprobs)
+    reference = torch.full((32, 300), float("nan"))
+    reference.scatter_(-1, expected_ids, expected_logprobs)
+    assert (full - reference).abs().max().item() <= 0.01  # float16 storage
+    assert torch.isinf(tail).all()  # k = vocabulary: no tail mass
+
+
+def test_kill_resume_is_byte_identical_and_skips_when_done(tmp_path, tiny_teacher, tiny_data, capsys):
+    args = overrides(tiny_teacher, tiny_data, tmp_path / "whole", samples=24, per_shard=2)
+    teacher_logits.run(compose("teacher_logits", args))
+    resumed = tmp_path / "resumed"
+    command = [sys.executable, "scripts/teacher_logits.py",
+               *overrides(tiny_teacher, tiny_data, resumed, samples=24, per_shard=2)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=child_env())
+    deadline = time.time() + 180
+    while not list(resumed.glob("shard-00002.sha256")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the stage exited before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = len(list(resumed.glob("*.sha256")))
+    assert 0 < finished < 12 and not (resumed / "manifest.json").exists()
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, resumed,
+                                                           samples=24, per_shard=2)))
+    assert files(resumed) == files(tmp_path / "whole")
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, resumed,
+                                                           samples=24, per_shard=2)))
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_corrupted_shard_and_mismatched_run_are_named(tmp_path, tiny_teacher, tiny_data):
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, tmp_path / "c")))
+    with pytest.raises(UserError, match="made for k=8, this run has 16"):
+        LogitsCache(tmp_path / "c", expected_identity={"k": 16})
+    shard = tmp_path / "c" / "shard-00001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    cache = LogitsCache(tmp_path / "c")
+    cache[0]  # shard 0 is intact
+    with pytest.raises(UserError, match="shard-00001.bin is corrupted"):
+        cache[4]
+
+
+def test_two_data_parallel_ranks_write_the_same_cache(tmp_path, tiny_teacher, tiny_data):
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, tmp_path / "one")))
+    result = run_torchrun(2, "scripts/teacher_logits.py",
+                          *overrides(tiny_teacher, tiny_data, tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files(tmp_path / "two") == files(tmp_path / "one")
