@@ -5,7 +5,7 @@ ARGS ?=
 RUNS ?= runs
 SETUP_STAMP := .venv/.setup-done
 
-.PHONY: help setup test test-slow demo prepare-data prune import export bench
+.PHONY: help setup test test-slow demo prepare-data prune logits import export bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -45,6 +45,9 @@ demo: setup  ## tiny Llama on CPU: Austen data -> import -> prune by depth and w
 prepare-data: setup  ## tokenize a corpus: make prepare-data ARGS="data=austen"
 	$(PYTHON) scripts/prepare_data.py $(ARGS)
 
+logits: setup  ## cache teacher top-k soft labels: make logits ARGS="logits.teacher=CKPT logits.output=CACHE"
+	$(PYTHON) scripts/teacher_logits.py $(ARGS)
+
 prune: setup  ## prune a checkpoint: make prune ARGS="prune=depth prune.source=CKPT prune.output=OUT prune.target_num_layers=16"
 	$(PYTHON) scripts/prune.py $(ARGS)
 
@@ -57,3 +60,4 @@ export: setup  ## export a checkpoint: make export ARGS="source=CKPT_DIR output=
 bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/import_memory.py
 	$(PYTHON) bench/calibration_cost.py
+	$(PYTHON) bench/logits_cache.py
