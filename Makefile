@@ -20,7 +20,7 @@ $(SETUP_STAMP): requirements.txt pyproject.toml
 	.venv/bin/pip install -q --no-deps -e .
 	touch $@
 
-test: setup  ## run the default test tier (CPU, ~minutes)
+test: setup  ## run the default test tier (CPU, about 1.5 min)
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 test-slow: setup  ## run the slow tier too

@@ -80,19 +80,20 @@ def import_hf(cfg) -> dict:
     config = model_lib.transformer_config(arch, dtype)
     model = model_lib.build(arch, config, initialize=False)
     transformer_engine = runtime.transformer_engine_available()
-    parameters = {name: parameter for name, parameter in model.named_parameters()}
+    parameters = dict(model.named_parameters())
     shapes = hf_llama.megatron_shapes(arch)
     unset = set(parameters)
     with torch.no_grad():
         for name, row, hf_name, hf_row, rows in hf_llama.placements(arch):
-            parameter = parameters[hf_llama.engine_name(name, transformer_engine)]
+            engine = hf_llama.engine_name(name, transformer_engine)
+            parameter = parameters[engine]
             require(tuple(parameter.shape) == shapes[name] and reader.shape(hf_name)[1:] ==
                     list(parameter.shape[1:]), f"{source}: {hf_name} has shape "
                     f"{reader.shape(hf_name)}, config.json implies {list(shapes[name])}", "source")
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 parameter[arch["vocab_size"]:].zero_()  # vocabulary padding
             reader.read_rows(hf_name, hf_row, parameter.data[row:row + rows])
-            unset.discard(hf_llama.engine_name(name, transformer_engine))
+            unset.discard(engine)
     if unset:
         raise RuntimeError(f"import left parameters unset: {sorted(unset)}")
 

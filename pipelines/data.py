@@ -180,11 +180,10 @@ def prepare(cfg) -> dict:
         for split, builder in builders.items():
             require(counts[split][0] > 0, f"the {split} split is empty", "data.valid_fraction")
             builder.finalize(str(staging / f"{split}.idx"))
-        manifest = {"stage": "prepare_data", "inputs": inputs, "tokenizer": str(tokenizer_dir),
+        final_tokenizer = output / "tokenizer" if data_cfg.train_tokenizer_vocab else tokenizer_dir
+        manifest = {"stage": "prepare_data", "inputs": inputs, "tokenizer": str(final_tokenizer),
                     "documents": {s: c[0] for s, c in counts.items()},
                     "tokens": {s: c[1] for s, c in counts.items()}}
-        if data_cfg.train_tokenizer_vocab:
-            manifest["tokenizer"] = str(output / "tokenizer")
         write_manifest(staging, manifest)
     print(f"[prepare_data] {output}: tokens {manifest['tokens']}, documents {manifest['documents']}")
     return manifest

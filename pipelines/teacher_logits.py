@@ -64,7 +64,8 @@ def run(cfg) -> dict:
     shards = math.ceil(samples / per_shard)
     dp_rank = parallel_state.get_data_parallel_rank()
     writer = parallel_state.get_tensor_model_parallel_rank() == 0
-    todo = [i for i in range(shards) if i % layout.data_parallel == dp_rank and i not in finished_shards(output)]
+    finished = finished_shards(output)
+    todo = [i for i in range(shards) if i % layout.data_parallel == dp_rank and i not in finished]
     started, tokens = time.perf_counter(), 0
     batch_size = int(logits_cfg.batch_size)
     for number, shard in enumerate(todo):
