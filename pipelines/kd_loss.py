@@ -1,23 +1,55 @@
-"""Sparse forward-KL distillation loss against a teacher's top-k tokens plus a tail bucket.
+"""Distillation losses that never hold a float32 ``[tokens, vocab]`` tensor for more than one chunk.
 
-The teacher's distribution at temperature ``T`` is stored per token as its top-k token ids, their
-log-probabilities, and the log of the remaining mass (the *tail*). The student's distribution is
-collapsed onto the same k + 1 buckets (its probability of each top-k id, and of everything
-else), and the loss is ``T² · KL(teacher ‖ student)`` over those buckets, averaged over the
-tokens that are not ignored. With k equal to the vocabulary the tail is empty and this is the
-dense KL.
+One fused, chunked autograd function, :func:`distill_loss`, computes
 
-Memory: :func:`sparse_kl_loss` walks the tokens in chunks and computes each chunk's gradient in
-the forward pass (a custom autograd function), so no float32 ``[tokens, vocab]`` tensor exists
-for more than one chunk at a time; the gradient has the logits' own dtype and shape.
+    loss = kd_weight · T² · D(teacher ‖ student at temperature T) + (1 − kd_weight) · CE(labels)
 
-Not yet: a tensor-parallel vocabulary split (each rank holding ``vocab / tp`` logits); this
-function expects the full vocabulary on every rank.
+and its gradient with respect to the student's logits in the forward pass, chunk by chunk; the
+backward pass only scales the stored gradient (one tensor with the logits' dtype and shape).
+
+**The teacher** comes in one of two forms:
+
+- :class:`TopK` (the cache): top-k token ids, their log-probabilities at ``T`` and the log of the
+  remaining mass. The student's distribution is collapsed onto the same k + 1 buckets (each top-k
+  id, and everything else), and the divergence is taken over buckets. With k equal to the
+  vocabulary the tail is empty and this is the dense divergence.
+- a dense logits tensor (the online teacher), same shape as the student's.
+
+**Divergences** (``divergence``): ``forward_kl`` KL(p‖q) (Minitron's), ``reverse_kl`` KL(q‖p), and
+``jsd``, the generalised Jensen-Shannon β·KL(p‖m) + (1−β)·KL(q‖m) with m = β·p + (1−β)·q. Each is a
+sum over buckets B of a term f(log q_B, log p_B); with h_B = ∂f/∂log q_B and S = Σ_B h_B, the
+gradient with respect to the (scaled) logit z_v of a softmax is ``q_v·(h_B/q_B − S)`` for v in
+bucket B: ``h_v − q_v·S`` for a single top-k token.
+
+**Cross-entropy** is the same machinery with a one-token teacher (the label, log-probability 0).
+
+**Tensor parallelism**: megatron's output layer leaves each tensor-parallel rank
+``vocab_padded / tp`` consecutive logits. With ``tp_group`` given, the softmax normaliser, the
+gathered top-k log-probabilities and the per-token sums are all-reduced over the group; each rank
+computes the gradient of its own slice. **Padding**: columns at or past ``vocab_size`` (megatron
+pads the vocabulary) get probability 0 and no gradient.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.distributed as dist
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+class TopK(NamedTuple):
+    """Teacher soft labels of some tokens: ids and log-probs ``[..., k]``, tail log-mass ``[...]``."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+
+    def flat(self) -> "TopK":
+        k = self.ids.shape[-1]
+        return TopK(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k), self.tail.reshape(-1))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -26,76 +58,217 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _chunk_loss_and_grad(logits, topk_ids, topk_logprobs, tail_logmass, temperature):
-    """Per-token loss [n] and d(loss)/d(logits) [n, V] for one chunk (float32 inside)."""
-    scaled = logits.float() / temperature
-    log_q = torch.log_softmax(scaled, dim=-1)                       # [n, V]
-    q = log_q.exp()
-    student_topk = log_q.gather(-1, topk_ids)                       # [n, k]
-    student_tail = _log1mexp(torch.logsumexp(student_topk, dim=-1))  # [n]
-    p_topk = topk_logprobs.float().exp()
-    p_tail = tail_logmass.float().exp()
-    tail_term = torch.where(p_tail > 0, p_tail * (tail_logmass.float() - student_tail),
-                            torch.zeros_like(p_tail))
-    loss = (p_topk * (topk_logprobs.float() - student_topk)).sum(-1) + tail_term
-    # d/dz_v of T²·KL = T·(q_v − p_bucket(v)·q_v/q_bucket(v)); top-k: T·(q_v − p_v); tail: T·q_v·(1 − p_tail/q_tail)
-    tail_ratio = torch.where(p_tail > 0, p_tail / student_tail.exp().clamp_min(1e-30),
-                             torch.zeros_like(p_tail))
-    grad = q * (1.0 - tail_ratio).unsqueeze(-1)
-    grad.scatter_(-1, topk_ids, q.gather(-1, topk_ids) - p_topk)
-    return loss * temperature**2, grad * temperature
+def divergence_terms(log_q, log_p, kind: str, beta: float = 0.5):
+    """Per-bucket terms ``f`` (summing to the divergence) and ``h = ∂f/∂log q``.
 
-
-class _SparseKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, topk_ids, topk_logprobs, tail_logmass, weights, temperature, chunk_tokens):
-        grad = torch.empty_like(logits)
-        total = logits.new_zeros((), dtype=torch.float32)
-        for start in range(0, logits.shape[0], chunk_tokens):
-            end = start + chunk_tokens
-            loss, chunk_grad = _chunk_loss_and_grad(logits[start:end], topk_ids[start:end],
-                                                    topk_logprobs[start:end], tail_logmass[start:end],
-                                                    temperature)
-            weight = weights[start:end].float()
-            total += (loss * weight).sum()
-            grad[start:end] = (chunk_grad * weight.unsqueeze(-1)).to(grad.dtype)
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
-
-
-def sparse_kl_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                   tail_logmass: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                   temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
-    """``T² · KL(teacher ‖ student)`` over top-k + tail buckets, mean over unmasked tokens.
-
-    Shapes: ``student_logits [..., V]``; ``topk_ids`` (int64) and ``topk_logprobs`` ``[..., k]``
-    (teacher log-probabilities at ``temperature``); ``tail_logmass [...]`` (log of the teacher
-    mass outside the top-k, ``-inf`` when none); ``loss_mask [...]`` (1 = counts, 0 = ignored).
-    Returns a 0-d float32 tensor; 0 when every token is ignored.
+    Buckets where the teacher has no mass (``log_p = -inf``) contribute nothing.
     """
-    vocab = student_logits.shape[-1]
-    logits = student_logits.reshape(-1, vocab)
-    k = topk_ids.shape[-1]
-    mask = (torch.ones(logits.shape[0], device=logits.device) if loss_mask is None
+    valid = log_p > float("-inf")
+    log_q = torch.where(valid, log_q, torch.zeros_like(log_q))
+    log_p = torch.where(valid, log_p, torch.zeros_like(log_p))
+    q, p = log_q.exp(), log_p.exp()
+    if kind == "forward_kl":
+        f, h = p * (log_p - log_q), -p
+    elif kind == "reverse_kl":
+        f, h = q * (log_q - log_p), q * (log_q - log_p + 1.0)
+    elif kind == "jsd":
+        log_m = torch.logaddexp(log_p + torch.log(torch.tensor(beta)),
+                                log_q + torch.log1p(torch.tensor(-beta)))
+        f = beta * p * (log_p - log_m) + (1.0 - beta) * q * (log_q - log_m)
+        h = (1.0 - beta) * q * (log_q - log_m)
+    else:
+        raise ValueError(f"unknown divergence {kind!r}; one of {DIVERGENCES}")
+    zero = torch.zeros_like(f)
+    return torch.where(valid, f, zero), torch.where(valid, h, zero)
+
+
+class _Vocab:
+    """This rank's slice of the (padded) vocabulary and the reductions over its group."""
+
+    def __init__(self, local_size: int, vocab_size: int | None, group):
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        rank = dist.get_rank(group) if self.group is not None else 0
+        self.start, self.local_size = rank * local_size, local_size
+        self.real_local = (local_size if vocab_size is None
+                           else max(0, min(local_size, vocab_size - self.start)))
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def log_softmax(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Float32 log-softmax over the whole vocabulary of this rank's ``[n, V/tp]`` logits."""
+        scaled = logits.float() / temperature
+        if self.real_local < self.local_size:
+            scaled[:, self.real_local:] = float("-inf")
+        if self.group is None:
+            return torch.log_softmax(scaled, dim=-1)
+        top = scaled.max(dim=-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).min)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        total = self.sum((scaled - top).exp().sum(-1, keepdim=True))
+        return scaled - top - total.log()
+
+    def gather(self, log_q: torch.Tensor, ids: torch.Tensor):
+        """``log_q`` at global ``ids`` ([n, k]) on every rank; also the local index and mask."""
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.local_size)
+        local = local.clamp(0, self.local_size - 1)
+        picked = torch.where(mine, log_q.gather(-1, local), torch.zeros((), dtype=log_q.dtype))
+        return self.sum(picked), local, mine
+
+
+def _bucket_grad(vocab: _Vocab, log_q, ids, teacher_logprobs, teacher_tail, kind, beta):
+    """Per-token divergence and the gradient w.r.t. scaled logits for a top-k + tail teacher."""
+    student_topk, local, mine = vocab.gather(log_q, ids)
+    # entries the teacher gives no mass (sampled labels' repeats) are not buckets of their own
+    counted = torch.where(teacher_logprobs > float("-inf"), student_topk,
+                          torch.full_like(student_topk, float("-inf")))
+    student_tail = _log1mexp(torch.logsumexp(counted, dim=-1))
+    f, h = divergence_terms(torch.cat([student_topk, student_tail[:, None]], -1),
+                            torch.cat([teacher_logprobs, teacher_tail[:, None]], -1), kind, beta)
+    total_h = h.sum(-1, keepdim=True)
+    tail_q = student_tail.exp()[:, None]
+    tail_factor = torch.where(tail_q > 0, h[:, -1:] / tail_q.clamp_min(1e-30), torch.zeros_like(tail_q))
+    q = log_q.exp()
+    grad = q * (tail_factor - total_h)
+    # top-k entries are buckets of their own: h_v − q_v·S instead of q_v·(h_tail/q_tail − S)
+    correction = h[:, :-1] - q.gather(-1, local) * tail_factor
+    grad.scatter_add_(-1, local, torch.where(mine, correction, torch.zeros_like(correction)))
+    return f.sum(-1), grad
+
+
+def _dense_grad(vocab: _Vocab, log_q, log_p, kind, beta):
+    f, h = divergence_terms(log_q, log_p, kind, beta)
+    loss = vocab.sum(f.sum(-1))
+    total_h = vocab.sum(h.sum(-1, keepdim=True))
+    return loss, h - log_q.exp() * total_h
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, chunk_fn, tokens, chunk_tokens):
+        grad = torch.empty_like(logits)
+        totals = torch.zeros(3, dtype=torch.float32, device=logits.device)
+        for start in range(0, tokens, chunk_tokens):
+            end = min(start + chunk_tokens, tokens)
+            chunk_totals, chunk_grad = chunk_fn(logits, start, end)
+            totals += chunk_totals
+            grad[start:end] = chunk_grad.to(grad.dtype)
+        ctx.save_for_backward(grad)
+        kd, ce = totals[1].clone(), totals[2].clone()
+        ctx.mark_non_differentiable(kd, ce)
+        return totals[0].clone(), kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_output, _kd, _ce):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = None,
+                 teacher: TopK | torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                 kd_weight: float = 1.0, temperature: float = 1.0, divergence: str = "forward_kl",
+                 beta: float = 0.5, vocab_size: int | None = None, tp_group=None,
+                 chunk_tokens: int = 1024):
+    """``(loss, kd, ce)``: the mixed loss (differentiable) and its two parts (detached).
+
+    Shapes: ``student_logits [..., V_local]`` (this rank's vocabulary slice), ``labels [...]``,
+    ``loss_mask [...]`` (1 counts, 0 ignored). Each part is a mean over the counted tokens;
+    all are 0 when no token counts. ``vocab_size`` is the real vocabulary (columns past it are
+    padding). ``kd_weight`` 0 needs no teacher; 1 needs no labels.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; one of {DIVERGENCES}")
+    local_size = student_logits.shape[-1]
+    logits = student_logits.reshape(-1, local_size)
+    tokens = logits.shape[0]
+    mask = (torch.ones(tokens, device=logits.device) if loss_mask is None
             else loss_mask.reshape(-1).float())
     count = mask.sum()
     if count == 0:
-        return (student_logits.sum() * 0.0).float()
+        zero = (student_logits.sum() * 0.0).float()
+        return zero, zero.detach(), zero.detach()
     weights = mask / count
-    return _SparseKL.apply(logits, topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k),
-                           tail_logmass.reshape(-1), weights, float(temperature), int(chunk_tokens))
+    vocab = _Vocab(local_size, vocab_size, tp_group)
+    use_kd, use_ce = kd_weight > 0, kd_weight < 1
+    if use_kd and teacher is None:
+        raise ValueError("kd_weight > 0 needs a teacher")
+    if use_ce and labels is None:
+        raise ValueError("kd_weight < 1 needs labels")
+    flat_teacher = teacher.flat() if isinstance(teacher, TopK) else (
+        teacher.reshape(-1, local_size) if teacher is not None else None)
+    flat_labels = labels.reshape(-1) if labels is not None else None
+    T = float(temperature)
+
+    def chunk_fn(all_logits, start, end):
+        chunk = all_logits[start:end]
+        weight = weights[start:end]
+        totals = torch.zeros(3, dtype=torch.float32, device=chunk.device)
+        grad = None
+        if use_kd:
+            log_q = vocab.log_softmax(chunk, T)
+            if isinstance(flat_teacher, TopK):
+                loss, g = _bucket_grad(vocab, log_q, flat_teacher.ids[start:end],
+                                       flat_teacher.logprobs[start:end].float(),
+                                       flat_teacher.tail[start:end].float(), divergence, beta)
+            else:
+                log_p = vocab.log_softmax(flat_teacher[start:end], T)
+                loss, g = _dense_grad(vocab, log_q, log_p, divergence, beta)
+            kd = (loss * weight).sum() * T * T
+            grad = g * (weight * (kd_weight * T))[:, None]
+            totals[1] = kd
+            totals[0] += kd_weight * kd
+        if use_ce:
+            log_q = vocab.log_softmax(chunk, 1.0) if (not use_kd or T != 1.0) else log_q
+            target = flat_labels[start:end, None]
+            loss, g = _bucket_grad(vocab, log_q, target, torch.zeros(target.shape, device=chunk.device),
+                                   torch.full((end - start,), float("-inf"), device=chunk.device),
+                                   "forward_kl", beta)
+            ce = (loss * weight).sum()
+            g = g * (weight * (1.0 - kd_weight))[:, None]
+            grad = g if grad is None else grad + g
+            totals[2] = ce
+            totals[0] += (1.0 - kd_weight) * ce
+        return totals, grad
+
+    return _FusedLoss.apply(logits, chunk_fn, tokens, int(chunk_tokens))
 
 
-def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0):
+def sparse_kl_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, loss_mask=None,
+                   temperature: float = 1.0, chunk_tokens: int = 1024, **kwargs) -> torch.Tensor:
+    """``T² · KL(teacher ‖ student)`` over top-k + tail buckets, mean over unmasked tokens."""
+    loss, _, _ = distill_loss(student_logits, teacher=TopK(topk_ids, topk_logprobs, tail_logmass),
+                              loss_mask=loss_mask, temperature=temperature, chunk_tokens=chunk_tokens,
+                              **kwargs)
+    return loss
+
+
+def teacher_sampled(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
+                    generator: torch.Generator | None = None) -> TopK:
+    """Gemma-style sampled soft labels: ``k`` draws from the teacher at ``temperature``.
+
+    Each distinct drawn id gets log(count / k); repeats get ``-inf`` (no mass) and the tail is
+    empty, so the stored distribution is the empirical one, an unbiased estimate of the teacher's:
+    the forward-KL gradient against it is unbiased. Deterministic for a given ``generator``.
+    """
+    probs = torch.softmax(teacher_logits.float() / temperature, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    ids = torch.multinomial(flat, k, replacement=True, generator=generator).sort(-1).values
+    counts = (ids[:, :, None] == ids[:, None, :]).sum(-1).float()
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    logprobs = torch.where(first, (counts / k).log(), torch.full_like(counts, float("-inf")))
+    shape = teacher_logits.shape[:-1]
+    return TopK(ids.reshape(*shape, k), logprobs.reshape(*shape, k),
+                torch.full(shape, float("-inf"), device=teacher_logits.device))
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopK:
     """Top-k ids, their log-probabilities at ``temperature``, and the log tail mass."""
     log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     topk_logprobs, topk_ids = log_p.topk(k, dim=-1)
     tail = _log1mexp(torch.logsumexp(topk_logprobs, dim=-1))
     if k == teacher_logits.shape[-1]:
         tail = torch.full_like(tail, float("-inf"))
-    return topk_ids, topk_logprobs, tail
+    return TopK(topk_ids, topk_logprobs, tail)

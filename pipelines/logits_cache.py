@@ -6,6 +6,7 @@ Layout of a cache folder (``scripts/teacher_logits.py`` writes it)::
                           ids      ceil(s*k*id_bits/8) bytes, top-k ids bit-packed (little-endian bits)
                           logprobs s*k float16, top-k log-probabilities at the temperature
                           tail     s   float16, log of the probability mass outside the top-k
+                        (values are float32 with ``logits.value_dtype=float32``, for checks)
     shard-00000.sha256  the shard's sha256 (written after the shard, before the manifest)
     manifest.json       what the cache is valid for (teacher, data, sequence length, k,
                         temperature, tokenizer), the layout numbers, and every shard's sha256;
@@ -50,26 +51,33 @@ def unpack_ids(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 class Layout:
     """Byte layout of one sample."""
 
-    def __init__(self, sequence_length: int, k: int, vocab_size: int):
+    VALUE_DTYPES = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
+
+    def __init__(self, sequence_length: int, k: int, vocab_size: int, value_dtype: str = "float16"):
+        require(value_dtype in self.VALUE_DTYPES, f"value dtype {value_dtype!r}; one of "
+                f"{tuple(self.VALUE_DTYPES)}", "logits.value_dtype")
         self.sequence_length, self.k, self.bits = sequence_length, k, id_bits(vocab_size)
+        self.value_dtype = value_dtype
+        self.torch_dtype, self.numpy_dtype = self.VALUE_DTYPES[value_dtype]
+        value_bytes = np.dtype(self.numpy_dtype).itemsize
         self.id_bytes = math.ceil(sequence_length * k * self.bits / 8)
-        self.logprob_bytes = sequence_length * k * 2
-        self.tail_bytes = sequence_length * 2
+        self.logprob_bytes = sequence_length * k * value_bytes
+        self.tail_bytes = sequence_length * value_bytes
         self.sample_bytes = self.id_bytes + self.logprob_bytes + self.tail_bytes
 
     def encode(self, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor) -> bytes:
         """One sample ([s, k] ids and log-probs, [s] tail) as bytes."""
         parts = [pack_ids(ids.cpu().numpy(), self.bits).tobytes(),
-                 logprobs.to(torch.float16).cpu().numpy().tobytes(),
-                 tail.to(torch.float16).cpu().numpy().tobytes()]
+                 logprobs.to(self.torch_dtype).cpu().numpy().tobytes(),
+                 tail.to(self.torch_dtype).cpu().numpy().tobytes()]
         return b"".join(parts)
 
     def decode(self, raw: np.ndarray):
         s, k = self.sequence_length, self.k
         ids = unpack_ids(raw[: self.id_bytes], self.bits, s * k).reshape(s, k)
         offset = self.id_bytes
-        logprobs = raw[offset: offset + self.logprob_bytes].view(np.float16).reshape(s, k)
-        tail = raw[offset + self.logprob_bytes:].view(np.float16)
+        logprobs = raw[offset: offset + self.logprob_bytes].view(self.numpy_dtype).reshape(s, k)
+        tail = raw[offset + self.logprob_bytes:].view(self.numpy_dtype)
         return (torch.from_numpy(ids), torch.from_numpy(logprobs.astype(np.float32)),
                 torch.from_numpy(tail.astype(np.float32)))
 
@@ -107,7 +115,8 @@ def finalize(folder: Path, identity: dict, layout: Layout, samples: int, samples
     require(not missing, f"cache {folder} lacks shards {missing[:5]}", "logits")
     manifest = {"stage": "teacher_logits", "identity": identity, "samples": samples,
                 "samples_per_shard": samples_per_shard, "sequence_length": layout.sequence_length,
-                "k": layout.k, "id_bits": layout.bits, "sample_bytes": layout.sample_bytes,
+                "k": layout.k, "id_bits": layout.bits, "value_dtype": layout.value_dtype,
+                "sample_bytes": layout.sample_bytes,
                 "shards": {shard_name(i): (folder / f"shard-{i:05d}.sha256").read_text()
                            for i in range(shards)}}
     write_manifest(folder, manifest)
@@ -128,7 +137,8 @@ class LogitsCache:
                 raise UserError(f"teacher-logits cache {self.folder} was made for {key}={cached!r}, "
                                 f"this run has {value!r}; recompute it (make logits)", "distill.cache")
         self.manifest, self.verify = manifest, verify
-        self.layout = Layout(manifest["sequence_length"], manifest["k"], 2 ** manifest["id_bits"])
+        self.layout = Layout(manifest["sequence_length"], manifest["k"], 2 ** manifest["id_bits"],
+                             manifest.get("value_dtype", "float16"))
         self._maps: dict[int, np.memmap] = {}
 
     def __len__(self) -> int:

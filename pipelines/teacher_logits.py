@@ -18,18 +18,22 @@ from pipelines import checkpoint, runtime
 from pipelines.artifacts import read_manifest, sha256_file
 from pipelines.data import TokenWindows
 from pipelines.errors import require
-from pipelines.kd_loss import teacher_topk
+from pipelines.kd_loss import teacher_sampled, teacher_topk
 from pipelines.logits_cache import Layout, finalize, finished_shards, write_shard
 from pipelines.model import forward_logits
 
 
-def cache_identity(teacher: Path, data: Path, sequence_length: int, k: int, temperature: float) -> dict:
+MODES = ("topk", "sampled")
+
+
+def cache_identity(teacher: Path, data: Path, sequence_length: int, k: int, temperature: float,
+                   mode: str = "topk") -> dict:
     """What a cache is valid for; distill compares its own run against this."""
     tokenizer = teacher / "tokenizer" / "tokenizer.json"
     data_manifest = read_manifest(data) or {}
     return {"teacher": str(teacher.resolve()), "teacher_written_at": read_manifest(teacher).get("written_at"),
             "data": str(data.resolve()), "data_inputs": data_manifest.get("inputs"),
-            "sequence_length": sequence_length, "k": k, "temperature": temperature,
+            "sequence_length": sequence_length, "k": k, "temperature": temperature, "mode": mode,
             "tokenizer": sha256_file(tokenizer) if tokenizer.exists() else None}
 
 
@@ -45,7 +49,10 @@ def run(cfg) -> dict:
     require(1 <= k <= arch["vocab_size"], f"k={k} must be between 1 and the vocabulary "
             f"({arch['vocab_size']})", "logits.k")
     require(temperature > 0, "temperature must be positive", "logits.temperature")
-    identity = cache_identity(teacher, data, sequence_length, k, temperature)
+    mode = str(logits_cfg.get("mode", "topk"))
+    require(mode in MODES, f"unknown mode {mode!r}; one of {MODES}", "logits.mode")
+    identity = cache_identity(teacher, data, sequence_length, k, temperature, mode)
+    identity["value_dtype"] = str(logits_cfg.get("value_dtype", "float16"))
     done = read_manifest(output) if output.exists() else None
     if done and done.get("identity") == identity:
         print(f"[teacher_logits] {output} is up to date; skipping")
@@ -60,7 +67,7 @@ def run(cfg) -> dict:
                                         if layout.device.type == "cpu" else torch.bfloat16)
     model.eval()
     output.mkdir(parents=True, exist_ok=True)
-    cache_layout = Layout(sequence_length, k, arch["vocab_size"])
+    cache_layout = Layout(sequence_length, k, arch["vocab_size"], str(logits_cfg.get("value_dtype", "float16")))
     shards = math.ceil(samples / per_shard)
     dp_rank = parallel_state.get_data_parallel_rank()
     writer = parallel_state.get_tensor_model_parallel_rank() == 0
@@ -71,11 +78,13 @@ def run(cfg) -> dict:
     for number, shard in enumerate(todo):
         encoded = []
         indices = list(range(shard * per_shard, min((shard + 1) * per_shard, samples)))
+        generator = torch.Generator(device=layout.device).manual_seed(int(logits_cfg.seed) + shard)
         for first in range(0, len(indices), batch_size):
             batch = torch.stack([windows[i] for i in indices[first:first + batch_size]])
             with torch.no_grad():
                 logits = forward_logits(model, batch[:, :-1].to(layout.device))[..., : arch["vocab_size"]]
-                ids, logprobs, tail = teacher_topk(logits, k, temperature)
+                ids, logprobs, tail = (teacher_topk(logits, k, temperature) if mode == "topk" else
+                                       teacher_sampled(logits, k, temperature, generator))
             encoded += [cache_layout.encode(ids[j], logprobs[j], tail[j]) for j in range(len(batch))]
             tokens += batch[:, :-1].numel()
         if writer:

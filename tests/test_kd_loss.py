@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.kd_loss import sparse_kl_loss, teacher_topk
+from pipelines.kd_loss import distill_loss, sparse_kl_loss, teacher_topk
 
 V = 50
 
@@ -80,3 +80,98 @@ def test_bfloat16_logits_keep_their_dtype_for_gradients():
     loss = sparse_kl_loss(student, *teacher_topk(teacher.float(), 16))
     loss.backward()
     assert loss.dtype == torch.float32 and student.grad.dtype == torch.bfloat16
+
+
+def bucket_reference(student, teacher, k, kind, beta=0.5, temperature=1.0):
+    """Autograd reference: the divergence between bucketed distributions (top-k + tail)."""
+    log_q = torch.log_softmax(student / temperature, -1)
+    log_p = torch.log_softmax(teacher / temperature, -1)
+    ids = log_p.topk(k, -1).indices
+    q_b, p_b = log_q.exp().gather(-1, ids), log_p.exp().gather(-1, ids)
+    q_b = torch.cat([q_b, 1 - q_b.sum(-1, keepdim=True)], -1) if k < V else q_b
+    p_b = torch.cat([p_b, 1 - p_b.sum(-1, keepdim=True)], -1) if k < V else p_b
+    if kind == "forward_kl":
+        per_token = (p_b * (p_b.log() - q_b.log())).sum(-1)
+    elif kind == "reverse_kl":
+        per_token = (q_b * (q_b.log() - p_b.log())).sum(-1)
+    else:
+        m = beta * p_b + (1 - beta) * q_b
+        per_token = (beta * p_b * (p_b.log() - m.log()) + (1 - beta) * q_b * (q_b.log() - m.log())).sum(-1)
+    return per_token.mean() * temperature**2
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("k", [V, 6])
+def test_divergences_match_autograd_reference(kind, k):
+    student, teacher = sample(5)
+    ours = student.clone().requires_grad_(True)
+    reference_student = student.clone().requires_grad_(True)
+    loss, kd, ce = distill_loss(ours, teacher=teacher_topk(teacher, k, 2.0), temperature=2.0,
+                                divergence=kind, beta=0.3, chunk_tokens=5)
+    reference = bucket_reference(reference_student, teacher, k, kind, beta=0.3, temperature=2.0)
+    assert abs(loss.item() - reference.item()) <= 1e-5 and kd.item() == loss.item() and ce.item() == 0
+    loss.backward()
+    reference.backward()
+    torch.testing.assert_close(ours.grad, reference_student.grad, atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_dense_teacher_equals_full_topk(kind):
+    student, teacher = sample(6)
+    dense_student = student.clone().requires_grad_(True)
+    topk_student = student.clone().requires_grad_(True)
+    dense, _, _ = distill_loss(dense_student, teacher=teacher, divergence=kind, temperature=1.5)
+    topk, _, _ = distill_loss(topk_student, teacher=teacher_topk(teacher, V, 1.5), divergence=kind,
+                              temperature=1.5)
+    assert abs(dense.item() - topk.item()) <= 1e-5
+    dense.backward()
+    topk.backward()
+    torch.testing.assert_close(dense_student.grad, topk_student.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_mix_with_cross_entropy_and_padding_columns_ignored():
+    student, teacher = sample(7)
+    labels = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([student, torch.full((3, 7, 14), 5.0, dtype=student.dtype)], -1)
+    padded.requires_grad_(True)
+    loss, kd, ce = distill_loss(padded, labels, teacher_topk(teacher, 8), kd_weight=0.25, vocab_size=V)
+    reference_student = student.clone().requires_grad_(True)
+    reference_ce = F.cross_entropy(reference_student.flatten(0, 1), labels.flatten())
+    reference_kd = bucket_reference(reference_student, teacher, 8, "forward_kl")
+    reference = 0.25 * reference_kd + 0.75 * reference_ce
+    assert abs(ce.item() - reference_ce.item()) <= 1e-5 and abs(kd.item() - reference_kd.item()) <= 1e-5
+    assert abs(loss.item() - reference.item()) <= 1e-5
+    loss.backward()
+    reference.backward()
+    assert torch.all(padded.grad[..., V:] == 0)
+    torch.testing.assert_close(padded.grad[..., :V], reference_student.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_tensor_parallel_vocab_split_matches_one_rank():
+    from tests.conftest import REPO, run_torchrun
+
+    result = run_torchrun(2, str(REPO / "tests" / "helpers" / "tp_kd_loss.py"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tp kd loss match" in result.stdout
+
+
+def test_sampled_soft_labels_are_unbiased():
+    from pipelines.kd_loss import teacher_sampled
+
+    student, teacher = sample(8, shape=(1, 1))
+    student, teacher = student.float(), teacher.float()
+    generator = torch.Generator().manual_seed(0)
+    draws = 400
+    labels = teacher_sampled(teacher.expand(draws, 1, V), 16, 1.0, generator)
+    estimate = torch.zeros(V)
+    estimate.scatter_add_(0, labels.ids.flatten(), labels.logprobs.exp().flatten())
+    estimate /= draws
+    torch.testing.assert_close(estimate, torch.softmax(teacher.flatten(), -1), atol=0.02, rtol=0)
+    # the averaged sampled-label gradient approaches the dense forward-KL gradient
+    sampled_student = student.expand(draws, 1, V).clone().requires_grad_(True)
+    sparse_kl_loss(sampled_student, *labels).backward()
+    dense_student = student.clone().requires_grad_(True)
+    dense_kl(dense_student, teacher, 1.0).backward()
+    torch.testing.assert_close(sampled_student.grad.sum(0), dense_student.grad[0], atol=0.02, rtol=0)
+    again = teacher_sampled(teacher.expand(draws, 1, V), 16, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(again.ids, labels.ids)

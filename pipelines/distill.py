@@ -1,0 +1,511 @@
+"""The distill stage: train a student on a teacher's soft labels with megatron-core (``scripts/distill.py``).
+
+The teacher is the cached top-k logits (``distill.teacher=cache``), the teacher checkpoint run
+online under ``no_grad`` with the student's parallel layout (``online``), or nothing (``none``:
+plain LM fine-tuning, used to correct or pre-train a teacher). The loss is
+``kd_weight · T²·D(teacher ‖ student) + (1 − kd_weight) · CE`` from :mod:`pipelines.kd_loss`.
+
+Training is megatron-core's: the pipeline schedule from ``get_forward_backward_func``, its
+``DistributedDataParallel`` and its optimizer (the distributed optimizer on GPUs), with a cosine
+learning rate after a linear warm-up, and gradient clipping.
+
+Output folder::
+
+    weights/ model.yaml tokenizer/ manifest.json   the final student (a normal checkpoint)
+    train/checkpoints/step-NNNNNN/                 dist_checkpointing: model, optimizer, scheduler,
+                                                   step (= data position) and RNG
+    train/checkpoints/latest                       name of the newest complete checkpoint
+    train/metrics.jsonl                            one line per logged step and per evaluation
+    train/tensorboard/                             the same scalars for TensorBoard
+
+Data order is a function of the step alone (step ``t`` reads samples ``[t·B, (t+1)·B)`` of the
+train split, wrapping around; data-parallel rank ``r`` takes its ``B/dp`` slice), so a resumed run
+reads exactly what an uninterrupted one would. Checkpoints are written to a temporary folder and
+renamed, and ``latest`` is switched after, so the last good checkpoint is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import checkpoint, runtime
+from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json, write_manifest
+from pipelines.data import TokenWindows
+from pipelines.errors import require
+from pipelines.kd_loss import DIVERGENCES, TopK, distill_loss, teacher_topk
+from pipelines.logits_cache import LogitsCache
+from pipelines.model import causal_mask, count_parameters, padded_vocab_size, position_ids
+
+TEACHERS = ("cache", "online", "none")
+
+
+def tokenizer_hash(folder: Path) -> str | None:
+    path = Path(folder) / "tokenizer" / "tokenizer.json"
+    return sha256_file(path) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+class Plan:
+    """Everything checked before any compute: paths, sizes, teacher compatibility."""
+
+    def __init__(self, cfg, data_parallel: int):
+        d = cfg.distill
+        self.cfg, self.d = cfg, d
+        self.student, self.output = Path(str(d.student)), Path(str(d.output))
+        require(self.student.is_dir() and read_manifest(self.student) is not None,
+                f"student checkpoint {self.student} does not exist or is incomplete", "distill.student")
+        self.arch, self.stored_dtype = checkpoint.read_architecture(self.student)
+        self.data = Path(str(cfg.data.output))
+        self.teacher_kind = str(d.teacher)
+        require(self.teacher_kind in TEACHERS, f"distill.teacher={self.teacher_kind!r}; one of "
+                f"{TEACHERS}", "distill.teacher")
+        self.kd_weight = float(d.kd_weight)
+        require(0.0 <= self.kd_weight <= 1.0, "kd_weight must be in [0, 1]", "distill.kd_weight")
+        require((self.teacher_kind == "none") == (self.kd_weight == 0.0),
+                f"distill.teacher={self.teacher_kind} with kd_weight={self.kd_weight}: a teacher "
+                "needs kd_weight > 0 and kd_weight 0 needs distill.teacher=none",
+                "distill.kd_weight / distill.teacher")
+        require(str(d.divergence) in DIVERGENCES, f"unknown divergence {d.divergence!r}; one of "
+                f"{DIVERGENCES}", "distill.divergence")
+        require(0.0 < float(d.jsd_beta) < 1.0, "jsd_beta must be in (0, 1)", "distill.jsd_beta")
+        require(float(d.temperature) > 0, "temperature must be positive", "distill.temperature")
+        self.sequence_length = int(d.sequence_length)
+        self.global_batch, self.micro_batch = int(d.global_batch_size), int(d.micro_batch_size)
+        per_step = self.micro_batch * data_parallel
+        require(self.global_batch % per_step == 0,
+                f"global batch {self.global_batch} is not divisible by micro batch "
+                f"{self.micro_batch} x data-parallel size {data_parallel}",
+                "distill.global_batch_size / distill.micro_batch_size")
+        self.microbatches = self.global_batch // per_step
+        self.steps = int(d.train_steps)
+        require(self.steps > 0, "train_steps must be positive", "distill.train_steps")
+        require(0 <= int(d.warmup_steps) < self.steps, f"warmup_steps={d.warmup_steps} must be below "
+                f"train_steps={self.steps}", "distill.warmup_steps")
+        self.windows = TokenWindows(self.data, "train", self.sequence_length)
+        self.valid = TokenWindows(self.data, "valid", self.sequence_length)
+        self.samples = len(self.windows)
+        self.teacher_path = Path(str(d.teacher_checkpoint)) if d.get("teacher_checkpoint") else None
+        self.cache = None
+        if self.teacher_kind == "online":
+            require(self.teacher_path is not None, "distill.teacher=online needs the teacher checkpoint",
+                    "distill.teacher_checkpoint")
+            require(int(cfg.parallel.pipeline) == 1, "the online teacher runs with pipeline parallel "
+                    "size 1 (cache the teacher's logits for pipeline-parallel students)", "parallel.pipeline")
+        if self.teacher_kind == "cache":
+            require(d.get("cache"), "distill.teacher=cache needs the teacher-logits folder", "distill.cache")
+            expected = {"data": str(self.data.resolve()),
+                        "data_inputs": (read_manifest(self.data) or {}).get("inputs"),
+                        "sequence_length": self.sequence_length, "temperature": float(d.temperature),
+                        "tokenizer": tokenizer_hash(self.student)}
+            self.cache = LogitsCache(Path(str(d.cache)), expected, verify=bool(d.verify_cache))
+            self.samples = min(self.samples, len(self.cache))
+            if self.teacher_path is None:
+                self.teacher_path = Path(self.cache.manifest["identity"]["teacher"])
+        if self.teacher_path is not None:
+            require(self.teacher_path.is_dir(), f"teacher checkpoint {self.teacher_path} does not exist",
+                    "distill.teacher_checkpoint")
+            self.teacher_arch, _ = checkpoint.read_architecture(self.teacher_path)
+            require(self.teacher_arch["vocab_size"] == self.arch["vocab_size"],
+                    f"teacher vocabulary {self.teacher_arch['vocab_size']} != student vocabulary "
+                    f"{self.arch['vocab_size']}: distillation needs the same tokenizer",
+                    "distill.teacher_checkpoint")
+            ours, theirs = tokenizer_hash(self.student), tokenizer_hash(self.teacher_path)
+            require(ours == theirs, f"teacher tokenizer ({self.teacher_path}/tokenizer) differs from the "
+                    f"student's ({self.student}/tokenizer)", "distill.teacher_checkpoint")
+        self.inputs = {"student": str(self.student.resolve()),
+                       "student_written_at": read_manifest(self.student).get("written_at"),
+                       "teacher": str(self.teacher_path.resolve()) if self.teacher_path else None,
+                       "cache": self.cache.manifest.get("written_at") if self.cache else None,
+                       "data_inputs": (read_manifest(self.data) or {}).get("inputs"),
+                       "config": config_hash({k: v for k, v in dict(d).items()
+                                              if k not in ("log_interval", "verify_cache")})}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: int) -> list[int]:
+    """Sample indices this data-parallel rank trains on at ``step`` (a function of the step alone)."""
+    per_rank = global_batch // dp
+    base = step * global_batch + dp_rank * per_rank
+    return [(base + j) % samples for j in range(per_rank)]
+
+
+def make_batch(windows, cache, indices, device) -> dict:
+    rows = torch.stack([windows[i] for i in indices])
+    batch = {"tokens": rows[:, :-1].to(device), "labels": rows[:, 1:].to(device), "teacher": None}
+    if cache is not None:
+        parts = [cache[i] for i in indices]
+        batch["teacher"] = TopK(*(torch.stack(p).to(device) for p in zip(*parts)))
+    return batch
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Trainer:
+    def __init__(self, plan: Plan, layout):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        d = plan.d
+        self.plan, self.layout, self.d = plan, layout, d
+        on_gpu = layout.device.type == "cuda"
+        self.dtype = torch.bfloat16 if on_gpu and str(d.dtype) != "float32" else torch.float32
+        model, self.arch = checkpoint.load_model(plan.student, layout, dtype=self.dtype)
+        self.distributed_optimizer = on_gpu and bool(d.distributed_optimizer)
+        self.model = DistributedDataParallel(
+            config=model.config, module=model,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                use_distributed_optimizer=self.distributed_optimizer))
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=float(d.lr), min_lr=float(d.min_lr), weight_decay=float(d.weight_decay),
+            adam_beta1=float(d.adam_beta1), adam_beta2=float(d.adam_beta2), clip_grad=float(d.clip_grad),
+            bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+            use_distributed_optimizer=self.distributed_optimizer), [self.model])
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=float(d.lr), min_lr=float(d.min_lr),
+            lr_warmup_steps=int(d.warmup_steps), lr_decay_steps=plan.steps, lr_decay_style="cosine",
+            start_wd=float(d.weight_decay), end_wd=float(d.weight_decay), wd_incr_steps=plan.steps,
+            wd_incr_style="constant")
+        self.teacher = None
+        if plan.teacher_kind == "online":
+            self.teacher, _ = checkpoint.load_model(plan.teacher_path, layout, dtype=self.dtype)
+            self.teacher.eval().requires_grad_(False)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.vocab_size = self.arch["vocab_size"]
+        self.padded = padded_vocab_size(self.arch)
+        self.teacher_padded = padded_vocab_size(plan.teacher_arch) if self.teacher is not None else None
+        self.eval_teacher = None
+        self.step = 0
+
+    # -- the pieces the megatron schedule calls
+
+    def _teacher_logits(self, tokens):
+        """The online teacher's logits, sliced like the student's (padding may differ)."""
+        from megatron.core import tensor_parallel
+
+        with torch.no_grad():
+            logits = self.teacher(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
+        if self.teacher_padded == self.padded:
+            return logits
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.contiguous())
+        padded = full.new_full((*full.shape[:-1], self.padded), float("-inf"))
+        padded[..., : self.vocab_size] = full[..., : self.vocab_size]
+        local = self.padded // self.layout.tensor_parallel
+        rank = torch.distributed.get_rank(self.tp_group)
+        return padded[..., rank * local:(rank + 1) * local]
+
+    def _loss(self, batch, teacher, kd_weight, output):
+        loss, kd, ce = distill_loss(
+            output, batch["labels"], teacher, kd_weight=kd_weight, temperature=float(self.d.temperature),
+            divergence=str(self.d.divergence), beta=float(self.d.jsd_beta), vocab_size=self.vocab_size,
+            tp_group=self.tp_group, chunk_tokens=int(self.d.chunk_tokens))
+        return loss, {"loss": loss.detach().clone(), "kd": kd, "ce": ce}
+
+    def _forward_step(self, data_iterator, model, kd_weight=None):
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        output = model(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
+        teacher = batch["teacher"]
+        if teacher is None and self.teacher is not None:
+            teacher = self._teacher_logits(tokens)
+        weight = self.plan.kd_weight if kd_weight is None else kd_weight
+        return output, partial(self._loss, batch, teacher, weight)
+
+    def _reduce(self, losses: list[dict], count: int) -> dict:
+        """Mean of the micro-batch metrics over micro-batches and data-parallel ranks (all ranks)."""
+        values = torch.zeros(3, dtype=torch.float64)
+        if self.last_stage and losses:
+            values = torch.tensor([[m[k].item() for k in ("loss", "kd", "ce")] for m in losses],
+                                  dtype=torch.float64).sum(0) / count
+        values = values.to(self.layout.device)
+        torch.distributed.all_reduce(values, group=self.dp_group)
+        values /= self.layout.data_parallel
+        torch.distributed.all_reduce(values, group=self.pp_group)
+        return dict(zip(("loss", "kd", "ce"), values.tolist()))
+
+    def forward_backward(self) -> dict:
+        """Gradients of the current step's global batch (in the DDP buffers); metrics."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        plan = self.plan
+        indices = step_samples(self.step, plan.global_batch, plan.samples, self.dp_rank,
+                               self.layout.data_parallel)
+        batches = [make_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], self.layout.device)
+                   for i in range(0, len(indices), plan.micro_batch)]
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
+            num_microbatches=plan.microbatches, seq_length=plan.sequence_length,
+            micro_batch_size=plan.micro_batch, forward_only=False)
+        self.model.finish_grad_sync()
+        return self._reduce(losses, plan.microbatches)
+
+    def train_step(self) -> dict:
+        metrics = self.forward_backward()
+        lr = self.optimizer.param_groups[0]["lr"]
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.step += 1
+        metrics.update(grad_norm=float(grad_norm or 0.0), lr=lr,
+                       skipped=not ok)
+        return metrics
+
+    def prepare_eval(self) -> None:
+        """Validation batches, and the teacher's top-k on them when a teacher checkpoint is known."""
+        plan, d = self.plan, self.d
+        count = min(len(plan.valid), int(d.eval_samples))
+        per_rank = count // (self.layout.data_parallel * plan.micro_batch) * plan.micro_batch
+        require(per_rank > 0, f"eval_samples={d.eval_samples} gives no validation micro-batch per "
+                "data-parallel rank (the valid split may be short)", "distill.eval_samples")
+        mine = list(range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
+        self.eval_batches = [make_batch(plan.valid, None, mine[i:i + plan.micro_batch], self.layout.device)
+                             for i in range(0, per_rank, plan.micro_batch)]
+        if plan.teacher_path is None or int(self.layout.pipeline_parallel) > 1:
+            return
+        teacher = self.teacher
+        if teacher is None:
+            teacher, _ = checkpoint.load_model(plan.teacher_path, self.layout, dtype=self.dtype)
+        from pipelines.model import forward_logits
+
+        teacher.eval()
+        with torch.no_grad():
+            for batch in self.eval_batches:
+                logits = forward_logits(teacher, batch["tokens"])[..., : self.vocab_size]
+                batch["teacher"] = teacher_topk(logits, min(self.vocab_size, int(d.eval_topk)),
+                                                float(d.temperature))
+        del teacher
+
+    def evaluate(self) -> dict:
+        """Validation LM loss (``val_loss``) and KL to the teacher (``val_kl``) on fixed tokens."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        has_teacher = self.eval_batches[0]["teacher"] is not None
+        self.model.eval()
+        with torch.no_grad():
+            losses = get_forward_backward_func()(
+                forward_step_func=partial(self._forward_step, kd_weight=0.5 if has_teacher else 0.0),
+                data_iterator=iter(self.eval_batches), model=[self.model],
+                num_microbatches=len(self.eval_batches), seq_length=self.plan.sequence_length,
+                micro_batch_size=self.plan.micro_batch, forward_only=True)
+        metrics = self._reduce(losses, len(self.eval_batches))
+        result = {"val_loss": metrics["ce"]}
+        if has_teacher:
+            result["val_kl"] = metrics["kd"]
+        return result
+
+    # -- checkpoints
+
+    def _state(self, loading: bool) -> dict:
+        model_state = self.model.sharded_state_dict(prefix="")
+        return {"model": model_state,
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=loading),
+                "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate()}}
+
+    def save(self, folder: Path) -> None:
+        """Save the training state under ``folder/step-NNNNNN`` and point ``latest`` at it."""
+        from megatron.core import dist_checkpointing
+
+        name = f"step-{self.step:06d}"
+        final, staging = folder / name, folder / f".{name}.incomplete"
+        if self.layout.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(self._state(loading=False), str(staging))
+        torch.distributed.barrier()
+        if self.layout.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            write_json(folder / "latest.json", {"checkpoint": name, "step": self.step})
+            kept = sorted(p for p in folder.glob("step-*") if p.is_dir())
+            for old in kept[: -int(self.d.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+
+    def load(self, folder: Path) -> bool:
+        """Resume from ``folder``'s latest checkpoint; False when there is none."""
+        from megatron.core import dist_checkpointing
+
+        latest = folder / "latest.json"
+        if not latest.exists():
+            return False
+        name = json.loads(latest.read_text())["checkpoint"]
+        state = dist_checkpointing.load(self._state(loading=True), str(folder / name))
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        return True
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class Logger:
+    """Console progress lines, ``metrics.jsonl`` and TensorBoard (main rank only)."""
+
+    def __init__(self, folder: Path, enabled: bool, resume_step: int, total_steps: int, tokens_per_step: int):
+        self.enabled, self.total, self.tokens_per_step = enabled, total_steps, tokens_per_step
+        self.path = folder / "metrics.jsonl"
+        self.writer = None
+        self.started, self.start_step = time.perf_counter(), resume_step
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # drop lines past the checkpoint we resumed from
+            lines = [line for line in self.path.read_text().splitlines()
+                     if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in lines))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:  # tensorboard is optional
+            self.writer = None
+
+    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, **{k: v for k, v in metrics.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+            self.writer.flush()
+
+    def progress(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        done = step - self.start_step
+        rate = done * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) * elapsed / done if done else 0.0
+        print(f"[distill] step {step}/{self.total} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
+              f"ce {metrics['ce']:.4f} lr {metrics['lr']:.2e} {rate:,.0f} tokens/s "
+              f"ETA {eta / 60:.1f} min", flush=True)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(cfg) -> dict:
+    d = cfg.distill
+    output = Path(str(d.output))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    model_parallel = int(cfg.parallel.tensor) * int(cfg.parallel.pipeline) * int(cfg.parallel.get("context", 1))
+    plan = Plan(cfg, max(1, world // model_parallel))
+    done = read_manifest(output) if output.exists() else None
+    if done and done.get("inputs") == plan.inputs and not cfg.get("force", False):
+        print(f"[distill] {output} is up to date; skipping (force=true reruns)")
+        return done
+    layout = runtime.initialize(cfg.parallel, seed=int(d.seed))
+    trainer = Trainer(plan, layout)
+    train_folder = output / "train"
+    checkpoints = train_folder / "checkpoints"
+    if layout.is_main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        stamp = train_folder / "inputs.json"
+        if stamp.exists() and json.loads(stamp.read_text()) != plan.inputs:
+            shutil.rmtree(checkpoints)  # another configuration's state: start over
+            checkpoints.mkdir()
+            (train_folder / "metrics.jsonl").unlink(missing_ok=True)
+        write_json(stamp, plan.inputs)
+        if done:  # rerun (force): drop the finished model's manifest first
+            (output / "manifest.json").unlink()
+    torch.distributed.barrier()
+    resumed = trainer.load(checkpoints)
+    if resumed and layout.is_main:
+        print(f"[distill] resuming from step {trainer.step} ({checkpoints})", flush=True)
+    logger = Logger(train_folder, layout.is_main, trainer.step, plan.steps,
+                    plan.global_batch * plan.sequence_length)
+    trainer.prepare_eval()
+    eval_interval, save_interval = int(d.eval_interval), int(d.save_interval)
+    log_interval = int(d.log_interval)
+    if trainer.step == 0:
+        first = trainer.evaluate()
+        logger.log(0, first, "eval")
+        if layout.is_main:
+            print(f"[distill] step 0 {_format(first)}", flush=True)
+    metrics, started = {}, time.perf_counter()
+    while trainer.step < plan.steps:
+        metrics = trainer.train_step()
+        step = trainer.step
+        logger.log(step, metrics)
+        if step % log_interval == 0 or step == plan.steps:
+            logger.progress(step, metrics)
+        if eval_interval and (step % eval_interval == 0 or step == plan.steps):
+            result = trainer.evaluate()
+            logger.log(step, result, "eval")
+            metrics.update(result)
+            if layout.is_main:
+                print(f"[distill] step {step} {_format(result)}", flush=True)
+        if save_interval and step % save_interval == 0 and step < plan.steps:
+            trainer.save(checkpoints)
+    seconds = time.perf_counter() - started
+    final = trainer.evaluate()
+    trainer.save(checkpoints)
+    _write_final_model(trainer, plan, output, layout)
+    manifest = {"stage": "distill", "inputs": plan.inputs, "teacher": plan.teacher_kind,
+                "steps": plan.steps, "tokens": plan.steps * plan.global_batch * plan.sequence_length,
+                "final": {**{k: v for k, v in metrics.items() if k != "skipped"}, **final},
+                "train_seconds_this_run": seconds,
+                "parameters": count_parameters(plan.arch)}
+    if layout.is_main:
+        write_manifest(output, manifest)
+        print(f"[distill] {output}: {_format(final)}", flush=True)
+    torch.distributed.barrier()
+    return manifest
+
+
+def _format(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _write_final_model(trainer: Trainer, plan: Plan, output: Path, layout) -> None:
+    """The student as a normal checkpoint in ``output`` (weights, model.yaml, tokenizer)."""
+    staging = output / ".weights.incomplete"
+    if layout.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    torch.distributed.barrier()
+    checkpoint.save_weights(trainer.model.module, staging)
+    torch.distributed.barrier()
+    if layout.is_main:
+        shutil.rmtree(output / "weights", ignore_errors=True)
+        os.replace(staging / "weights", output / "weights")
+        shutil.rmtree(staging)
+        checkpoint.write_architecture(output, plan.arch, trainer.dtype)
+        shutil.rmtree(output / "tokenizer", ignore_errors=True)
+        if (plan.student / "tokenizer").exists():
+            shutil.copytree(plan.student / "tokenizer", output / "tokenizer")
+    torch.distributed.barrier()
+

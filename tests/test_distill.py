@@ -1,0 +1,152 @@
+"""The distill stage: exact resume after kill -9, cache == online, DP=2 == DP=1, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, child_env, compose, make_hf_llama, import_cfg, run_script, run_torchrun
+from pipelines import checkpoint, teacher_logits
+from pipelines.errors import UserError
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def full_cache(tmp_path_factory, trained_teacher, tiny_data):
+    """The trained teacher's soft labels with k = the whole vocabulary (300)."""
+    folder = tmp_path_factory.mktemp("cache") / "k300"
+    teacher_logits.run(compose("teacher_logits", [
+        f"logits.teacher={trained_teacher}", f"logits.output={folder}", f"data.output={tiny_data}",
+        "logits.k=300", "logits.value_dtype=float32", "logits.samples=48", "logits.samples_per_shard=16",
+        f"logits.sequence_length={SEQ}", "logits.batch_size=8"]))
+    return folder
+
+
+def distill_args(student, data, output, **extra):
+    values = {"distill.student": student, "distill.output": output, "data.output": data,
+              "distill.sequence_length": SEQ, "distill.micro_batch_size": 2,
+              "distill.global_batch_size": 8, "distill.train_steps": 6, "distill.warmup_steps": 1,
+              "distill.lr": 3e-3, "distill.min_lr": 3e-4, "distill.eval_interval": 0,
+              "distill.eval_samples": 8, "distill.save_interval": 2, **extra}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def final_weights(folder):
+    from megatron.core import dist_checkpointing
+
+    model, _ = checkpoint.load_model(folder, _layout())
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _layout():
+    from omegaconf import OmegaConf
+
+    from pipelines import runtime
+
+    return runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+
+
+def test_kill_9_after_a_checkpoint_resumes_bit_identically(tmp_path, tiny_teacher, tiny_data, full_cache):
+    steps = {"distill.train_steps": 12, "distill.cache": full_cache}
+    whole = run_script("scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "whole", **steps))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = distill_args(tiny_teacher, tiny_data, tmp_path / "killed", **steps)
+    process = subprocess.Popen([sys.executable, "scripts/distill.py", *args], cwd=REPO,
+                               env=child_env({"OMP_NUM_THREADS": "1"}), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "train" / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert killed_at < 12 and not (tmp_path / "killed" / "manifest.json").exists()
+    resumed = run_script("scripts/distill.py", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {killed_at}" in resumed.stdout or "resuming from step" in resumed.stdout
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics file has one train line per step, with no duplicates from the killed run
+    lines = [json.loads(x) for x in (tmp_path / "killed" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, 13))
+    again = run_script("scripts/distill.py", *args)
+    assert "up to date; skipping" in again.stdout
+
+
+def test_cache_with_full_vocabulary_equals_online_teacher(tmp_path, tiny_teacher, trained_teacher,
+                                                          tiny_data, full_cache):
+    from pipelines.distill import Plan, Trainer
+
+    layout = _layout()
+    results = []
+    for mode in ("cache", "online"):
+        cfg = compose("distill", distill_args(tiny_teacher, tiny_data, tmp_path / mode, **{
+            "distill.teacher": mode, "distill.cache": full_cache if mode == "cache" else "null",
+            "distill.teacher_checkpoint": trained_teacher, "distill.temperature": 1.0}))
+        trainer = Trainer(Plan(cfg, 1), layout)
+        metrics = trainer.forward_backward()
+        grads = [p.main_grad.clone() for p in trainer.model.parameters()]
+        results.append((metrics, grads))
+    (cache_metrics, cache_grads), (online_metrics, online_grads) = results
+    assert abs(cache_metrics["loss"] - online_metrics["loss"]) <= 1e-5
+    assert cache_metrics["loss"] > 0.01
+    scale = max(g.abs().max().item() for g in online_grads)
+    diff = max((a - b).abs().max().item() for a, b in zip(cache_grads, online_grads))
+    assert diff <= 1e-5 * scale, (diff, scale)
+
+
+def test_two_data_parallel_ranks_match_one_process(tmp_path, tiny_teacher, tiny_data, full_cache):
+    steps = {"distill.train_steps": 3, "distill.cache": full_cache, "distill.save_interval": 0,
+             "distill.log_interval": 1}
+    one = run_script("scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "one", **steps),
+                     env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_torchrun(2, "scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "two", **steps))
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(folder):
+        lines = [json.loads(x) for x in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
+        return [x["loss"] for x in lines if x["kind"] == "train"]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+
+
+def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_teacher, tiny_data, full_cache):
+    from pipelines.distill import Plan
+
+    def refused(key, *overrides, dp=1):
+        cfg = compose("distill", distill_args(tiny_teacher, tiny_data, tmp_path / "out",
+                                              **dict(o.split("=", 1) for o in overrides)))
+        with pytest.raises(UserError) as error:
+            Plan(cfg, dp)
+        assert f"(fix: {key}" in str(error.value), str(error.value)
+        return str(error.value)
+
+    assert "distill.student" in refused("distill.student", f"distill.student={tmp_path / 'nothing'}")
+    refused("distill.global_batch_size", "distill.global_batch_size=7", f"distill.cache={full_cache}")
+    refused("distill.global_batch_size", "distill.global_batch_size=6", f"distill.cache={full_cache}", dp=2)
+    message = refused("distill.cache", f"distill.cache={full_cache}", "distill.temperature=2.0")
+    assert "temperature" in message
+    assert "sequence_length" in refused("distill.cache", f"distill.cache={full_cache}",
+                                        "distill.sequence_length=16")
+    refused("distill.kd_weight", "distill.teacher=none", "distill.kd_weight=0.5")
+    other = make_hf_llama(tmp_path / "other_hf", vocab_size=400, num_hidden_layers=2)
+    from pipelines import convert
+
+    convert.import_hf(import_cfg(other, tmp_path / "other"))
+    message = refused("distill.teacher_checkpoint", "distill.teacher=online",
+                      f"distill.teacher_checkpoint={tmp_path / 'other'}")
+    assert "vocabulary" in message
+    cli = run_script("scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "out",
+                                                         **{"distill.global_batch_size": 7,
+                                                            "distill.cache": full_cache}))
+    assert cli.returncode == 2 and "error:" in cli.stderr and "Traceback" not in cli.stderr
