@@ -38,7 +38,6 @@ def distill_args(student, data, output, **extra):
 
 
 def final_weights(folder):
-    from megatron.core import dist_checkpointing
 
     model, _ = checkpoint.load_model(folder, _layout())
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

