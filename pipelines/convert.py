@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from pipelines import checkpoint, hf_llama, runtime
 from pipelines import model as model_lib
 from pipelines.artifacts import read_manifest, sha256_file, staged_folder, write_manifest
-from pipelines.errors import UserError, require
+from pipelines.errors import UserError, key_prefix, require
 from pipelines.safetensors_stream import SafetensorsFolder, write_sharded
 
 SINGLE_PROCESS = OmegaConf.create({"tensor": 1, "pipeline": 1, "context": 1})
@@ -158,3 +158,34 @@ def export_hf(cfg) -> dict:
         write_manifest(staging, manifest)
     print(f"[export] {source} -> {output}: {manifest['parameters']:,} parameters")
     return manifest
+
+
+def import_stage(cfg) -> dict:
+    """The pipeline's import stage: ``cfg.import_hf``, or a random ``cfg.model`` teacher (demo).
+
+    With ``run.random_teacher`` the teacher is a random-initialised Hugging Face Llama of the
+    ``model`` config, with the prepared data's tokenizer (written once to ``run.dir/random_hf``);
+    the correct stage then pre-trains it.
+    """
+    from pipelines.random_hf import write_random_hf
+
+    section = cfg.import_hf
+    if cfg.run.random_teacher:
+        hf = Path(str(cfg.run.dir)) / "random_hf"
+        data_manifest = read_manifest(Path(str(cfg.data.output)))
+        require(data_manifest is not None, f"no prepared data in {cfg.data.output}; run "
+                "scripts/prepare_data.py (make prepare-data) first", "data.output")
+        if not (hf / "config.json").exists():
+            write_random_hf(OmegaConf.create({"output": str(hf), "model": OmegaConf.to_container(cfg.model),
+                                              "seed": 0, "dtype": "float32"}))
+            _copy_tokenizer(Path(data_manifest["tokenizer"]), hf)
+        section = OmegaConf.merge(section, {"source": str(hf)})
+    require(section.source is not None, "no Hugging Face teacher to import", "run.teacher_hf")
+    with key_prefix("import_hf"):
+        return import_hf(section)
+
+
+def export_stage(cfg) -> dict:
+    """The pipeline's export stage: ``cfg.export_hf``."""
+    with key_prefix("export_hf"):
+        return export_hf(cfg.export_hf)

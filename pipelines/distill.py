@@ -59,51 +59,52 @@ def tokenizer_hash(folder: Path) -> str | None:
 class Plan:
     """Everything checked before any compute: paths, sizes, teacher compatibility."""
 
-    def __init__(self, cfg, data_parallel: int):
-        d = cfg.distill
+    def __init__(self, cfg, data_parallel: int, section: str = "distill"):
+        d = cfg[section]
+        self.section = section
         self.cfg, self.d = cfg, d
         self.student, self.output = Path(str(d.student)), Path(str(d.output))
         require(self.student.is_dir() and read_manifest(self.student) is not None,
-                f"student checkpoint {self.student} does not exist or is incomplete", "distill.student")
+                f"student checkpoint {self.student} does not exist or is incomplete", f"{self.section}.student")
         self.arch, self.stored_dtype = checkpoint.read_architecture(self.student)
         self.data = Path(str(cfg.data.output))
         self.teacher_kind = str(d.teacher)
-        require(self.teacher_kind in TEACHERS, f"distill.teacher={self.teacher_kind!r}; one of "
-                f"{TEACHERS}", "distill.teacher")
+        require(self.teacher_kind in TEACHERS, f"{section}.teacher={self.teacher_kind!r}; one of "
+                f"{TEACHERS}", f"{self.section}.teacher")
         self.kd_weight = float(d.kd_weight)
-        require(0.0 <= self.kd_weight <= 1.0, "kd_weight must be in [0, 1]", "distill.kd_weight")
+        require(0.0 <= self.kd_weight <= 1.0, "kd_weight must be in [0, 1]", f"{self.section}.kd_weight")
         require((self.teacher_kind == "none") == (self.kd_weight == 0.0),
-                f"distill.teacher={self.teacher_kind} with kd_weight={self.kd_weight}: a teacher "
+                f"{section}.teacher={self.teacher_kind} with kd_weight={self.kd_weight}: a teacher "
                 "needs kd_weight > 0 and kd_weight 0 needs distill.teacher=none",
-                "distill.kd_weight / distill.teacher")
+                f"{self.section}.kd_weight / {self.section}.teacher")
         require(str(d.divergence) in DIVERGENCES, f"unknown divergence {d.divergence!r}; one of "
-                f"{DIVERGENCES}", "distill.divergence")
-        require(0.0 < float(d.jsd_beta) < 1.0, "jsd_beta must be in (0, 1)", "distill.jsd_beta")
-        require(float(d.temperature) > 0, "temperature must be positive", "distill.temperature")
+                f"{DIVERGENCES}", f"{self.section}.divergence")
+        require(0.0 < float(d.jsd_beta) < 1.0, "jsd_beta must be in (0, 1)", f"{self.section}.jsd_beta")
+        require(float(d.temperature) > 0, "temperature must be positive", f"{self.section}.temperature")
         self.sequence_length = int(d.sequence_length)
         self.global_batch, self.micro_batch = int(d.global_batch_size), int(d.micro_batch_size)
         per_step = self.micro_batch * data_parallel
         require(self.global_batch % per_step == 0,
                 f"global batch {self.global_batch} is not divisible by micro batch "
                 f"{self.micro_batch} x data-parallel size {data_parallel}",
-                "distill.global_batch_size / distill.micro_batch_size")
+                f"{self.section}.global_batch_size / {self.section}.micro_batch_size")
         self.microbatches = self.global_batch // per_step
         self.steps = int(d.train_steps)
-        require(self.steps > 0, "train_steps must be positive", "distill.train_steps")
+        require(self.steps > 0, "train_steps must be positive", f"{self.section}.train_steps")
         require(0 <= int(d.warmup_steps) < self.steps, f"warmup_steps={d.warmup_steps} must be below "
-                f"train_steps={self.steps}", "distill.warmup_steps")
+                f"train_steps={self.steps}", f"{self.section}.warmup_steps")
         self.windows = TokenWindows(self.data, "train", self.sequence_length)
         self.valid = TokenWindows(self.data, "valid", self.sequence_length)
         self.samples = len(self.windows)
         self.teacher_path = Path(str(d.teacher_checkpoint)) if d.get("teacher_checkpoint") else None
         self.cache = None
         if self.teacher_kind == "online":
-            require(self.teacher_path is not None, "distill.teacher=online needs the teacher checkpoint",
-                    "distill.teacher_checkpoint")
+            require(self.teacher_path is not None, f"{section}.teacher=online needs the teacher checkpoint",
+                    f"{self.section}.teacher_checkpoint")
             require(int(cfg.parallel.pipeline) == 1, "the online teacher runs with pipeline parallel "
                     "size 1 (cache the teacher's logits for pipeline-parallel students)", "parallel.pipeline")
         if self.teacher_kind == "cache":
-            require(d.get("cache"), "distill.teacher=cache needs the teacher-logits folder", "distill.cache")
+            require(d.get("cache"), f"{section}.teacher=cache needs the teacher-logits folder", f"{self.section}.cache")
             expected = {"data": str(self.data.resolve()),
                         "data_inputs": (read_manifest(self.data) or {}).get("inputs"),
                         "sequence_length": self.sequence_length, "temperature": float(d.temperature),
@@ -114,15 +115,15 @@ class Plan:
                 self.teacher_path = Path(self.cache.manifest["identity"]["teacher"])
         if self.teacher_path is not None:
             require(self.teacher_path.is_dir(), f"teacher checkpoint {self.teacher_path} does not exist",
-                    "distill.teacher_checkpoint")
+                    f"{self.section}.teacher_checkpoint")
             self.teacher_arch, _ = checkpoint.read_architecture(self.teacher_path)
             require(self.teacher_arch["vocab_size"] == self.arch["vocab_size"],
                     f"teacher vocabulary {self.teacher_arch['vocab_size']} != student vocabulary "
                     f"{self.arch['vocab_size']}: distillation needs the same tokenizer",
-                    "distill.teacher_checkpoint")
+                    f"{self.section}.teacher_checkpoint")
             ours, theirs = tokenizer_hash(self.student), tokenizer_hash(self.teacher_path)
             require(ours == theirs, f"teacher tokenizer ({self.teacher_path}/tokenizer) differs from the "
-                    f"student's ({self.student}/tokenizer)", "distill.teacher_checkpoint")
+                    f"student's ({self.student}/tokenizer)", f"{self.section}.teacher_checkpoint")
         self.inputs = {"student": str(self.student.resolve()),
                        "student_written_at": read_manifest(self.student).get("written_at"),
                        "teacher": str(self.teacher_path.resolve()) if self.teacher_path else None,
@@ -278,7 +279,7 @@ class Trainer:
         count = min(len(plan.valid), int(d.eval_samples))
         per_rank = count // (self.layout.data_parallel * plan.micro_batch) * plan.micro_batch
         require(per_rank > 0, f"eval_samples={d.eval_samples} gives no validation micro-batch per "
-                "data-parallel rank (the valid split may be short)", "distill.eval_samples")
+                "data-parallel rank (the valid split may be short)", f"{plan.section}.eval_samples")
         mine = list(range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
         self.eval_batches = [make_batch(plan.valid, None, mine[i:i + plan.micro_batch], self.layout.device)
                              for i in range(0, per_rank, plan.micro_batch)]
@@ -371,7 +372,9 @@ class Trainer:
 class Logger:
     """Console progress lines, ``metrics.jsonl`` and TensorBoard (main rank only)."""
 
-    def __init__(self, folder: Path, enabled: bool, resume_step: int, total_steps: int, tokens_per_step: int):
+    def __init__(self, folder: Path, enabled: bool, resume_step: int, total_steps: int, tokens_per_step: int,
+                 tag: str = "distill"):
+        self.tag = tag
         self.enabled, self.total, self.tokens_per_step = enabled, total_steps, tokens_per_step
         self.path = folder / "metrics.jsonl"
         self.writer = None
@@ -409,7 +412,7 @@ class Logger:
         done = step - self.start_step
         rate = done * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) * elapsed / done if done else 0.0
-        print(f"[distill] step {step}/{self.total} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
+        print(f"[{self.tag}] step {step}/{self.total} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
               f"ce {metrics['ce']:.4f} lr {metrics['lr']:.2e} {rate:,.0f} tokens/s "
               f"ETA {eta / 60:.1f} min", flush=True)
 
@@ -417,15 +420,16 @@ class Logger:
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(cfg) -> dict:
-    d = cfg.distill
+def run(cfg, section: str = "distill") -> dict:
+    """Train ``cfg[section]`` (``distill``, or ``correct`` for teacher correction)."""
+    d = cfg[section]
     output = Path(str(d.output))
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     model_parallel = int(cfg.parallel.tensor) * int(cfg.parallel.pipeline) * int(cfg.parallel.get("context", 1))
-    plan = Plan(cfg, max(1, world // model_parallel))
+    plan = Plan(cfg, max(1, world // model_parallel), section)
     done = read_manifest(output) if output.exists() else None
     if done and done.get("inputs") == plan.inputs and not cfg.get("force", False):
-        print(f"[distill] {output} is up to date; skipping (force=true reruns)")
+        print(f"[{section}] {output} is up to date; skipping (force=true reruns)")
         return done
     layout = runtime.initialize(cfg.parallel, seed=int(d.seed))
     trainer = Trainer(plan, layout)
@@ -444,9 +448,9 @@ def run(cfg) -> dict:
     torch.distributed.barrier()
     resumed = trainer.load(checkpoints)
     if resumed and layout.is_main:
-        print(f"[distill] resuming from step {trainer.step} ({checkpoints})", flush=True)
+        print(f"[{section}] resuming from step {trainer.step} ({checkpoints})", flush=True)
     logger = Logger(train_folder, layout.is_main, trainer.step, plan.steps,
-                    plan.global_batch * plan.sequence_length)
+                    plan.global_batch * plan.sequence_length, section)
     trainer.prepare_eval()
     eval_interval, save_interval = int(d.eval_interval), int(d.save_interval)
     log_interval = int(d.log_interval)
@@ -454,7 +458,7 @@ def run(cfg) -> dict:
         first = trainer.evaluate()
         logger.log(0, first, "eval")
         if layout.is_main:
-            print(f"[distill] step 0 {_format(first)}", flush=True)
+            print(f"[{section}] step 0 {_format(first)}", flush=True)
     metrics, started = {}, time.perf_counter()
     while trainer.step < plan.steps:
         metrics = trainer.train_step()
@@ -467,21 +471,21 @@ def run(cfg) -> dict:
             logger.log(step, result, "eval")
             metrics.update(result)
             if layout.is_main:
-                print(f"[distill] step {step} {_format(result)}", flush=True)
+                print(f"[{section}] step {step} {_format(result)}", flush=True)
         if save_interval and step % save_interval == 0 and step < plan.steps:
             trainer.save(checkpoints)
     seconds = time.perf_counter() - started
     final = trainer.evaluate()
     trainer.save(checkpoints)
     _write_final_model(trainer, plan, output, layout)
-    manifest = {"stage": "distill", "inputs": plan.inputs, "teacher": plan.teacher_kind,
+    manifest = {"stage": section, "inputs": plan.inputs, "teacher": plan.teacher_kind,
                 "steps": plan.steps, "tokens": plan.steps * plan.global_batch * plan.sequence_length,
                 "final": {**{k: v for k, v in metrics.items() if k != "skipped"}, **final},
                 "train_seconds_this_run": seconds,
                 "parameters": count_parameters(plan.arch)}
     if layout.is_main:
         write_manifest(output, manifest)
-        print(f"[distill] {output}: {_format(final)}", flush=True)
+        print(f"[{section}] {output}: {_format(final)}", flush=True)
     torch.distributed.barrier()
     return manifest
 

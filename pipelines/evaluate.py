@@ -101,7 +101,41 @@ def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout) -> d
     return summary
 
 
+def models_in_run(run_dir: Path) -> list[tuple[str, str]]:
+    """``(eval.model, run.student)`` of every finished checkpoint in a run: teacher, pruned, distilled."""
+    from pipelines.experiment import teacher
+
+    found = []
+    if read_manifest(Path(teacher(str(run_dir)))):
+        found.append(("teacher", ""))
+    for prefix, model in (("prune_", "pruned"), ("distill_", "distilled")):
+        for folder in sorted(run_dir.glob(f"{prefix}*")):
+            if read_manifest(folder) and (folder / "model.yaml").exists():
+                found.append((model, folder.name[len(prefix):]))
+    return found
+
+
 def run(cfg) -> dict:
+    """Evaluate ``eval.model``; ``all`` evaluates every finished model of the run, then reports."""
+    if str(cfg.eval.model) != "all":
+        return run_one(cfg)
+    from omegaconf import OmegaConf
+
+    from pipelines import report
+
+    run_dir = Path(str(cfg.run.dir))
+    found = models_in_run(run_dir)
+    require(found, f"no finished teacher, pruned or distilled checkpoint in {run_dir}", "run.name")
+    manifests = {}
+    for model, student in found:
+        one = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        one.eval.model, one.run.student = model, student or "none"
+        manifests[str(one.eval.name)] = run_one(one)
+    report.run(cfg)
+    return manifests
+
+
+def run_one(cfg) -> dict:
     e = cfg.eval
     folder, output = Path(str(e.checkpoint)), Path(str(e.output))
     require(folder.is_dir() and read_manifest(folder) is not None,

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint: MMLU (k-shot, answer-letter log-likelihood) and validation loss.
 
-    python scripts/evaluate.py eval.checkpoint=CKPT eval.output=OUT eval.limit=5
+    python scripts/evaluate.py experiment=demo                       (every model in the run, then the report)
+    python scripts/evaluate.py eval.model=CKPT eval.output=OUT eval.limit=5
 """
 
 import hydra

@@ -115,12 +115,14 @@ def test_bad_input_gives_one_line_error(tmp_path):
     }
     for source, message in cases.items():
         output = tmp_path / f"out-{source.name}"
-        line = _cli_error(run_script("scripts/import_hf.py", f"source={source}", f"output={output}"))
-        assert message in line and "fix: source" in line, line
+        line = _cli_error(run_script("scripts/import_hf.py", f"import_hf.source={source}",
+                                     f"import_hf.output={output}"))
+        assert message in line and "fix: import_hf.source" in line, line
         assert not output.exists()
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "something.txt").write_text("keep me")
-    line = _cli_error(run_script("scripts/import_hf.py", f"source={good}", f"output={occupied}"))
-    assert "fix: output" in line
+    line = _cli_error(run_script("scripts/import_hf.py", f"import_hf.source={good}",
+                                 f"import_hf.output={occupied}"))
+    assert "fix: import_hf.output" in line
     assert (occupied / "something.txt").read_text() == "keep me"

@@ -1,0 +1,194 @@
+"""The recovery report: teacher, pruned and distilled side by side (``scripts/report.py``).
+
+Reads ``runs/<name>/eval/*/results.json`` and each student's distillation metrics, and writes
+``report.json``, ``report.md`` and ``report.png`` into ``report.output`` (the run folder).
+
+``report.json`` has an entry per model (``teacher``, ``pruned_<student>``,
+``distilled_<student>``) with ``params``, ``val_loss`` and ``mmlu`` (macro average, 0-1), and
+``recovery`` (distilled MMLU / teacher MMLU) per student. With a single student the entries
+are also under ``pruned`` and ``distilled`` and ``recovery`` is that student's number.
+``gap_closed`` is the share of the pruning loss gap closed by distillation:
+(pruned − distilled) / (pruned − teacher) on validation loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipelines.artifacts import write_json
+from pipelines.errors import require
+
+
+def _ratio(numerator, denominator):
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def collect(run_dir: Path) -> tuple[dict, dict, dict]:
+    """``(entries, per-subject accuracies, training curves)`` from a run folder."""
+    entries, subjects, curves = {}, {}, {}
+    for path in sorted((run_dir / "eval").glob("*/results.json")):
+        result = json.loads(path.read_text())
+        name = path.parent.name
+        mmlu = result.get("mmlu") or {}
+        entries[name] = {"params": result["params"], "val_loss": result.get("val_loss"),
+                         "mmlu": mmlu.get("macro"), "mmlu_micro": mmlu.get("micro"),
+                         "mmlu_questions": mmlu.get("questions"), "checkpoint": result["checkpoint"]}
+        subjects[name] = mmlu.get("subjects", {})
+    for folder in sorted(run_dir.glob("distill_*")):
+        metrics = folder / "train" / "metrics.jsonl"
+        if metrics.exists():
+            lines = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+            curves[folder.name[len("distill_"):]] = lines
+    return entries, subjects, curves
+
+
+def summarize(entries: dict) -> dict:
+    students = sorted({name.split("_", 1)[1] for name in entries if name.startswith(("pruned_", "distilled_"))})
+    teacher = entries.get("teacher", {})
+    report = dict(entries)
+    recovery, gap_closed = {}, {}
+    for student in students:
+        pruned, distilled = entries.get(f"pruned_{student}", {}), entries.get(f"distilled_{student}", {})
+        recovery[student] = _ratio(distilled.get("mmlu"), teacher.get("mmlu"))
+        if None not in (pruned.get("val_loss"), distilled.get("val_loss"), teacher.get("val_loss")):
+            gap_closed[student] = _ratio(pruned["val_loss"] - distilled["val_loss"],
+                                         pruned["val_loss"] - teacher["val_loss"])
+    report["students"] = students
+    if len(students) == 1:
+        only = students[0]
+        report["pruned"] = entries.get(f"pruned_{only}")
+        report["distilled"] = entries.get(f"distilled_{only}")
+        report["recovery"], report["gap_closed"] = recovery.get(only), gap_closed.get(only)
+    else:
+        report["recovery"], report["gap_closed"] = recovery, gap_closed
+    return report
+
+
+def _fmt(value, pattern):
+    return "–" if value is None else format(value, pattern)
+
+
+def markdown(report: dict, name: str) -> str:
+    teacher = report.get("teacher", {})
+    lines = [f"# Recovery report: {name}", "",
+             "| model | parameters | MMLU (macro) | MMLU / teacher | validation loss |",
+             "|---|---:|---:|---:|---:|"]
+    order = ["teacher"] + [f"{kind}_{s}" for s in report["students"] for kind in ("pruned", "distilled")]
+    for model in order:
+        entry = report.get(model)
+        if not entry:
+            continue
+        lines.append(f"| {model} | {entry['params'] / 1e6:,.2f} M | {_fmt(entry['mmlu'], '.4f')} | "
+                     f"{_fmt(_ratio(entry['mmlu'], teacher.get('mmlu')), '.1%')} | "
+                     f"{_fmt(entry['val_loss'], '.4f')} |")
+    recovery, gap = report["recovery"], report["gap_closed"]
+    if not isinstance(recovery, dict):
+        recovery, gap = {report["students"][0]: recovery}, {report["students"][0]: gap}
+    lines.append("")
+    for student in report["students"]:
+        lines.append(f"- **{student}**: MMLU recovery {_fmt(recovery.get(student), '.1%')} of the teacher; "
+                     f"distillation closed {_fmt(gap.get(student), '.1%')} of the validation-loss gap "
+                     "that pruning opened.")
+    questions = teacher.get("mmlu_questions")
+    if questions:
+        lines += ["", f"MMLU over {questions} questions per model; see eval/*/results.json for per-subject "
+                  "accuracy, and report.png for the picture."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, subjects: dict, curves: dict, path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in ["teacher"] + [f"{k}_{s}" for s in report["students"] for k in ("pruned", "distilled")]
+              if report.get(m)]
+    colors = {"teacher": "#444444"}
+    palette = ["#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    for index, student in enumerate(report["students"]):
+        colors[f"pruned_{student}"] = palette[(2 * index) % len(palette)]
+        colors[f"distilled_{student}"] = palette[(2 * index + 1) % len(palette)]
+    names = sorted(set().union(*(subjects.get(m, {}).keys() for m in models)))
+    figure = plt.figure(figsize=(15, max(8, 0.2 * len(names) + 2)))
+    grid = figure.add_gridspec(3, 2, width_ratios=[1.1, 1])
+    ax = figure.add_subplot(grid[:, 0])
+    for offset, model in enumerate(models):
+        values = [subjects.get(model, {}).get(s) for s in names]
+        ys = [i + (offset - len(models) / 2) * 0.12 for i in range(len(names))]
+        ax.scatter([v if v is not None else float("nan") for v in values], ys, s=14,
+                   color=colors[model], label=model)
+    ax.axvline(0.25, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(range(len(names)), [s.replace("_", " ") for s in names], fontsize=7)
+    ax.set_xlabel("MMLU accuracy per subject (dotted: chance, 0.25)")
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    ax = figure.add_subplot(grid[0, 1])
+    xs = range(len(models))
+    ax.bar(xs, [report[m]["mmlu"] or 0 for m in models], color=[colors[m] for m in models])
+    for x, model in zip(xs, models):
+        entry = report[model]
+        ax.text(x, (entry["mmlu"] or 0) + 0.01, f"{_fmt(entry['mmlu'], '.3f')}\nloss {_fmt(entry['val_loss'], '.2f')}\n"
+                f"{entry['params'] / 1e6:.2f}M", ha="center", va="bottom", fontsize=8)
+    ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(list(xs), models, rotation=20, fontsize=8)
+    ax.set_ylabel("MMLU (macro average)")
+    ax.set_ylim(0, max([0.3] + [(report[m]["mmlu"] or 0) + 0.15 for m in models]))
+    recovery = report["recovery"]
+    recovery = recovery if isinstance(recovery, dict) else {report["students"][0]: recovery}
+    ax.set_title("Recovery (distilled MMLU / teacher MMLU): " +
+                 ", ".join(f"{s} {_fmt(v, '.1%')}" for s, v in recovery.items()), fontsize=10)
+    ax = figure.add_subplot(grid[1, 1])
+    losses = [report[m]["val_loss"] or 0 for m in models]
+    ax.bar(xs, losses, color=[colors[m] for m in models])
+    for x, value in zip(xs, losses):
+        ax.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), models, rotation=20, fontsize=8)
+    ax.set_ylim(min(losses) * 0.9, max(losses) * 1.04)
+    ax.set_ylabel("validation LM loss (lower is better)")
+    gap = report["gap_closed"]
+    gap = gap if isinstance(gap, dict) else {report["students"][0]: gap}
+    ax.set_title("Share of the pruning loss gap closed by distillation: " +
+                 ", ".join(f"{s} {_fmt(v, '.1%')}" for s, v in gap.items()), fontsize=10)
+    ax = figure.add_subplot(grid[2, 1])
+    kd_axis = ax.twinx()
+    teacher_loss = report.get("teacher", {}).get("val_loss")
+    for student, lines in curves.items():
+        train = [(x["step"], x["loss"]) for x in lines if x["kind"] == "train"]
+        evals = [(x["step"], x["val_loss"]) for x in lines if x["kind"] == "eval" and "val_loss" in x]
+        color = colors.get(f"distilled_{student}", None)
+        if evals:
+            ax.plot(*zip(*evals), color=color, marker="o", label=f"{student}: validation LM loss")
+        if train:
+            kd_axis.plot(*zip(*train), color=color, alpha=0.35, linewidth=1, label=f"{student}: training loss")
+    if teacher_loss is not None:
+        ax.axhline(teacher_loss, color=colors["teacher"], linestyle="--", label="teacher validation loss")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("validation LM loss (markers)")
+    kd_axis.set_ylabel("training loss, KD + CE mix (faint)")
+    ax.set_title("Distillation curves", fontsize=10)
+    handles = ax.get_legend_handles_labels()
+    extra = kd_axis.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=7)
+    figure.suptitle(f"{name}: prune, then distill", fontsize=13)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(cfg) -> dict:
+    run_dir, output = Path(str(cfg.run.dir)), Path(str(cfg.report.output))
+    entries, subjects, curves = collect(run_dir)
+    require(entries, f"no evaluation results in {run_dir}/eval; run the eval stage first (make eval)",
+            "run.name")
+    report = summarize(entries)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "report.json", report)
+    text = markdown(report, str(cfg.run.name))
+    (output / "report.md").write_text(text)
+    plot(report, subjects, curves, output / "report.png", str(cfg.run.name))
+    print(text)
+    print(f"[report] {output / 'report.md'}\n[report] {output / 'report.png'}")
+    return report
