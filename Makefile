@@ -1,11 +1,18 @@
 # Prune-then-distill pipeline. `make help` lists the targets.
+#   EXP=<experiment>   configs/experiment/<EXP>.yaml (default: demo)
+#   ARGS="k=v ..."     Hydra overrides passed to every stage
+#   CLUSTER=slurm      submit with sbatch instead of running here (configs/cluster/slurm.yaml)
+#   FORCE=1            rerun stages whose output is up to date
+#   DRY_RUN=1          with CLUSTER=slurm: print the sbatch scripts, submit nothing
 PYTHON ?= .venv/bin/python
 EXP ?= demo
 ARGS ?=
-RUNS ?= runs
+CLUSTER ?= local
 SETUP_STAMP := .venv/.setup-done
+STAGE = $(PYTHON) scripts/stage.py
+OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-slow demo prepare-data prune logits import export bench
+.PHONY: help setup test test-slow demo pipeline prepare-data import correct prune logits distill eval report export bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -20,44 +27,52 @@ $(SETUP_STAMP): requirements.txt pyproject.toml
 	.venv/bin/pip install -q --no-deps -e .
 	touch $@
 
-test: setup  ## run the default test tier (CPU, about 1.5 min)
+test: setup  ## run the default test tier (CPU; SLURM tests run when a cluster answers)
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 test-slow: setup  ## run the slow tier too
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "slow or not slow"
 
-DEMO := $(RUNS)/demo
-PRUNE_DEMO := data=austen prune.calib_samples=64 prune.eval_samples=32 prune.sequence_length=128
+demo: setup  ## the whole tiny pipeline on CPU: data, teacher pre-training, prune x2, logits, distill x2, eval, report, export
+	$(MAKE) --no-print-directory pipeline EXP=demo CLUSTER=local
+	$(PYTHON) -c "import transformers as t; [print(f'[demo] runs/demo/export_{s} loads in transformers:', sum(p.numel() for p in t.AutoModelForCausalLM.from_pretrained('runs/demo/export_' + s).parameters()), 'parameters') for s in ('depth', 'width')]"
+	@cat runs/demo/report.md
+	@echo "[demo] report: runs/demo/report.md and runs/demo/report.png"
 
-demo: setup  ## tiny Llama on CPU: Austen data -> import -> prune by depth and width -> export
-	rm -rf $(DEMO)
-	$(PYTHON) scripts/prepare_data.py data=austen
-	$(PYTHON) scripts/random_hf.py model=tiny output=$(DEMO)/random_hf $(ARGS)
-	cp data/austen/tokenizer/* $(DEMO)/random_hf/
-	$(PYTHON) scripts/import_hf.py source=$(DEMO)/random_hf output=$(DEMO)/teacher
-	$(PYTHON) scripts/prune.py prune=depth prune.source=$(DEMO)/teacher prune.output=$(DEMO)/pruned_depth prune.target_num_layers=2 $(PRUNE_DEMO)
-	$(PYTHON) scripts/prune.py prune=width prune.source=$(DEMO)/teacher prune.output=$(DEMO)/pruned_width prune.target.hidden_size=48 prune.target.ffn_hidden_size=128 prune.target.num_attention_heads=2 $(PRUNE_DEMO) > $(DEMO)/prune_width.log
-	tail -1 $(DEMO)/prune_width.log
-	$(PYTHON) scripts/export_hf.py source=$(DEMO)/pruned_depth output=$(DEMO)/export_depth
-	$(PYTHON) scripts/export_hf.py source=$(DEMO)/pruned_width output=$(DEMO)/export_width
-	$(PYTHON) -c "import transformers as t; [print(f'[demo] {s}-pruned student exported to $(DEMO)/export_{s}: loads in transformers,', sum(p.numel() for p in t.AutoModelForCausalLM.from_pretrained('$(DEMO)/export_' + s).parameters()), 'parameters') for s in ('depth', 'width')]"
+pipeline: setup  ## every stage in order: prepare, import, correct (if enabled), prune, logits, distill, eval, report, export
+	$(STAGE) pipeline $(OVERRIDES)
 
-prepare-data: setup  ## tokenize a corpus: make prepare-data ARGS="data=austen"
-	$(PYTHON) scripts/prepare_data.py $(ARGS)
+prepare-data: setup  ## tokenize the experiment's corpus (data=...)
+	$(STAGE) prepare $(OVERRIDES)
 
-logits: setup  ## cache teacher top-k soft labels: make logits ARGS="logits.teacher=CKPT logits.output=CACHE"
-	$(PYTHON) scripts/teacher_logits.py $(ARGS)
+import: setup  ## import the teacher (run.teacher_hf, or a random model.* teacher for the demo)
+	$(STAGE) import $(OVERRIDES)
 
-prune: setup  ## prune a checkpoint: make prune ARGS="prune=depth prune.source=CKPT prune.output=OUT prune.target_num_layers=16"
-	$(PYTHON) scripts/prune.py $(ARGS)
+correct: setup  ## teacher correction: fine-tune the teacher on the distillation data
+	$(STAGE) correct $(OVERRIDES)
 
-import: setup  ## import a Hugging Face folder: make import ARGS="source=HF_DIR output=CKPT_DIR"
-	$(PYTHON) scripts/import_hf.py $(ARGS)
+prune: setup  ## prune the teacher into each student of run.students
+	$(STAGE) prune $(OVERRIDES)
 
-export: setup  ## export a checkpoint: make export ARGS="source=CKPT_DIR output=HF_DIR"
-	$(PYTHON) scripts/export_hf.py $(ARGS)
+logits: setup  ## cache the teacher's top-k soft labels (shared by all students)
+	$(STAGE) logits $(OVERRIDES)
+
+distill: setup  ## distill each student from the cached logits (or online: ARGS=distill.teacher=online)
+	$(STAGE) distill $(OVERRIDES)
+
+eval: setup  ## MMLU and validation loss of every finished model in the run
+	$(STAGE) eval $(OVERRIDES)
+
+report: setup  ## write runs/<name>/report.{md,json,png}
+	$(STAGE) report $(OVERRIDES)
+
+export: setup  ## export each distilled student to Hugging Face format
+	$(STAGE) export $(OVERRIDES)
 
 bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/import_memory.py
 	$(PYTHON) bench/calibration_cost.py
 	$(PYTHON) bench/logits_cache.py
+	$(PYTHON) bench/eval_throughput.py
+	$(PYTHON) bench/distill_step.py
+	$(PYTHON) bench/kd_vs_ce.py

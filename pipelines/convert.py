@@ -8,6 +8,7 @@ is about one copy of the weights (``bench/import_memory.py`` measures it).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -181,8 +182,23 @@ def import_stage(cfg) -> dict:
             _copy_tokenizer(Path(data_manifest["tokenizer"]), hf)
         section = OmegaConf.merge(section, {"source": str(hf)})
     require(section.source is not None, "no Hugging Face teacher to import", "run.teacher_hf")
+    source = str(section.source)
+    if not Path(source).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        section = OmegaConf.merge(section, {"source": hub_snapshot(source)})
     with key_prefix("import_hf"):
         return import_hf(section)
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """Download (or find in the local Hugging Face cache) the files import needs of a Hub model."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as error:  # offline, gated, missing: say which key to change
+        raise UserError(f"{repo_id!r} is not a local folder and the Hugging Face Hub did not provide it "
+                        f"({type(error).__name__}); download it and point at the folder",
+                        "import_hf.source") from None
 
 
 def export_stage(cfg) -> dict:

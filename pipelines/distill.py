@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import checkpoint, runtime
+from pipelines import checkpoint, preemption, runtime
 from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json, write_manifest
 from pipelines.data import TokenWindows
 from pipelines.errors import require
@@ -432,6 +432,7 @@ def run(cfg, section: str = "distill") -> dict:
         print(f"[{section}] {output} is up to date; skipping (force=true reruns)")
         return done
     layout = runtime.initialize(cfg.parallel, seed=int(d.seed))
+    preemption.install()
     trainer = Trainer(plan, layout)
     train_folder = output / "train"
     checkpoints = train_folder / "checkpoints"
@@ -474,6 +475,12 @@ def run(cfg, section: str = "distill") -> dict:
                 print(f"[{section}] step {step} {_format(result)}", flush=True)
         if save_interval and step % save_interval == 0 and step < plan.steps:
             trainer.save(checkpoints)
+        if step < plan.steps and preemption.requested():
+            if not save_interval or step % save_interval:
+                trainer.save(checkpoints)
+            if layout.is_main:
+                print(f"[{section}] preempted: checkpoint at step {step}; exiting for requeue", flush=True)
+            raise SystemExit(preemption.REQUEUE_EXIT)
     seconds = time.perf_counter() - started
     final = trainer.evaluate()
     trainer.save(checkpoints)

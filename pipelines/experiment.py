@@ -11,7 +11,8 @@ The resolvers are registered when :mod:`pipelines` is imported:
 
 - ``${teacher:RUN_DIR}``: ``correct/`` if a finished one exists, else ``import/``;
 - ``${model_path:MODEL,RUN_DIR,STUDENT}``: ``teacher``, ``pruned``, ``distilled`` or a path;
-- ``${model_label:MODEL,STUDENT}``: the name results and the report use for it.
+- ``${model_label:MODEL,STUDENT}``: the name results and the report use for it;
+- ``${mul:A,B}``: A × B (e.g. the samples distill reads: steps × global batch).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def model_label(model: str, student: str) -> str:
 
 
 def register_resolvers() -> None:
-    for name, function in (("teacher", teacher), ("model_path", model_path), ("model_label", model_label)):
+    resolvers = (("teacher", teacher), ("model_path", model_path), ("model_label", model_label),
+                 ("mul", lambda a, b: int(a) * int(b)))
+    for name, function in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines import checkpoint, runtime
+from pipelines import checkpoint, preemption, runtime
 from pipelines.artifacts import read_manifest, sha256_file
 from pipelines.data import TokenWindows
 from pipelines.errors import require
@@ -66,6 +66,7 @@ def run(cfg) -> dict:
     model, arch = checkpoint.load_model(teacher, layout, dtype=torch.float32
                                         if layout.device.type == "cpu" else torch.bfloat16)
     model.eval()
+    preemption.install()
     output.mkdir(parents=True, exist_ok=True)
     cache_layout = Layout(sequence_length, k, arch["vocab_size"], str(logits_cfg.get("value_dtype", "float16")))
     shards = math.ceil(samples / per_shard)
@@ -92,6 +93,9 @@ def run(cfg) -> dict:
         rate = tokens / (time.perf_counter() - started)
         print(f"[teacher_logits] rank {layout.rank}: shard {shard} done ({number + 1}/{len(todo)}), "
               f"{rate:,.0f} tokens/s", flush=True)
+        if preemption.requested(collective=False) and number + 1 < len(todo):
+            print(f"[teacher_logits] rank {layout.rank}: preempted; finished shards are kept", flush=True)
+            raise SystemExit(preemption.REQUEUE_EXIT)
     torch.distributed.barrier()
     manifest = finalize(output, identity, cache_layout, samples, per_shard) if layout.is_main else {}
     if layout.is_main:

@@ -126,3 +126,9 @@ def test_bad_input_gives_one_line_error(tmp_path):
                                  f"import_hf.output={occupied}"))
     assert "fix: import_hf.output" in line
     assert (occupied / "something.txt").read_text() == "keep me"
+
+
+def test_hub_id_that_cannot_be_fetched_names_the_key(tmp_path):
+    result = run_script("scripts/import_hf.py", "import_hf.source=no-such-org/no-such-model",
+                        f"import_hf.output={tmp_path / 'out'}", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "fix: import_hf.source" in result.stderr, result.stderr[-2000:]

@@ -1,0 +1,196 @@
+"""Distillation step cost: KD from the cache and online KD against a CE-only step, time and memory.
+
+    .venv/bin/python bench/distill_step.py [--vocab 32000 --hidden 256 --layers 4 --steps 6]
+
+Builds (in a temporary folder) a random teacher and a half-depth student of the same shape
+family with a Llama-like vocabulary-heavy output layer, caches the teacher's top-64 logits on the
+demo corpus, then times optimizer steps of the same student in a fresh process per mode:
+
+- ``ce``: plain LM fine-tuning (``teacher=none``);
+- ``cache``: KD from the cached top-k (``kd_weight=1``);
+- ``online``: KD with the teacher run online;
+- ``teacher``: the teacher's forward pass alone over the same micro-batches.
+
+Step time is the median over ``--steps`` steps after one warm-up step. Peak memory is the peak
+over the steps minus the memory before them (GPU: ``max_memory_allocated``; CPU: resident set,
+sampled every millisecond). Last line:
+``cache_kd_over_ce_time=<x> online_over_ce_plus_teacher=<x> cache_kd_over_ce_mem=<x>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import pipelines  # noqa: F401  (resolvers)
+
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return hydra_compose("pipeline", overrides=overrides)
+
+
+class PeakMemory:
+    """Peak memory above the level at start (GPU allocator, or sampled RSS on CPU)."""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self.process, self.base = psutil.Process(), psutil.Process().memory_info().rss
+        self.peak, self.running = self.base, True
+
+        def sample():
+            while self.running:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+                time.sleep(0.001)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.extra = self.peak - self.base
+
+
+def worker(mode: str, overrides: list[str], steps: int) -> dict:
+    from pipelines import runtime
+    from pipelines.cli import quiet_known_noise
+    from pipelines.distill import Plan, Trainer
+
+    quiet_known_noise()
+    extra = {"ce": ["distill.teacher=none", "distill.kd_weight=0"],
+             "cache": ["distill.teacher=cache"], "online": ["distill.teacher=online"],
+             "teacher": ["distill.teacher=online"]}[mode]
+    cfg = compose(overrides + extra)
+    layout = runtime.initialize(cfg.parallel)
+    trainer = Trainer(Plan(cfg, layout.data_parallel), layout)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    if mode == "teacher":
+        from pipelines.distill import make_batch, step_samples
+
+        plan = trainer.plan
+        indices = step_samples(0, plan.global_batch, plan.samples, 0, 1)
+        batches = [make_batch(plan.windows, None, indices[i:i + plan.micro_batch], layout.device)["tokens"]
+                   for i in range(0, len(indices), plan.micro_batch)]
+
+        def step():
+            with torch.no_grad():
+                for tokens in batches:
+                    trainer.teacher(tokens, *_mask_args(tokens))
+    else:
+        def step():
+            trainer.train_step()
+    step()
+    times = []
+    with PeakMemory() as memory:
+        for _ in range(steps):
+            sync()
+            started = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - started)
+    return {"mode": mode, "step_s": statistics.median(times), "peak_extra_bytes": memory.extra,
+            "tokens_per_step": trainer.plan.global_batch * trainer.plan.sequence_length}
+
+
+def _mask_args(tokens):
+    from pipelines.model import causal_mask, position_ids
+
+    return position_ids(tokens), causal_mask(tokens.shape[1], tokens.device)
+
+
+def prepare(folder: Path, args) -> list[str]:
+    from omegaconf import OmegaConf
+
+    from pipelines import convert, teacher_logits
+    from pipelines.random_hf import write_random_hf
+
+    model = OmegaConf.to_container(compose([]).model)
+    model.update(vocab_size=args.vocab, hidden_size=args.hidden, ffn_hidden_size=args.hidden * 3,
+                 num_attention_heads=args.hidden // 32, num_query_groups=max(1, args.hidden // 64),
+                 kv_channels=32, max_position_embeddings=4096)
+    for name, layers in (("teacher", args.layers), ("student", args.layers // 2)):
+        write_random_hf(OmegaConf.create({"output": str(folder / f"{name}_hf"), "seed": 0, "dtype": "float32",
+                                          "model": {**model, "num_layers": layers}}))
+        convert.import_hf(OmegaConf.create({"source": str(folder / f"{name}_hf"), "output": str(folder / name),
+                                            "make_vocab_size_divisible_by": 128}))
+    samples = (args.steps + 1) * args.global_batch
+    overrides = [f"data.output={args.data}", f"distill.student={folder / 'student'}",
+                 f"distill.teacher_checkpoint={folder / 'teacher'}", f"distill.output={folder / 'out'}",
+                 f"distill.sequence_length={args.sequence_length}", f"distill.micro_batch_size={args.micro_batch}",
+                 f"distill.global_batch_size={args.global_batch}", "distill.train_steps=1000",
+                 "distill.chunk_tokens=1024", f"logits.teacher={folder / 'teacher'}",
+                 f"logits.output={folder / 'cache'}", f"logits.samples={samples}", "logits.k=64",
+                 f"logits.samples_per_shard={samples}"]
+    teacher_logits.run(compose(overrides))
+    return overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/austen")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4, help="teacher layers (the student has half)")
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides), args.steps)))
+        return
+    with tempfile.TemporaryDirectory() as temporary:
+        overrides = prepare(Path(temporary), args)
+        results = {}
+        for mode in ("ce", "cache", "online", "teacher"):
+            output = subprocess.run([sys.executable, __file__, "--worker", mode, "--overrides",
+                                     json.dumps(overrides), "--steps", str(args.steps)],
+                                    capture_output=True, text=True, cwd=REPO)
+            line = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                raise SystemExit(f"{mode} worker failed:\n{output.stdout[-2000:]}\n{output.stderr[-4000:]}")
+            results[mode] = json.loads(line[0][len("RESULT "):])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"device: {device}; student {args.layers // 2} layers, hidden {args.hidden}, vocab {args.vocab}, "
+          f"{args.global_batch}x{args.sequence_length} tokens per step")
+    print(f"{'mode':>8} {'step (s)':>9} {'tokens/s':>10} {'peak extra (MiB)':>17}")
+    for mode, result in results.items():
+        print(f"{mode:>8} {result['step_s']:9.3f} {result['tokens_per_step'] / result['step_s']:10,.0f} "
+              f"{result['peak_extra_bytes'] / 2**20:17.1f}")
+    ce, cache, online, teacher = (results[m] for m in ("ce", "cache", "online", "teacher"))
+    print(f"cache_kd_over_ce_time={cache['step_s'] / ce['step_s']:.3f} "
+          f"online_over_ce_plus_teacher={online['step_s'] / (ce['step_s'] + teacher['step_s']):.3f} "
+          f"cache_kd_over_ce_mem={cache['peak_extra_bytes'] / max(1, ce['peak_extra_bytes']):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Run stages here or submit them to SLURM (``scripts/stage.py``, behind every ``make`` target).
+
+A stage is one or more script invocations: per-student stages (``prune``, ``distill``,
+``export``) run once per ``run.students`` entry with ``prune=<student>``. Locally, stages that
+use the parallel runtime run under ``torchrun`` when ``cluster.processes`` > 1. On SLURM
+(``cluster=slurm``) each stage is one ``sbatch`` job whose steps ``srun`` one task per GPU (the
+runtime reads SLURM's environment); ``pipeline`` submits every stage at once, chained with
+``--dependency=afterok``.
+
+Preemption: jobs ask for ``--signal=B:USR1@<cluster.signal_seconds>`` and ``--requeue``. The
+batch script forwards USR1 to the running step; the stage (see :mod:`pipelines.preemption`)
+checkpoints and exits with status 75, and the script requeues the job, which then skips the
+finished stages and resumes the interrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.errors import UserError, require
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {"prepare": "prepare_data.py", "import": "import_hf.py", "correct": "correct.py",
+           "prune": "prune.py", "logits": "teacher_logits.py", "distill": "distill.py",
+           "eval": "evaluate.py", "report": "report.py", "export": "export_hf.py"}
+STAGES = tuple(SCRIPTS)
+PER_STUDENT = {"prune", "distill", "export"}
+DISTRIBUTED = {"correct", "prune", "logits", "distill", "eval"}
+MODEL_PARALLEL_ONLY = {"prune"}   # runs with data-parallel size 1: as many processes as its layout needs
+REQUEUE_EXIT = 75
+
+
+def pipeline_stages(cfg) -> list[str]:
+    """The stages ``make pipeline`` runs, in order (``correct`` only when enabled)."""
+    return [s for s in STAGES if s != "correct" or bool(cfg.correct.enabled)]
+
+
+def invocations(stage: str, cfg, overrides: list[str]) -> list[list[str]]:
+    """Script argument lists of one stage: ``[script, override, ...]`` per invocation."""
+    require(stage in SCRIPTS, f"unknown stage {stage!r}; one of {', '.join(STAGES)} or pipeline", "STAGE")
+    script = f"scripts/{SCRIPTS[stage]}"
+    if stage in PER_STUDENT:
+        students = list(cfg.run.students)
+        require(students, "run.students is empty", "run.students")
+        kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
+        return [[script, *kept, *_parallel(cfg, stage), f"prune={student}"] for student in students]
+    return [[script, *overrides, *_parallel(cfg, stage)]]
+
+
+def _parallel(cfg, stage: str) -> list[str]:
+    """``parallel.*`` overrides from ``run.stage_parallel.<stage>``."""
+    from omegaconf import OmegaConf
+
+    changes = OmegaConf.to_container(cfg.run.stage_parallel, resolve=True).get(stage) or {}
+    return [f"parallel.{key}={value}" for key, value in changes.items()]
+
+
+def _python(cfg) -> str:
+    return str(cfg.cluster.get("python") or sys.executable)
+
+
+def stage_processes(stage: str, cfg) -> tuple[int, int]:
+    """``(nodes, processes per node)`` a stage runs with."""
+    from pipelines.validate import processes, stage_parallel
+
+    if stage not in DISTRIBUTED:
+        return 1, 1
+    if stage in MODEL_PARALLEL_ONLY:
+        layout = stage_parallel(cfg, stage)
+        return 1, int(layout["tensor"]) * int(layout["pipeline"]) * int(layout.get("context", 1))
+    if str(cfg.cluster.kind) == "slurm":
+        return int(cfg.cluster.nodes), int(cfg.cluster.tasks_per_node)
+    return 1, processes(cfg)
+
+
+def run_local(stage: str, cfg, overrides: list[str]) -> None:
+    _, processes = stage_processes(stage, cfg)
+    for arguments in invocations(stage, cfg, overrides):
+        if stage in DISTRIBUTED and processes > 1:
+            command = [_python(cfg), "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+                       f"--master-port={_free_port()}", *arguments]
+        else:
+            command = [_python(cfg), *arguments]
+        print(f"[{stage}] {shlex.join(command)}", flush=True)
+        result = subprocess.run(command, cwd=REPO)
+        if result.returncode != 0:
+            raise SystemExit(result.returncode)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
+    """The batch script of one stage's job."""
+    c = cfg.cluster
+    nodes, tasks = stage_processes(stage, cfg)
+    log_dir = Path(str(cfg.run.dir)).resolve() / "slurm"
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={c.job_prefix}-{cfg.run.name}-{stage}",
+             f"#SBATCH --nodes={nodes}", f"#SBATCH --ntasks-per-node={tasks}",
+             f"#SBATCH --cpus-per-task={int(c.cpus_per_task)}", f"#SBATCH --time={c.time}",
+             f"#SBATCH --output={log_dir}/%x-%j.out", "#SBATCH --open-mode=append",
+             f"#SBATCH --signal=B:USR1@{int(c.signal_seconds)}", "#SBATCH --requeue"]
+    if int(c.gpus_per_node) > 0:
+        lines.append(f"#SBATCH --gpus-per-node={min(int(c.gpus_per_node), tasks)}")
+    for key in ("partition", "account", "qos"):
+        if c.get(key):
+            lines.append(f"#SBATCH --{key}={c[key]}")
+    lines += [f"#SBATCH {flag}" for flag in c.extra_sbatch or []]
+    lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(REPO))}",
+              "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false"]
+    lines += [f"export {key}={shlex.quote(str(value))}" for key, value in (c.env or {}).items()]
+    srun = ["srun", "--kill-on-bad-exit=1", f"--ntasks-per-node={tasks}", f"--nodes={nodes}"]
+    if c.get("container_image"):
+        srun.append(f"--container-image={c.container_image}")
+        if c.get("container_mounts"):
+            srun.append(f"--container-mounts={c.container_mounts}")
+    lines += ["",
+              "# USR1 before the time limit: ask the running step to checkpoint and exit (status 75)",
+              "child=0",
+              "trap 'echo \"[slurm] USR1: checkpointing\"; [ $child -ne 0 ] && kill -USR1 $child' USR1",
+              "step() {",
+              "  \"$@\" &",
+              "  child=$!",
+              "  local rc=0",
+              "  wait $child || rc=$?",
+              "  while kill -0 $child 2>/dev/null; do rc=0; wait $child || rc=$?; done",
+              "  child=0",
+              f"  if [ $rc -eq {REQUEUE_EXIT} ]; then",
+              "    echo \"[slurm] requeueing job $SLURM_JOB_ID\"; scontrol requeue $SLURM_JOB_ID; exit 0",
+              "  fi",
+              "  [ $rc -eq 0 ] || exit $rc",
+              "}",
+              f"echo \"[slurm] {stage}: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST\""]
+    for arguments in invocations(stage, cfg, overrides):
+        lines.append("step " + shlex.join([*srun, _python(cfg), *arguments]))
+    return "\n".join(lines) + "\n"
+
+
+def submit(stages: list[str], cfg, overrides: list[str], dry_run: bool = False) -> list[str]:
+    """Submit ``stages`` as jobs chained with ``afterok``; return the job ids (or scripts when dry)."""
+    log_dir = Path(str(cfg.run.dir)) / "slurm"
+    ids: list[str] = []
+    for stage in stages:
+        script = sbatch_script(stage, cfg, overrides)
+        if dry_run:
+            flags = f" --dependency=afterok:<{stages[len(ids) - 1]} job>" if ids else ""
+            print(f"# ---- {stage}: sbatch --parsable{flags} <<'EOF'")
+            print(script + "EOF")
+            ids.append(f"<{stage}>")
+            continue
+        log_dir.mkdir(parents=True, exist_ok=True)
+        command = ["sbatch", "--parsable"]
+        if ids:
+            command.append(f"--dependency=afterok:{ids[-1]}")
+        result = subprocess.run(command, input=script, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise UserError(f"sbatch refused the {stage} job: {result.stderr.strip()}", "cluster")
+        ids.append(result.stdout.strip().split(";")[0])
+        print(f"[slurm] {stage}: job {ids[-1]}", flush=True)
+    if not dry_run:
+        record = log_dir / "jobs.json"
+        previous = json.loads(record.read_text()) if record.exists() else []
+        record.write_text(json.dumps(previous + [dict(zip(stages, ids))], indent=2))
+        print("[slurm] submitted " + " ".join(ids) + f"; logs in {log_dir}/")
+    return ids
+
+
+def main(argv: list[str]) -> None:
+    """``stage.py STAGE[,STAGE...]|pipeline [--dry-run] [hydra overrides]``."""
+    from hydra import compose, initialize_config_dir
+
+    from pipelines.cli import quiet_known_noise
+
+    quiet_known_noise()
+    usage = "usage: scripts/stage.py STAGE|pipeline [--dry-run] [key=value ...]"
+    if not argv or argv[0].startswith("-"):
+        raise UserError(usage, "STAGE")
+    stage, rest = argv[0], argv[1:]
+    dry_run = "--dry-run" in rest
+    overrides = [a for a in rest if a != "--dry-run"]
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("pipeline", overrides=overrides)
+    stages = pipeline_stages(cfg) if stage == "pipeline" else stage.split(",")
+    for name in stages:
+        require(name in SCRIPTS, f"unknown stage {name!r}; one of {', '.join(STAGES)} or pipeline", "STAGE")
+    from pipelines import validate
+
+    validate.check(cfg, stages)
+    if str(cfg.cluster.kind) == "slurm":
+        submit(stages, cfg, overrides, dry_run)
+        return
+    require(not dry_run, "--dry-run is for cluster=slurm", "cluster")
+    for name in stages:
+        run_local(name, cfg, overrides)
+    os.environ.pop("MASTER_PORT", None)

@@ -1,0 +1,34 @@
+"""Preemption: on SIGUSR1 (SLURM's warning before the time limit) a stage checkpoints and exits 75.
+
+:func:`install` sets a flag from the signal handler; long stages poll :func:`requested` at safe
+points (after an optimizer step, after a cache shard), save, and raise ``SystemExit(75)``. The
+batch script (:mod:`pipelines.launch`) then requeues the job, which resumes.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+
+REQUEUE_EXIT = 75
+_flag = {"set": False}
+
+
+def install() -> None:
+    def handler(signum, frame):
+        _flag["set"] = True
+        print("[preemption] SIGUSR1: will checkpoint and exit for requeue", flush=True)
+
+    signal.signal(signal.SIGUSR1, handler)
+
+
+def requested(collective: bool = True) -> bool:
+    """Whether any rank was signalled (``collective``: agreed over all ranks; all must call)."""
+    if not collective or not torch.distributed.is_initialized():
+        return _flag["set"]
+    flag = torch.tensor([1.0 if _flag["set"] else 0.0])
+    if torch.cuda.is_available():
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())

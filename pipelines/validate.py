@@ -1,0 +1,114 @@
+"""Check a whole experiment before anything runs: shapes, divisibility, parallel layouts, batches.
+
+:func:`check` raises :class:`~pipelines.errors.UserError` naming the key to fix. ``scripts/stage.py``
+calls it before running or submitting anything, and the tests call it for every experiment
+(including the 8B ones, with no compute).
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from pipelines import model as model_lib
+from pipelines.errors import require
+
+TRAINING = ("correct", "distill")
+
+
+def stage_parallel(cfg, stage: str) -> dict:
+    """The parallel layout a stage runs with: ``parallel`` updated by ``run.stage_parallel.<stage>``."""
+    layout = OmegaConf.to_container(cfg.parallel, resolve=True)
+    layout.update(OmegaConf.to_container(cfg.run.get("stage_parallel", {}), resolve=True).get(stage) or {})
+    return layout
+
+
+def processes(cfg) -> int:
+    cluster = cfg.cluster
+    if str(cluster.kind) == "slurm":
+        return int(cluster.nodes) * int(cluster.tasks_per_node)
+    return int(cluster.get("processes", 1))
+
+
+def student_architecture(cfg, teacher: dict) -> dict:
+    prune = cfg.prune
+    student = dict(teacher)
+    if prune.mode == "depth":
+        drop = list(prune.drop_layers or [])
+        if drop:
+            bad = [n for n in drop if not 0 <= int(n) < teacher["num_layers"]]
+            require(not bad, f"layers {bad} do not exist (the teacher has {teacher['num_layers']})",
+                    "prune.drop_layers")
+            student["num_layers"] = teacher["num_layers"] - len(set(drop))
+        else:
+            require(prune.target_num_layers is not None, "depth pruning needs drop_layers or "
+                    "target_num_layers", "prune.target_num_layers")
+            student["num_layers"] = int(prune.target_num_layers)
+        require(0 < student["num_layers"] < teacher["num_layers"], "the student must keep between 1 "
+                f"and {teacher['num_layers'] - 1} layers", "prune.target_num_layers")
+    else:
+        for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
+            value = prune.target.get(key)
+            if value is not None:
+                require(0 < int(value) <= teacher[key], f"target {key}={value} must be between 1 and the "
+                        f"teacher's {teacher[key]}", f"prune.target.{key}")
+                student[key] = int(value)
+    return student
+
+
+def _layout_fits(cfg, stage: str, arch: dict, what: str) -> tuple[int, dict]:
+    layout = stage_parallel(cfg, stage)
+    tensor, pipeline, context = int(layout["tensor"]), int(layout["pipeline"]), int(layout.get("context", 1))
+    world = tensor * pipeline * context if stage == "prune" else processes(cfg)
+    key = f"run.stage_parallel.{stage} / parallel"
+    require(world % (tensor * pipeline * context) == 0,
+            f"{stage}: {world} processes (cluster.nodes x cluster.tasks_per_node) are not divisible by "
+            f"tensor {tensor} x pipeline {pipeline} x context {context}", key)
+    try:
+        model_lib.validate(arch, tensor, pipeline)
+    except Exception as error:  # re-raise naming the stage and the model
+        raise type(error)(f"{stage} ({what}): {error}") from None
+    return world // (tensor * pipeline * context), layout
+
+
+def _batches(cfg, section: str, data_parallel: int) -> None:
+    d = cfg[section]
+    per_step = int(d.micro_batch_size) * data_parallel
+    require(int(d.global_batch_size) % per_step == 0,
+            f"{section}: global batch {d.global_batch_size} is not divisible by micro batch "
+            f"{d.micro_batch_size} x data-parallel size {data_parallel}", f"{section}.global_batch_size")
+    require(0 <= int(d.warmup_steps) < int(d.train_steps), f"{section}: warmup_steps must be below "
+            "train_steps", f"{section}.warmup_steps")
+
+
+def check(cfg, stages: list[str]) -> dict:
+    """Validate ``stages`` of the experiment; returns the architectures and layouts checked."""
+    teacher = model_lib.architecture(cfg.model)
+    student = student_architecture(cfg, teacher)
+    checked = {"teacher": teacher, "student": student, "layouts": {}}
+    for stage in stages:
+        if stage in ("prepare", "import", "export", "report"):
+            continue
+        arch, what = (student, "student") if stage == "distill" else (teacher, "teacher")
+        data_parallel, layout = _layout_fits(cfg, stage, arch, what)
+        checked["layouts"][stage] = {**layout, "data": data_parallel}
+        if stage == "distill":
+            _layout_fits(cfg, stage, teacher, "online teacher")
+            require(int(cfg.logits.sequence_length) == int(cfg.distill.sequence_length),
+                    "logits.sequence_length differs from distill.sequence_length", "logits.sequence_length")
+        if stage == "prune" and cfg.prune.mode == "width":
+            require(int(layout["tensor"]) == 1, "width pruning needs tensor parallel size 1 (a ModelOpt "
+                    "limit); use pipeline parallelism for it", "run.stage_parallel.prune")
+            heads = student["num_attention_heads"]
+            require(heads % teacher["num_query_groups"] == 0, f"target num_attention_heads={heads} is not "
+                    f"divisible by num_query_groups={teacher['num_query_groups']}",
+                    "prune.target.num_attention_heads")
+        if stage == "prune" and cfg.prune.mode == "depth":
+            require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not "
+                    "divisible by the pipeline parallel size", "prune.target_num_layers")
+        if stage in TRAINING:
+            _batches(cfg, stage, data_parallel)
+        if stage == "eval":
+            require(int(layout["pipeline"]) == 1, "evaluation runs with pipeline parallel size 1",
+                    "run.stage_parallel.eval")
+            model_lib.validate(student, int(layout["tensor"]), 1)
+    return checked
