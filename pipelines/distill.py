@@ -480,7 +480,8 @@ def run(cfg, section: str = "distill") -> dict:
                 trainer.save(checkpoints)
             if layout.is_main:
                 print(f"[{section}] preempted: checkpoint at step {step}; exiting for requeue", flush=True)
-            raise SystemExit(preemption.REQUEUE_EXIT)
+            torch.distributed.barrier()
+            preemption.leave_for_requeue()
     seconds = time.perf_counter() - started
     final = trainer.evaluate()
     trainer.save(checkpoints)

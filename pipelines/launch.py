@@ -9,8 +9,8 @@ runtime reads SLURM's environment); ``pipeline`` submits every stage at once, ch
 
 Preemption: jobs ask for ``--signal=B:USR1@<cluster.signal_seconds>`` and ``--requeue``. The
 batch script forwards USR1 to the running step; the stage (see :mod:`pipelines.preemption`)
-checkpoints and exits with status 75, and the script requeues the job, which then skips the
-finished stages and resumes the interrupted one.
+checkpoints, touches ``$PD_REQUEUE_MARKER`` and exits with status 75, and the script requeues
+the job, which then skips the finished stages and resumes the interrupted one.
 """
 
 from __future__ import annotations
@@ -118,7 +118,9 @@ def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
             lines.append(f"#SBATCH --{key}={c[key]}")
     lines += [f"#SBATCH {flag}" for flag in c.extra_sbatch or []]
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(REPO))}",
-              "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false"]
+              "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false",
+              f"export PD_REQUEUE_MARKER={log_dir}/.requeue-$SLURM_JOB_ID",
+              "rm -f \"$PD_REQUEUE_MARKER\""]
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in (c.env or {}).items()]
     srun = ["srun", "--kill-on-bad-exit=1", f"--ntasks-per-node={tasks}", f"--nodes={nodes}"]
     if c.get("container_image"):
@@ -136,7 +138,8 @@ def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
               "  wait $child || rc=$?",
               "  while kill -0 $child 2>/dev/null; do rc=0; wait $child || rc=$?; done",
               "  child=0",
-              f"  if [ $rc -eq {REQUEUE_EXIT} ]; then",
+              f"  if [ $rc -eq {REQUEUE_EXIT} ] || [ -e \"$PD_REQUEUE_MARKER\" ]; then",
+              "    rm -f \"$PD_REQUEUE_MARKER\"",
               "    echo \"[slurm] requeueing job $SLURM_JOB_ID\"; scontrol requeue $SLURM_JOB_ID; exit 0",
               "  fi",
               "  [ $rc -eq 0 ] || exit $rc",

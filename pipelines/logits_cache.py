@@ -36,16 +36,51 @@ def id_bits(vocab_size: int) -> int:
     return max(1, math.ceil(math.log2(vocab_size)))
 
 
-def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
-    """Pack non-negative ids into ``bits`` bits each (uint8 array, little-endian bit order)."""
-    ids = ids.astype(np.uint32).reshape(-1)
-    planes = ((ids[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+def _pack_planes(ids: np.ndarray, bits: int) -> np.ndarray:
+    planes = ((ids[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
     return np.packbits(planes.reshape(-1), bitorder="little")
 
 
+def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative ids into ``bits`` bits each (uint8 array, little-endian bit order).
+
+    Bit ``i`` of the stream is bit ``i % 8`` of byte ``i // 8``; id ``n`` occupies stream bits
+    ``[n*bits, (n+1)*bits)``, least significant first. Every 8 ids fill exactly ``bits`` bytes,
+    so for ``bits >= 8`` each output byte is cut from at most two ids: ``bits`` vector operations.
+    """
+    ids = ids.astype(np.uint64).reshape(-1)
+    count = ids.size
+    if bits < 8:
+        return _pack_planes(ids, bits)
+    groups = np.zeros((-(-count // 8), 8), dtype=np.uint64)
+    groups.reshape(-1)[:count] = ids
+    out = np.empty((groups.shape[0], bits), dtype=np.uint8)
+    for byte in range(bits):
+        first, offset = divmod(8 * byte, bits)
+        value = groups[:, first] >> np.uint64(offset)
+        if offset + 8 > bits and first + 1 < 8:
+            value |= groups[:, first + 1] << np.uint64(bits - offset)
+        out[:, byte] = (value & np.uint64(0xFF)).astype(np.uint8)
+    return out.reshape(-1)[: -(-count * bits // 8)]
+
+
 def unpack_ids(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-    return (planes.astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(-1).astype(np.int64)
+    """Inverse of :func:`pack_ids`: ``count`` ids as int64."""
+    if bits < 8:
+        planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
+        return (planes.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(-1)
+    groups = -(-count // 8)
+    raw = np.zeros(groups * bits + 8, dtype=np.uint8)
+    raw[: packed.size] = packed
+    ids = np.empty((groups, 8), dtype=np.int64)
+    mask = np.uint64((1 << bits) - 1)
+    for k in range(8):
+        start, shift = divmod(k * bits, 8)
+        value = np.zeros(groups, dtype=np.uint64)
+        for i in range((shift + bits + 7) // 8):
+            value |= raw[start + i: start + i + groups * bits: bits][:groups].astype(np.uint64) << np.uint64(8 * i)
+        ids[:, k] = ((value >> np.uint64(shift)) & mask).astype(np.int64)
+    return ids.reshape(-1)[:count]
 
 
 class Layout:

@@ -7,7 +7,9 @@ batch script (:mod:`pipelines.launch`) then requeues the job, which resumes.
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,16 @@ def install() -> None:
         print("[preemption] SIGUSR1: will checkpoint and exit for requeue", flush=True)
 
     signal.signal(signal.SIGUSR1, handler)
+
+
+def leave_for_requeue() -> None:
+    """Exit with status 75 after touching ``$PD_REQUEUE_MARKER`` (the batch script's cue to requeue,
+    robust to srun reporting another status when it stops the other tasks)."""
+    marker = os.environ.get("PD_REQUEUE_MARKER")
+    if marker:
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).touch()
+    raise SystemExit(REQUEUE_EXIT)
 
 
 def requested(collective: bool = True) -> bool:

@@ -95,7 +95,7 @@ def run(cfg) -> dict:
               f"{rate:,.0f} tokens/s", flush=True)
         if preemption.requested(collective=False) and number + 1 < len(todo):
             print(f"[teacher_logits] rank {layout.rank}: preempted; finished shards are kept", flush=True)
-            raise SystemExit(preemption.REQUEUE_EXIT)
+            preemption.leave_for_requeue()
     torch.distributed.barrier()
     manifest = finalize(output, identity, cache_layout, samples, per_shard) if layout.is_main else {}
     if layout.is_main:

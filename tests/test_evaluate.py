@@ -50,7 +50,7 @@ def test_same_choices_as_plain_transformers_on_the_export(tmp_path, trained_teac
 
     from pipelines import convert, evaluate
 
-    overrides = [f"eval.checkpoint={trained_teacher}", f"eval.output={tmp_path / 'eval'}",
+    overrides = [f"eval.model={trained_teacher}", f"eval.output={tmp_path / 'eval'}",
                  f"data.output={tiny_data}", "eval.shots=1", "eval.limit=4", "eval.val_samples=4",
                  "eval.sequence_length=32", f"eval.mmlu.subjects={SUBJECTS}", "eval.batch_tokens=3000"]
     evaluate.run(compose("evaluate", overrides))

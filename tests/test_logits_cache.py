@@ -98,3 +98,14 @@ def test_two_data_parallel_ranks_write_the_same_cache(tmp_path, tiny_teacher, ti
                           *overrides(tiny_teacher, tiny_data, tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert files(tmp_path / "two") == files(tmp_path / "one")
+
+
+@pytest.mark.parametrize("bits", [3, 8, 10, 17, 24, 31, 32])
+@pytest.mark.parametrize("count", [1, 7, 8, 999])
+def test_fast_packing_matches_the_bit_plane_layout(bits, count):
+    from pipelines.logits_cache import _pack_planes
+
+    ids = np.random.default_rng(bits * count).integers(0, 2**bits, size=count, dtype=np.uint64)
+    packed = pack_ids(ids, bits)
+    assert np.array_equal(packed, _pack_planes(ids, bits))
+    assert np.array_equal(unpack_ids(packed, bits, count), ids.astype(np.int64))

@@ -44,7 +44,7 @@ def wait_for(job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
 def overrides(tmp_path, tiny_teacher, trained_teacher, tiny_data, steps=4):
     return ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1",
             "cluster.time=00:15:00", "cluster.signal_seconds=60", "+cluster.env.OMP_NUM_THREADS=1",
-            f"paths.runs={tmp_path}", "run.name=slurmtest", "run.students=[depth]",
+            f"paths.runs={tmp_path}", "run.name=slurmtest", "run.students=[depth]", "prune.target_num_layers=2",
             f"data.output={tiny_data}", f"logits.teacher={trained_teacher}", "logits.k=16",
             "logits.samples=64", "logits.samples_per_shard=8", "logits.batch_size=4",
             f"distill.student={tiny_teacher}", "distill.sequence_length=32", "distill.global_batch_size=8",

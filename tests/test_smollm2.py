@@ -45,3 +45,10 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     assert len(report["importance"]) == 21 and len(report["removed"]["layers"]) == 10
     convert.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "depth_hf").config.num_hidden_layers == 20
+    # the eval stage on the real checkpoint: a few MMLU subjects, 5-shot, and the validation loss
+    from pipelines import evaluate
+
+    manifest = evaluate.run(compose("evaluate", [
+        f"eval.model={tmp_path / 'ckpt'}", f"eval.output={tmp_path / 'eval'}", f"data.output={data}",
+        "eval.limit=5", "eval.mmlu.subjects=[astronomy,high_school_biology]", "eval.val_samples=8"]))
+    assert 0.0 <= manifest["mmlu_macro"] <= 1.0 and manifest["val_loss"] < 6.0

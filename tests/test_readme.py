@@ -1,0 +1,70 @@
+"""The README's commands: each one is run here or by .ci/run."""
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+README = (REPO / "README.md").read_text()
+CI = (REPO / ".ci" / "run").read_text()
+
+
+def commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+def test_every_readme_command_is_run_somewhere():
+    for command in commands():
+        target = command.split()[1] if command.startswith("make ") else None
+        covered = (target and f"make {target}" in CI) or command in RUN_HERE
+        assert covered, f"README command not run by .ci/run or this test: {command}"
+
+
+HAND_COMMANDS = [  # in order: import, then export what was imported
+    ".venv/bin/python scripts/import_hf.py import_hf.source=runs/demo/export_depth import_hf.output=/tmp/reimported",
+    ".venv/bin/python scripts/export_hf.py export_hf.source=/tmp/reimported export_hf.output=/tmp/exported",
+]
+RUN_HERE = {
+    "make pipeline EXP=llama31_8b_width_4b CLUSTER=slurm DRY_RUN=1",
+    'make prune EXP=demo ARGS="prune.calib_samples=32"',
+    'make distill EXP=demo ARGS="distill.train_steps=20 distill.kd_weight=0.5 distill.divergence=reverse_kl"',
+    *HAND_COMMANDS,
+}
+
+
+def test_slurm_dry_run_command():
+    result = subprocess.run(["make", "-s", "pipeline", "EXP=llama31_8b_width_4b", "CLUSTER=slurm", "DRY_RUN=1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("#!/bin/bash") == 9
+
+
+@pytest.mark.skipif(not (REPO / "runs" / "demo" / "report.json").exists(), reason="needs `make demo` first")
+def test_commands_on_the_demo_run(tmp_path):
+    """After `make demo` (CI runs it first), on a copy of its run: overrides rerun a stage (the
+    changed config is detected), and import/export by hand round-trip."""
+    import os
+    import shutil
+
+    shutil.copytree(REPO / "runs" / "demo", tmp_path / "runs" / "demo", ignore=shutil.ignore_patterns("bench_*"))
+    env = {**os.environ, "PIPELINES_RUNS": str(tmp_path / "runs")}
+    env.pop("MASTER_PORT", None)
+    env.pop("MASTER_ADDR", None)
+    for command in ('make prune EXP=demo ARGS="prune.calib_samples=32"',
+                    'make distill EXP=demo ARGS="distill.train_steps=20 distill.kd_weight=0.5 '
+                    'distill.divergence=reverse_kl"'):
+        result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True,
+                                timeout=600, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "up to date" not in result.stdout  # the new settings rerun the stage
+    distilled = (tmp_path / "runs" / "demo" / "distill_width" / "manifest.json").read_text()
+    assert '"steps": 20' in distilled
+    for command in HAND_COMMANDS:
+        command = command.replace("/tmp/", f"{tmp_path}/")
+        result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "exported" / "config.json").exists()
