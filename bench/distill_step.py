@@ -13,7 +13,9 @@ demo corpus, then times optimizer steps of the same student in a fresh process p
 
 Step time is the median over ``--steps`` steps after one warm-up step. Peak memory is the peak
 over the steps minus the memory before them (GPU: ``max_memory_allocated``; CPU: resident set,
-sampled every millisecond). Last line:
+sampled every millisecond in a second run where glibc returns freed memory at once, so the RSS
+follows live tensors; times come from a run with the runtime's default allocator settings).
+Last line:
 ``cache_kd_over_ce_time=<x> online_over_ce_plus_teacher=<x> cache_kd_over_ce_mem=<x>``.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -152,6 +155,15 @@ def prepare(folder: Path, args) -> list[str]:
     return overrides
 
 
+def _worker(mode: str, overrides: list[str], steps: int, env: dict) -> dict:
+    output = subprocess.run([sys.executable, __file__, "--worker", mode, "--overrides", json.dumps(overrides),
+                             "--steps", str(steps)], capture_output=True, text=True, cwd=REPO, env=env)
+    line = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"{mode} worker failed:\n{output.stdout[-2000:]}\n{output.stderr[-4000:]}")
+    return json.loads(line[0][len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/austen")
@@ -171,14 +183,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         overrides = prepare(Path(temporary), args)
         results = {}
+        base_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
         for mode in ("ce", "cache", "online", "teacher"):
-            output = subprocess.run([sys.executable, __file__, "--worker", mode, "--overrides",
-                                     json.dumps(overrides), "--steps", str(args.steps)],
-                                    capture_output=True, text=True, cwd=REPO)
-            line = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                raise SystemExit(f"{mode} worker failed:\n{output.stdout[-2000:]}\n{output.stderr[-4000:]}")
-            results[mode] = json.loads(line[0][len("RESULT "):])
+            # time with the runtime's default allocator settings; memory with freed memory returned
+            # at once, so the sampled RSS follows live tensors (GPU: the same run measures both)
+            timed = _worker(mode, overrides, args.steps, base_env)
+            measured = timed if torch.cuda.is_available() else _worker(
+                mode, overrides, args.steps, {**base_env, "PIPELINES_KEEP_FREED_MEMORY": "0"})
+            results[mode] = {**timed, "peak_extra_bytes": measured["peak_extra_bytes"]}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"device: {device}; student {args.layers // 2} layers, hidden {args.hidden}, vocab {args.vocab}, "
           f"{args.global_batch}x{args.sequence_length} tokens per step")

@@ -134,6 +134,8 @@ def keep_freed_memory() -> None:
     import ctypes
     import ctypes.util
 
+    if os.environ.get("PIPELINES_KEEP_FREED_MEMORY", "1") == "0":  # benchmarks measuring RSS peaks
+        return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 1 << 30)         # M_MMAP_THRESHOLD: only blocks over 1 GiB get their own mmap
