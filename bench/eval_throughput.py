@@ -1,6 +1,6 @@
 """MMLU evaluation throughput: eval time against one plain forward pass over the same tokens.
 
-    .venv/bin/python bench/eval_throughput.py [--checkpoint runs/demo/teacher] [--limit 5]
+    .venv/bin/python bench/eval_throughput.py [--checkpoint runs/demo/correct] [--limit 5]
 
 Builds the k-shot requests, then times (a) the evaluator (batching, forward, log-softmax at the
 answer positions, bookkeeping) and (b) bare ``forward_logits`` over exactly the batches the
@@ -25,7 +25,7 @@ from pipelines.model import forward_logits
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="runs/demo/teacher")
+    parser.add_argument("--checkpoint", default="runs/demo/correct")
     parser.add_argument("--limit", type=int, default=5, help="questions per subject (57 subjects)")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--batch-tokens", type=int, default=16384)

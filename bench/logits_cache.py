@@ -1,10 +1,10 @@
 """Teacher-logits cache: bytes per token, time overhead over the teacher's forward, fidelity.
 
-    .venv/bin/python bench/logits_cache.py [--teacher runs/demo/teacher] [--data data/austen]
+    .venv/bin/python bench/logits_cache.py [--teacher runs/demo/correct] [--data data/austen]
 
-Needs a teacher checkpoint and tokenized data (``make demo`` makes both). The demo teacher is
-random, so the bench first trains it for ``--train-steps`` AdamW steps (plain torch) to get a
-peaked distribution for the fidelity table. Overhead: the same samples through (a) the teacher
+Needs a teacher checkpoint and tokenized data (``make demo`` makes both; its teacher is the
+pre-trained ``runs/demo/correct``). ``--train-steps`` trains the teacher further first (plain
+torch AdamW), e.g. for a random one. Overhead: the same samples through (a) the teacher
 forward alone and (b) forward + top-k + encoding + writing shards; medians of ``--repeats``.
 Last line: ``bytes_per_token=<x> overhead=<x>`` for k = 64.
 """
@@ -31,12 +31,12 @@ from pipelines.model import forward_logits
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default="runs/demo/teacher")
+    parser.add_argument("--teacher", default="runs/demo/correct")
     parser.add_argument("--data", default="data/austen")
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--train-steps", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     quiet_known_noise()
@@ -54,7 +54,8 @@ def main() -> None:
         loss.backward()
         optimizer.step()
     model.eval()
-    print(f"teacher trained {args.train_steps} steps: train loss {loss.item():.3f}")
+    if args.train_steps:
+        print(f"teacher trained {args.train_steps} more steps: train loss {loss.item():.3f}")
     batches = list(TokenWindows(Path(args.data), "valid", args.sequence_length)
                    .batches(args.batch_size, args.samples))
     tokens = sum(b[:, :-1].numel() for b in batches)

@@ -148,8 +148,8 @@ class Encoder:
         self.max_length = max_length
         self.continuations = [self.tokenizer.encode(f" {l}", add_special_tokens=False) for l in LETTERS]
         self.single_token = all(len(c) == 1 for c in self.continuations)
-        bos = self.tokenizer.bos_token_id
-        self.prefix = [bos] if bos is not None else []
+        # what the tokenizer itself puts before a text (Llama-3: <|begin_of_text|>; SmolLM2: nothing)
+        self.prefix = self.tokenizer.encode("", add_special_tokens=True)
 
     def encode(self, question: Question, shots: list[Question]) -> list[int]:
         """Prompt ids; shots are dropped (from the first) until it fits ``max_length``."""

