@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipelines import checkpoint, mmlu, runtime
-from pipelines.artifacts import config_hash, read_manifest, write_json, write_manifest
+from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json, write_manifest
 from pipelines.data import TokenWindows
 from pipelines.errors import require
 from pipelines.model import count_parameters, forward_logits
@@ -147,6 +147,7 @@ def run_one(cfg) -> dict:
             "checkpoint loads resharded)", "parallel.pipeline")
     source_manifest = read_manifest(folder)
     inputs = {"checkpoint": str(folder.resolve()), "checkpoint_written_at": source_manifest.get("written_at"),
+              "checkpoint_manifest_sha256": sha256_file(folder / "manifest.json"),
               "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name")}),
               "data": str(Path(str(cfg.data.output)).resolve())}
     done = read_manifest(output) if output.exists() else None

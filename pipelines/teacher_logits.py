@@ -8,6 +8,7 @@ together and their first rank writes. Finished shards are skipped on a rerun.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pipelines import checkpoint, preemption, runtime
-from pipelines.artifacts import read_manifest, sha256_file
+from pipelines.artifacts import read_manifest, sha256_file, write_json
 from pipelines.data import TokenWindows
 from pipelines.errors import require
 from pipelines.kd_loss import teacher_sampled, teacher_topk
@@ -37,6 +38,20 @@ def cache_identity(teacher: Path, data: Path, sequence_length: int, k: int, temp
             "tokenizer": sha256_file(tokenizer) if tokenizer.exists() else None}
 
 
+def _start(folder: Path, identity: dict, force: bool) -> None:
+    """Make ``folder`` hold only shards of this ``identity`` (main rank; others wait after).
+
+    ``identity.json`` is written before the first shard, so shards left by a killed run with
+    other settings (teacher, data, k, temperature, ...) are removed rather than mixed in.
+    """
+    stamp = folder / "identity.json"
+    stale = force or (stamp.exists() and json.loads(stamp.read_text()) != identity)
+    if stale or not stamp.exists():
+        for path in list(folder.glob("shard-*")) + list(folder.glob(".shard-*")) + [folder / "manifest.json"]:
+            path.unlink(missing_ok=True)
+    write_json(stamp, identity)
+
+
 def run(cfg) -> dict:
     from megatron.core import parallel_state
 
@@ -54,8 +69,8 @@ def run(cfg) -> dict:
     identity = cache_identity(teacher, data, sequence_length, k, temperature, mode)
     identity["value_dtype"] = str(logits_cfg.get("value_dtype", "float16"))
     done = read_manifest(output) if output.exists() else None
-    if done and done.get("identity") == identity:
-        print(f"[teacher_logits] {output} is up to date; skipping")
+    if done and done.get("identity") == identity and not cfg.get("force", False):
+        print(f"[teacher_logits] {output} is up to date; skipping (force=true recomputes)")
         return done
     windows = TokenWindows(data, "train", sequence_length)
     samples = min(len(windows), int(logits_cfg.samples or len(windows)))
@@ -67,7 +82,10 @@ def run(cfg) -> dict:
                                         if layout.device.type == "cpu" else torch.bfloat16)
     model.eval()
     preemption.install()
-    output.mkdir(parents=True, exist_ok=True)
+    if layout.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        _start(output, identity, bool(cfg.get("force", False)))
+    torch.distributed.barrier()
     cache_layout = Layout(sequence_length, k, arch["vocab_size"], str(logits_cfg.get("value_dtype", "float16")))
     shards = math.ceil(samples / per_shard)
     dp_rank = parallel_state.get_data_parallel_rank()

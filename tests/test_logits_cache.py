@@ -109,3 +109,16 @@ def test_fast_packing_matches_the_bit_plane_layout(bits, count):
     packed = pack_ids(ids, bits)
     assert np.array_equal(packed, _pack_planes(ids, bits))
     assert np.array_equal(unpack_ids(packed, bits, count), ids.astype(np.int64))
+
+
+def test_shards_of_other_settings_are_never_mixed_in(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
+    output = tmp_path / "c"
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, output, k=8)))
+    (output / "manifest.json").unlink()          # as if killed before finishing
+    (output / "shard-00003.bin").unlink()
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, output, k=4)))
+    assert LogitsCache(output).manifest["k"] == 4 and all(
+        LogitsCache(output)[i][0].shape[-1] == 4 for i in range(12))
+    forced = teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, output, k=4)
+                                        + ["force=true"]))
+    assert forced["k"] == 4
