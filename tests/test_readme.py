@@ -65,6 +65,7 @@ def test_commands_on_the_demo_run(tmp_path):
     assert '"steps": 20' in distilled
     for command in HAND_COMMANDS:
         command = command.replace("/tmp/", f"{tmp_path}/")
-        result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                env=env)
         assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "exported" / "config.json").exists()
