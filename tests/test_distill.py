@@ -101,13 +101,18 @@ def test_cache_with_full_vocabulary_equals_online_teacher(tmp_path, tiny_teacher
     assert diff <= 1e-5 * scale, (diff, scale)
 
 
-def test_two_data_parallel_ranks_match_one_process(tmp_path, tiny_teacher, tiny_data, full_cache):
+@pytest.mark.parametrize("layout", ["parallel.tensor=1", "parallel.tensor=2", "parallel.pipeline=2"],
+                         ids=["dp2", "tp2", "pp2"])
+def test_two_gloo_processes_match_one_process(tmp_path, tiny_teacher, tiny_data, full_cache, layout):
+    """DP=2 (each rank half the micro-batches), TP=2 (vocabulary-split KD loss) and PP=2 (the
+    pipeline schedule) each reach the single-process losses."""
     steps = {"distill.train_steps": 3, "distill.cache": full_cache, "distill.save_interval": 0,
              "distill.log_interval": 1}
     one = run_script("scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "one", **steps),
                      env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_torchrun(2, "scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "two", **steps))
+    two = run_torchrun(2, "scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "two", **steps),
+                       layout)
     assert two.returncode == 0, two.stderr[-3000:]
 
     def losses(folder):
@@ -116,7 +121,10 @@ def test_two_data_parallel_ranks_match_one_process(tmp_path, tiny_teacher, tiny_
 
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    # TP splits matmul sums over ranks, so weights differ in the last bits after an update, and
+    # Adam's first steps (about lr·sign(g)) amplify that: exact for the first two steps, close after
+    tolerances = [1e-5, 1e-5, 1e-3] if layout == "parallel.tensor=2" else [1e-5] * 3
+    assert all(abs(x - y) <= t for x, y, t in zip(a, b, tolerances)), (a, b)
 
 
 def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_teacher, tiny_data, full_cache):
