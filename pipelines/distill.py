@@ -14,7 +14,7 @@ Output folder::
     weights/ model.yaml tokenizer/ manifest.json   the final student (a normal checkpoint)
     train/checkpoints/step-NNNNNN/                 dist_checkpointing: model, optimizer, scheduler,
                                                    step (= data position) and RNG
-    train/checkpoints/latest                       name of the newest complete checkpoint
+    train/checkpoints/latest.json                  name and step of the newest complete checkpoint
     train/metrics.jsonl                            one line per logged step and per evaluation
     train/tensorboard/                             the same scalars for TensorBoard
 
@@ -68,6 +68,7 @@ class Plan:
                 f"student checkpoint {self.student} does not exist or is incomplete", f"{self.section}.student")
         self.arch, self.stored_dtype = checkpoint.read_architecture(self.student)
         self.data = Path(str(cfg.data.output))
+        data_inputs = (read_manifest(self.data) or {}).get("inputs")
         self.teacher_kind = str(d.teacher)
         require(self.teacher_kind in TEACHERS, f"{section}.teacher={self.teacher_kind!r}; one of "
                 f"{TEACHERS}", f"{self.section}.teacher")
@@ -106,7 +107,7 @@ class Plan:
         if self.teacher_kind == "cache":
             require(d.get("cache"), f"{section}.teacher=cache needs the teacher-logits folder", f"{self.section}.cache")
             expected = {"data": str(self.data.resolve()),
-                        "data_inputs": (read_manifest(self.data) or {}).get("inputs"),
+                        "data_inputs": data_inputs,
                         "sequence_length": self.sequence_length, "temperature": float(d.temperature),
                         "tokenizer": tokenizer_hash(self.student)}
             self.cache = LogitsCache(Path(str(d.cache)), expected, verify=bool(d.verify_cache))
@@ -128,7 +129,7 @@ class Plan:
                        "student_written_at": read_manifest(self.student).get("written_at"),
                        "teacher": str(self.teacher_path.resolve()) if self.teacher_path else None,
                        "cache": self.cache.manifest.get("written_at") if self.cache else None,
-                       "data_inputs": (read_manifest(self.data) or {}).get("inputs"),
+                       "data_inputs": data_inputs,
                        "config": config_hash({k: v for k, v in dict(d).items()
                                               if k not in ("log_interval", "verify_cache")})}
 
@@ -396,7 +397,7 @@ class Logger:
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         if not self.enabled:
             return
-        record = {"step": step, "kind": kind, **{k: v for k, v in metrics.items()}}
+        record = {"step": step, "kind": kind, **metrics}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -424,7 +425,7 @@ def run(cfg, section: str = "distill") -> dict:
     """Train ``cfg[section]`` (``distill``, or ``correct`` for teacher correction)."""
     d = cfg[section]
     output = Path(str(d.output))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    world = runtime.launch_world_size()
     model_parallel = int(cfg.parallel.tensor) * int(cfg.parallel.pipeline) * int(cfg.parallel.get("context", 1))
     plan = Plan(cfg, max(1, world // model_parallel), section)
     done = read_manifest(output) if output.exists() else None

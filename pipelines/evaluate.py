@@ -71,10 +71,14 @@ def loglikelihoods(forward, requests, batch_tokens: int, vocab_size: int, rank: 
     return results
 
 
-def mmlu_requests(eval_cfg, tokenizer_dir: Path, max_length: int):
-    shots_by_subject, scored = mmlu.load(str(eval_cfg.mmlu.source), eval_cfg.mmlu.get("path"),
-                                         int(eval_cfg.shots), eval_cfg.mmlu.get("subjects"),
-                                         eval_cfg.get("limit"))
+def load_questions(eval_cfg):
+    """``(shots by subject, scored questions by subject)`` of the ``eval`` config."""
+    return mmlu.load(str(eval_cfg.mmlu.source), eval_cfg.mmlu.get("path"), int(eval_cfg.shots),
+                     eval_cfg.mmlu.get("subjects"), eval_cfg.get("limit"))
+
+
+def mmlu_requests(eval_cfg, tokenizer_dir: Path, max_length: int, loaded=None):
+    shots_by_subject, scored = loaded or load_questions(eval_cfg)
     encoder = mmlu.Encoder(tokenizer_dir, max_length)
     questions = [q for qs in scored.values() for q in qs]
     requests = [(encoder.encode(q, shots_by_subject.get(q.subject, [])), encoder.continuations)
@@ -82,10 +86,10 @@ def mmlu_requests(eval_cfg, tokenizer_dir: Path, max_length: int):
     return questions, requests, encoder
 
 
-def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout) -> dict:
+def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout, loaded=None) -> dict:
     from megatron.core import parallel_state
 
-    questions, requests, encoder = mmlu_requests(eval_cfg, tokenizer_dir, int(eval_cfg.max_length))
+    questions, requests, encoder = mmlu_requests(eval_cfg, tokenizer_dir, int(eval_cfg.max_length), loaded)
     started = time.perf_counter()
     mine = loglikelihoods(lambda t: forward_logits(model, t.to(layout.device)), requests,
                           int(eval_cfg.batch_tokens), vocab_size,
@@ -154,8 +158,8 @@ def run_one(cfg) -> dict:
     if done and done.get("inputs") == inputs and not cfg.get("force", False):
         print(f"[eval] {output} is up to date; skipping (force=true reruns)")
         return done
-    # validate the MMLU selection before loading the model
-    mmlu.load(str(e.mmlu.source), e.mmlu.get("path"), int(e.shots), e.mmlu.get("subjects"), e.get("limit"))
+    # read (and so validate) the MMLU selection before loading the model
+    loaded = load_questions(e) if bool(e.mmlu.enabled) else None
     layout = runtime.initialize(cfg.parallel)
     dtype = torch.float32 if layout.device.type == "cpu" else torch.bfloat16
     model, arch = checkpoint.load_model(folder, layout, dtype=dtype)
@@ -174,7 +178,7 @@ def run_one(cfg) -> dict:
         print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f})",
               flush=True)
     if bool(e.mmlu.enabled):
-        summary = run_mmlu(model, e, tokenizer_dir, arch["vocab_size"], layout)
+        summary = run_mmlu(model, e, tokenizer_dir, arch["vocab_size"], layout, loaded)
         results["mmlu"] = summary
         print(f"[eval] {name}: MMLU {int(e.shots)}-shot macro {summary['macro']:.4f} micro "
               f"{summary['micro']:.4f} over {summary['questions']} questions in "

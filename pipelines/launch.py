@@ -16,7 +16,6 @@ the job, which then skips the finished stages and resumes the interrupted one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -206,4 +205,3 @@ def main(argv: list[str]) -> None:
     require(not dry_run, "--dry-run is for cluster=slurm", "cluster")
     for name in stages:
         run_local(name, cfg, overrides)
-    os.environ.pop("MASTER_PORT", None)

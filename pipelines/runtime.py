@@ -53,6 +53,17 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def launch_world_size() -> int:
+    """World size the launcher set (torchrun or SLURM; 1 for a plain process), read before
+    :func:`initialize` so stages can validate batch sizes without touching the rendezvous."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_NTASKS"])
+    return 1
+
+
 def _launch_environment() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun, SLURM, or a plain single process."""
     env = os.environ
@@ -128,8 +139,9 @@ def keep_freed_memory() -> None:
     """CPU runs: stop glibc returning freed memory to the OS after every large tensor.
 
     By default each large tensor is its own ``mmap`` and each free an ``munmap``, so every forward
-    pass page-faults its activations in again: measured 2.4x slower MMLU evaluation on CPU (most
-    of it kernel time). Raising the mmap and trim thresholds keeps freed blocks for reuse.
+    pass page-faults its activations in again, much of it kernel time. Raising the mmap and trim
+    thresholds keeps freed blocks for reuse: measured 13.5 s -> 9.2 s for 57 5-shot MMLU
+    questions, and a CE training step 3.26 s -> 1.47 s (bench/distill_step.py's student).
     """
     import ctypes
     import ctypes.util

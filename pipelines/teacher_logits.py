@@ -28,13 +28,14 @@ MODES = ("topk", "sampled")
 
 
 def cache_identity(teacher: Path, data: Path, sequence_length: int, k: int, temperature: float,
-                   mode: str = "topk") -> dict:
+                   mode: str = "topk", value_dtype: str = "float16") -> dict:
     """What a cache is valid for; distill compares its own run against this."""
     tokenizer = teacher / "tokenizer" / "tokenizer.json"
     data_manifest = read_manifest(data) or {}
     return {"teacher": str(teacher.resolve()), "teacher_written_at": read_manifest(teacher).get("written_at"),
             "data": str(data.resolve()), "data_inputs": data_manifest.get("inputs"),
             "sequence_length": sequence_length, "k": k, "temperature": temperature, "mode": mode,
+            "value_dtype": value_dtype,
             "tokenizer": sha256_file(tokenizer) if tokenizer.exists() else None}
 
 
@@ -66,8 +67,8 @@ def run(cfg) -> dict:
     require(temperature > 0, "temperature must be positive", "logits.temperature")
     mode = str(logits_cfg.get("mode", "topk"))
     require(mode in MODES, f"unknown mode {mode!r}; one of {MODES}", "logits.mode")
-    identity = cache_identity(teacher, data, sequence_length, k, temperature, mode)
-    identity["value_dtype"] = str(logits_cfg.get("value_dtype", "float16"))
+    value_dtype = str(logits_cfg.get("value_dtype", "float16"))
+    identity = cache_identity(teacher, data, sequence_length, k, temperature, mode, value_dtype)
     done = read_manifest(output) if output.exists() else None
     if done and done.get("identity") == identity and not cfg.get("force", False):
         print(f"[teacher_logits] {output} is up to date; skipping (force=true recomputes)")
@@ -86,7 +87,7 @@ def run(cfg) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         _start(output, identity, bool(cfg.get("force", False)))
     torch.distributed.barrier()
-    cache_layout = Layout(sequence_length, k, arch["vocab_size"], str(logits_cfg.get("value_dtype", "float16")))
+    cache_layout = Layout(sequence_length, k, arch["vocab_size"], value_dtype)
     shards = math.ceil(samples / per_shard)
     dp_rank = parallel_state.get_data_parallel_rank()
     writer = parallel_state.get_tensor_model_parallel_rank() == 0
