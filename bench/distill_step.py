@@ -99,7 +99,7 @@ def worker(mode: str, overrides: list[str], steps: int) -> dict:
 
         plan = trainer.plan
         indices = step_samples(0, plan.global_batch, plan.samples, 0, 1)
-        batches = [make_batch(plan.windows, None, indices[i:i + plan.micro_batch], layout.device)["tokens"]
+        batches = [make_batch(plan.windows, None, indices[i:i + plan.micro_batch], layout)["tokens"]
                    for i in range(0, len(indices), plan.micro_batch)]
 
         def step():

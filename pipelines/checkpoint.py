@@ -9,6 +9,13 @@ Layout of a checkpoint folder::
 
 A checkpoint saved at one parallel layout loads at another: :func:`load_model` builds the model
 for the current layout and lets ``dist_checkpointing`` reshard.
+
+**One key set for every layer spec.** ``weights/`` holds exactly :func:`te_spec_keys`: the keys
+transformer-engine's spec asks for, without TE's ``_extra_state`` (FP8 metadata, meaningless for
+bf16 weights). The local spec (CPU, import, export) and the ModelOpt spec (width pruning) write
+those same keys through their norm remapping (see :func:`pipelines.runtime.layer_spec`), and
+:func:`save_weights` / :func:`load_weights` leave ``_extra_state`` out in both directions, so a
+checkpoint written on a laptop loads into the TE model on a GPU node and back.
 """
 
 from __future__ import annotations
@@ -73,6 +80,49 @@ def _own_views_releasing_parameters(model, state) -> None:
             owners[pointer].data = owners[pointer].data.new_empty(0)
 
 
+def te_spec_keys(arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The weight keys (and global shapes) a TE-spec ``GPTModel`` of ``arch`` asks
+    ``dist_checkpointing`` for.
+
+    Where the list comes from (megatron-core 0.16.1): ``get_gpt_layer_with_transformer_engine_spec``
+    in ``megatron/core/models/gpt/gpt_layer_specs.py`` builds each layer from
+    ``TELayerNormColumnParallelLinear`` for ``self_attention.linear_qkv`` and ``mlp.linear_fc1``
+    (TE's ``LayerNormLinear``: parameters ``weight`` and, for RMSNorm, ``layer_norm_weight``; no
+    bias with ``add_bias_linear=False``), ``TERowParallelLinear`` for ``linear_proj`` and
+    ``linear_fc2`` (``weight``), ``TEDotProductAttention`` (no parameters) and ``IdentityOp`` input
+    and pre-MLP norms; ``TENorm`` is the final norm. ``TransformerBlock.sharded_state_dict`` stacks
+    the layers' tensors under ``decoder.layers.<name>`` with the layer as the leading axis, and
+    ``GPTModel`` adds the (padded) word embeddings and, untied, the output layer. TE's
+    ``_extra_state`` entries are excluded on purpose (see the module doc).
+    """
+    layers, hidden, ffn = arch["num_layers"], arch["hidden_size"], arch["ffn_hidden_size"]
+    head_dim, heads, groups = arch["kv_channels"], arch["num_attention_heads"], arch["num_query_groups"]
+    vocab = model_lib.padded_vocab_size(arch)
+    keys = {"embedding.word_embeddings.weight": (vocab, hidden), "decoder.final_layernorm.weight": (hidden,),
+            "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (layers, hidden),
+            "decoder.layers.self_attention.linear_qkv.weight": (layers, (heads + 2 * groups) * head_dim, hidden),
+            "decoder.layers.self_attention.linear_proj.weight": (layers, hidden, heads * head_dim),
+            "decoder.layers.mlp.linear_fc1.layer_norm_weight": (layers, hidden),
+            "decoder.layers.mlp.linear_fc1.weight": (layers, 2 * ffn, hidden),
+            "decoder.layers.mlp.linear_fc2.weight": (layers, hidden, ffn)}
+    if not arch["tie_word_embeddings"]:
+        keys["output_layer.weight"] = (vocab, hidden)
+    return keys
+
+
+def saved_keys(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor keys stored in ``folder/weights`` and their global shapes."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(Path(folder) / "weights"))
+    return {key: tuple(value.global_shape) for key, value in metadata.items()}
+
+
+def _without_extra_state(state: dict) -> dict:
+    """A model's sharded state dict minus TE's ``_extra_state`` entries (never saved, never asked)."""
+    return {key: value for key, value in state.items() if not key.endswith("_extra_state")}
+
+
 def save_weights(model, folder: Path, release_model: bool = False, writer_processes: int = 1) -> None:
     """Save this rank's share of ``model`` into ``folder/weights`` (all ranks call this).
 
@@ -85,7 +135,7 @@ def save_weights(model, folder: Path, release_model: bool = False, writer_proces
 
     weights = Path(folder) / "weights"
     weights.mkdir(parents=True, exist_ok=True)
-    state = model.sharded_state_dict(prefix="")
+    state = _without_extra_state(model.sharded_state_dict(prefix=""))
     if release_model:
         _own_views_releasing_parameters(model, state)
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writer_processes)
@@ -96,7 +146,8 @@ def load_weights(model, folder: Path) -> None:
     """Load ``folder/weights`` into ``model``, resharding to the current layout."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model.sharded_state_dict(prefix=""), str(Path(folder) / "weights"))
+    state = dist_checkpointing.load(_without_extra_state(model.sharded_state_dict(prefix="")),
+                                    str(Path(folder) / "weights"))
     result = model.load_state_dict(state, strict=False)
     missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
     require(not missing and not result.unexpected_keys,
@@ -104,17 +155,20 @@ def load_weights(model, folder: Path) -> None:
             f"{result.unexpected_keys[:4]}", "the checkpoint path")
 
 
-def load_model(folder: Path, layout, dtype: torch.dtype | None = None, **config_overrides):
+def load_model(folder: Path, layout, dtype: torch.dtype | None = None, host: bool = False,
+               purpose: str | None = None, **config_overrides):
     """Build the checkpoint's model for the current parallel layout and load its weights.
 
-    Returns ``(model, arch)``. ``dtype`` casts after loading (the checkpoint's dtype if None).
+    Returns ``(model, arch)``, the model on ``layout.device`` (in host memory with ``host``).
+    ``dtype`` casts after loading (the checkpoint's dtype if None); ``purpose`` picks the layer
+    spec (:func:`pipelines.runtime.layer_spec`).
     """
     arch, stored_dtype = read_architecture(folder)
     model_lib.validate(arch, layout.tensor_parallel, layout.pipeline_parallel)
     config = model_lib.transformer_config(arch, stored_dtype, layout.tensor_parallel,
                                           layout.pipeline_parallel, layout.context_parallel,
-                                          **config_overrides)
-    model = model_lib.build(arch, config, initialize=False)
+                                          host=host, **config_overrides)
+    model = model_lib.build(arch, config, initialize=False, purpose=purpose)
     load_weights(model, folder)
     target = dtype or stored_dtype
     if target != stored_dtype:
@@ -122,4 +176,4 @@ def load_model(folder: Path, layout, dtype: torch.dtype | None = None, **config_
         model.config.params_dtype = target
         model.config.pipeline_dtype = target
         model.config.bf16 = target == torch.bfloat16
-    return model.to(layout.device), arch
+    return model.to(torch.device("cpu") if host else layout.device), arch

@@ -78,15 +78,19 @@ def import_hf(cfg) -> dict:
 
     layout = runtime.initialize(SINGLE_PROCESS)
     dtype = reader.get("model.norm.weight").dtype
-    config = model_lib.transformer_config(arch, dtype)
-    model = model_lib.build(arch, config, initialize=False)
-    transformer_engine = runtime.transformer_engine_available()
+    # Built and filled in host memory with the local spec on any node (an 8B model fits; the
+    # reader fills host tensors); the checkpoint keys are the TE spec's all the same.
+    config = model_lib.transformer_config(arch, dtype, host=True)
+    model = model_lib.build(arch, config, initialize=False, purpose="host")
     parameters = dict(model.named_parameters())
+    on_device = [name for name, parameter in parameters.items() if parameter.device.type != "cpu"]
+    if on_device:
+        raise RuntimeError(f"import must fill host memory, but {on_device[:2]} were built on a device")
     shapes = hf_llama.megatron_shapes(arch)
     unset = set(parameters)
     with torch.no_grad():
         for name, row, hf_name, hf_row, rows in hf_llama.placements(arch):
-            engine = hf_llama.engine_name(name, transformer_engine)
+            engine = name
             parameter = parameters[engine]
             require(tuple(parameter.shape) == shapes[name] and reader.shape(hf_name)[1:] ==
                     list(parameter.shape[1:]), f"{source}: {hf_name} has shape "
@@ -131,14 +135,13 @@ def export_hf(cfg) -> dict:
         return read_manifest(output)
 
     layout = runtime.initialize(SINGLE_PROCESS)
-    model, arch = checkpoint.load_model(source, layout)
+    model, arch = checkpoint.load_model(source, layout, host=True, purpose="host")
     dtype = model.embedding.word_embeddings.weight.dtype
     state = {name: tensor for name, tensor in model.state_dict().items()
              if not name.endswith("_extra_state")}
-    transformer_engine = runtime.transformer_engine_available()
 
     def get(name: str) -> torch.Tensor:
-        return state[hf_llama.engine_name(name, transformer_engine)]
+        return state[name]
 
     token_ids_path = source / "tokenizer" / "special_token_ids.json"
     token_ids = json.loads(token_ids_path.read_text()) if token_ids_path.exists() else {}

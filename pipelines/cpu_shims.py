@@ -5,7 +5,7 @@ machine without a GPU, :func:`apply` patches exactly those places so the *same* 
 optimizer and checkpoint code runs on CPU with gloo. With CUDA available it does nothing, and
 ``tests/test_cpu_shims.py`` checks that.
 
-Each shim was measured (see DEVELOPERS.md and shared/reference/cpu-probe) and is listed in
+Each shim was found by running megatron-core and ModelOpt on CPU and is listed in
 :data:`SHIMS` with the megatron/ModelOpt call that needs it:
 
 - ``current_device``: ``torch.cuda.current_device()`` returns ``"cpu"`` (rotary embeddings,
@@ -19,6 +19,9 @@ Each shim was measured (see DEVELOPERS.md and shared/reference/cpu-probe) and is
   distributed helpers).
 - ``gloo_allgather_0d``: gloo rejects 0-d inputs to ``all_gather_into_tensor`` that NCCL
   accepts (ModelOpt ``drop_mcore_language_model_layers``); they are reshaped to ``(1,)``.
+- ``cuda_rng_state``: ``torch.cuda.get_rng_state()`` returns an empty state (activation
+  recompute saves the CUDA RNG next to the CPU one; megatron's setter is queued by torch and never
+  runs without CUDA). There is no CUDA RNG to restore on CPU; the CPU RNG is saved as on GPU.
 
 The RNG tracker is handled by :func:`pipelines.runtime.seed_everything`, which calls
 ``model_parallel_cuda_manual_seed`` on GPU and ``initialize_rng_tracker(force_reset=True)`` on
@@ -38,6 +41,7 @@ SHIMS = (
     "tensor_type",
     "tensor_cuda",
     "gloo_allgather_0d",
+    "cuda_rng_state",
 )
 
 _applied: list[str] = []
@@ -106,5 +110,10 @@ def apply(force: bool = False) -> list[str]:
         return original_all_gather(output_tensor, input_tensor, group=group, async_op=async_op)
 
     dist.all_gather_into_tensor = all_gather_into_tensor
+
+    def no_cuda_rng_state(device="cuda"):
+        return torch.empty(0, dtype=torch.uint8)
+
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = no_cuda_rng_state
     _applied.extend(SHIMS)
     return applied()

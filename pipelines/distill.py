@@ -144,31 +144,66 @@ def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: i
     return [(base + j) % samples for j in range(per_rank)]
 
 
-def make_batch(windows, cache, indices, device) -> dict:
+def make_batch(windows, cache, indices, layout) -> dict:
+    """One micro-batch on ``layout``'s device: tokens, labels and the cached teacher (or None)."""
     rows = torch.stack([windows[i] for i in indices])
-    batch = {"tokens": rows[:, :-1].to(device), "labels": rows[:, 1:].to(device), "teacher": None}
+    batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:], "teacher": None}
     if cache is not None:
         parts = [cache[i] for i in indices]
-        batch["teacher"] = TopK(*(torch.stack(p).to(device) for p in zip(*parts)))
-    return batch
+        batch["teacher"] = TopK(*(torch.stack(p) for p in zip(*parts)))
+    return layout.place(batch)
 
 
 # ----------------------------------------------------------------------------- training
 
 
+def training_dtype(name: str, layout, key: str = "distill.dtype") -> torch.dtype:
+    """``distill.dtype``: ``auto`` is the layout's compute dtype (bf16 on GPU, float32 on CPU);
+    ``bfloat16`` keeps bf16 parameters with float32 master weights in the optimizer (also on CPU)."""
+    require(name in ("auto", "float32", "bfloat16"), f"dtype {name!r} is not auto, float32 or bfloat16", key)
+    return layout.compute_dtype if name == "auto" else getattr(torch, name)
+
+
+def training_overrides(layout, recompute: str = "none", key: str = "distill.recompute") -> dict:
+    """Model-config changes for training.
+
+    - Sequence parallelism whenever tensor parallelism runs on the TE spec: activations between
+      the tensor-parallel regions are split over the sequence instead of replicated ``tp`` times
+      (finalize_model_grads then all-reduces the norm gradients). megatron's local spec cannot:
+      its torch norm refuses ``sequence_parallel``, so CPU runs (and GPU images without TE) keep
+      the activations replicated.
+    - Activation recompute (``distill.recompute``): ``full`` keeps only each layer's input and
+      recomputes the layer in the backward pass; ``selective`` recomputes the core attention.
+    """
+    from pipelines.memory_plan import RECOMPUTE
+
+    require(recompute in RECOMPUTE, f"recompute={recompute!r}; one of {RECOMPUTE}", key)
+    overrides = {"sequence_parallel": layout.tensor_parallel > 1 and runtime.transformer_engine_available()}
+    if recompute == "full":
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        overrides.update(recompute_granularity="selective")
+    return overrides
+
+
 class Trainer:
     def __init__(self, plan: Plan, layout):
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                               finalize_model_grads)
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         d = plan.d
         self.plan, self.layout, self.d = plan, layout, d
-        on_gpu = layout.device.type == "cuda"
-        self.dtype = torch.bfloat16 if on_gpu and str(d.dtype) != "float32" else torch.float32
-        model, self.arch = checkpoint.load_model(plan.student, layout, dtype=self.dtype)
-        self.distributed_optimizer = on_gpu and bool(d.distributed_optimizer)
+        self.dtype = training_dtype(str(d.dtype), layout, f"{plan.section}.dtype")
+        overrides = training_overrides(layout, str(d.recompute), f"{plan.section}.recompute")
+        model, self.arch = checkpoint.load_model(plan.student, layout, dtype=self.dtype, **overrides)
+        # megatron's own loop sets this: after the backward passes the schedule reduces gradients
+        # over data-parallel ranks, all-reduces tied embedding gradients between the first and last
+        # pipeline stages, and norm gradients under sequence parallelism.
+        model.config.finalize_model_grads_func = finalize_model_grads
+        self.distributed_optimizer = bool(d.distributed_optimizer)
         self.model = DistributedDataParallel(
             config=model.config, module=model,
             ddp_config=DistributedDataParallelConfig(
@@ -186,7 +221,8 @@ class Trainer:
             wd_incr_style="constant")
         self.teacher = None
         if plan.teacher_kind == "online":
-            self.teacher, _ = checkpoint.load_model(plan.teacher_path, layout, dtype=self.dtype)
+            self.teacher, _ = checkpoint.load_model(plan.teacher_path, layout, dtype=self.dtype,
+                                                    **training_overrides(layout))
             self.teacher.eval().requires_grad_(False)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -239,7 +275,7 @@ class Trainer:
         if self.last_stage and losses:
             values = torch.tensor([[m[k].item() for k in ("loss", "kd", "ce")] for m in losses],
                                   dtype=torch.float64).sum(0) / count
-        values = values.to(self.layout.device)
+        values = self.layout.place(values)
         torch.distributed.all_reduce(values, group=self.dp_group)
         values /= self.layout.data_parallel
         torch.distributed.all_reduce(values, group=self.pp_group)
@@ -252,16 +288,16 @@ class Trainer:
         plan = self.plan
         indices = step_samples(self.step, plan.global_batch, plan.samples, self.dp_rank,
                                self.layout.data_parallel)
-        batches = [make_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], self.layout.device)
+        batches = [make_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], self.layout)
                    for i in range(0, len(indices), plan.micro_batch)]
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        # the schedule ends with config.finalize_model_grads_func (set in __init__)
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
             num_microbatches=plan.microbatches, seq_length=plan.sequence_length,
             micro_batch_size=plan.micro_batch, forward_only=False)
-        self.model.finish_grad_sync()
         return self._reduce(losses, plan.microbatches)
 
     def train_step(self) -> dict:
@@ -282,21 +318,23 @@ class Trainer:
         require(per_rank > 0, f"eval_samples={d.eval_samples} gives no validation micro-batch per "
                 "data-parallel rank (the valid split may be short)", f"{plan.section}.eval_samples")
         mine = list(range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
-        self.eval_batches = [make_batch(plan.valid, None, mine[i:i + plan.micro_batch], self.layout.device)
+        self.eval_batches = [make_batch(plan.valid, None, mine[i:i + plan.micro_batch], self.layout)
                              for i in range(0, per_rank, plan.micro_batch)]
         if plan.teacher_path is None or int(self.layout.pipeline_parallel) > 1:
             return
         teacher = self.teacher
         if teacher is None:
-            teacher, _ = checkpoint.load_model(plan.teacher_path, self.layout, dtype=self.dtype)
-        from pipelines.model import forward_logits
+            teacher, _ = checkpoint.load_model(plan.teacher_path, self.layout, dtype=self.dtype,
+                                               **training_overrides(self.layout))
+        from pipelines.model import local_logits
 
         teacher.eval()
         with torch.no_grad():
-            for batch in self.eval_batches:
-                logits = forward_logits(teacher, batch["tokens"])[..., : self.vocab_size]
-                batch["teacher"] = teacher_topk(logits, min(self.vocab_size, int(d.eval_topk)),
-                                                float(d.temperature))
+            for batch in self.eval_batches:  # top-k per vocabulary slice, chunked: no full-vocab gather
+                batch["teacher"] = teacher_topk(
+                    local_logits(teacher, batch["tokens"]), min(self.vocab_size, int(d.eval_topk)),
+                    float(d.temperature), vocab_size=self.vocab_size, tp_group=self.tp_group,
+                    chunk_tokens=int(d.chunk_tokens))
         del teacher
 
     def evaluate(self) -> dict:
@@ -319,13 +357,55 @@ class Trainer:
 
     # -- checkpoints
 
+    # megatron-core 0.16's default distributed-optimizer format uses ShardedTensor.flattened_range,
+    # which its own dist_checkpointing then refuses; megatron's training loop asks for this one
+    # (fully parallel save and load, reshardable over data-parallel sizes).
+    OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
     def _state(self, loading: bool) -> dict:
-        model_state = self.model.sharded_state_dict(prefix="")
+        # the unwrapped model's keys (the DDP wrapper would prefix them with "module.")
+        model_state = self.model.module.sharded_state_dict(prefix="")
         return {"model": model_state,
-                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=loading),
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=loading,
+                                                               metadata=self.OPTIMIZER_METADATA),
                 "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "adam_steps": self._adam_steps(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate()}}
+
+    def _torch_adams(self) -> list:
+        """The plain ``torch.optim.Adam`` inside megatron's optimizer wrappers (none with TE/Apex)."""
+        inners = [getattr(w, "optimizer", None) for w in getattr(self.optimizer, "chained_optimizers",
+                                                                  [self.optimizer])]
+        return [inner for inner in inners if isinstance(inner, torch.optim.Adam)]
+
+    def _adam_steps(self) -> list[float]:
+        return [float(next(iter(adam.state.values()))["step"]) if adam.state else 0.0
+                for adam in self._torch_adams()]
+
+    def _restore_adam_steps(self, steps: list[float]) -> None:
+        """megatron's distributed optimizer loads torch Adam's per-parameter ``step`` from the
+        state it was asked to load into, not from the checkpoint; put the saved count back."""
+        for adam, step in zip(self._torch_adams(), steps):
+            for state in adam.state.values():
+                state["step"] = torch.tensor(step)
+
+    def _prime_torch_adam_state(self) -> None:
+        """Give a fresh torch Adam the state entries its first step would create.
+
+        Without Apex or TE (CPU, or a GPU image without them) megatron's distributed optimizer
+        uses ``torch.optim.Adam`` and reads each parameter's ``step`` while building the state
+        dict to load into, which a fresh Adam does not have yet (TE's FusedAdam keeps ``step``
+        per group instead). The values are replaced by the checkpoint's.
+        """
+        for inner in self._torch_adams():
+            if len(inner.state):
+                continue
+            for group in inner.param_groups:
+                for parameter in group["params"]:
+                    inner.state[parameter] = {"step": torch.tensor(0.0),
+                                              "exp_avg": torch.zeros_like(parameter),
+                                              "exp_avg_sq": torch.zeros_like(parameter)}
 
     def save(self, folder: Path) -> None:
         """Save the training state under ``folder/step-NNNNNN`` and point ``latest`` at it."""
@@ -356,9 +436,16 @@ class Trainer:
         if not latest.exists():
             return False
         name = json.loads(latest.read_text())["checkpoint"]
+        self._prime_torch_adam_state()
         state = dist_checkpointing.load(self._state(loading=True), str(folder / name))
-        self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # copies into parameters and their optimizer shards, not differentiable
+            result = self.model.module.load_state_dict(state["model"], strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+        missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+        require(not missing and not result.unexpected_keys, f"training checkpoint {folder / name} does not "
+                f"fit the model: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}",
+                f"{self.plan.section}.output")
+        self._restore_adam_steps(state["adam_steps"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])

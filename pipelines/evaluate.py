@@ -17,16 +17,20 @@ from pipelines import checkpoint, mmlu, runtime
 from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json, write_manifest
 from pipelines.data import TokenWindows
 from pipelines.errors import require
-from pipelines.model import count_parameters, forward_logits
+from pipelines.model import count_parameters, lm_loss, local_logits
 
 
-def loglikelihoods(forward, requests, batch_tokens: int, vocab_size: int, rank: int = 0, world: int = 1):
+def loglikelihoods(forward, requests, batch_tokens: int, vocab_size: int, rank: int = 0, world: int = 1,
+                   tp_group=None):
     """Log-likelihood of each continuation of each ``(context ids, [continuation ids, ...])``.
 
     Returns ``{request index: [score per continuation]}`` for the requests this rank scored
     (batches are dealt round-robin over ``world`` ranks). ``forward(tokens [b, s])`` returns
-    logits ``[b, s, >= vocab_size]``.
+    logits ``[b, s, >= vocab_size]``, or this rank's vocabulary slice of them with ``tp_group``
+    (the scored positions' log-softmax is then reduced over the group, never gathered).
     """
+    from pipelines.kd_loss import token_logprobs
+
     rows = []  # (request, choice or None, input ids, positions, target ids)
     for index, (context, continuations) in enumerate(requests):
         if all(len(c) == 1 for c in continuations):
@@ -62,11 +66,13 @@ def loglikelihoods(forward, requests, batch_tokens: int, vocab_size: int, rank: 
             logits = forward(tokens)
         for i, r in enumerate(batch):
             index, choice, _, positions, targets = rows[r]
-            log_p = torch.log_softmax(logits[i, positions, :vocab_size].float(), dim=-1)
-            if choice is None:
-                results[index] = log_p[0, targets].tolist()
-            else:
-                score = log_p[torch.arange(len(targets)), torch.tensor(targets)].sum().item()
+            scored = logits[i, positions]
+            if choice is None:  # one position, every choice's single token
+                ids = torch.tensor([targets], device=scored.device)
+                results[index] = token_logprobs(scored, ids, vocab_size, tp_group, None)[0].tolist()
+            else:  # one token of this choice per position
+                ids = torch.tensor(targets, device=scored.device)[:, None]
+                score = token_logprobs(scored, ids, vocab_size, tp_group, None).sum().item()
                 results.setdefault(index, [0.0] * 4)[choice] = score
     return results
 
@@ -91,9 +97,10 @@ def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout, load
 
     questions, requests, encoder = mmlu_requests(eval_cfg, tokenizer_dir, int(eval_cfg.max_length), loaded)
     started = time.perf_counter()
-    mine = loglikelihoods(lambda t: forward_logits(model, t.to(layout.device)), requests,
+    mine = loglikelihoods(lambda t: local_logits(model, layout.place(t)), requests,
                           int(eval_cfg.batch_tokens), vocab_size,
-                          parallel_state.get_data_parallel_rank(), layout.data_parallel)
+                          parallel_state.get_data_parallel_rank(), layout.data_parallel,
+                          parallel_state.get_tensor_model_parallel_group())
     gathered = [None] * layout.data_parallel
     torch.distributed.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
     scores = {k: v for part in gathered for k, v in part.items()}
@@ -161,18 +168,15 @@ def run_one(cfg) -> dict:
     # read (and so validate) the MMLU selection before loading the model
     loaded = load_questions(e) if bool(e.mmlu.enabled) else None
     layout = runtime.initialize(cfg.parallel)
-    dtype = torch.float32 if layout.device.type == "cpu" else torch.bfloat16
-    model, arch = checkpoint.load_model(folder, layout, dtype=dtype)
+    model, arch = checkpoint.load_model(folder, layout, dtype=layout.compute_dtype)
     model.eval()
     name = str(e.get("name") or folder.name)
     results = {"name": name, "checkpoint": str(folder), "params": count_parameters(arch),
                "architecture": {k: arch[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size",
                                                       "num_attention_heads", "num_query_groups")}}
     if int(e.val_samples) > 0:
-        from pipelines.prune import lm_loss
-
         valid = TokenWindows(Path(str(cfg.data.output)), "valid", int(e.sequence_length))
-        batches = (b.to(layout.device) for b in valid.batches(int(e.batch_size), int(e.val_samples)))
+        batches = map(layout.place, valid.batches(int(e.batch_size), int(e.val_samples)))
         results["val_loss"] = lm_loss(model, batches, arch["vocab_size"])
         results["val_ppl"] = float(torch.tensor(results["val_loss"]).exp())
         print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f})",

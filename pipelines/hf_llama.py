@@ -1,7 +1,8 @@
 """Hugging Face Llama <-> megatron-core: config and weight mapping, one tensor at a time.
 
-Names are megatron's *local* layer spec; :func:`engine_name` translates them to the
-transformer-engine spec, which fuses the two RMSNorm weights into the following linear layer.
+Names are megatron's *local* layer spec, which import and export build in host memory on any
+node; its sharded state dict stores the norms under the transformer-engine spec's names, so the
+checkpoint loads into either spec (:mod:`pipelines.checkpoint`).
 QKV is megatron's per-group layout: for each query group, its query heads, then its key head,
 then its value head. :func:`placements` is the one table of where each row block goes. The MLP's ``linear_fc1`` is ``[gate; up]``. Embedding and output rows are
 padded with zeros to the padded vocabulary, and the padding is dropped again on export.
@@ -106,14 +107,6 @@ def hf_config(arch: Mapping[str, Any], dtype: torch.dtype, bos_token_id=None, eo
     )
     config.architectures = ["LlamaForCausalLM"]
     return config.to_dict()
-
-
-def engine_name(name: str, transformer_engine: bool) -> str:
-    """Translate a local-spec parameter name to the transformer-engine spec's, if needed."""
-    if not transformer_engine:
-        return name
-    return (name.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
-                .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"))
 
 
 def placements(arch: Mapping[str, Any]) -> Iterator[tuple[str, int, str, int, int]]:

@@ -249,31 +249,95 @@ def sparse_kl_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, loss_m
     return loss
 
 
+def _chunks(tokens: int, chunk_tokens: int | None):
+    step = int(chunk_tokens) if chunk_tokens else max(tokens, 1)
+    return [(start, min(start + step, tokens)) for start in range(0, tokens, step)]
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int | None = None, tp_group=None,
+                   chunk_tokens: int | None = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """Float32 log-probabilities ``[..., k]`` of the global token ``ids [..., k]`` under ``logits``.
+
+    ``logits [..., V_local]`` is this rank's vocabulary slice (the whole vocabulary without
+    ``tp_group``); only ``chunk_tokens`` tokens are in float32 at a time.
+    """
+    local_size, k = logits.shape[-1], ids.shape[-1]
+    flat, flat_ids = logits.reshape(-1, local_size), ids.reshape(-1, k)
+    vocab = _Vocab(local_size, vocab_size, tp_group)
+    out = torch.empty(flat_ids.shape, dtype=torch.float32, device=logits.device)
+    for start, end in _chunks(flat.shape[0], chunk_tokens):
+        out[start:end] = vocab.gather(vocab.log_softmax(flat[start:end], temperature), flat_ids[start:end])[0]
+    return out.reshape(ids.shape)
+
+
 def teacher_sampled(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
-                    generator: torch.Generator | None = None) -> TopK:
+                    generator: torch.Generator | None = None, vocab_size: int | None = None,
+                    tp_group=None, chunk_tokens: int | None = None) -> TopK:
     """Gemma-style sampled soft labels: ``k`` draws from the teacher at ``temperature``.
 
     Each distinct drawn id gets log(count / k); repeats get ``-inf`` (no mass) and the tail is
     empty, so the stored distribution is the empirical one, an unbiased estimate of the teacher's:
     the forward-KL gradient against it is unbiased. Deterministic for a given ``generator``.
+    ``teacher_logits [..., V_local]`` may be a tensor-parallel slice (``tp_group``): each chunk of
+    ``chunk_tokens`` tokens is gathered over the group to sample from, and every rank draws the
+    same ids from the same ``generator``. Columns at or past ``vocab_size`` are never drawn.
     """
-    probs = torch.softmax(teacher_logits.float() / temperature, dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    ids = torch.multinomial(flat, k, replacement=True, generator=generator).sort(-1).values
-    counts = (ids[:, :, None] == ids[:, None, :]).sum(-1).float()
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    logprobs = torch.where(first, (counts / k).log(), torch.full_like(counts, float("-inf")))
-    shape = teacher_logits.shape[:-1]
+    shape, local_size = teacher_logits.shape[:-1], teacher_logits.shape[-1]
+    flat_logits = teacher_logits.reshape(-1, local_size)
+    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    ids_out, logprobs_out = [], []
+    for start, end in _chunks(flat_logits.shape[0], chunk_tokens):
+        chunk = flat_logits[start:end]
+        if group is not None:
+            parts = [torch.empty_like(chunk) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, chunk.contiguous(), group=group)
+            chunk = torch.cat(parts, dim=-1)
+        if vocab_size is not None:
+            chunk = chunk[:, :vocab_size]
+        flat = torch.softmax(chunk.float() / temperature, dim=-1)
+        ids = torch.multinomial(flat, k, replacement=True, generator=generator).sort(-1).values
+        counts = (ids[:, :, None] == ids[:, None, :]).sum(-1).float()
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        ids_out.append(ids)
+        logprobs_out.append(torch.where(first, (counts / k).log(), torch.full_like(counts, float("-inf"))))
+    ids, logprobs = torch.cat(ids_out), torch.cat(logprobs_out)
     return TopK(ids.reshape(*shape, k), logprobs.reshape(*shape, k),
                 torch.full(shape, float("-inf"), device=teacher_logits.device))
 
 
-def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopK:
-    """Top-k ids, their log-probabilities at ``temperature``, and the log tail mass."""
-    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    topk_logprobs, topk_ids = log_p.topk(k, dim=-1)
-    tail = _log1mexp(torch.logsumexp(topk_logprobs, dim=-1))
-    if k == teacher_logits.shape[-1]:
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0, vocab_size: int | None = None,
+                 tp_group=None, chunk_tokens: int | None = None) -> TopK:
+    """Top-k ids, their log-probabilities at ``temperature``, and the log tail mass.
+
+    ``teacher_logits [..., V_local]`` may be this rank's slice of a vocabulary split over
+    ``tp_group``: each rank takes the top-k of its slice, chunk by chunk (``chunk_tokens`` tokens
+    in float32 at a time), the normaliser is all-reduced and the k·tp candidates are gathered and
+    merged, so no rank holds the full vocabulary. Columns at or past ``vocab_size`` (padding) are
+    never chosen. Returns ``ids, logprobs [..., k]`` and ``tail [...]``; the same on every rank.
+    """
+    shape, local_size = teacher_logits.shape[:-1], teacher_logits.shape[-1]
+    flat = teacher_logits.reshape(-1, local_size)
+    vocab = _Vocab(local_size, vocab_size, tp_group)
+    ranks = dist.get_world_size(vocab.group) if vocab.group is not None else 1
+    real_vocab = vocab_size if vocab_size is not None else local_size * ranks
+    local_k = min(k, local_size)
+    ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)
+    logprobs = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)
+    for start, end in _chunks(flat.shape[0], chunk_tokens):
+        log_p = vocab.log_softmax(flat[start:end], temperature)
+        values, local_ids = log_p.topk(local_k, dim=-1)
+        del log_p
+        candidates = local_ids + vocab.start
+        if vocab.group is not None:
+            all_values = [torch.empty_like(values) for _ in range(ranks)]
+            all_ids = [torch.empty_like(candidates) for _ in range(ranks)]
+            dist.all_gather(all_values, values.contiguous(), group=vocab.group)
+            dist.all_gather(all_ids, candidates.contiguous(), group=vocab.group)
+            values, candidates = torch.cat(all_values, -1), torch.cat(all_ids, -1)
+        values, order = values.topk(k, dim=-1)
+        logprobs[start:end], ids[start:end] = values, candidates.gather(-1, order)
+    tail = _log1mexp(torch.logsumexp(logprobs, dim=-1))
+    if k >= real_vocab:
         tail = torch.full_like(tail, float("-inf"))
-    return TopK(topk_ids, topk_logprobs, tail)
+    return TopK(ids.reshape(*shape, k), logprobs.reshape(*shape, k), tail.reshape(shape))

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from pipelines.errors import UserError, require
+from pipelines.preemption import REQUEUE_EXIT
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"prepare": "prepare_data.py", "import": "import_hf.py", "correct": "correct.py",
@@ -32,7 +33,6 @@ STAGES = tuple(SCRIPTS)
 PER_STUDENT = {"prune", "distill", "export"}
 DISTRIBUTED = {"correct", "prune", "logits", "distill", "eval"}
 MODEL_PARALLEL_ONLY = {"prune"}   # runs with data-parallel size 1: as many processes as its layout needs
-REQUEUE_EXIT = 75
 
 
 def pipeline_stages(cfg) -> list[str]:
@@ -178,6 +178,15 @@ def submit(stages: list[str], cfg, overrides: list[str], dry_run: bool = False) 
     return ids
 
 
+def runs_on_gpus(cfg) -> bool:
+    """Whether the stages run on GPUs: a SLURM cluster with GPUs, or this machine when it has one."""
+    if str(cfg.cluster.kind) == "slurm":
+        return int(cfg.cluster.gpus_per_node) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str]) -> None:
     """``stage.py STAGE[,STAGE...]|pipeline [--dry-run] [hydra overrides]``."""
     from hydra import compose, initialize_config_dir
@@ -198,7 +207,17 @@ def main(argv: list[str]) -> None:
         require(name in SCRIPTS, f"unknown stage {name!r}; one of {', '.join(STAGES)} or pipeline", "STAGE")
     from pipelines import validate
 
-    validate.check(cfg, stages)
+    checked = validate.check(cfg, stages)
+    if runs_on_gpus(cfg):
+        from pipelines import memory_plan
+
+        estimates = memory_plan.plan(cfg, stages, checked)
+        if estimates:
+            print(f"[memory] predicted peak per GPU (limit cluster.gpu_memory_gb="
+                  f"{cfg.cluster.get('gpu_memory_gb') or 80}):", flush=True)
+            for estimate in estimates:
+                print(f"[memory]   {estimate.line()}", flush=True)
+        memory_plan.check(cfg, estimates)
     if str(cfg.cluster.kind) == "slurm":
         submit(stages, cfg, overrides, dry_run)
         return

@@ -85,11 +85,16 @@ def validate(arch: Mapping[str, Any], tensor_parallel: int = 1, pipeline_paralle
 
 
 def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_parallel: int = 1,
-                       pipeline_parallel: int = 1, context_parallel: int = 1, **overrides):
-    """megatron ``TransformerConfig`` for a Llama architecture (RMSNorm, SwiGLU, RoPE, GQA)."""
+                       pipeline_parallel: int = 1, context_parallel: int = 1, host: bool = False,
+                       **overrides):
+    """megatron ``TransformerConfig`` for a Llama architecture (RMSNorm, SwiGLU, RoPE, GQA).
+
+    ``host``: build in host memory with plain torch kernels, whatever the node has (import and
+    export: an 8B model fits in host memory, and the safetensors reader fills host tensors).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() and not host
     kwargs = dict(
         num_layers=arch["num_layers"],
         hidden_size=arch["hidden_size"],
@@ -143,10 +148,12 @@ def llama3_inv_freq(head_dim: int, base: float, scaling: Mapping[str, Any] | Non
     return torch.where(medium, smoothed, scaled)
 
 
-def build(arch: Mapping[str, Any], config, initialize: bool = True):
+def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str | None = None):
     """A ``GPTModel`` holding this process's share of the model, for the current layout.
 
     ``initialize=False`` leaves weights uninitialized (for loading: no time spent on random init).
+    ``purpose`` picks the layer spec (:func:`pipelines.runtime.layer_spec`): ``host`` when the
+    config was made with ``host=True``, else ``train`` unless given.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -154,9 +161,11 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True):
     from pipelines.runtime import layer_spec
 
     config.perform_initialization = initialize
+    if purpose is None:
+        purpose = "host" if config.use_cpu_initialization and torch.cuda.is_available() else "train"
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(purpose, config),
         vocab_size=padded_vocab_size(arch),
         max_sequence_length=arch["max_position_embeddings"],
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -182,9 +191,40 @@ def position_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
+def local_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """This tensor-parallel rank's logits ``[b, s, vocab_padded / tp]`` of a one-stage model."""
+    return model(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
+
+
+def lm_loss(model, batches, vocab_size: int, chunk_tokens: int = 1024) -> float:
+    """Mean next-token cross-entropy of ``model`` over ``[b, s+1]`` token batches (on its device).
+
+    Vocabulary-parallel and chunked (:func:`pipelines.kd_loss.token_logprobs`): no rank gathers
+    the full vocabulary, and float32 copies exist for ``chunk_tokens`` tokens at a time.
+    """
+    from megatron.core import parallel_state
+
+    from pipelines.kd_loss import token_logprobs
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            tokens, labels = batch[:, :-1], batch[:, 1:]
+            logits = local_logits(model, tokens)
+            picked = token_logprobs(logits, labels[..., None], vocab_size, group, chunk_tokens)
+            total -= picked.sum().item()
+            count += labels.numel()
+    return total / count
+
+
 def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits [b, s, vocab_padded] of a one-stage model, gathered over TP ranks."""
+    """Full-vocabulary logits [b, s, vocab_padded] of a one-stage model, gathered over TP ranks.
+
+    This holds the whole vocabulary for every token: for tests and small models. Stages use
+    :func:`local_logits` with the vocabulary-parallel helpers of :mod:`pipelines.kd_loss`.
+    """
     from megatron.core import tensor_parallel
 
-    logits = model(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
+    logits = local_logits(model, tokens)
     return tensor_parallel.gather_from_tensor_model_parallel_region(logits.contiguous())

@@ -39,8 +39,9 @@ def requested(collective: bool = True) -> bool:
     """Whether any rank was signalled (``collective``: agreed over all ranks; all must call)."""
     if not collective or not torch.distributed.is_initialized():
         return _flag["set"]
-    flag = torch.tensor([1.0 if _flag["set"] else 0.0])
-    if torch.cuda.is_available():
-        flag = flag.cuda()
+    # NCCL reduces device tensors only; gloo host tensors (the backend decides, not the node)
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    flag = torch.tensor([1.0 if _flag["set"] else 0.0], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())

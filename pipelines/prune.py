@@ -46,18 +46,6 @@ def register_rmsnorm_for_modelopt() -> None:
             self._register_dynamic_attribute("normalized_shape", self._get_normalized_shape)
 
 
-def lm_loss(model, batches, vocab_size: int) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``[b, s+1]`` token batches."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            tokens, labels = batch[:, :-1], batch[:, 1:]
-            logits = model_lib.forward_logits(model, tokens)[..., :vocab_size].float()
-            total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
-            count += labels.numel()
-    return total / count
-
-
 class _SkippedLayers:
     """Context manager: run ``model`` with the given decoder layers removed."""
 
@@ -82,7 +70,7 @@ def depth_scores(model, arch, criterion: str, drop_count: int, calib, valid) -> 
         scores = {}
         for start in starts:
             with _SkippedLayers(model, list(range(start, start + drop_count))):
-                scores[f"{start}-{start + drop_count - 1}"] = lm_loss(model, valid(), arch["vocab_size"])
+                scores[f"{start}-{start + drop_count - 1}"] = model_lib.lm_loss(model, valid(), arch["vocab_size"])
         return scores
     if criterion == "block_influence":
         hidden = {}
@@ -94,7 +82,7 @@ def depth_scores(model, arch, criterion: str, drop_count: int, calib, valid) -> 
         tokens_seen = 0
         with torch.no_grad():
             for batch in calib():
-                model_lib.forward_logits(model, batch[:, :-1])
+                model_lib.local_logits(model, batch[:, :-1])
                 for start in starts:
                     cosine = F.cosine_similarity(hidden[start].float(), hidden[start + drop_count].float(), dim=-1)
                     sums[start] += (1 - cosine).sum().item()
@@ -112,6 +100,7 @@ def drop_layers(model, arch, drop: list[int], layout):
     config = model_lib.transformer_config(new_arch, model.config.params_dtype, layout.tensor_parallel,
                                           layout.pipeline_parallel, layout.context_parallel)
     pruned = model_lib.build(new_arch, config, initialize=False)
+    pruned.to(next(model.parameters()).device)
     state = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("decoder.layers."):
@@ -142,7 +131,7 @@ def width_prune(model, arch, targets: dict, calib_batches, scores_path: Path):
         with torch.no_grad():
             for batch in calib_batches():
                 tokens = batch[:, :-1]
-                module(tokens, model_lib.position_ids(tokens), model_lib.causal_mask(tokens.shape[1]))
+                module(tokens, model_lib.position_ids(tokens), model_lib.causal_mask(tokens.shape[1], tokens.device))
 
     pruned, _ = mtp.prune(
         model,
@@ -208,17 +197,18 @@ def run(cfg) -> dict:
     valid_data = TokenWindows(Path(str(cfg.data.output)), "valid", sequence_length)
     batch_size = int(cfg.prune.batch_size)
 
-    def calib():
-        return calib_data.batches(batch_size, int(cfg.prune.calib_samples))
+    def calib():  # batches on the model's device
+        return map(layout.place, calib_data.batches(batch_size, int(cfg.prune.calib_samples)))
 
     def valid():
-        return valid_data.batches(batch_size, int(cfg.prune.eval_samples))
+        return map(layout.place, valid_data.batches(batch_size, int(cfg.prune.eval_samples)))
 
     started = time.perf_counter()
-    dtype = torch.float32 if layout.device.type == "cpu" else torch.bfloat16
-    model, arch = checkpoint.load_model(source, layout, dtype=dtype)
+    dtype = layout.compute_dtype
+    purpose = "modelopt" if cfg.prune.mode == "width" else "train"
+    model, arch = checkpoint.load_model(source, layout, dtype=dtype, purpose=purpose)
     model.eval()
-    teacher_loss = lm_loss(model, valid(), arch["vocab_size"])
+    teacher_loss = model_lib.lm_loss(model, valid(), arch["vocab_size"])
     report = {"mode": cfg.prune.mode, "source": str(source), "config_before": arch,
               "params_before": model_lib.count_parameters(arch), "val_loss_teacher": teacher_loss}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +239,7 @@ def run(cfg) -> dict:
         report["importance"] = {"scores_cache": str(cache)}
     pruned.eval()
     report.update(config_after=new_arch, params_after=model_lib.count_parameters(new_arch),
-                  val_loss_pruned=lm_loss(pruned, valid(), arch["vocab_size"]),
+                  val_loss_pruned=model_lib.lm_loss(pruned, valid(), arch["vocab_size"]),
                   seconds=time.perf_counter() - started)
     with staged_folder(output, layout.is_main, barrier=torch.distributed.barrier) as staging:
         checkpoint.save_weights(pruned, staging)

@@ -4,7 +4,12 @@ Every stage starts with :func:`initialize`, whatever launched it: a plain ``pyth
 ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM ``srun`` (``SLURM_PROCID``,
 ``SLURM_NTASKS``, ``SLURM_LOCALID``, master address from ``SLURM_JOB_NODELIST``). It uses NCCL on
 GPUs and gloo on CPU, where :mod:`pipelines.cpu_shims` is applied first. Stage code never branches
-on the parallel layout; it asks this module for the layout and the layer spec.
+on the parallel layout; it asks this module for the layout and the layer spec, and moves data
+onto the device with :meth:`Layout.place` (the one place a batch crosses to the GPU).
+
+**Tested versions.** megatron-core and ModelOpt change their internals between releases (the
+CPU shims, the layer specs, ModelOpt's Minitron plugin). :func:`check_versions` stops at start
+when the installed ones are not the tested ones, unless ``PIPELINES_ALLOW_UNTESTED_VERSIONS=1``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import torch
 import torch.distributed as dist
 
 from pipelines import cpu_shims
-from pipelines.errors import require
+from pipelines.errors import UserError, require
+
+# The versions this code was tested with (requirements.txt and the Dockerfile pin the same).
+TESTED_VERSIONS = {"megatron-core": "0.16.1", "nvidia-modelopt": "0.43.0"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,31 @@ class Layout:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype models run in: bfloat16 on GPUs, float32 on CPU (no fast bf16 kernels there)."""
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def place(self, data):
+        """``data`` (a tensor, or a tuple / list / dict / NamedTuple of them) on this process's device.
+
+        Every stage moves its batches through here, so a batch reaches the model's device by
+        construction. On a GPU host tensors are pinned and copied without blocking the host.
+        """
+        if isinstance(data, torch.Tensor):
+            if data.device == self.device:
+                return data
+            if self.device.type == "cuda" and data.device.type == "cpu":
+                return data.pin_memory().to(self.device, non_blocking=True)
+            return data.to(self.device)
+        if isinstance(data, dict):
+            return {key: self.place(value) for key, value in data.items()}
+        if isinstance(data, tuple) and hasattr(data, "_fields"):  # NamedTuple
+            return type(data)(*(self.place(value) for value in data))
+        if isinstance(data, (list, tuple)):
+            return type(data)(self.place(value) for value in data)
+        return data
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -89,6 +122,7 @@ def initialize(parallel, seed: int = 1234) -> Layout:
     """
     from megatron.core import parallel_state
 
+    check_versions()
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         cpu_shims.apply()
@@ -96,6 +130,9 @@ def initialize(parallel, seed: int = 1234) -> Layout:
     rank, world_size, local_rank = _launch_environment()
     tensor, pipeline = int(parallel.tensor), int(parallel.pipeline)
     context = int(parallel.get("context", 1))
+    require(context == 1, f"context parallelism ({context}) is not supported: batches are not split "
+            "over context-parallel ranks, so loss and gradients would be wrong; use tensor or pipeline "
+            "parallelism (or recompute) for long sequences", "parallel.context")
     model_parallel = tensor * pipeline * context
     require(
         world_size % model_parallel == 0,
@@ -182,6 +219,27 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def check_versions() -> None:
+    """Stop when megatron-core or ModelOpt is not the tested version (see :data:`TESTED_VERSIONS`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if os.environ.get("PIPELINES_ALLOW_UNTESTED_VERSIONS", "0") == "1":
+        return
+    wrong = []
+    for package, tested in TESTED_VERSIONS.items():
+        try:
+            installed = version(package)
+        except PackageNotFoundError:
+            installed = "not installed"
+        if installed != tested:
+            wrong.append(f"{package} {installed} (tested: {tested})")
+    if wrong:
+        raise UserError("untested library versions: " + ", ".join(wrong) + "; install the tested ones "
+                        "(pip install " + " ".join(f"{p}=={v}" for p, v in TESTED_VERSIONS.items())
+                        + ") or set PIPELINES_ALLOW_UNTESTED_VERSIONS=1 at your own risk",
+                        "the Python environment")
+
+
 def transformer_engine_available() -> bool:
     """True when transformer-engine imports (and a GPU is present to run it)."""
     if not torch.cuda.is_available():
@@ -193,10 +251,34 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec():
-    """The GPT layer spec: transformer-engine's when available, megatron's local one otherwise."""
+SPECS = ("host", "train", "modelopt")
+
+
+def layer_spec(purpose: str = "train", config=None):
+    """The GPT layer spec for ``purpose``; all three write the same checkpoint keys.
+
+    - ``host``: megatron's local spec (plain torch modules). Import and export build on the host
+      with it, whatever the node has: no TE module is ever created in host memory.
+    - ``train``: transformer-engine's spec when TE and a GPU are present (fused attention, fused
+      norm + linear), else the local one. Training, logits, eval and depth pruning use it.
+    - ``modelopt``: the spec ModelOpt's width pruning can convert. TE's spec fuses the norms into
+      the linears (``input_layernorm`` is an identity there), which ModelOpt 0.43 cannot prune, so
+      with TE this is megatron's ModelOpt spec (TE attention and norms, plain linears); without
+      TE it is the local spec.
+
+    Checkpoint keys are the TE spec's in every case: the local spec maps its norms to
+    ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight`` in its sharded state dict
+    (``sharded_state_dict_keys_map``), and the ModelOpt spec does with ``remap_te_layernorm``.
+    TE's ``_extra_state`` (FP8 metadata) is never saved nor asked for
+    (:mod:`pipelines.checkpoint`), so a checkpoint loads into any of the three.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if transformer_engine_available():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    require(purpose in SPECS, f"unknown layer spec purpose {purpose!r}; one of {SPECS}", "layer spec")
+    if purpose == "host" or not transformer_engine_available():
+        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if purpose == "modelopt":
+        from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
+
+        return get_gpt_modelopt_spec(config, remap_te_layernorm=True)
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()

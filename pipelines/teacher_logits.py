@@ -4,6 +4,12 @@ top-k soft labels (``scripts/teacher_logits.py``; format in :mod:`pipelines.logi
 Samples are the train split's :class:`~pipelines.data.TokenWindows` in order, the order distill
 reads. Shard ``i`` is computed by data-parallel rank ``i % dp``; tensor-parallel ranks compute
 together and their first rank writes. Finished shards are skipped on a rerun.
+
+Memory: the teacher's logits stay split over tensor-parallel ranks and in the model's dtype; the
+top-k runs on ``logits.chunk_tokens`` tokens at a time in float32, per rank, and merges the k·tp
+candidates (:func:`pipelines.kd_loss.teacher_topk`). Where the teacher fits on one GPU (8B in
+bf16 does), run this stage data-parallel (``run.stage_parallel.logits: {tensor: 1}``): every
+GPU writes its own shards and no top-k is repeated.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pipelines.data import TokenWindows
 from pipelines.errors import require
 from pipelines.kd_loss import teacher_sampled, teacher_topk
 from pipelines.logits_cache import Layout, finalize, finished_shards, write_shard
-from pipelines.model import forward_logits
+from pipelines.model import local_logits
 
 
 MODES = ("topk", "sampled")
@@ -79,8 +85,7 @@ def run(cfg) -> dict:
     layout = runtime.initialize(cfg.parallel)
     require(layout.pipeline_parallel == 1, "the teacher-logits stage runs with pipeline parallel "
             "size 1", "parallel.pipeline")
-    model, arch = checkpoint.load_model(teacher, layout, dtype=torch.float32
-                                        if layout.device.type == "cpu" else torch.bfloat16)
+    model, arch = checkpoint.load_model(teacher, layout, dtype=layout.compute_dtype)
     model.eval()
     preemption.install()
     if layout.is_main:
@@ -91,6 +96,8 @@ def run(cfg) -> dict:
     shards = math.ceil(samples / per_shard)
     dp_rank = parallel_state.get_data_parallel_rank()
     writer = parallel_state.get_tensor_model_parallel_rank() == 0
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    chunk_tokens = int(logits_cfg.chunk_tokens)
     finished = finished_shards(output)
     todo = [i for i in range(shards) if i % layout.data_parallel == dp_rank and i not in finished]
     started, tokens = time.perf_counter(), 0
@@ -100,11 +107,14 @@ def run(cfg) -> dict:
         indices = list(range(shard * per_shard, min((shard + 1) * per_shard, samples)))
         generator = torch.Generator(device=layout.device).manual_seed(int(logits_cfg.seed) + shard)
         for first in range(0, len(indices), batch_size):
-            batch = torch.stack([windows[i] for i in indices[first:first + batch_size]])
+            batch = layout.place(torch.stack([windows[i] for i in indices[first:first + batch_size]]))
             with torch.no_grad():
-                logits = forward_logits(model, batch[:, :-1].to(layout.device))[..., : arch["vocab_size"]]
-                ids, logprobs, tail = (teacher_topk(logits, k, temperature) if mode == "topk" else
-                                       teacher_sampled(logits, k, temperature, generator))
+                logits = local_logits(model, batch[:, :-1])  # this rank's vocabulary slice
+                split = dict(vocab_size=arch["vocab_size"], tp_group=tp_group, chunk_tokens=chunk_tokens)
+                ids, logprobs, tail = (teacher_topk(logits, k, temperature, **split) if mode == "topk" else
+                                       teacher_sampled(logits, k, temperature, generator, **split))
+                del logits
+            ids, logprobs, tail = ids.cpu(), logprobs.cpu(), tail.cpu()
             encoded += [cache_layout.encode(ids[j], logprobs[j], tail[j]) for j in range(len(batch))]
             tokens += batch[:, :-1].numel()
         if writer:

@@ -60,6 +60,8 @@ def _layout_fits(cfg, stage: str, arch: dict, what: str) -> tuple[int, dict]:
     tensor, pipeline, context = int(layout["tensor"]), int(layout["pipeline"]), int(layout.get("context", 1))
     world = tensor * pipeline * context if stage == "prune" else processes(cfg)
     key = f"run.stage_parallel.{stage} / parallel"
+    require(context == 1, f"{stage}: context parallelism ({context}) is not supported (batches are not "
+            "split over context-parallel ranks, so loss and gradients would be wrong)", "parallel.context")
     require(world % (tensor * pipeline * context) == 0,
             f"{stage}: {world} processes (cluster.nodes x cluster.tasks_per_node) are not divisible by "
             f"tensor {tensor} x pipeline {pipeline} x context {context}", key)

@@ -5,6 +5,7 @@ import torch
 
 from conftest import compose, export_cfg
 from pipelines import checkpoint, convert, prune
+from pipelines import model as model_lib
 from pipelines.errors import UserError
 from pipelines.model import forward_logits
 from pipelines.safetensors_stream import SafetensorsFolder
@@ -60,7 +61,7 @@ def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher
     increases = {}
     for first in range(3):
         student, _ = prune.drop_layers(teacher, arch, [first, first + 1], cpu_runtime)
-        loss = prune.lm_loss(student.eval(), valid.batches(4, 8), arch["vocab_size"])
+        loss = model_lib.lm_loss(student.eval(), valid.batches(4, 8), arch["vocab_size"])
         increases[f"{first}-{first + 1}"] = loss - reports[0]["val_loss_teacher"]
     assert min(increases, key=increases.get) == chosen
     assert increases[chosen] > 0  # a trained teacher loses something

@@ -1,0 +1,230 @@
+"""Predicted peak memory per GPU of every stage, checked before any GPU time is spent.
+
+``scripts/stage.py`` prints :func:`plan` for the stages it runs or submits (``DRY_RUN=1`` too) and
+refuses a stage predicted above ``cluster.gpu_memory_gb``, naming the key to change.
+``bench/memory_plan.py`` checks the model against measured peaks on CPU.
+
+The model counts, per GPU (bytes):
+
+- **weights** of the worst pipeline stage (layers / pp, split over tp; the embedding and output
+  rows / tp on the first and last stage);
+- **gradients**: megatron DDP's float32 gradient buffer (``grad_reduce_in_fp32``), 4 B/param;
+- **optimizer**: Adam moments (8 B/param) and, for bf16 parameters, float32 master weights (4 B),
+  divided over data-parallel ranks by the distributed optimizer;
+- **activations** kept for the backward pass, per layer and token (elements, ``a`` bytes each;
+  H heads, G query groups, d head size, f MLP size, r = tp with sequence parallelism, else 1):
+
+  - TE spec (fused norm + linear, flash attention, fused SwiGLU):
+    ``4h/r + (2H + 2G)·d/tp + 3f/tp``: the two norms' inputs and outputs, q, k, v and the
+    attention output, the fc1 output and the SwiGLU output;
+  - local spec (unfused attention and SwiGLU, CPU): ``4h + 4H·d/tp + H·s/tp + 4f/tp``: the
+    softmax probabilities add H·s per token;
+  - ``recompute=full`` keeps only each layer's input (plus one layer's full set while it is
+    recomputed); ``selective`` recomputes the core attention (drops q, k, v, the probabilities);
+
+  times the micro-batches in flight (1, or min(pp, micro-batches) on the first stage with the
+  1F1B schedule);
+- **loss**: the logits ``[tokens, V/tp]`` and the fused loss's stored gradient (both ``a``), plus
+  four float32 ``[chunk_tokens, V/tp]`` temporaries, and the output layer's weight gradient
+  before it is added to the buffer;
+- **teacher**: the online teacher's weights, logits and two float32 chunks;
+- **batches**: a step's micro-batches are placed on the device together, with their cached
+  top-k (int64 ids, float16 log-probabilities);
+- **framework**: on a GPU the CUDA context, NCCL buffers and allocator slack, 3 GiB plus 10%
+  (an allowance, not measured here); on CPU the 16 MiB of allocator and Python state the first
+  checkpoint load leaves resident (measured).
+
+Forward-only stages (logits, prune, eval) keep no activations: the weights, the largest transient
+of one layer (the unfused attention's ``[b, H/tp, s, s]`` scores three times, or the MLP), and the
+logits with their top-k chunk.
+
+What it does not know: TE's own workspaces, FP8, activation offloading, and fragmentation beyond
+the 10% allowance. On CPU ``bench/memory_plan.py`` measures the rest; on a GPU, ``make gpu-check``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipelines import model as model_lib
+from pipelines.errors import require
+
+GIB = 1024 ** 3
+RECOMPUTE = ("none", "selective", "full")
+FRAMEWORK_BYTES = 3 * GIB      # GPU: CUDA context, NCCL buffers (an estimate, unmeasured here)
+FRAGMENTATION = 0.10           # GPU: caching-allocator slack
+HOST_FRAMEWORK_BYTES = 16 << 20  # CPU: what the first checkpoint load leaves resident (measured 11-16 MiB)
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes per part, and their sum."""
+
+    stage: str
+    layout: dict
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.parts.values()))
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in self.parts.items() if value >= 0.05 * GIB)
+        layout = f"tp={self.layout['tensor']} pp={self.layout['pipeline']} dp={self.layout['data']}"
+        return f"{self.stage:<14} {layout:<16} {self.total / GIB:6.1f} GiB  ({parts})"
+
+
+def parameters_per_rank(arch: dict, tensor: int, pipeline: int) -> int:
+    """Parameters held by the most loaded rank (the first or last pipeline stage)."""
+    hidden, ffn, heads = arch["hidden_size"], arch["ffn_hidden_size"], arch["num_attention_heads"]
+    groups, head_dim = arch["num_query_groups"], arch["kv_channels"]
+    layer = (hidden * head_dim * (heads + 2 * groups) + heads * head_dim * hidden + 3 * hidden * ffn) // tensor
+    layer += 2 * hidden  # norms, replicated over tp
+    rows = model_lib.padded_vocab_size(arch) * hidden // tensor
+    layers = arch["num_layers"] // pipeline * layer
+    if pipeline == 1:
+        return layers + rows * (1 if arch["tie_word_embeddings"] else 2) + hidden
+    return layers + rows + hidden  # first stage: embedding; last: output layer (a copy when tied)
+
+
+def layer_activations(arch: dict, sequence: int, tensor: int, sequence_parallel: bool, fused: bool,
+                      recompute: str) -> float:
+    """Activation elements one layer keeps per token for its backward pass."""
+    h, f, d = arch["hidden_size"], arch["ffn_hidden_size"], arch["kv_channels"]
+    heads, groups = arch["num_attention_heads"], arch["num_query_groups"]
+    r = tensor if sequence_parallel else 1
+    if recompute == "full":
+        return h / r
+    if fused:
+        attention, probabilities = (2 * heads + 2 * groups) * d / tensor, 0.0
+        mlp = 3 * f / tensor
+    else:
+        attention, probabilities = 4 * heads * d / tensor, heads * sequence / tensor
+        mlp = 4 * f / tensor
+    if recompute == "selective":  # core attention recomputed: only the output is kept
+        attention, probabilities = heads * d / tensor, 0.0
+    return 4 * h / r + attention + probabilities + mlp
+
+
+def _one_layer_full(arch, sequence, tensor, sequence_parallel, fused) -> float:
+    return layer_activations(arch, sequence, tensor, sequence_parallel, fused, "none")
+
+
+def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, tensor: int, pipeline: int,
+             data: int, element_bytes: int, distributed_optimizer: bool, recompute: str = "none",
+             fused: bool = True, sequence_parallel: bool = False, chunk_tokens: int = 4096,
+             teacher: dict | None = None, cache_k: int = 0, gpu: bool = True, stage: str = "distill") -> Estimate:
+    """Peak bytes per GPU of a training step (distill, correct)."""
+    require(recompute in RECOMPUTE, f"recompute={recompute!r}; one of {RECOMPUTE}", f"{stage}.recompute")
+    estimate = Estimate(stage, {"tensor": tensor, "pipeline": pipeline, "data": data})
+    parts = estimate.parts
+    params = parameters_per_rank(arch, tensor, pipeline)
+    tokens = sequence * micro_batch
+    vocab = model_lib.padded_vocab_size(arch) // tensor
+    parts["weights"] = params * element_bytes
+    parts["gradients"] = params * 4
+    optimizer = params * (8 + (4 if element_bytes < 4 else 0))
+    parts["optimizer"] = optimizer / (data if distributed_optimizer else 1)
+    layers = arch["num_layers"] // pipeline
+    in_flight = min(pipeline, microbatches) if pipeline > 1 else 1
+    per_layer = layer_activations(arch, sequence, tensor, sequence_parallel, fused, recompute)
+    stored = per_layer * layers
+    if recompute == "full":  # one layer's full set while it is recomputed
+        stored += _one_layer_full(arch, sequence, tensor, sequence_parallel, fused)
+    hidden = arch["hidden_size"]
+    head = 2 * hidden / (tensor if sequence_parallel else 1)  # final norm input and output
+    parts["activations"] = (stored + head) * tokens * in_flight * element_bytes
+    chunk = min(chunk_tokens, tokens)
+    parts["loss"] = (2 * tokens * vocab * element_bytes + 4 * chunk * vocab * 4
+                     + vocab * hidden * element_bytes)
+    if teacher is not None:
+        teacher_vocab = model_lib.padded_vocab_size(teacher) // tensor
+        parts["teacher"] = (parameters_per_rank(teacher, tensor, pipeline) * element_bytes
+                            + tokens * teacher_vocab * element_bytes + 2 * chunk * teacher_vocab * 4)
+    per_sample = sequence * 2 * 8 + sequence * cache_k * (8 + 2)
+    parts["batches"] = per_sample * micro_batch * microbatches
+    parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
+    return estimate
+
+
+def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes: int, fused: bool = True,
+            chunk_tokens: int = 1024, gpu: bool = True, stage: str = "logits") -> Estimate:
+    """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
+
+    Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
+    intermediates (the unfused attention's scores, their softmax and megatron's score buffer, or
+    the MLP's), the output layer's logits copied once by GPTModel's final transpose, and the
+    logits with the top-k's two float32 chunks (scaled logits and their log-softmax).
+    """
+    estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": 0})
+    parts = estimate.parts
+    tokens = sequence * batch
+    heads, f, h = arch["num_attention_heads"], arch["ffn_hidden_size"], arch["hidden_size"]
+    vocab = model_lib.padded_vocab_size(arch) // tensor
+    parts["weights"] = parameters_per_rank(arch, tensor, 1) * element_bytes
+    attention = 0.0 if fused else 2 * heads / tensor * sequence
+    layer = (max(attention, 4 * f / tensor) + 4 * h) * tokens * element_bytes
+    chunk = min(chunk_tokens, tokens)
+    logits = max(2 * tokens * vocab * element_bytes, tokens * vocab * element_bytes + 2 * chunk * vocab * 4)
+    parts["forward peak"] = max(layer, logits)
+    if not fused:  # megatron's persistent [b·H/tp, s, s] buffer for the unfused attention scores
+        parts["score buffer"] = heads / tensor * sequence * tokens * element_bytes
+    parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
+    return estimate
+
+
+def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
+    """Estimates for the GPU stages of an experiment on its cluster (bf16, TE spec)."""
+    fused = True  # the cluster image has TE; without it the local spec's attention is far larger
+    estimates = []
+    teacher, student = checked["teacher"], checked["student"]
+    for stage in stages:
+        layout = checked["layouts"].get(stage)
+        if layout is None:
+            continue
+        tensor, pipeline, data = int(layout["tensor"]), int(layout["pipeline"]), int(layout["data"])
+        if stage in ("correct", "distill"):
+            section = cfg[stage]
+            arch = student if stage == "distill" else teacher
+            per_step = int(section.micro_batch_size) * data
+            online = stage == "distill" and str(section.teacher) == "online"
+            estimates.append(training(
+                arch, sequence=int(section.sequence_length), micro_batch=int(section.micro_batch_size),
+                microbatches=int(section.global_batch_size) // per_step, tensor=tensor, pipeline=pipeline,
+                data=data, element_bytes=2, distributed_optimizer=bool(section.distributed_optimizer),
+                recompute=str(section.get("recompute", "none")), fused=fused, sequence_parallel=tensor > 1,
+                chunk_tokens=int(section.chunk_tokens), teacher=teacher if online else None,
+                cache_k=int(cfg.logits.k) if stage == "distill" and str(section.teacher) == "cache" else 0,
+                stage=stage))
+        elif stage == "logits":
+            estimates.append(forward(teacher, sequence=int(cfg.logits.sequence_length),
+                                     batch=int(cfg.logits.batch_size), tensor=tensor, element_bytes=2,
+                                     fused=fused, chunk_tokens=int(cfg.logits.chunk_tokens), stage=stage))
+        elif stage == "prune":
+            estimates.append(forward(teacher, sequence=int(cfg.prune.sequence_length),
+                                     batch=int(cfg.prune.batch_size), tensor=tensor, element_bytes=2,
+                                     fused=fused, stage=stage))
+        elif stage == "eval":
+            tokens = int(cfg.eval.batch_tokens)
+            length = min(int(cfg.eval.max_length), tokens)
+            estimates.append(forward(teacher, sequence=length, batch=max(1, tokens // length), tensor=tensor,
+                                     element_bytes=2, fused=fused, stage=stage))
+        if estimates and estimates[-1].stage == stage:
+            estimates[-1].layout["data"] = data
+    return estimates
+
+
+def check(cfg, estimates: list[Estimate]) -> None:
+    """Refuse a stage predicted above ``cluster.gpu_memory_gb``, naming what to change."""
+    limit = float(cfg.cluster.get("gpu_memory_gb") or 80) * 1e9
+    for estimate in estimates:
+        if estimate.total <= limit:
+            continue
+        stage = estimate.stage
+        fixes = {"distill": "distill.micro_batch_size / distill.recompute / parallel.tensor",
+                 "correct": "correct.micro_batch_size / correct.recompute / parallel.tensor",
+                 "logits": "logits.batch_size / run.stage_parallel.logits",
+                 "prune": "prune.batch_size / run.stage_parallel.prune",
+                 "eval": "eval.batch_tokens / run.stage_parallel.eval"}
+        require(False, f"{stage} is predicted to need {estimate.total / 1e9:.1f} GB per GPU, more than "
+                f"cluster.gpu_memory_gb={limit / 1e9:.0f} ({estimate.line().strip()})", fixes[stage])

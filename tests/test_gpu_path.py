@@ -1,0 +1,223 @@
+"""What CPU can prove of the GPU path: spec-independent checkpoint keys, host-memory import,
+batches placed in one place, refused context parallelism, tested versions, the vocabulary-split
+top-k of the logits stage, tied embeddings under pipeline parallelism, bf16 with fp32 master
+weights, and the distributed optimizer."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import REPO, compose, import_cfg, make_hf_llama, run_script, run_torchrun
+from pipelines import checkpoint, convert, runtime
+from pipelines import model as model_lib
+from pipelines.errors import UserError
+from pipelines.kd_loss import TopK
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_checkpoint_holds_exactly_the_te_spec_keys(tmp_path, cpu_runtime, tie):
+    """A checkpoint written here (local spec) holds the keys TE's spec asks for, no more, no less."""
+    source = make_hf_llama(tmp_path / "hf", tie=tie)
+    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    arch, _ = checkpoint.read_architecture(tmp_path / "ckpt")
+    assert checkpoint.saved_keys(tmp_path / "ckpt") == checkpoint.te_spec_keys(arch)
+    # the in-memory local model names its norms differently: the remapping is what makes this hold
+    model, _ = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
+    assert "decoder.layers.0.input_layernorm.weight" in dict(model.named_parameters())
+
+
+def test_te_extra_state_is_neither_saved_nor_required(tmp_path, cpu_runtime, monkeypatch):
+    """A TE model also asks for ``_extra_state`` objects, which no checkpoint holds: loading skips them."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    source = make_hf_llama(tmp_path / "hf")
+    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    model, _ = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
+    original = type(model).sharded_state_dict
+
+    def with_extra_state(self, *args, **kwargs):  # what TELayerNormColumnParallelLinear adds
+        state = original(self, *args, **kwargs)
+        key = "decoder.layers.0.self_attention.linear_qkv._extra_state"
+        state[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
+        return state
+
+    monkeypatch.setattr(type(model), "sharded_state_dict", with_extra_state)
+    checkpoint.load_weights(model, tmp_path / "ckpt")  # would fail: the key is not in the checkpoint
+    checkpoint.save_weights(model, tmp_path / "again")
+    assert checkpoint.saved_keys(tmp_path / "again") == checkpoint.saved_keys(tmp_path / "ckpt")
+
+
+def test_import_and_export_build_on_the_host_even_on_a_gpu_node(monkeypatch):
+    """On a GPU node the training spec is TE's, but import/export build the local spec in host memory."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    arch = model_lib.architecture(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime, "transformer_engine_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec",
+                        lambda *a, **k: calls.append("te"))
+    assert model_lib.transformer_config(arch, torch.float32, host=True).use_cpu_initialization
+    assert not model_lib.transformer_config(arch, torch.float32).use_cpu_initialization
+    runtime.layer_spec("host")
+    assert calls == []
+    runtime.layer_spec("train")
+    assert calls == ["te"]
+
+
+def test_place_moves_every_tensor_of_a_batch():
+    layout = runtime.Layout(0, 1, 0, 1, 1, 1, 1, torch.device("meta"))
+    batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2, 3),
+             "teacher": TopK(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3)), "none": None}
+    placed = layout.place(batch)
+    assert isinstance(placed["teacher"], TopK) and placed["none"] is None
+    tensors = [placed["tokens"], placed["labels"], *placed["teacher"]]
+    assert all(t.device.type == "meta" for t in tensors)
+
+
+def test_stages_cross_to_the_device_only_through_layout_place():
+    """Stage code never moves data itself (a missing move costs nothing on CPU, so grep for it)."""
+    offenders = []
+    for path in sorted((REPO / "pipelines").glob("*.py")):
+        if path.name in ("runtime.py", "cpu_shims.py"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\.cuda\(|\.to\((layout\.)?device|\.to\(self\.layout\.device", line):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_context_parallelism_is_refused_naming_the_key():
+    cfg = compose("pipeline", ["experiment=llama31_8b_width_4b", "parallel.context=2"])
+    from pipelines import validate
+
+    with pytest.raises(UserError, match=r"fix: parallel.context"):
+        validate.check(cfg, ["distill"])
+    with pytest.raises(UserError, match=r"context parallelism \(2\) is not supported.*fix: parallel.context"):
+        runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1, "context": 2}))
+
+
+def test_untested_library_versions_stop_with_the_tested_ones_named(monkeypatch):
+    monkeypatch.delenv("PIPELINES_ALLOW_UNTESTED_VERSIONS", raising=False)
+    runtime.check_versions()  # this environment has the tested versions
+    monkeypatch.setitem(runtime.TESTED_VERSIONS, "megatron-core", "0.99.0")
+    with pytest.raises(UserError, match=r"megatron-core 0\.16\.1 \(tested: 0\.99\.0\)"):
+        runtime.check_versions()
+    monkeypatch.setenv("PIPELINES_ALLOW_UNTESTED_VERSIONS", "1")
+    runtime.check_versions()
+
+
+def _cache(folder):
+    from pipelines.logits_cache import LogitsCache
+
+    cache = LogitsCache(folder, None)
+    return [cache[i] for i in range(len(cache))]
+
+
+def test_logits_stage_at_tp2_with_short_chunks_writes_tp1s_top_k(tmp_path, trained_teacher, tiny_data):
+    """TP=2 (vocabulary split, top-k per rank on 16-token chunks, merged) writes the same ids as
+    TP=1 and log-probabilities within one float16 step."""
+    common = [f"logits.teacher={trained_teacher}", f"data.output={tiny_data}", "logits.k=8",
+              "logits.samples=8", "logits.samples_per_shard=4", "logits.sequence_length=32",
+              "logits.batch_size=4"]
+    one = run_script("scripts/teacher_logits.py", *common, f"logits.output={tmp_path / 'tp1'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_torchrun(2, "scripts/teacher_logits.py", *common, f"logits.output={tmp_path / 'tp2'}",
+                       "parallel.tensor=2", "logits.chunk_tokens=16")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for (ids1, lp1, tail1), (ids2, lp2, tail2) in zip(_cache(tmp_path / "tp1"), _cache(tmp_path / "tp2")):
+        assert torch.equal(ids1, ids2)
+        step = (lp1.abs().float() * 2.0 ** -10).clamp_min(2.0 ** -24)  # float16 spacing (10-bit mantissa)
+        assert torch.all((lp1.float() - lp2.float()).abs() <= step + 1e-6)
+        assert torch.allclose(tail1.float(), tail2.float(), atol=2e-3)
+
+
+def test_vocabulary_parallel_lm_loss_equals_cross_entropy(cpu_runtime):
+    import torch.nn.functional as F
+
+    arch = model_lib.architecture(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
+    model = model_lib.build(arch, model_lib.transformer_config(arch, torch.float32)).eval()
+    batches = [torch.randint(0, arch["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    ours = model_lib.lm_loss(model, batches, arch["vocab_size"], chunk_tokens=5)
+    with torch.no_grad():
+        logits = torch.cat([model_lib.forward_logits(model, b[:, :-1])[..., : arch["vocab_size"]] for b in batches])
+    labels = torch.cat([b[:, 1:] for b in batches])
+    reference = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    assert abs(ours - reference) <= 1e-5
+
+
+def _train(student, data, output, *extra, processes=1):
+    args = [f"distill.student={student}", f"distill.output={output}", f"data.output={data}",
+            "distill.teacher=none", "distill.kd_weight=0", "distill.sequence_length=32",
+            "distill.micro_batch_size=2", "distill.global_batch_size=8", "distill.train_steps=3",
+            "distill.warmup_steps=1", "distill.lr=3e-3", "distill.min_lr=3e-4", "distill.eval_interval=0",
+            "distill.eval_samples=8", "distill.save_interval=0", *extra]
+    result = (run_script("scripts/distill.py", *args, env={"OMP_NUM_THREADS": "1"}) if processes == 1
+              else run_torchrun(processes, "scripts/distill.py", *args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (Path(output) / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def tied_student(tmp_path_factory, tiny_data):
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tied")
+    hf = make_hf_llama(folder / "hf", tie=True, num_hidden_layers=4)
+    for file in (tiny_data / "tokenizer").iterdir():
+        shutil.copy(file, hf / file.name)
+    convert.import_hf(import_cfg(hf, folder / "ckpt"))
+    return folder / "ckpt"
+
+
+def test_tied_embeddings_at_pp2_end_with_one_process_weights(tmp_path, tied_student, tiny_data):
+    """The first stage's embedding and the last stage's output layer are one tied weight: without
+    finalize_model_grads' all-reduce over the embedding group they drift apart after a step."""
+    _train(tied_student, tiny_data, tmp_path / "one")
+    _train(tied_student, tiny_data, tmp_path / "two", "parallel.pipeline=2", processes=2)
+    layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    one, _ = checkpoint.load_model(tmp_path / "one", layout)
+    two, _ = checkpoint.load_model(tmp_path / "two", layout)
+    start, _ = checkpoint.load_model(tied_student, layout)
+    a, b = one.state_dict(), two.state_dict()
+    moved = (a["embedding.word_embeddings.weight"] - start.state_dict()["embedding.word_embeddings.weight"]).abs().max()
+    assert moved > 1e-3  # training changed the tied weight, so the comparison below means something
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor) and not key.endswith("_extra_state"):
+            assert (value - b[key]).abs().max().item() <= 1e-5, key
+
+
+def test_bf16_parameters_with_fp32_master_weights_track_float32(tmp_path, tied_student, tiny_data):
+    """megatron's mixed-precision optimizer on CPU: bf16 parameters, float32 master weights."""
+    full = _train(tied_student, tiny_data, tmp_path / "fp32", "distill.dtype=float32")
+    half = _train(tied_student, tiny_data, tmp_path / "bf16", "distill.dtype=bfloat16")
+    arch, dtype = checkpoint.read_architecture(tmp_path / "bf16")
+    assert dtype == torch.bfloat16
+    assert all(abs(x - y) <= 0.02 * abs(x) for x, y in zip(full, half)), (full, half)
+
+
+def test_distributed_optimizer_at_dp2_matches_the_plain_optimizer(tmp_path, tied_student, tiny_data):
+    plain = _train(tied_student, tiny_data, tmp_path / "plain", "distill.distributed_optimizer=false")
+    sharded = _train(tied_student, tiny_data, tmp_path / "sharded", "distill.distributed_optimizer=true",
+                     processes=2)
+    assert len(plain) == len(sharded) == 3
+    assert all(abs(x - y) <= 1e-5 for x, y in zip(plain, sharded)), (plain, sharded)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recompute_gives_the_same_losses(tmp_path, tied_student, tiny_data, recompute):
+    plain = _train(tied_student, tiny_data, tmp_path / "none", "distill.recompute=none")
+    again = _train(tied_student, tiny_data, tmp_path / recompute, f"distill.recompute={recompute}")
+    assert all(abs(x - y) <= 1e-6 for x, y in zip(plain, again)), (plain, again)
+
+
+def test_gpu_check_says_there_is_no_gpu_and_fails():
+    result = run_script("scripts/gpu_check.py")
+    assert result.returncode == 2
+    assert "no GPU on this machine" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,53 @@
+"""The memory plan: 8B stages fit an H100 with headroom, overfull stages are refused by key."""
+
+import pytest
+
+from conftest import compose, run_script
+from pipelines import launch, memory_plan, validate
+from pipelines.errors import UserError
+
+GB = 1e9
+
+
+def _plan(experiment, *overrides):
+    cfg = compose("pipeline", [f"experiment={experiment}", *overrides])
+    stages = launch.pipeline_stages(cfg)
+    return cfg, memory_plan.plan(cfg, stages, validate.check(cfg, stages))
+
+
+@pytest.mark.parametrize("experiment", ["llama31_8b_width_4b", "llama31_8b_depth_4b"])
+def test_8b_stages_fit_an_80_gb_gpu_with_headroom(experiment):
+    cfg, estimates = _plan(experiment)
+    assert {e.stage for e in estimates} == {"correct", "prune", "logits", "distill", "eval"}
+    assert all(e.total < 0.6 * 80 * GB for e in estimates), [e.line() for e in estimates]
+    memory_plan.check(cfg, estimates)
+    logits = next(e for e in estimates if e.stage == "logits")
+    assert (logits.layout["tensor"], logits.layout["data"]) == (1, 8)  # data-parallel where the teacher fits
+
+
+def test_tensor_parallel_and_recompute_shrink_the_prediction():
+    _, base = _plan("llama31_8b_width_4b")
+    _, full = _plan("llama31_8b_width_4b", "distill.recompute=full")
+    _, tp1 = _plan("llama31_8b_width_4b", "parallel.tensor=1")
+    distill = {name: next(e for e in plan if e.stage == "distill") for name, plan in
+               (("base", base), ("full", full), ("tp1", tp1))}
+    assert distill["full"].parts["activations"] < 0.2 * distill["base"].parts["activations"]
+    assert distill["tp1"].parts["weights"] == pytest.approx(8 * distill["base"].parts["weights"], rel=0.01)
+
+
+def test_a_stage_predicted_above_the_gpu_is_refused_naming_the_key():
+    cfg, estimates = _plan("llama31_8b_width_4b", "distill.micro_batch_size=16", "parallel.tensor=1")
+    overfull = {e.stage for e in estimates if e.total > 80 * GB}
+    assert overfull == {"correct", "distill"}  # 8B and 4.5B full training state on one GPU each
+    with pytest.raises(UserError, match=r"distill is predicted to need .* GB per GPU.*fix: distill.micro_batch_size"):
+        memory_plan.check(cfg, [e for e in estimates if e.stage == "distill"])
+
+
+def test_dry_run_prints_the_plan_and_refuses_an_overfull_experiment():
+    ok = run_script("scripts/stage.py", "pipeline", "experiment=llama31_8b_width_4b", "cluster=slurm", "--dry-run")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "[memory]   distill" in ok.stdout and "[memory]   logits" in ok.stdout
+    small = run_script("scripts/stage.py", "distill", "experiment=llama31_8b_width_4b", "cluster=slurm",
+                       "cluster.gpu_memory_gb=10", "--dry-run")
+    assert small.returncode == 2 and "#SBATCH" not in small.stdout
+    assert "predicted to need" in small.stderr and "(fix: distill.micro_batch_size" in small.stderr
