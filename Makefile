@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-slow demo pipeline prepare-data import correct prune logits distill eval report export bench
+.PHONY: help setup test test-slow demo pipeline prepare-data import correct prune logits distill eval report export bench gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -69,6 +69,9 @@ report: setup  ## write runs/<name>/report.{md,json,png}
 export: setup  ## export each distilled student to Hugging Face format
 	$(STAGE) export $(OVERRIDES)
 
+gpu-check:  ## on a GPU node, first: environment, the tiny pipeline on one GPU, an 8B-width slice vs the memory plan
+	$(PYTHON) scripts/gpu_check.py $(ARGS)
+
 bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/import_memory.py
 	$(PYTHON) bench/calibration_cost.py
@@ -76,3 +79,4 @@ bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/eval_throughput.py
 	$(PYTHON) bench/distill_step.py
 	$(PYTHON) bench/kd_vs_ce.py
+	$(PYTHON) bench/memory_plan.py

@@ -68,7 +68,10 @@ def write_random_llama(folder: Path, layers: int, hidden=2048, ffn=5632, heads=1
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=20, help="decoder layers (20 -> ~1.04B params)")
+    parser.add_argument("--quick", action="store_true", help="2 layers (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.layers = 2
     with tempfile.TemporaryDirectory(dir=REPO / "runs" if (REPO / "runs").exists() else None) as tmp:
         source, output = Path(tmp) / "hf", Path(tmp) / "ckpt"
         source.mkdir()
@@ -77,8 +80,8 @@ def main() -> None:
         print(f"random Llama: {checkpoint_bytes / 4 / 1e9:.2f}B parameters, "
               f"{checkpoint_bytes / 2**30:.2f} GiB fp32, written in {time.perf_counter() - started:.0f} s")
         started = time.perf_counter()
-        subprocess.run([sys.executable, str(REPO / "scripts/import_hf.py"), f"source={source}",
-                        f"output={output}", f"hydra.run.dir={tmp}/hydra"], check=True, cwd=REPO)
+        subprocess.run([sys.executable, str(REPO / "scripts/import_hf.py"), f"import_hf.source={source}",
+                        f"import_hf.output={output}", f"hydra.run.dir={tmp}/hydra"], check=True, cwd=REPO)
         seconds = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         print(f"import: {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB, "

@@ -30,10 +30,21 @@ HAND_COMMANDS = [  # in order: import, then export what was imported
 ]
 RUN_HERE = {
     "make pipeline EXP=llama31_8b_width_4b CLUSTER=slurm DRY_RUN=1",
+    "make gpu-check PYTHON=python",
     'make prune EXP=demo ARGS="prune.calib_samples=32"',
     'make distill EXP=demo ARGS="distill.train_steps=20 distill.kd_weight=0.5 distill.divergence=reverse_kl"',
     *HAND_COMMANDS,
 }
+
+
+def test_gpu_check_command_fails_clearly_without_a_gpu():
+    """Here (no GPU) the README's first cluster command must fail, saying why; on a GPU node it runs."""
+    import sys
+
+    result = subprocess.run(["make", "-s", "gpu-check", f"PYTHON={sys.executable}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: no GPU on this machine" in result.stderr
 
 
 def test_slurm_dry_run_command():
@@ -41,6 +52,7 @@ def test_slurm_dry_run_command():
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("#!/bin/bash") == 9
+    assert "[memory] predicted peak per GPU" in result.stdout
 
 
 @pytest.mark.skipif(not (REPO / "runs" / "demo" / "report.json").exists(), reason="needs `make demo` first")
