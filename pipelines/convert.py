@@ -76,7 +76,7 @@ def import_hf(cfg) -> dict:
         print(f"[import] {output} already holds this checkpoint; nothing to do")
         return read_manifest(output)
 
-    layout = runtime.initialize(SINGLE_PROCESS)
+    layout = runtime.initialize(SINGLE_PROCESS, reuse_freed_memory=False)
     dtype = reader.get("model.norm.weight").dtype
     # Built and filled in host memory with the local spec on any node (an 8B model fits; the
     # reader fills host tensors); the checkpoint keys are the TE spec's all the same.
@@ -134,7 +134,7 @@ def export_hf(cfg) -> dict:
         print(f"[export] {output} already holds this export; nothing to do")
         return read_manifest(output)
 
-    layout = runtime.initialize(SINGLE_PROCESS)
+    layout = runtime.initialize(SINGLE_PROCESS, reuse_freed_memory=False)
     model, arch = checkpoint.load_model(source, layout, host=True, purpose="host")
     dtype = model.embedding.word_embeddings.weight.dtype
     state = {name: tensor for name, tensor in model.state_dict().items()
