@@ -72,8 +72,10 @@ class Plan:
         self.teacher_kind = str(d.teacher)
         require(self.teacher_kind in TEACHERS, f"{section}.teacher={self.teacher_kind!r}; one of "
                 f"{TEACHERS}", f"{self.section}.teacher")
+        from pipelines.validate import training_ranges
+
+        training_ranges(d, section)  # the same rules validate.check applies to the experiment
         self.kd_weight = float(d.kd_weight)
-        require(0.0 <= self.kd_weight <= 1.0, "kd_weight must be in [0, 1]", f"{self.section}.kd_weight")
         require((self.teacher_kind == "none") == (self.kd_weight == 0.0),
                 f"{section}.teacher={self.teacher_kind} with kd_weight={self.kd_weight}: a teacher "
                 "needs kd_weight > 0 and kd_weight 0 needs distill.teacher=none",
@@ -81,7 +83,6 @@ class Plan:
         require(str(d.divergence) in DIVERGENCES, f"unknown divergence {d.divergence!r}; one of "
                 f"{DIVERGENCES}", f"{self.section}.divergence")
         require(0.0 < float(d.jsd_beta) < 1.0, "jsd_beta must be in (0, 1)", f"{self.section}.jsd_beta")
-        require(float(d.temperature) > 0, "temperature must be positive", f"{self.section}.temperature")
         self.sequence_length = int(d.sequence_length)
         self.global_batch, self.micro_batch = int(d.global_batch_size), int(d.micro_batch_size)
         per_step = self.micro_batch * data_parallel
@@ -91,7 +92,6 @@ class Plan:
                 f"{self.section}.global_batch_size / {self.section}.micro_batch_size")
         self.microbatches = self.global_batch // per_step
         self.steps = int(d.train_steps)
-        require(self.steps > 0, "train_steps must be positive", f"{self.section}.train_steps")
         require(0 <= int(d.warmup_steps) < self.steps, f"warmup_steps={d.warmup_steps} must be below "
                 f"train_steps={self.steps}", f"{self.section}.warmup_steps")
         self.windows = TokenWindows(self.data, "train", self.sequence_length)
@@ -111,7 +111,11 @@ class Plan:
                         "sequence_length": self.sequence_length, "temperature": float(d.temperature),
                         "tokenizer": tokenizer_hash(self.student)}
             self.cache = LogitsCache(Path(str(d.cache)), expected, verify=bool(d.verify_cache))
-            self.samples = min(self.samples, len(self.cache))
+            reads = min(self.samples, self.steps * self.global_batch)  # distill wraps over the data only
+            require(len(self.cache) >= reads, f"the teacher-logits cache {d.cache} holds {len(self.cache)} "
+                    f"samples and this run reads {reads} (train_steps x global_batch_size, at most the "
+                    "data's); raise logits.samples and rerun make logits (finished shards are kept)",
+                    "logits.samples")
             if self.teacher_path is None:
                 self.teacher_path = Path(self.cache.manifest["identity"]["teacher"])
         if self.teacher_path is not None:

@@ -178,6 +178,24 @@ def submit(stages: list[str], cfg, overrides: list[str], dry_run: bool = False) 
     return ids
 
 
+def compose_pipeline(overrides: list[str]):
+    """``configs/pipeline.yaml`` with ``overrides``; a missing experiment or group option is one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    try:
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            return compose("pipeline", overrides=overrides)
+    except MissingConfigException as error:
+        missing = str(getattr(error, "missing_cfg_file", "") or "")
+        group, _, name = missing.rpartition("/")
+        options = ", ".join(getattr(error, "options", None) or [])
+        key = "EXP (experiment=...)" if group == "experiment" else group or "the config overrides"
+        raise UserError(f"no {group or 'config'} {name!r} in configs/{group}/; one of: {options}", key) from None
+    except ConfigCompositionException as error:
+        raise UserError(f"bad override: {str(error).splitlines()[0]}", "ARGS") from None
+
+
 def runs_on_gpus(cfg) -> bool:
     """Whether the stages run on GPUs: a SLURM cluster with GPUs, or this machine when it has one."""
     if str(cfg.cluster.kind) == "slurm":
@@ -189,8 +207,6 @@ def runs_on_gpus(cfg) -> bool:
 
 def main(argv: list[str]) -> None:
     """``stage.py STAGE[,STAGE...]|pipeline [--dry-run] [hydra overrides]``."""
-    from hydra import compose, initialize_config_dir
-
     from pipelines.cli import quiet_known_noise
 
     quiet_known_noise()
@@ -200,8 +216,7 @@ def main(argv: list[str]) -> None:
     stage, rest = argv[0], argv[1:]
     dry_run = "--dry-run" in rest
     overrides = [a for a in rest if a != "--dry-run"]
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("pipeline", overrides=overrides)
+    cfg = compose_pipeline(overrides)
     stages = pipeline_stages(cfg) if stage == "pipeline" else stage.split(",")
     for name in stages:
         require(name in SCRIPTS, f"unknown stage {name!r}; one of {', '.join(STAGES)} or pipeline", "STAGE")

@@ -7,14 +7,17 @@ Layout of a cache folder (``scripts/teacher_logits.py`` writes it)::
                           logprobs s*k float16, top-k log-probabilities at the temperature
                           tail     s   float16, log of the probability mass outside the top-k
                         (values are float32 with ``logits.value_dtype=float32``, for checks)
-    shard-00000.sha256  the shard's sha256 (written after the shard, before the manifest)
+    shard-00000.sha256  the shard's sha256 and the sample range it holds, "<hex> <first> <end>"
+                        (written atomically after the shard, before the manifest)
     manifest.json       what the cache is valid for (teacher, data, sequence length, k,
                         temperature, tokenizer), the layout numbers, and every shard's sha256;
                         written last
 
 Every sample has the same byte size, so sample ``i`` is read with one memory-mapped slice.
 A shard is written under a temporary name and renamed, so a killed run leaves only complete
-shards, and a rerun computes just the missing ones.
+shards, and a rerun computes just the missing ones: a shard counts as finished only when its
+recorded range is the one this run assigns it, so a changed ``logits.samples`` recomputes the
+last, partial shard instead of reusing it.
 """
 
 from __future__ import annotations
@@ -121,8 +124,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.bin"
 
 
-def write_shard(folder: Path, index: int, samples: list[bytes]) -> str:
-    """Write one shard atomically, then its checksum file; return the sha256."""
+def write_shard(folder: Path, index: int, samples: list[bytes], first: int | None = None) -> str:
+    """Write one shard atomically, then its checksum file (also atomic); return the sha256.
+
+    ``first``: the index of the shard's first sample (recorded with the checksum)."""
     path = folder / shard_name(index)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256()
@@ -133,27 +138,51 @@ def write_shard(folder: Path, index: int, samples: list[bytes]) -> str:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-    (folder / f"shard-{index:05d}.sha256").write_text(digest.hexdigest())
+    first = 0 if first is None else first
+    sidecar = folder / f"shard-{index:05d}.sha256"
+    temporary = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
+    temporary.write_text(f"{digest.hexdigest()} {first} {first + len(samples)}")
+    os.replace(temporary, sidecar)
     return digest.hexdigest()
 
 
-def finished_shards(folder: Path) -> set[int]:
-    """Shards already complete (shard file plus checksum file) from an earlier run."""
-    return {int(path.stem.split("-")[1]) for path in folder.glob("shard-*.sha256")
-            if (folder / path.name.replace(".sha256", ".bin")).exists()}
+def _sidecar(folder: Path, index: int) -> tuple[str, int, int] | None:
+    path = folder / f"shard-{index:05d}.sha256"
+    if not path.exists() or not (folder / shard_name(index)).exists():
+        return None
+    parts = path.read_text().split()
+    if len(parts) != 3:  # written by an older version, without its range: not trusted
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def finished_shards(folder: Path, samples: int | None = None, samples_per_shard: int | None = None) -> set[int]:
+    """Shards already complete from an earlier run; with ``samples`` and ``samples_per_shard``,
+    only those holding exactly the range this run assigns them."""
+    found = set()
+    for path in folder.glob("shard-*.sha256"):
+        index = int(path.stem.split("-")[1])
+        recorded = _sidecar(folder, index)
+        if recorded is None:
+            continue
+        if samples is not None:
+            first = index * samples_per_shard
+            if recorded[1:] != (first, min(first + samples_per_shard, samples)):
+                continue
+        found.add(index)
+    return found
 
 
 def finalize(folder: Path, identity: dict, layout: Layout, samples: int, samples_per_shard: int) -> dict:
     """Write the manifest (last) once every shard exists."""
     shards = math.ceil(samples / samples_per_shard)
-    missing = sorted(set(range(shards)) - finished_shards(folder))
+    missing = sorted(set(range(shards)) - finished_shards(folder, samples, samples_per_shard))
     require(not missing, f"cache {folder} lacks shards {missing[:5]}", "logits")
     manifest = {"stage": "teacher_logits", "identity": identity, "samples": samples,
                 "samples_per_shard": samples_per_shard, "sequence_length": layout.sequence_length,
                 "k": layout.k, "id_bits": layout.bits, "value_dtype": layout.value_dtype,
                 "sample_bytes": layout.sample_bytes,
-                "shards": {shard_name(i): (folder / f"shard-{i:05d}.sha256").read_text()
-                           for i in range(shards)}}
+                "shards": {shard_name(i): _sidecar(folder, i)[0] for i in range(shards)}}
     write_manifest(folder, manifest)
     return manifest
 

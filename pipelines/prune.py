@@ -177,6 +177,9 @@ def validate_prune_config(cfg, arch, layout) -> None:
     heads = prune.target.get("num_attention_heads") or arch["num_attention_heads"]
     require(int(heads) % arch["num_query_groups"] == 0, f"target num_attention_heads={heads} is not "
             f"divisible by num_query_groups={arch['num_query_groups']}", "prune.target.num_attention_heads")
+    hidden = prune.target.get("hidden_size") or arch["hidden_size"]
+    model_lib.check_exportable({"hidden_size": int(hidden), "num_attention_heads": int(heads)},
+                               "prune.target.hidden_size / prune.target.num_attention_heads")
 
 
 def run(cfg) -> dict:

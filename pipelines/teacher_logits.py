@@ -34,14 +34,22 @@ MODES = ("topk", "sampled")
 
 
 def cache_identity(teacher: Path, data: Path, sequence_length: int, k: int, temperature: float,
-                   mode: str = "topk", value_dtype: str = "float16") -> dict:
-    """What a cache is valid for; distill compares its own run against this."""
+                   mode: str = "topk", value_dtype: str = "float16", samples_per_shard: int | None = None,
+                   seed: int | None = None) -> dict:
+    """What a cache is valid for; distill compares its own run against this.
+
+    Every setting that changes a shard's bytes is here (``seed`` only for sampled labels, where
+    it decides the draws). The number of samples is not: a larger ``logits.samples`` keeps the
+    full shards and computes the rest (each shard records its range, see
+    :func:`pipelines.logits_cache.finished_shards`).
+    """
     tokenizer = teacher / "tokenizer" / "tokenizer.json"
     data_manifest = read_manifest(data) or {}
     return {"teacher": str(teacher.resolve()), "teacher_written_at": read_manifest(teacher).get("written_at"),
             "data": str(data.resolve()), "data_inputs": data_manifest.get("inputs"),
             "sequence_length": sequence_length, "k": k, "temperature": temperature, "mode": mode,
-            "value_dtype": value_dtype,
+            "value_dtype": value_dtype, "samples_per_shard": samples_per_shard,
+            "seed": seed if mode == "sampled" else None,
             "tokenizer": sha256_file(tokenizer) if tokenizer.exists() else None}
 
 
@@ -52,9 +60,10 @@ def _start(folder: Path, identity: dict, force: bool) -> None:
     other settings (teacher, data, k, temperature, ...) are removed rather than mixed in.
     """
     stamp = folder / "identity.json"
+    (folder / "manifest.json").unlink(missing_ok=True)  # running: the cache is not finished until finalize
     stale = force or (stamp.exists() and json.loads(stamp.read_text()) != identity)
     if stale or not stamp.exists():
-        for path in list(folder.glob("shard-*")) + list(folder.glob(".shard-*")) + [folder / "manifest.json"]:
+        for path in list(folder.glob("shard-*")) + list(folder.glob(".shard-*")):
             path.unlink(missing_ok=True)
     write_json(stamp, identity)
 
@@ -74,14 +83,16 @@ def run(cfg) -> dict:
     mode = str(logits_cfg.get("mode", "topk"))
     require(mode in MODES, f"unknown mode {mode!r}; one of {MODES}", "logits.mode")
     value_dtype = str(logits_cfg.get("value_dtype", "float16"))
-    identity = cache_identity(teacher, data, sequence_length, k, temperature, mode, value_dtype)
-    done = read_manifest(output) if output.exists() else None
-    if done and done.get("identity") == identity and not cfg.get("force", False):
-        print(f"[teacher_logits] {output} is up to date; skipping (force=true recomputes)")
-        return done
+    per_shard = int(logits_cfg.samples_per_shard)
+    identity = cache_identity(teacher, data, sequence_length, k, temperature, mode, value_dtype, per_shard,
+                              int(logits_cfg.seed))
     windows = TokenWindows(data, "train", sequence_length)
     samples = min(len(windows), int(logits_cfg.samples or len(windows)))
-    per_shard = int(logits_cfg.samples_per_shard)
+    done = read_manifest(output) if output.exists() else None
+    if (done and done.get("identity") == identity and done.get("samples") == samples
+            and not cfg.get("force", False)):
+        print(f"[teacher_logits] {output} is up to date; skipping (force=true recomputes)")
+        return done
     layout = runtime.initialize(cfg.parallel)
     require(layout.pipeline_parallel == 1, "the teacher-logits stage runs with pipeline parallel "
             "size 1", "parallel.pipeline")
@@ -98,7 +109,7 @@ def run(cfg) -> dict:
     writer = parallel_state.get_tensor_model_parallel_rank() == 0
     tp_group = parallel_state.get_tensor_model_parallel_group()
     chunk_tokens = int(logits_cfg.chunk_tokens)
-    finished = finished_shards(output)
+    finished = finished_shards(output, samples, per_shard)
     todo = [i for i in range(shards) if i % layout.data_parallel == dp_rank and i not in finished]
     started, tokens = time.perf_counter(), 0
     batch_size = int(logits_cfg.batch_size)
@@ -118,7 +129,7 @@ def run(cfg) -> dict:
             encoded += [cache_layout.encode(ids[j], logprobs[j], tail[j]) for j in range(len(batch))]
             tokens += batch[:, :-1].numel()
         if writer:
-            write_shard(output, shard, encoded)
+            write_shard(output, shard, encoded, first=shard * per_shard)
         rate = tokens / (time.perf_counter() - started)
         print(f"[teacher_logits] rank {layout.rank}: shard {shard} done ({number + 1}/{len(todo)}), "
               f"{rate:,.0f} tokens/s", flush=True)

@@ -72,6 +72,54 @@ def _layout_fits(cfg, stage: str, arch: dict, what: str) -> tuple[int, dict]:
     return world // (tensor * pipeline * context), layout
 
 
+def _positive(value, key: str, minimum: float = 0.0, inclusive: bool = False) -> None:
+    ok = value >= minimum if inclusive else value > minimum
+    require(ok, f"{key}={value} must be {'at least' if inclusive else 'above'} {minimum:g}", key)
+
+
+def training_ranges(d, section: str) -> None:
+    """Numeric ranges of a training section (``distill``, ``correct``), before any compute."""
+    _positive(float(d.lr), f"{section}.lr")
+    _positive(float(d.min_lr), f"{section}.min_lr", inclusive=True)
+    require(float(d.min_lr) <= float(d.lr), f"{section}.min_lr={d.min_lr} is above {section}.lr={d.lr}",
+            f"{section}.min_lr")
+    _positive(float(d.weight_decay), f"{section}.weight_decay", inclusive=True)
+    for beta in ("adam_beta1", "adam_beta2"):
+        require(0.0 < float(d[beta]) < 1.0, f"{section}.{beta}={d[beta]} must be in (0, 1)", f"{section}.{beta}")
+    _positive(float(d.clip_grad), f"{section}.clip_grad")
+    for key in ("train_steps", "micro_batch_size", "global_batch_size", "sequence_length", "chunk_tokens",
+                "eval_samples", "keep_checkpoints", "log_interval"):
+        _positive(int(d[key]), f"{section}.{key}", 1, inclusive=True)
+    for key in ("save_interval", "eval_interval", "warmup_steps"):
+        _positive(int(d[key]), f"{section}.{key}", inclusive=True)
+    require(0.0 <= float(d.kd_weight) <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",
+            f"{section}.kd_weight")
+    _positive(float(d.temperature), f"{section}.temperature")
+
+
+def _ranges(cfg, stage: str, teacher: dict) -> None:
+    """Numeric ranges of the other stages' sections."""
+    if stage == "logits":
+        logits = cfg.logits
+        require(1 <= int(logits.k) <= teacher["vocab_size"], f"logits.k={logits.k} must be between 1 and the "
+                f"vocabulary ({teacher['vocab_size']})", "logits.k")
+        for key in ("samples_per_shard", "batch_size", "chunk_tokens", "sequence_length"):
+            _positive(int(logits[key]), f"logits.{key}", 1, inclusive=True)
+        if logits.samples is not None:
+            _positive(int(logits.samples), "logits.samples", 1, inclusive=True)
+        _positive(float(logits.temperature), "logits.temperature")
+    if stage == "prune":
+        for key in ("calib_samples", "eval_samples", "batch_size", "sequence_length"):
+            _positive(int(cfg.prune[key]), f"prune.{key}", 1, inclusive=True)
+    if stage == "eval":
+        for key in ("shots", "val_samples"):
+            _positive(int(cfg.eval[key]), f"eval.{key}", inclusive=True)
+        for key in ("batch_tokens", "max_length", "batch_size", "sequence_length"):
+            _positive(int(cfg.eval[key]), f"eval.{key}", 1, inclusive=True)
+        if cfg.eval.get("limit") is not None:
+            _positive(int(cfg.eval.limit), "eval.limit", 1, inclusive=True)
+
+
 def _batches(cfg, section: str, data_parallel: int) -> None:
     d = cfg[section]
     per_step = int(d.micro_batch_size) * data_parallel
@@ -87,6 +135,9 @@ def check(cfg, stages: list[str]) -> dict:
     teacher = model_lib.architecture(cfg.model)
     student = student_architecture(cfg, teacher)
     checked = {"teacher": teacher, "student": student, "layouts": {}}
+    for stage in stages:  # first: other sections interpolate these (logits.temperature, logits.samples)
+        if stage in TRAINING:
+            training_ranges(cfg[stage], stage)
     for stage in stages:
         if stage in ("prepare", "import", "export", "report"):
             continue
@@ -104,11 +155,13 @@ def check(cfg, stages: list[str]) -> dict:
             require(heads % teacher["num_query_groups"] == 0, f"target num_attention_heads={heads} is not "
                     f"divisible by num_query_groups={teacher['num_query_groups']}",
                     "prune.target.num_attention_heads")
+            model_lib.check_exportable(student, "prune.target.hidden_size / prune.target.num_attention_heads")
         if stage == "prune" and cfg.prune.mode == "depth":
             require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not "
                     "divisible by the pipeline parallel size", "prune.target_num_layers")
         if stage in TRAINING:
             _batches(cfg, stage, data_parallel)
+        _ranges(cfg, stage, teacher)
         if stage == "eval":
             require(int(layout["pipeline"]) == 1, "evaluation runs with pipeline parallel size 1",
                     "run.stage_parallel.eval")

@@ -23,7 +23,7 @@ def full_cache(tmp_path_factory, trained_teacher, tiny_data):
     folder = tmp_path_factory.mktemp("cache") / "k300"
     teacher_logits.run(compose("teacher_logits", [
         f"logits.teacher={trained_teacher}", f"logits.output={folder}", f"data.output={tiny_data}",
-        "logits.k=300", "logits.value_dtype=float32", "logits.samples=48", "logits.samples_per_shard=16",
+        "logits.k=300", "logits.value_dtype=float32", "logits.samples=96", "logits.samples_per_shard=16",
         f"logits.sequence_length={SEQ}", "logits.batch_size=8"]))
     return folder
 
@@ -69,7 +69,7 @@ def test_kill_9_after_a_checkpoint_resumes_bit_identically(tmp_path, tiny_teache
     assert killed_at < 12 and not (tmp_path / "killed" / "manifest.json").exists()
     resumed = run_script("scripts/distill.py", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from step {killed_at}" in resumed.stdout or "resuming from step" in resumed.stdout
+    assert f"resuming from step {killed_at} " in resumed.stdout
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the metrics file has one train line per step, with no duplicates from the killed run

@@ -122,3 +122,32 @@ def test_shards_of_other_settings_are_never_mixed_in(tmp_path, tiny_teacher, tin
     forced = teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, output, k=4)
                                         + ["force=true"]))
     assert forced["k"] == 4
+
+
+def test_more_samples_keep_the_full_shards_and_recompute_the_partial_one(tmp_path, tiny_teacher, tiny_data,
+                                                                         cpu_runtime):
+    """10 samples in shards of 4 ([0,4) [4,8) [8,10)), then 14: the two full shards are kept, the
+    partial one is recomputed as [8,12), and every shard equals a fresh 14-sample run's."""
+    grown = tmp_path / "grown"
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, grown, samples=10, per_shard=4)))
+    kept = {name: (grown / name).stat().st_mtime_ns for name in ("shard-00000.bin", "shard-00001.bin")}
+    assert (grown / "shard-00002.sha256").read_text().split()[1:] == ["8", "10"]
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, grown, samples=14, per_shard=4)))
+    assert {name: (grown / name).stat().st_mtime_ns for name in kept} == kept
+    assert (grown / "shard-00002.sha256").read_text().split()[1:] == ["8", "12"]
+    fresh = tmp_path / "fresh"
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, fresh, samples=14, per_shard=4)))
+    assert files(grown) == files(fresh) and len(LogitsCache(grown)) == 14
+
+
+def test_distill_refuses_a_cache_smaller_than_it_reads(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
+    from pipelines.distill import Plan
+
+    cache = tmp_path / "cache"
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, cache, samples=12)))
+    cfg = compose("distill", [f"distill.student={tiny_teacher}", f"distill.output={tmp_path / 'out'}",
+                              f"data.output={tiny_data}", f"distill.cache={cache}", "distill.sequence_length=32",
+                              "distill.global_batch_size=8", "distill.micro_batch_size=2", "distill.train_steps=2",
+                              "distill.warmup_steps=1"])
+    with pytest.raises(UserError, match=r"holds 12 samples and this run reads 16.*fix: logits.samples"):
+        Plan(cfg, 1)

@@ -58,7 +58,8 @@ def test_chained_stages_with_two_gloo_tasks(tmp_path, tiny_teacher, trained_teac
     assert result.returncode == 0, result.stdout + result.stderr
     ids = re.findall(r"\[slurm\] \w+: job (\d+)", result.stdout)
     assert len(ids) == 2, result.stdout
-    assert "afterok" in job(ids[1]).get("Dependency", "") or job(ids[1]).get("JobState") != "COMPLETED"
+    # read at once: the first job (a Python process importing torch) cannot have ended yet
+    assert job(ids[1]).get("Dependency", "").startswith(f"afterok:{ids[0]}"), job(ids[1])
     first, second = wait_for(ids[0]), wait_for(ids[1])
     logs = "\n".join(p.read_text() for p in (tmp_path / "slurmtest" / "slurm").glob("*.out"))
     assert first["JobState"] == "COMPLETED" and second["JobState"] == "COMPLETED", logs[-4000:]

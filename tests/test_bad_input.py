@@ -1,0 +1,90 @@
+"""Bad values, tried as a new user would: one line naming the key, exit 2, no traceback, no compute."""
+
+import pytest
+
+from conftest import compose, run_script
+from pipelines import launch, validate
+from pipelines.errors import UserError
+
+BAD = [  # (override, the key the error must name)
+    ("distill.lr=-1", "distill.lr"),
+    ("distill.lr=0", "distill.lr"),
+    ("distill.min_lr=1", "distill.min_lr"),            # above lr
+    ("distill.weight_decay=-0.1", "distill.weight_decay"),
+    ("distill.adam_beta1=1", "distill.adam_beta1"),
+    ("distill.adam_beta2=0", "distill.adam_beta2"),
+    ("distill.clip_grad=0", "distill.clip_grad"),
+    ("distill.kd_weight=1.5", "distill.kd_weight"),
+    ("distill.temperature=0", "distill.temperature"),
+    ("distill.train_steps=0", "distill.train_steps"),
+    ("distill.chunk_tokens=0", "distill.chunk_tokens"),
+    ("distill.eval_samples=0", "distill.eval_samples"),
+    ("distill.save_interval=-1", "distill.save_interval"),
+    ("correct.lr=-1", "correct.lr"),
+    ("logits.k=0", "logits.k"),
+    ("logits.k=5000", "logits.k"),                    # the demo vocabulary is 1024
+    ("logits.samples=0", "logits.samples"),
+    ("logits.samples_per_shard=0", "logits.samples_per_shard"),
+    ("logits.batch_size=0", "logits.batch_size"),
+    ("prune.calib_samples=0", "prune.calib_samples"),
+    ("eval.shots=-1", "eval.shots"),
+    ("eval.batch_tokens=0", "eval.batch_tokens"),
+    ("parallel.context=2", "parallel.context"),
+]
+
+
+@pytest.mark.parametrize("override, key", BAD, ids=[b[0] for b in BAD])
+def test_bad_value_names_its_key_before_any_compute(override, key):
+    cfg = compose("pipeline", ["experiment=demo", override])
+    with pytest.raises(UserError, match=rf"\(fix: {key}"):
+        validate.check(cfg, launch.pipeline_stages(cfg))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill", "experiment=demo", "distill.lr=-1"], "error: distill.lr=-1.0 must be above 0 (fix: distill.lr)"),
+    (["distill", "experiment=nonexistent"], "error: no experiment 'nonexistent' in configs/experiment/; one of: demo"),
+    (["prune", "experiment=demo", "prune=foo"], "error: no prune 'foo' in configs/prune/; one of: depth, width"),
+    (["distill", "experiment=demo", "distill.no_such_key=1"], "error: bad override"),
+])
+def test_the_stage_runner_prints_one_line_and_exits_2(args, message):
+    result = run_script("scripts/stage.py", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_width_target_transformers_cannot_load_is_refused_before_compute():
+    """SmolLM2-135M (hidden 576, 9 heads, 3 KV groups) to hidden 448 with 6 heads: transformers 5
+    refuses 448 % 6 != 0 at export, after all the compute; the experiment check refuses it first."""
+    cfg = compose("pipeline", ["experiment=demo", "prune=width", "model.hidden_size=576", "model.num_attention_heads=9",
+                               "model.num_query_groups=3", "model.kv_channels=64", "model.ffn_hidden_size=1536",
+                               "prune.target.hidden_size=448",
+                               "prune.target.ffn_hidden_size=128", "prune.target.num_attention_heads=6"])
+    with pytest.raises(UserError, match=r"not a multiple of num_attention_heads=6.*fix: prune.target.hidden_size"):
+        validate.check(cfg, ["prune"])
+
+
+def test_every_width_target_the_checks_accept_loads_in_transformers():
+    """Over a grid of targets from a GQA teacher, accepted means transformers builds the export."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines import hf_llama
+
+    accepted = refused = 0
+    for hidden in (384, 448, 512, 576):
+        for heads in (3, 6, 7, 8, 9):
+            cfg = compose("pipeline", ["experiment=demo", "prune=width", "model.hidden_size=576",
+                                       "model.num_attention_heads=9", "model.num_query_groups=3",
+                                       "model.kv_channels=64", "model.ffn_hidden_size=1536", f"prune.target.hidden_size={hidden}",
+                                       "prune.target.ffn_hidden_size=256", f"prune.target.num_attention_heads={heads}"])
+            try:
+                student = validate.check(cfg, ["prune"])["student"]
+            except UserError:
+                refused += 1
+                continue
+            accepted += 1
+            config = LlamaConfig(**hf_llama.hf_config(student, torch.float32))
+            with torch.device("meta"):
+                LlamaForCausalLM(config)
+    assert accepted >= 4 and refused >= 4, (accepted, refused)
