@@ -38,14 +38,19 @@ import numpy as np
 import torch
 
 from pipelines import checkpoint, preemption, runtime
-from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json, write_manifest
+from pipelines.artifacts import read_manifest, sha256_file, write_json, write_manifest
 from pipelines.data import TokenWindows
-from pipelines.errors import require
+from pipelines.errors import UserError, require
 from pipelines.kd_loss import DIVERGENCES, TopK, distill_loss, teacher_topk
 from pipelines.logits_cache import LogitsCache
 from pipelines.model import causal_mask, count_parameters, padded_vocab_size, position_ids
 
 TEACHERS = ("cache", "online", "none")
+# Keys that do not change the trained weights: changing one never restarts or blocks a resume
+# (e.g. a smaller chunk_tokens after an out-of-memory error, a save_interval on requeue). The
+# cache and output paths are not settings: the cache's content is in the inputs (its manifest).
+NOT_RESULT_KEYS = ("output", "cache", "log_interval", "verify_cache", "chunk_tokens", "save_interval",
+                   "eval_interval", "eval_samples", "eval_topk", "keep_checkpoints", "recompute")
 
 
 def tokenizer_hash(folder: Path) -> str | None:
@@ -129,13 +134,15 @@ class Plan:
             ours, theirs = tokenizer_hash(self.student), tokenizer_hash(self.teacher_path)
             require(ours == theirs, f"teacher tokenizer ({self.teacher_path}/tokenizer) differs from the "
                     f"student's ({self.student}/tokenizer)", f"{self.section}.teacher_checkpoint")
+        from omegaconf import OmegaConf
+
+        settings = OmegaConf.to_container(d, resolve=True)
         self.inputs = {"student": str(self.student.resolve()),
                        "student_written_at": read_manifest(self.student).get("written_at"),
                        "teacher": str(self.teacher_path.resolve()) if self.teacher_path else None,
                        "cache": self.cache.manifest.get("written_at") if self.cache else None,
                        "data_inputs": data_inputs,
-                       "config": config_hash({k: v for k, v in dict(d).items()
-                                              if k not in ("log_interval", "verify_cache")})}
+                       "settings": {k: v for k, v in settings.items() if k not in NOT_RESULT_KEYS}}
 
 
 # ----------------------------------------------------------------------------- data
@@ -417,6 +424,9 @@ class Trainer:
 
         name = f"step-{self.step:06d}"
         final, staging = folder / name, folder / f".{name}.incomplete"
+        if final.exists() and (folder / "latest.json").exists() and \
+                json.loads((folder / "latest.json").read_text())["checkpoint"] == name:
+            return  # this step's state is saved (it is a function of the step): never replace it
         if self.layout.is_main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -525,18 +535,29 @@ def run(cfg, section: str = "distill") -> dict:
         return done
     layout = runtime.initialize(cfg.parallel, seed=int(d.seed))
     preemption.install()
-    trainer = Trainer(plan, layout)
     train_folder = output / "train"
     checkpoints = train_folder / "checkpoints"
+    stamp = train_folder / "inputs.json"
+    previous = json.loads(stamp.read_text()) if stamp.exists() else None
+    set_aside = bool(previous) and (previous != plan.inputs or bool(cfg.get("force", False)))
+    if set_aside and not done and not cfg.get("force", False):
+        # an unfinished run with other settings: resuming would mix them, starting over would
+        # throw its state away; the user decides (every rank reads the same stamp)
+        changed = changed_inputs(previous, plan.inputs)
+        key = next((f"{section}.{c}" for c in changed if c in plan.inputs["settings"]), "FORCE")
+        raise UserError(f"the unfinished training state in {train_folder} was written with other "
+                        f"settings ({', '.join(changed)} changed); put them back to resume it, or rerun "
+                        "with force=true (FORCE=1) to start over: the old state is moved aside, not deleted",
+                        key)
+    trainer = Trainer(plan, layout)
     if layout.is_main:
+        if set_aside:  # a finished run redone, or force: keep the old state beside the new one
+            aside = train_folder.with_name(f"train.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            os.replace(train_folder, aside)
+            print(f"[{section}] the previous training state is kept in {aside}", flush=True)
         checkpoints.mkdir(parents=True, exist_ok=True)
-        stamp = train_folder / "inputs.json"
-        if stamp.exists() and json.loads(stamp.read_text()) != plan.inputs:
-            shutil.rmtree(checkpoints)  # another configuration's state: start over
-            checkpoints.mkdir()
-            (train_folder / "metrics.jsonl").unlink(missing_ok=True)
         write_json(stamp, plan.inputs)
-        if done:  # rerun (force): drop the finished model's manifest first
+        if done:  # rerun: drop the finished model's manifest first
             (output / "manifest.json").unlink()
     torch.distributed.barrier()
     resumed = trainer.load(checkpoints)
@@ -588,6 +609,14 @@ def run(cfg, section: str = "distill") -> dict:
         print(f"[{section}] {output}: {_format(final)}", flush=True)
     torch.distributed.barrier()
     return manifest
+
+
+def changed_inputs(previous: dict, current: dict) -> list[str]:
+    """Names of what differs between two stamps: settings by key, other inputs by name."""
+    changed = [key for key in current if key != "settings" and previous.get(key) != current.get(key)]
+    old, new = previous.get("settings", {}), current.get("settings", {})
+    changed += [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return changed
 
 
 def _format(metrics: dict) -> str:

@@ -157,3 +157,38 @@ def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_tea
                                                          **{"distill.global_batch_size": 7,
                                                             "distill.cache": full_cache}))
     assert cli.returncode == 2 and "error:" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def _kill_after_first_checkpoint(args):
+    process = subprocess.Popen([sys.executable, "scripts/distill.py", *args], cwd=REPO,
+                               env=child_env({"OMP_NUM_THREADS": "1"}), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    latest = [a for a in args if a.startswith("distill.output=")][0].split("=", 1)[1]
+    latest = f"{latest}/train/checkpoints/latest.json"
+    deadline = time.time() + 120
+    while not os.path.exists(latest) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return json.loads(open(latest).read())["step"]
+
+
+def test_changed_settings_never_throw_training_state_away(tmp_path, tiny_teacher, tiny_data, full_cache):
+    """Unfinished state + a result-changing key: stop naming it, state intact. Keys that do not
+    change the weights (chunk_tokens after an OOM, save_interval on requeue): resume. FORCE: the
+    old state is moved aside, not deleted."""
+    out = tmp_path / "run"
+    args = distill_args(tiny_teacher, tiny_data, out, **{"distill.train_steps": 12, "distill.cache": full_cache})
+    step = _kill_after_first_checkpoint(args)
+    changed = run_script("scripts/distill.py", *args, "distill.lr=0.001")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "lr changed" in changed.stderr and "(fix: distill.lr)" in changed.stderr
+    assert json.loads((out / "train" / "checkpoints" / "latest.json").read_text())["step"] == step
+    resumed = run_script("scripts/distill.py", *args, "distill.chunk_tokens=7", "distill.save_interval=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {step} " in resumed.stdout
+    forced = run_script("scripts/distill.py", *args, "force=true")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    aside = list(tmp_path.glob("run/train.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "latest.json").exists()
+    assert "resuming from step" not in forced.stdout

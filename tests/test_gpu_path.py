@@ -193,28 +193,34 @@ def test_tied_embeddings_at_pp2_end_with_one_process_weights(tmp_path, tied_stud
             assert (value - b[key]).abs().max().item() <= 1e-5, key
 
 
-def test_bf16_parameters_with_fp32_master_weights_track_float32(tmp_path, tied_student, tiny_data):
+@pytest.fixture(scope="module")
+def plain_losses(tmp_path_factory, tied_student, tiny_data):
+    """3 CE steps in one process: float32, the plain (non-distributed) optimizer, no recompute."""
+    folder = tmp_path_factory.mktemp("plain") / "out"
+    return _train(tied_student, tiny_data, folder, "distill.dtype=float32", "distill.distributed_optimizer=false",
+                  "distill.recompute=none")
+
+
+def test_bf16_parameters_with_fp32_master_weights_track_float32(tmp_path, tied_student, tiny_data, plain_losses):
     """megatron's mixed-precision optimizer on CPU: bf16 parameters, float32 master weights."""
-    full = _train(tied_student, tiny_data, tmp_path / "fp32", "distill.dtype=float32")
     half = _train(tied_student, tiny_data, tmp_path / "bf16", "distill.dtype=bfloat16")
     arch, dtype = checkpoint.read_architecture(tmp_path / "bf16")
     assert dtype == torch.bfloat16
-    assert all(abs(x - y) <= 0.02 * abs(x) for x, y in zip(full, half)), (full, half)
+    assert all(abs(x - y) <= 0.02 * abs(x) for x, y in zip(plain_losses, half)), (plain_losses, half)
 
 
-def test_distributed_optimizer_at_dp2_matches_the_plain_optimizer(tmp_path, tied_student, tiny_data):
-    plain = _train(tied_student, tiny_data, tmp_path / "plain", "distill.distributed_optimizer=false")
+def test_distributed_optimizer_at_dp2_matches_the_plain_optimizer(tmp_path, tied_student, tiny_data, plain_losses):
     sharded = _train(tied_student, tiny_data, tmp_path / "sharded", "distill.distributed_optimizer=true",
                      processes=2)
-    assert len(plain) == len(sharded) == 3
-    assert all(abs(x - y) <= 1e-5 for x, y in zip(plain, sharded)), (plain, sharded)
+    assert len(plain_losses) == len(sharded) == 3
+    assert all(abs(x - y) <= 1e-5 for x, y in zip(plain_losses, sharded)), (plain_losses, sharded)
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_activation_recompute_gives_the_same_losses(tmp_path, tied_student, tiny_data, recompute):
-    plain = _train(tied_student, tiny_data, tmp_path / "none", "distill.recompute=none")
-    again = _train(tied_student, tiny_data, tmp_path / recompute, f"distill.recompute={recompute}")
-    assert all(abs(x - y) <= 1e-6 for x, y in zip(plain, again)), (plain, again)
+def test_activation_recompute_gives_the_same_losses(tmp_path, tied_student, tiny_data, plain_losses, recompute):
+    again = _train(tied_student, tiny_data, tmp_path / recompute, f"distill.recompute={recompute}",
+                   "distill.distributed_optimizer=false")
+    assert all(abs(x - y) <= 1e-6 for x, y in zip(plain_losses, again)), (plain_losses, again)
 
 
 def test_gpu_check_says_there_is_no_gpu_and_fails():
