@@ -156,19 +156,19 @@ def load_weights(model, folder: Path) -> None:
 
 
 def load_model(folder: Path, layout, dtype: torch.dtype | None = None, host: bool = False,
-               purpose: str | None = None, **config_overrides):
+               purpose: str = "train", **config_overrides):
     """Build the checkpoint's model for the current parallel layout and load its weights.
 
-    Returns ``(model, arch)``, the model on ``layout.device`` (in host memory with ``host``).
-    ``dtype`` casts after loading (the checkpoint's dtype if None); ``purpose`` picks the layer
-    spec (:func:`pipelines.runtime.layer_spec`).
+    Returns ``(model, arch)``, the model on ``layout.device``; with ``host``, in host memory with
+    the host layer spec. ``dtype`` casts after loading (the checkpoint's dtype if None);
+    ``purpose`` picks the layer spec otherwise (:func:`pipelines.runtime.layer_spec`).
     """
     arch, stored_dtype = read_architecture(folder)
     model_lib.validate(arch, layout.tensor_parallel, layout.pipeline_parallel)
     config = model_lib.transformer_config(arch, stored_dtype, layout.tensor_parallel,
                                           layout.pipeline_parallel, layout.context_parallel,
                                           host=host, **config_overrides)
-    model = model_lib.build(arch, config, initialize=False, purpose=purpose)
+    model = model_lib.build(arch, config, initialize=False, purpose="host" if host else purpose)
     load_weights(model, folder)
     target = dtype or stored_dtype
     if target != stored_dtype:

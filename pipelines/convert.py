@@ -90,15 +90,14 @@ def import_hf(cfg) -> dict:
     unset = set(parameters)
     with torch.no_grad():
         for name, row, hf_name, hf_row, rows in hf_llama.placements(arch):
-            engine = name
-            parameter = parameters[engine]
+            parameter = parameters[name]
             require(tuple(parameter.shape) == shapes[name] and reader.shape(hf_name)[1:] ==
                     list(parameter.shape[1:]), f"{source}: {hf_name} has shape "
                     f"{reader.shape(hf_name)}, config.json implies {list(shapes[name])}", "source")
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 parameter[arch["vocab_size"]:].zero_()  # vocabulary padding
             reader.read_rows(hf_name, hf_row, parameter.data[row:row + rows])
-            unset.discard(engine)
+            unset.discard(name)
     if unset:
         raise RuntimeError(f"import left parameters unset: {sorted(unset)}")
 
@@ -135,13 +134,9 @@ def export_hf(cfg) -> dict:
         return read_manifest(output)
 
     layout = runtime.initialize(SINGLE_PROCESS, reuse_freed_memory=False)
-    model, arch = checkpoint.load_model(source, layout, host=True, purpose="host")
+    model, arch = checkpoint.load_model(source, layout, host=True)
     dtype = model.embedding.word_embeddings.weight.dtype
-    state = {name: tensor for name, tensor in model.state_dict().items()
-             if not name.endswith("_extra_state")}
-
-    def get(name: str) -> torch.Tensor:
-        return state[name]
+    state = model.state_dict()  # the host (local) spec: no TE _extra_state
 
     token_ids_path = source / "tokenizer" / "special_token_ids.json"
     token_ids = json.loads(token_ids_path.read_text()) if token_ids_path.exists() else {}
@@ -153,7 +148,7 @@ def export_hf(cfg) -> dict:
         "parameters": model_lib.count_parameters(arch),
     }
     with staged_folder(output, layout.is_main) as staging:
-        write_sharded(hf_llama.to_hf(get, arch), staging, int(cfg.max_shard_bytes))
+        write_sharded(hf_llama.to_hf(state.__getitem__, arch), staging, int(cfg.max_shard_bytes))
         hf_config = hf_llama.hf_config(arch, dtype, token_ids.get("bos_token_id"),
                                        token_ids.get("eos_token_id"))
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))

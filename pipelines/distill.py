@@ -97,8 +97,6 @@ class Plan:
                 f"{self.section}.global_batch_size / {self.section}.micro_batch_size")
         self.microbatches = self.global_batch // per_step
         self.steps = int(d.train_steps)
-        require(0 <= int(d.warmup_steps) < self.steps, f"warmup_steps={d.warmup_steps} must be below "
-                f"train_steps={self.steps}", f"{self.section}.warmup_steps")
         self.windows = TokenWindows(self.data, "train", self.sequence_length)
         self.valid = TokenWindows(self.data, "valid", self.sequence_length)
         self.samples = len(self.windows)
@@ -168,14 +166,14 @@ def make_batch(windows, cache, indices, layout) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
-def training_dtype(name: str, layout, key: str = "distill.dtype") -> torch.dtype:
-    """``distill.dtype``: ``auto`` is the layout's compute dtype (bf16 on GPU, float32 on CPU);
-    ``bfloat16`` keeps bf16 parameters with float32 master weights in the optimizer (also on CPU)."""
-    require(name in ("auto", "float32", "bfloat16"), f"dtype {name!r} is not auto, float32 or bfloat16", key)
+def training_dtype(name: str, layout) -> torch.dtype:
+    """``distill.dtype`` (checked by :func:`pipelines.validate.training_ranges`): ``auto`` is the
+    layout's compute dtype (bf16 on GPU, float32 on CPU); ``bfloat16`` keeps bf16 parameters with
+    float32 master weights in the optimizer (also on CPU)."""
     return layout.compute_dtype if name == "auto" else getattr(torch, name)
 
 
-def training_overrides(layout, recompute: str = "none", key: str = "distill.recompute") -> dict:
+def training_overrides(layout, recompute: str = "none") -> dict:
     """Model-config changes for training.
 
     - Sequence parallelism whenever tensor parallelism runs on the TE spec: activations between
@@ -183,12 +181,10 @@ def training_overrides(layout, recompute: str = "none", key: str = "distill.reco
       (finalize_model_grads then all-reduces the norm gradients). megatron's local spec cannot:
       its torch norm refuses ``sequence_parallel``, so CPU runs (and GPU images without TE) keep
       the activations replicated.
-    - Activation recompute (``distill.recompute``): ``full`` keeps only each layer's input and
+    - Activation recompute (``distill.recompute``, checked by
+      :func:`pipelines.validate.training_ranges`): ``full`` keeps only each layer's input and
       recomputes the layer in the backward pass; ``selective`` recomputes the core attention.
     """
-    from pipelines.memory_plan import RECOMPUTE
-
-    require(recompute in RECOMPUTE, f"recompute={recompute!r}; one of {RECOMPUTE}", key)
     overrides = {"sequence_parallel": layout.tensor_parallel > 1 and runtime.transformer_engine_available()}
     if recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -207,8 +203,8 @@ class Trainer:
 
         d = plan.d
         self.plan, self.layout, self.d = plan, layout, d
-        self.dtype = training_dtype(str(d.dtype), layout, f"{plan.section}.dtype")
-        overrides = training_overrides(layout, str(d.recompute), f"{plan.section}.recompute")
+        self.dtype = training_dtype(str(d.dtype), layout)
+        overrides = training_overrides(layout, str(d.recompute))
         model, self.arch = checkpoint.load_model(plan.student, layout, dtype=self.dtype, **overrides)
         # megatron's own loop sets this: after the backward passes the schedule reduces gradients
         # over data-parallel ranks, all-reduces tied embedding gradients between the first and last

@@ -9,7 +9,7 @@
    trained a few steps by the distill trainer; it reports tokens/s and the peak memory allocated
    against :mod:`pipelines.memory_plan`'s prediction for the same shapes.
 
-On a machine without a GPU it says so and exits with status 1: it never passes silently. The
+On a machine without a GPU it says so and exits with status 2: it never passes silently. The
 figures go to ``<paths.runs>/gpu_check/result.json``.
 """
 

@@ -34,9 +34,10 @@ The model counts, per GPU (bytes):
   (an allowance, not measured here); on CPU the 16 MiB of allocator and Python state the first
   checkpoint load leaves resident (measured).
 
-Forward-only stages (logits, prune, eval) keep no activations: the weights, the largest transient
-of one layer (the unfused attention's ``[b, H/tp, s, s]`` scores three times, or the MLP), and the
-logits with their top-k chunk.
+Forward-only stages (logits, prune, eval) keep no activations: the weights, then the largest of
+one layer's transients (the unfused attention's ``[b, H/tp, s, s]`` scores twice, or the MLP),
+the logits copied by GPTModel's final transpose, and the logits with their top-k's two float32
+chunks; the unfused attention adds megatron's persistent score buffer (see :func:`forward`).
 
 What it does not know: TE's own workspaces, FP8, activation offloading, and fragmentation beyond
 the 10% allowance. On CPU ``bench/memory_plan.py`` measures the rest; on a GPU, ``make gpu-check``.
@@ -47,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipelines import model as model_lib
-from pipelines.errors import require
+from pipelines.errors import UserError
 
 GIB = 1024 ** 3
 RECOMPUTE = ("none", "selective", "full")
@@ -106,16 +107,11 @@ def layer_activations(arch: dict, sequence: int, tensor: int, sequence_parallel:
     return 4 * h / r + attention + probabilities + mlp
 
 
-def _one_layer_full(arch, sequence, tensor, sequence_parallel, fused) -> float:
-    return layer_activations(arch, sequence, tensor, sequence_parallel, fused, "none")
-
-
 def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, tensor: int, pipeline: int,
              data: int, element_bytes: int, distributed_optimizer: bool, recompute: str = "none",
              fused: bool = True, sequence_parallel: bool = False, chunk_tokens: int = 4096,
              teacher: dict | None = None, cache_k: int = 0, gpu: bool = True, stage: str = "distill") -> Estimate:
-    """Peak bytes per GPU of a training step (distill, correct)."""
-    require(recompute in RECOMPUTE, f"recompute={recompute!r}; one of {RECOMPUTE}", f"{stage}.recompute")
+    """Peak bytes per GPU of a training step (distill, correct); ``recompute`` is one of :data:`RECOMPUTE`."""
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": pipeline, "data": data})
     parts = estimate.parts
     params = parameters_per_rank(arch, tensor, pipeline)
@@ -130,7 +126,7 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
     per_layer = layer_activations(arch, sequence, tensor, sequence_parallel, fused, recompute)
     stored = per_layer * layers
     if recompute == "full":  # one layer's full set while it is recomputed
-        stored += _one_layer_full(arch, sequence, tensor, sequence_parallel, fused)
+        stored += layer_activations(arch, sequence, tensor, sequence_parallel, fused, "none")
     hidden = arch["hidden_size"]
     head = 2 * hidden / (tensor if sequence_parallel else 1)  # final norm input and output
     parts["activations"] = (stored + head) * tokens * in_flight * element_bytes
@@ -148,7 +144,7 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
 
 
 def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes: int, fused: bool = True,
-            chunk_tokens: int = 1024, gpu: bool = True, stage: str = "logits") -> Estimate:
+            chunk_tokens: int = 1024, gpu: bool = True, stage: str = "logits", data: int = 1) -> Estimate:
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
@@ -156,7 +152,7 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     the MLP's), the output layer's logits copied once by GPTModel's final transpose, and the
     logits with the top-k's two float32 chunks (scaled logits and their log-softmax).
     """
-    estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": 0})
+    estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": data})
     parts = estimate.parts
     tokens = sequence * batch
     heads, f, h = arch["num_attention_heads"], arch["ffn_hidden_size"], arch["hidden_size"]
@@ -192,25 +188,24 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
                 arch, sequence=int(section.sequence_length), micro_batch=int(section.micro_batch_size),
                 microbatches=int(section.global_batch_size) // per_step, tensor=tensor, pipeline=pipeline,
                 data=data, element_bytes=2, distributed_optimizer=bool(section.distributed_optimizer),
-                recompute=str(section.get("recompute", "none")), fused=fused, sequence_parallel=tensor > 1,
+                recompute=str(section.recompute), fused=fused, sequence_parallel=tensor > 1,
                 chunk_tokens=int(section.chunk_tokens), teacher=teacher if online else None,
                 cache_k=int(cfg.logits.k) if stage == "distill" and str(section.teacher) == "cache" else 0,
                 stage=stage))
         elif stage == "logits":
             estimates.append(forward(teacher, sequence=int(cfg.logits.sequence_length),
                                      batch=int(cfg.logits.batch_size), tensor=tensor, element_bytes=2,
-                                     fused=fused, chunk_tokens=int(cfg.logits.chunk_tokens), stage=stage))
+                                     fused=fused, chunk_tokens=int(cfg.logits.chunk_tokens), stage=stage,
+                                     data=data))
         elif stage == "prune":
             estimates.append(forward(teacher, sequence=int(cfg.prune.sequence_length),
                                      batch=int(cfg.prune.batch_size), tensor=tensor, element_bytes=2,
-                                     fused=fused, stage=stage))
+                                     fused=fused, stage=stage, data=data))
         elif stage == "eval":
             tokens = int(cfg.eval.batch_tokens)
             length = min(int(cfg.eval.max_length), tokens)
             estimates.append(forward(teacher, sequence=length, batch=max(1, tokens // length), tensor=tensor,
-                                     element_bytes=2, fused=fused, stage=stage))
-        if estimates and estimates[-1].stage == stage:
-            estimates[-1].layout["data"] = data
+                                     element_bytes=2, fused=fused, stage=stage, data=data))
     return estimates
 
 
@@ -226,5 +221,5 @@ def check(cfg, estimates: list[Estimate]) -> None:
                  "logits": "logits.batch_size / run.stage_parallel.logits",
                  "prune": "prune.batch_size / run.stage_parallel.prune",
                  "eval": "eval.batch_tokens / run.stage_parallel.eval"}
-        require(False, f"{stage} is predicted to need {estimate.total / 1e9:.1f} GB per GPU, more than "
-                f"cluster.gpu_memory_gb={limit / 1e9:.0f} ({estimate.line().strip()})", fixes[stage])
+        raise UserError(f"{stage} is predicted to need {estimate.total / 1e9:.1f} GB per GPU, more than "
+                        f"cluster.gpu_memory_gb={limit / 1e9:.0f} ({estimate.line().strip()})", fixes[stage])

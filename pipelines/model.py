@@ -156,12 +156,12 @@ def llama3_inv_freq(head_dim: int, base: float, scaling: Mapping[str, Any] | Non
     return torch.where(medium, smoothed, scaled)
 
 
-def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str | None = None):
+def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str = "train"):
     """A ``GPTModel`` holding this process's share of the model, for the current layout.
 
     ``initialize=False`` leaves weights uninitialized (for loading: no time spent on random init).
-    ``purpose`` picks the layer spec (:func:`pipelines.runtime.layer_spec`): ``host`` when the
-    config was made with ``host=True``, else ``train`` unless given.
+    ``purpose`` picks the layer spec (:func:`pipelines.runtime.layer_spec`); a config made with
+    ``host=True`` goes with ``purpose="host"``.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -169,8 +169,6 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str
     from pipelines.runtime import layer_spec
 
     config.perform_initialization = initialize
-    if purpose is None:
-        purpose = "host" if config.use_cpu_initialization and torch.cuda.is_available() else "train"
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(purpose, config),

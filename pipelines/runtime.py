@@ -134,9 +134,7 @@ def initialize(parallel, seed: int = 1234, reuse_freed_memory: bool = True) -> L
     rank, world_size, local_rank = _launch_environment()
     tensor, pipeline = int(parallel.tensor), int(parallel.pipeline)
     context = int(parallel.get("context", 1))
-    require(context == 1, f"context parallelism ({context}) is not supported: batches are not split "
-            "over context-parallel ranks, so loss and gradients would be wrong; use tensor or pipeline "
-            "parallelism (or recompute) for long sequences", "parallel.context")
+    require_no_context_parallel(context)
     model_parallel = tensor * pipeline * context
     require(
         world_size % model_parallel == 0,
@@ -174,6 +172,13 @@ def initialize(parallel, seed: int = 1234, reuse_freed_memory: bool = True) -> L
         data_parallel=parallel_state.get_data_parallel_world_size(),
         device=device,
     )
+
+
+def require_no_context_parallel(context: int, stage: str | None = None) -> None:
+    """Refuse ``parallel.context > 1``: batches are not split over context-parallel ranks."""
+    require(context == 1, f"{stage + ': ' if stage else ''}context parallelism ({context}) is not supported: "
+            "batches are not split over context-parallel ranks, so loss and gradients would be wrong; use "
+            "tensor or pipeline parallelism (or recompute) for long sequences", "parallel.context")
 
 
 def keep_freed_memory() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines import checkpoint, preemption, runtime
+from pipelines import checkpoint, preemption, runtime, validate
 from pipelines.artifacts import read_manifest, sha256_file, write_json
 from pipelines.data import TokenWindows
 from pipelines.errors import require
@@ -77,9 +77,7 @@ def run(cfg) -> dict:
     sequence_length, k = int(logits_cfg.sequence_length), int(logits_cfg.k)
     temperature = float(logits_cfg.temperature)
     arch, _ = checkpoint.read_architecture(teacher)
-    require(1 <= k <= arch["vocab_size"], f"k={k} must be between 1 and the vocabulary "
-            f"({arch['vocab_size']})", "logits.k")
-    require(temperature > 0, "temperature must be positive", "logits.temperature")
+    validate.section_ranges(cfg, "logits", arch)  # the rules the experiment check applies
     mode = str(logits_cfg.get("mode", "topk"))
     require(mode in MODES, f"unknown mode {mode!r}; one of {MODES}", "logits.mode")
     value_dtype = str(logits_cfg.get("value_dtype", "float16"))
@@ -107,8 +105,9 @@ def run(cfg) -> dict:
     shards = math.ceil(samples / per_shard)
     dp_rank = parallel_state.get_data_parallel_rank()
     writer = parallel_state.get_tensor_model_parallel_rank() == 0
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    chunk_tokens = int(logits_cfg.chunk_tokens)
+    # top-k per vocabulary slice, chunked (see the module doc)
+    split = dict(vocab_size=arch["vocab_size"], tp_group=parallel_state.get_tensor_model_parallel_group(),
+                 chunk_tokens=int(logits_cfg.chunk_tokens))
     finished = finished_shards(output, samples, per_shard)
     todo = [i for i in range(shards) if i % layout.data_parallel == dp_rank and i not in finished]
     started, tokens = time.perf_counter(), 0
@@ -121,7 +120,6 @@ def run(cfg) -> dict:
             batch = layout.place(torch.stack([windows[i] for i in indices[first:first + batch_size]]))
             with torch.no_grad():
                 logits = local_logits(model, batch[:, :-1])  # this rank's vocabulary slice
-                split = dict(vocab_size=arch["vocab_size"], tp_group=tp_group, chunk_tokens=chunk_tokens)
                 ids, logprobs, tail = (teacher_topk(logits, k, temperature, **split) if mode == "topk" else
                                        teacher_sampled(logits, k, temperature, generator, **split))
                 del logits

@@ -11,6 +11,10 @@ from omegaconf import OmegaConf
 
 from pipelines import model as model_lib
 from pipelines.errors import require
+from pipelines.memory_plan import RECOMPUTE
+from pipelines.runtime import require_no_context_parallel
+
+DTYPES = ("auto", "float32", "bfloat16")  # distill.dtype / correct.dtype
 
 TRAINING = ("correct", "distill")
 
@@ -60,8 +64,7 @@ def _layout_fits(cfg, stage: str, arch: dict, what: str) -> tuple[int, dict]:
     tensor, pipeline, context = int(layout["tensor"]), int(layout["pipeline"]), int(layout.get("context", 1))
     world = tensor * pipeline * context if stage == "prune" else processes(cfg)
     key = f"run.stage_parallel.{stage} / parallel"
-    require(context == 1, f"{stage}: context parallelism ({context}) is not supported (batches are not "
-            "split over context-parallel ranks, so loss and gradients would be wrong)", "parallel.context")
+    require_no_context_parallel(context, stage)
     require(world % (tensor * pipeline * context) == 0,
             f"{stage}: {world} processes (cluster.nodes x cluster.tasks_per_node) are not divisible by "
             f"tensor {tensor} x pipeline {pipeline} x context {context}", key)
@@ -92,13 +95,18 @@ def training_ranges(d, section: str) -> None:
         _positive(int(d[key]), f"{section}.{key}", 1, inclusive=True)
     for key in ("save_interval", "eval_interval", "warmup_steps"):
         _positive(int(d[key]), f"{section}.{key}", inclusive=True)
+    require(int(d.warmup_steps) < int(d.train_steps), f"{section}.warmup_steps={d.warmup_steps} must be "
+            f"below train_steps={d.train_steps}", f"{section}.warmup_steps")
+    require(str(d.dtype) in DTYPES, f"{section}.dtype={d.dtype!r}; one of {DTYPES}", f"{section}.dtype")
+    require(str(d.recompute) in RECOMPUTE, f"{section}.recompute={d.recompute!r}; one of {RECOMPUTE}",
+            f"{section}.recompute")
     require(0.0 <= float(d.kd_weight) <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",
             f"{section}.kd_weight")
     _positive(float(d.temperature), f"{section}.temperature")
 
 
-def _ranges(cfg, stage: str, teacher: dict) -> None:
-    """Numeric ranges of the other stages' sections."""
+def section_ranges(cfg, stage: str, teacher: dict) -> None:
+    """Numeric ranges of the other stages' sections (also called by the logits stage itself)."""
     if stage == "logits":
         logits = cfg.logits
         require(1 <= int(logits.k) <= teacher["vocab_size"], f"logits.k={logits.k} must be between 1 and the "
@@ -126,8 +134,6 @@ def _batches(cfg, section: str, data_parallel: int) -> None:
     require(int(d.global_batch_size) % per_step == 0,
             f"{section}: global batch {d.global_batch_size} is not divisible by micro batch "
             f"{d.micro_batch_size} x data-parallel size {data_parallel}", f"{section}.global_batch_size")
-    require(0 <= int(d.warmup_steps) < int(d.train_steps), f"{section}: warmup_steps must be below "
-            "train_steps", f"{section}.warmup_steps")
 
 
 def check(cfg, stages: list[str]) -> dict:
@@ -161,7 +167,7 @@ def check(cfg, stages: list[str]) -> dict:
                     "divisible by the pipeline parallel size", "prune.target_num_layers")
         if stage in TRAINING:
             _batches(cfg, stage, data_parallel)
-        _ranges(cfg, stage, teacher)
+        section_ranges(cfg, stage, teacher)
         if stage == "eval":
             require(int(layout["pipeline"]) == 1, "evaluation runs with pipeline parallel size 1",
                     "run.stage_parallel.eval")
