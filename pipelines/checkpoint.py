@@ -160,20 +160,16 @@ def load_model(folder: Path, layout, dtype: torch.dtype | None = None, host: boo
     """Build the checkpoint's model for the current parallel layout and load its weights.
 
     Returns ``(model, arch)``, the model on ``layout.device``; with ``host``, in host memory with
-    the host layer spec. ``dtype`` casts after loading (the checkpoint's dtype if None);
-    ``purpose`` picks the layer spec otherwise (:func:`pipelines.runtime.layer_spec`).
+    the host layer spec. ``dtype`` (the checkpoint's if None) is the dtype the model is built in,
+    so every module sees it from construction (megatron's attention softmax decides its float32
+    upcast then); loading casts the stored tensors. ``purpose`` picks the layer spec otherwise
+    (:func:`pipelines.runtime.layer_spec`).
     """
     arch, stored_dtype = read_architecture(folder)
     model_lib.validate(arch, layout.tensor_parallel, layout.pipeline_parallel)
-    config = model_lib.transformer_config(arch, stored_dtype, layout.tensor_parallel,
+    config = model_lib.transformer_config(arch, dtype or stored_dtype, layout.tensor_parallel,
                                           layout.pipeline_parallel, layout.context_parallel,
                                           host=host, **config_overrides)
     model = model_lib.build(arch, config, initialize=False, purpose="host" if host else purpose)
     load_weights(model, folder)
-    target = dtype or stored_dtype
-    if target != stored_dtype:
-        model.to(target)
-        model.config.params_dtype = target
-        model.config.pipeline_dtype = target
-        model.config.bf16 = target == torch.bfloat16
     return model.to(torch.device("cpu") if host else layout.device), arch

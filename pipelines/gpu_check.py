@@ -6,8 +6,9 @@
    through the same stage runner as ``make pipeline``, with the TE spec when TE is installed.
 3. A real-shaped slice: 2 layers at Llama-3.1-8B's width (hidden 4096, MLP 14336, 32 heads, 8
    KV groups, vocabulary 128,256) at sequence 8192, imported from a random Hugging Face folder and
-   trained a few steps by the distill trainer; it reports tokens/s and the peak memory allocated
-   against :mod:`pipelines.memory_plan`'s prediction for the same shapes.
+   trained a few steps by the distill trainer, then the logits stage's forward and top-k on one
+   sequence; it reports tokens/s and the peak memory allocated of both against
+   :mod:`pipelines.memory_plan`'s prediction for the same shapes.
 
 On a machine without a GPU it says so and exits with status 2: it never passes silently. The
 figures go to ``<paths.runs>/gpu_check/result.json``.
@@ -59,7 +60,7 @@ def tiny_pipeline(runs: Path) -> dict:
     print(f"[gpu-check] tiny pipeline: {' '.join(command)}", flush=True)
     result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1])
     if result.returncode != 0:
-        raise SystemExit(f"[gpu-check] the tiny pipeline failed (status {result.returncode}); see above")
+        raise RuntimeError(f"the tiny pipeline failed (status {result.returncode}); its output is above")
     report = json.loads((runs / "gpu_check_tiny" / "report.json").read_text())
     return {"seconds": time.perf_counter() - started, "report": report}
 
@@ -108,36 +109,109 @@ def real_slice(folder: Path, data: Path) -> dict:
     step = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated()
     arch = model_lib.architecture(model)
+    fused = runtime.transformer_engine_available()
     estimate = memory_plan.training(
         arch, sequence=SLICE_SEQUENCE, micro_batch=1, microbatches=SLICE_GLOBAL_BATCH, tensor=1, pipeline=1,
         data=1, element_bytes=2, distributed_optimizer=bool(cfg.distill.distributed_optimizer),
-        fused=runtime.transformer_engine_available(), chunk_tokens=int(cfg.distill.chunk_tokens), gpu=False)
-    return {"step_seconds_median": step, "tokens_per_s": SLICE_GLOBAL_BATCH * SLICE_SEQUENCE / step,
-            "peak_allocated_gb": peak / 1e9, "predicted_gb": estimate.total / 1e9,
+        fused=fused, chunk_tokens=int(cfg.distill.chunk_tokens), gpu=False)
+    result = {"step_seconds_median": step, "step_seconds": times,
+              "tokens_per_s": SLICE_GLOBAL_BATCH * SLICE_SEQUENCE / step,
+              "peak_allocated_gb": peak / 1e9, "predicted_gb": estimate.total / 1e9,
+              "predicted_parts_gb": {k: v / 1e9 for k, v in estimate.parts.items()},
+              "prediction_error": abs(estimate.total - peak) / peak, "dtype": str(trainer.dtype),
+              "transformer_engine": fused}
+    result["logits"] = _slice_logits(trainer, arch, fused)
+    return result
+
+
+def _slice_logits(trainer, arch: dict, fused: bool) -> dict:
+    """The logits stage's forward and top-k on the slice (one sequence), peak against the plan."""
+    import torch
+
+    from pipelines import memory_plan
+    from pipelines.kd_loss import teacher_topk
+    from pipelines.model import local_logits
+
+    model = trainer.model
+    model.eval()
+    trainer.optimizer.zero_grad()
+    torch.cuda.empty_cache()
+    tokens = torch.randint(0, arch["vocab_size"], (1, SLICE_SEQUENCE), device=trainer.layout.device)
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.no_grad():
+            ids, _, _ = teacher_topk(local_logits(model, tokens), 64, 1.0, vocab_size=arch["vocab_size"],
+                                     chunk_tokens=1024)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    extra = torch.cuda.max_memory_allocated() - baseline
+    estimate = memory_plan.forward(arch, sequence=SLICE_SEQUENCE, batch=1, tensor=1, element_bytes=2,
+                                   fused=fused, chunk_tokens=1024, gpu=False)
+    # the score buffer is resident already (the training steps allocated it)
+    predicted = estimate.total - estimate.parts["weights"] - estimate.parts.get("score buffer", 0)
+    return {"seconds_median": sorted(times)[1], "tokens_per_s": SLICE_SEQUENCE / sorted(times)[1],
+            "peak_above_resident_gb": extra / 1e9, "predicted_above_weights_gb": predicted / 1e9,
             "predicted_parts_gb": {k: v / 1e9 for k, v in estimate.parts.items()},
-            "prediction_error": abs(estimate.total - peak) / peak, "dtype": str(trainer.dtype)}
+            "ids_in_vocab": bool((ids < arch["vocab_size"]).all())}
+
+
+PARTS = ("tiny", "slice")
 
 
 def main(argv: list[str]) -> None:
-    """``gpu_check.py [key=value ...]``: the pipeline overrides (e.g. ``paths.runs=/scratch/runs``)."""
+    """``gpu_check.py [--part tiny|slice] [key=value ...]``: the pipeline overrides (e.g. ``paths.runs=...``).
+
+    Each part runs even when an earlier one failed; the figures and errors of all go to
+    ``result.json`` (merged with an earlier run's), and the status is 1 when any part failed.
+    """
     from hydra import compose, initialize_config_dir
 
     import pipelines  # noqa: F401  (resolvers)
 
+    parts = list(PARTS)
+    if "--part" in argv:
+        at = argv.index("--part")
+        parts, argv = argv[at + 1:at + 2], argv[:at] + argv[at + 2:]
+        if not parts or parts[0] not in PARTS:
+            raise UserError(f"--part takes one of {', '.join(PARTS)}", "--part")
     repo = Path(__file__).resolve().parents[1]
     facts = environment()
     print("[gpu-check] " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
     with initialize_config_dir(str(repo / "configs"), version_base="1.3"):
         cfg = compose("pipeline", overrides=["experiment=demo", *argv])
     runs = Path(str(cfg.paths.runs)).resolve()
-    result = {"environment": facts, "tiny": tiny_pipeline(runs)}
-    print(f"[gpu-check] tiny pipeline passed in {result['tiny']['seconds']:.0f} s", flush=True)
-    slice_result = real_slice(runs / "gpu_check", Path(str(cfg.data.output)).resolve())
-    result["slice"] = slice_result
-    print(f"[gpu-check] 8B-width slice (2 layers, sequence {SLICE_SEQUENCE}, {slice_result['dtype']}): "
-          f"{slice_result['tokens_per_s']:,.0f} tokens/s, peak allocated {slice_result['peak_allocated_gb']:.1f} GB, "
-          f"memory plan {slice_result['predicted_gb']:.1f} GB ({slice_result['prediction_error']:.0%} off)", flush=True)
     output = runs / "gpu_check" / "result.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2, default=str))
+    result = json.loads(output.read_text()) if output.exists() else {}
+    result["environment"] = facts
+    failed = []
+    for part in parts:
+        try:
+            if part == "tiny":
+                result["tiny"] = tiny_pipeline(runs)
+                print(f"[gpu-check] tiny pipeline passed in {result['tiny']['seconds']:.0f} s", flush=True)
+            else:
+                data = Path(str(cfg.data.output)).resolve()
+                result["slice"] = figures = real_slice(runs / "gpu_check", data)
+                logits = figures["logits"]
+                print(f"[gpu-check] 8B-width slice (2 layers, sequence {SLICE_SEQUENCE}, {figures['dtype']}): "
+                      f"{figures['tokens_per_s']:,.0f} tokens/s, peak allocated {figures['peak_allocated_gb']:.1f} GB, "
+                      f"memory plan {figures['predicted_gb']:.1f} GB ({figures['prediction_error']:.0%} off); "
+                      f"logits forward + top-k {logits['tokens_per_s']:,.0f} tokens/s, "
+                      f"{logits['peak_above_resident_gb']:.1f} GB above the resident state "
+                      f"(plan {logits['predicted_above_weights_gb']:.1f} GB)", flush=True)
+        except Exception as error:  # noqa: BLE001  (every part is reported; the status says it failed)
+            import traceback
+
+            traceback.print_exc()
+            result[part] = {"failed": f"{type(error).__name__}: {error}"}
+            failed.append(part)
+            print(f"[gpu-check] {part} FAILED: {type(error).__name__}: {error}", flush=True)
+        output.write_text(json.dumps(result, indent=2, default=str))
+    if failed:
+        raise SystemExit(f"[gpu-check] failed: {', '.join(failed)}; figures and errors in {output}")
     print(f"[gpu-check] passed; figures in {output}", flush=True)

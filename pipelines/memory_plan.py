@@ -88,23 +88,42 @@ def parameters_per_rank(arch: dict, tensor: int, pipeline: int) -> int:
     return layers + rows + hidden  # first stage: embedding; last: output layer (a copy when tied)
 
 
+def score_bytes(element_bytes: int) -> dict:
+    """Bytes per attention score ``[b, H/tp, s, s]`` of megatron's unfused attention (local spec).
+
+    Read off ``DotProductAttention`` and ``FusedScaleMaskSoftmax.forward_torch_softmax``
+    (``attention_softmax_in_fp32``; Apex's fused kernel absent): ``baddbmm`` writes the scores
+    (``a`` bytes), 16-bit scores are cast to float32, the float32 softmax output is kept for the
+    backward pass, and cast back to 16 bits for the product with v (kept too). The backward pass
+    of the last layer holds the 16-bit gradient of the probabilities and two float32 ones.
+    Measured on an H200 (2 layers at 8B width, sequence 8192, bf16; ``make gpu-check``): 80.1 GB
+    peak in training and 26.4 GB above the resident state in the logits forward.
+    """
+    a = element_bytes
+    cast = a < 4  # 16-bit scores: float32 softmax, then a 16-bit copy of the probabilities
+    return {"kept": 4 + (a if cast else 0),                       # float32 probabilities (+ 16-bit copy)
+            "backward": a + (4 if cast else 0) + 4,               # their gradients, last layer
+            "forward": a + (4 if cast else 0) + 4 + (a if cast else 0)}  # scores, float32 in/out, copy
+
+
 def layer_activations(arch: dict, sequence: int, tensor: int, sequence_parallel: bool, fused: bool,
-                      recompute: str) -> float:
-    """Activation elements one layer keeps per token for its backward pass."""
+                      recompute: str, element_bytes: int) -> float:
+    """Activation bytes one layer keeps per token for its backward pass."""
     h, f, d = arch["hidden_size"], arch["ffn_hidden_size"], arch["kv_channels"]
     heads, groups = arch["num_attention_heads"], arch["num_query_groups"]
     r = tensor if sequence_parallel else 1
     if recompute == "full":
-        return h / r
+        return h / r * element_bytes
     if fused:
         attention, probabilities = (2 * heads + 2 * groups) * d / tensor, 0.0
         mlp = 3 * f / tensor
     else:
-        attention, probabilities = 4 * heads * d / tensor, heads * sequence / tensor
+        attention = 4 * heads * d / tensor
+        probabilities = heads * sequence / tensor * score_bytes(element_bytes)["kept"] / element_bytes
         mlp = 4 * f / tensor
     if recompute == "selective":  # core attention recomputed: only the output is kept
         attention, probabilities = heads * d / tensor, 0.0
-    return 4 * h / r + attention + probabilities + mlp
+    return (4 * h / r + attention + probabilities + mlp) * element_bytes
 
 
 def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, tensor: int, pipeline: int,
@@ -123,16 +142,21 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
     parts["optimizer"] = optimizer / (data if distributed_optimizer else 1)
     layers = arch["num_layers"] // pipeline
     in_flight = min(pipeline, microbatches) if pipeline > 1 else 1
-    per_layer = layer_activations(arch, sequence, tensor, sequence_parallel, fused, recompute)
+    per_layer = layer_activations(arch, sequence, tensor, sequence_parallel, fused, recompute, element_bytes)
     stored = per_layer * layers
     if recompute == "full":  # one layer's full set while it is recomputed
-        stored += layer_activations(arch, sequence, tensor, sequence_parallel, fused, "none")
+        stored += layer_activations(arch, sequence, tensor, sequence_parallel, fused, "none", element_bytes)
     hidden = arch["hidden_size"]
-    head = 2 * hidden / (tensor if sequence_parallel else 1)  # final norm input and output
-    parts["activations"] = (stored + head) * tokens * in_flight * element_bytes
+    head = 2 * hidden / (tensor if sequence_parallel else 1) * element_bytes  # final norm input and output
+    parts["activations"] = (stored + head) * tokens * in_flight
     chunk = min(chunk_tokens, tokens)
-    parts["loss"] = (2 * tokens * vocab * element_bytes + 4 * chunk * vocab * 4
-                     + vocab * hidden * element_bytes)
+    loss = 2 * tokens * vocab * element_bytes + 4 * chunk * vocab * 4 + vocab * hidden * element_bytes
+    if fused:
+        parts["loss"] = loss
+    else:  # the loss's temporaries are gone when the last layer's attention gradients peak
+        scores = arch["num_attention_heads"] / tensor * sequence * tokens
+        parts["loss or attention backward"] = max(loss, scores * score_bytes(element_bytes)["backward"])
+        parts["score buffer"] = scores * element_bytes  # megatron's persistent baddbmm input
     if teacher is not None:
         teacher_vocab = model_lib.padded_vocab_size(teacher) // tensor
         parts["teacher"] = (parameters_per_rank(teacher, tensor, pipeline) * element_bytes
@@ -158,8 +182,8 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     heads, f, h = arch["num_attention_heads"], arch["ffn_hidden_size"], arch["hidden_size"]
     vocab = model_lib.padded_vocab_size(arch) // tensor
     parts["weights"] = parameters_per_rank(arch, tensor, 1) * element_bytes
-    attention = 0.0 if fused else 2 * heads / tensor * sequence
-    layer = (max(attention, 4 * f / tensor) + 4 * h) * tokens * element_bytes
+    attention = 0.0 if fused else heads / tensor * sequence * score_bytes(element_bytes)["forward"]
+    layer = max(attention, 4 * f / tensor * element_bytes) * tokens + 4 * h * tokens * element_bytes
     chunk = min(chunk_tokens, tokens)
     logits = max(2 * tokens * vocab * element_bytes, tokens * vocab * element_bytes + 2 * chunk * vocab * 4)
     parts["forward peak"] = max(layer, logits)

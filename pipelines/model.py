@@ -7,6 +7,7 @@ current parallel layout, with the layer spec chosen by :func:`pipelines.runtime.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any, Mapping
 
@@ -92,6 +93,26 @@ def check_exportable(arch: Mapping[str, Any], key: str) -> None:
             "transformers cannot load the exported model", key)
 
 
+def gpu_fusions(on_gpu: bool) -> dict:
+    """megatron's fusion switches, each on only where what it needs is installed.
+
+    - ``bias_activation_fusion`` / ``bias_dropout_fusion``: megatron's ``jit_fuser``
+      (``torch.compile``), on any GPU.
+    - ``persist_layer_norm``: TE's norms only; megatron's torch norm (the local spec, used on a
+      GPU without TE) asserts it is off.
+    - ``masked_softmax_fusion``: the unfused attention's softmax kernel ``scaled_masked_softmax_cuda``
+      (from Apex); megatron imports it on first use, for bf16 scores up to 4096 keys. TE's
+      attention (the TE and ModelOpt specs) never uses it.
+    """
+    from pipelines.runtime import transformer_engine_available
+
+    te = on_gpu and transformer_engine_available()
+    kernels = all(importlib.util.find_spec(name) is not None
+                  for name in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
+    return {"bias_activation_fusion": on_gpu, "bias_dropout_fusion": on_gpu,
+            "persist_layer_norm": te, "masked_softmax_fusion": on_gpu and kernels}
+
+
 def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_parallel: int = 1,
                        pipeline_parallel: int = 1, context_parallel: int = 1, host: bool = False,
                        **overrides):
@@ -103,6 +124,7 @@ def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_paral
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available() and not host
+    fused = gpu_fusions(on_gpu)
     kwargs = dict(
         num_layers=arch["num_layers"],
         hidden_size=arch["hidden_size"],
@@ -125,10 +147,7 @@ def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_paral
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
-        bias_activation_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        **fused,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         # Pipeline send/recv of a batched p2p op hangs or mismatches on gloo; measured exact without.
@@ -180,6 +199,9 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str
         position_embedding_type="rope",
         rotary_base=arch["rotary_base"],
     )
+    # The local spec's norms are built in float32 whatever params_dtype says (TE's follow it):
+    # one dtype for every weight, as megatron's Float16Module gives (RoPE's inv_freq is no buffer).
+    model.to(dtype=config.params_dtype)
     if getattr(model, "rotary_pos_emb", None) is not None:
         inv_freq = llama3_inv_freq(arch["kv_channels"], arch["rotary_base"], arch["rope_scaling"])
         model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)

@@ -35,6 +35,25 @@ def test_import_matches_transformers_logits(tmp_path, cpu_runtime, tie):
     assert (ours - reference).abs().max().item() <= 1e-4
 
 
+def test_bfloat16_folder_imports_and_loads_in_either_dtype(tmp_path, cpu_runtime):
+    """Hugging Face folders of real models (Llama-3.1-8B) are bf16: every weight, the norms too,
+    must be read as stored and load as bf16 or float32 (the local spec builds norms in float32)."""
+    from transformers import LlamaForCausalLM
+
+    source = make_hf_llama(tmp_path / "hf32")
+    LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+    manifest = convert.import_hf(import_cfg(tmp_path / "hf", tmp_path / "ckpt"))
+    assert manifest["dtype"] == "bfloat16"
+    tokens = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(3))
+    reference = hf_logits(tmp_path / "hf", tokens)  # the bf16 weights, computed in float32
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        model, arch = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime, dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+        with torch.no_grad():
+            ours = forward_logits(model.eval(), tokens)[..., : arch["vocab_size"]].float()
+        assert (ours - reference).abs().max().item() <= tolerance, dtype
+
+
 def test_import_without_rope_scaling(tmp_path, cpu_runtime):
     source = make_hf_llama(tmp_path / "hf", rope_scaling=None, rope_theta=10000.0)
     convert.import_hf(import_cfg(source, tmp_path / "ckpt"))

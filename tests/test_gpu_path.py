@@ -69,6 +69,26 @@ def test_import_and_export_build_on_the_host_even_on_a_gpu_node(monkeypatch):
     assert calls == ["te"]
 
 
+def test_gpu_config_without_te_builds_and_trains_in_bf16(cpu_runtime, monkeypatch):
+    """A GPU image without TE (found on the first GPU run: megatron's torch norm asserts
+    ``persist_layer_norm`` off, and the unfused softmax imports an Apex kernel for bf16 scores):
+    the config made as on a GPU must build the local spec and run forward and backward in bf16."""
+    arch = model_lib.architecture(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime, "transformer_engine_available", lambda: False)
+    config = model_lib.transformer_config(arch, torch.bfloat16)
+    monkeypatch.undo()
+    assert config.bias_activation_fusion and not config.persist_layer_norm and not config.masked_softmax_fusion
+    config.use_cpu_initialization = True  # the parameters on this machine's host
+    model = model_lib.build(arch, config)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    tokens = torch.randint(0, arch["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
+    logits = model_lib.local_logits(model, tokens)
+    logits.float().logsumexp(-1).mean().backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_place_moves_every_tensor_of_a_batch():
     layout = runtime.Layout(0, 1, 0, 1, 1, 1, 1, torch.device("meta"))
     batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2, 3),

@@ -5,7 +5,6 @@ import torch
 
 from conftest import compose, export_cfg
 from pipelines import checkpoint, convert, prune
-from pipelines import model as model_lib
 from pipelines.errors import UserError
 from pipelines.model import forward_logits
 from pipelines.safetensors_stream import SafetensorsFolder
