@@ -100,6 +100,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The rendezvous port of each step: one with no listener on this node (the batch script runs on
+# the allocation's first node, where rank 0 listens). Bash alone, outside any container: two
+# jobs sharing a node never derive the same port, as ``20000 + jobid % 20000`` could.
+FREE_PORT = ("free_port() { local p; while :; do p=$((20000 + RANDOM % 40000)); "
+             "(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; return; }; done; }")
+
+
 def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
     """The batch script of one stage's job."""
     c = cfg.cluster
@@ -127,10 +134,12 @@ def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
         if c.get("container_mounts"):
             srun.append(f"--container-mounts={c.container_mounts}")
     lines += ["",
+              FREE_PORT,
               "# USR1 before the time limit: ask the running step to checkpoint and exit (status 75)",
               "child=0",
               "trap 'echo \"[slurm] USR1: checkpointing\"; [ $child -ne 0 ] && kill -USR1 $child' USR1",
               "step() {",
+              "  export MASTER_PORT=$(free_port)",
               "  \"$@\" &",
               "  child=$!",
               "  local rc=0",

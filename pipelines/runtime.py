@@ -104,6 +104,8 @@ def _launch_environment() -> tuple[int, int, int]:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        # the batch script exports a free MASTER_PORT per step (launch.FREE_PORT); this fallback
+        # (srun by hand) is the same on every rank without talking, so it can collide
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     if "MASTER_PORT" not in env:

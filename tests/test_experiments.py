@@ -61,3 +61,23 @@ def test_make_help_lists_the_targets():
     for target in ("setup", "test", "demo", "import", "correct", "prune", "logits", "distill", "eval",
                    "export", "pipeline"):
         assert f"\n{target} " in "\n" + out, target
+
+
+def test_each_slurm_step_rendezvous_on_a_port_nobody_listens_on():
+    """Two jobs on one node once derived their port from the job id (``20000 + id % 20000``)."""
+    import socket
+    import subprocess
+
+    from pipelines.launch import FREE_PORT
+
+    def pick(seed: int) -> int:
+        script = f"{FREE_PORT}\nRANDOM={seed}\nfree_port"
+        return int(subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout)
+
+    first = pick(7)
+    assert 20000 <= first < 60000 and pick(7) == first  # seeded: the next call would pick it again
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", first))
+        listener.listen()
+        assert pick(7) != first
