@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from pipelines import model as model_lib
-from pipelines.artifacts import read_manifest
+from pipelines.artifacts import read_manifest, sha256_file
 from pipelines.errors import require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,13 +37,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def read_architecture(folder: Path) -> tuple[dict, torch.dtype]:
-    """The architecture and stored dtype of a complete checkpoint folder."""
+def read_architecture(folder: Path, key: str = "the checkpoint path") -> tuple[dict, torch.dtype]:
+    """The architecture and stored dtype of a complete checkpoint folder (``key``: the config key
+    that named it, for the error)."""
     folder = Path(folder)
-    require(folder.is_dir(), f"checkpoint {folder} does not exist", "the checkpoint path")
+    require(folder.is_dir(), f"checkpoint {folder} does not exist", key)
     require(read_manifest(folder) is not None and (folder / "model.yaml").exists(),
-            f"{folder} is not a complete checkpoint (no manifest.json or model.yaml)",
-            "the checkpoint path")
+            f"{folder} is not a complete checkpoint (no manifest.json or model.yaml)", key)
     stored = yaml.safe_load((folder / "model.yaml").read_text())
     dtype = DTYPES[stored.pop("dtype")]
     return model_lib.architecture(stored), dtype
@@ -108,6 +108,25 @@ def te_spec_keys(arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     if not arch["tie_word_embeddings"]:
         keys["output_layer.weight"] = (vocab, hidden)
     return keys
+
+
+def content_digest(folder: Path) -> str:
+    """A hash of a checkpoint's content: its weight files (megatron writes the same bytes for the
+    same tensors and layout; ``.metadata`` holds a random id and is left out) and ``model.yaml``.
+    Two imports of one Hugging Face folder get the same digest, wherever they are."""
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / "model.yaml").read_bytes())
+    for path in sorted((folder / "weights").rglob("*")):
+        if path.is_file() and path.name != ".metadata":
+            digest.update(f"{path.relative_to(folder)}:{sha256_file(path)}".encode())
+    return digest.hexdigest()
+
+
+def content_id(folder: Path) -> str:
+    """The checkpoint's content digest: recorded in its manifest when written, else computed."""
+    return (read_manifest(folder) or {}).get("content") or content_digest(folder)
 
 
 def saved_keys(folder: Path) -> dict[str, tuple[int, ...]]:

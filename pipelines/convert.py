@@ -118,6 +118,7 @@ def import_hf(cfg) -> dict:
         manifest["tokenizer_files"] = _copy_tokenizer(source, tokenizer)
         tokenizer.mkdir(exist_ok=True)
         (tokenizer / "special_token_ids.json").write_text(json.dumps(token_ids))
+        manifest["content"] = checkpoint.content_digest(staging)
         write_manifest(staging, manifest)
     print(f"[import] {source} -> {output}: {manifest['parameters']:,} parameters, {manifest['dtype']}")
     return manifest

@@ -41,16 +41,18 @@ from pipelines import checkpoint, preemption, runtime
 from pipelines.artifacts import read_manifest, sha256_file, write_json, write_manifest
 from pipelines.data import TokenWindows
 from pipelines.errors import UserError, require
-from pipelines.kd_loss import DIVERGENCES, TopK, distill_loss, teacher_topk
+from pipelines.kd_loss import TopK, distill_loss, teacher_topk
 from pipelines.logits_cache import LogitsCache
 from pipelines.model import causal_mask, count_parameters, padded_vocab_size, position_ids
 
-TEACHERS = ("cache", "online", "none")
 # Keys that do not change the trained weights: changing one never restarts or blocks a resume
 # (e.g. a smaller chunk_tokens after an out-of-memory error, a save_interval on requeue). The
 # cache and output paths are not settings: the cache's content is in the inputs (its manifest).
 NOT_RESULT_KEYS = ("output", "cache", "log_interval", "verify_cache", "chunk_tokens", "save_interval",
                    "eval_interval", "eval_samples", "eval_topk", "keep_checkpoints", "recompute")
+
+
+CHECKSUMS = "checksums.json"  # a training checkpoint's files and their sha256
 
 
 def tokenizer_hash(folder: Path) -> str | None:
@@ -75,8 +77,6 @@ class Plan:
         self.data = Path(str(cfg.data.output))
         data_inputs = (read_manifest(self.data) or {}).get("inputs")
         self.teacher_kind = str(d.teacher)
-        require(self.teacher_kind in TEACHERS, f"{section}.teacher={self.teacher_kind!r}; one of "
-                f"{TEACHERS}", f"{self.section}.teacher")
         from pipelines.validate import training_ranges
 
         training_ranges(d, section)  # the same rules validate.check applies to the experiment
@@ -85,9 +85,6 @@ class Plan:
                 f"{section}.teacher={self.teacher_kind} with kd_weight={self.kd_weight}: a teacher "
                 "needs kd_weight > 0 and kd_weight 0 needs distill.teacher=none",
                 f"{self.section}.kd_weight / {self.section}.teacher")
-        require(str(d.divergence) in DIVERGENCES, f"unknown divergence {d.divergence!r}; one of "
-                f"{DIVERGENCES}", f"{self.section}.divergence")
-        require(0.0 < float(d.jsd_beta) < 1.0, "jsd_beta must be in (0, 1)", f"{self.section}.jsd_beta")
         self.sequence_length = int(d.sequence_length)
         self.global_batch, self.micro_batch = int(d.global_batch_size), int(d.micro_batch_size)
         per_step = self.micro_batch * data_parallel
@@ -109,8 +106,7 @@ class Plan:
                     "size 1 (cache the teacher's logits for pipeline-parallel students)", "parallel.pipeline")
         if self.teacher_kind == "cache":
             require(d.get("cache"), f"{section}.teacher=cache needs the teacher-logits folder", f"{self.section}.cache")
-            expected = {"data": str(self.data.resolve()),
-                        "data_inputs": data_inputs,
+            expected = {"data_inputs": data_inputs,
                         "sequence_length": self.sequence_length, "temperature": float(d.temperature),
                         "tokenizer": tokenizer_hash(self.student)}
             self.cache = LogitsCache(Path(str(d.cache)), expected, verify=bool(d.verify_cache))
@@ -120,7 +116,8 @@ class Plan:
                     "data's); raise logits.samples and rerun make logits (finished shards are kept)",
                     "logits.samples")
             if self.teacher_path is None:
-                self.teacher_path = Path(self.cache.manifest["identity"]["teacher"])
+                manifest = self.cache.manifest  # caches written before content identities name the path there
+                self.teacher_path = Path(manifest.get("teacher_path") or manifest["identity"]["teacher"])
         if self.teacher_path is not None:
             require(self.teacher_path.is_dir(), f"teacher checkpoint {self.teacher_path} does not exist",
                     f"{self.section}.teacher_checkpoint")
@@ -376,9 +373,30 @@ class Trainer:
                 "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=loading,
                                                                metadata=self.OPTIMIZER_METADATA),
                 "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "adam_steps": self._adam_steps(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()}}
+                "adam_steps": self._adam_steps(), "world_size": self.layout.world_size,
+                "rng": self._rng_state()}
+
+    def _rng_state(self):
+        """Every rank's random state, one shard per rank (megatron saves plain values from rank 0
+        only): torch, numpy, Python and, on a GPU, CUDA's and megatron's model-parallel tracker."""
+        from megatron.core import tensor_parallel
+        from megatron.core.dist_checkpointing import ShardedObject
+
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+            state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        return ShardedObject("rng_state", state, (self.layout.world_size,), (self.layout.rank,), replica_id=0)
+
+    def _set_rng_state(self, state: dict) -> None:
+        from megatron.core import tensor_parallel
+
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+            tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
     def _torch_adams(self) -> list:
         """The plain ``torch.optim.Adam`` inside megatron's optimizer wrappers (none with TE/Apex)."""
@@ -429,7 +447,9 @@ class Trainer:
         torch.distributed.barrier()
         dist_checkpointing.save(self._state(loading=False), str(staging))
         torch.distributed.barrier()
+        checksums = self._checksums(staging)
         if self.layout.is_main:
+            write_json(staging / CHECKSUMS, checksums)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
             write_json(folder / "latest.json", {"checkpoint": name, "step": self.step})
@@ -437,6 +457,29 @@ class Trainer:
             for old in kept[: -int(self.d.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
+
+    def _checksums(self, folder: Path) -> dict:
+        """sha256 of every file of a training checkpoint, the files split over the ranks."""
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+        mine = {name: sha256_file(folder / name) for name in names[self.layout.rank::self.layout.world_size]}
+        every: list = [None] * self.layout.world_size
+        torch.distributed.all_gather_object(every, mine)
+        return {name: digest for part in every for name, digest in part.items()}
+
+    def _verify(self, folder: Path) -> None:
+        """Refuse, by name, a training checkpoint whose files do not match their checksums."""
+        listed = folder / CHECKSUMS
+        if not listed.exists():  # written before checksums were: nothing to compare against
+            return
+        expected = json.loads(listed.read_text())
+        names = sorted(expected)[self.layout.rank::self.layout.world_size]
+        bad = [n for n in names if not (folder / n).exists() or sha256_file(folder / n) != expected[n]]
+        every: list = [None] * self.layout.world_size
+        torch.distributed.all_gather_object(every, bad)
+        bad = sorted(n for part in every for n in part)
+        require(not bad, f"training checkpoint {folder} is corrupted ({', '.join(bad[:3])} does not match "
+                f"its checksum); remove that folder (rm -r {folder}) and rerun: training resumes from "
+                "the newest checkpoint left", f"{self.plan.section}.output")
 
     def load(self, folder: Path) -> bool:
         """Resume from ``folder``'s latest checkpoint; False when there is none."""
@@ -446,8 +489,21 @@ class Trainer:
         if not latest.exists():
             return False
         name = json.loads(latest.read_text())["checkpoint"]
+        if not (folder / name).is_dir():  # removed by hand (e.g. corrupted): the newest one left
+            kept = sorted(p.name for p in folder.glob("step-*") if p.is_dir())
+            require(kept, f"{latest} names {name}, which is gone, and no other checkpoint is left; "
+                    "remove the folder to start over", f"{self.plan.section}.output")
+            name = kept[-1]
+        self._verify(folder / name)
         self._prime_torch_adam_state()
-        state = dist_checkpointing.load(self._state(loading=True), str(folder / name))
+        request = self._state(loading=True)
+        saved_world = dist_checkpointing.load_common_state_dict(str(folder / name)).get("world_size")
+        if saved_world != self.layout.world_size:  # resharded: the saved ranks' random states do not map
+            del request["rng"]
+            if self.layout.is_main:
+                print(f"[{self.plan.section}] resuming on {self.layout.world_size} processes (saved on "
+                      f"{saved_world}): random states start fresh", flush=True)
+        state = dist_checkpointing.load(request, str(folder / name))
         with torch.no_grad():  # copies into parameters and their optimizer shards, not differentiable
             result = self.model.module.load_state_dict(state["model"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -458,9 +514,8 @@ class Trainer:
         self._restore_adam_steps(state["adam_steps"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        if "rng" in state:
+            self._set_rng_state(state["rng"])
         return True
 
 
@@ -601,7 +656,7 @@ def run(cfg, section: str = "distill") -> dict:
                 "train_seconds_this_run": seconds,
                 "parameters": count_parameters(plan.arch)}
     if layout.is_main:
-        write_manifest(output, manifest)
+        write_manifest(output, {**manifest, "content": checkpoint.content_digest(output)})
         print(f"[{section}] {output}: {_format(final)}", flush=True)
     torch.distributed.barrier()
     return manifest

@@ -173,12 +173,13 @@ def finished_shards(folder: Path, samples: int | None = None, samples_per_shard:
     return found
 
 
-def finalize(folder: Path, identity: dict, layout: Layout, samples: int, samples_per_shard: int) -> dict:
-    """Write the manifest (last) once every shard exists."""
+def finalize(folder: Path, identity: dict, layout: Layout, samples: int, samples_per_shard: int,
+             **facts) -> dict:
+    """Write the manifest (last) once every shard exists; ``facts`` (e.g. ``teacher_path``) join it."""
     shards = math.ceil(samples / samples_per_shard)
     missing = sorted(set(range(shards)) - finished_shards(folder, samples, samples_per_shard))
     require(not missing, f"cache {folder} lacks shards {missing[:5]}", "logits")
-    manifest = {"stage": "teacher_logits", "identity": identity, "samples": samples,
+    manifest = {**facts, "stage": "teacher_logits", "identity": identity, "samples": samples,
                 "samples_per_shard": samples_per_shard, "sequence_length": layout.sequence_length,
                 "k": layout.k, "id_bits": layout.bits, "value_dtype": layout.value_dtype,
                 "sample_bytes": layout.sample_bytes,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from pipelines import checkpoint, runtime
+from pipelines import checkpoint, runtime, validate
 from pipelines import model as model_lib
 from pipelines.artifacts import config_hash, read_manifest, staged_folder, write_json, write_manifest
 from pipelines.data import TokenWindows
@@ -147,45 +147,10 @@ def width_prune(model, arch, targets: dict, calib_batches, scores_path: Path):
     return pruned, new_arch
 
 
-def validate_prune_config(cfg, arch, layout) -> None:
-    """Reject impossible targets before any compute, naming the key."""
-    prune = cfg.prune
-    require(prune.mode in ("depth", "width"), f"prune mode {prune.mode!r} is not depth or width",
-            "prune")
-    if prune.mode == "depth":
-        if prune.drop_layers:
-            bad = [n for n in prune.drop_layers if not 0 <= int(n) < arch["num_layers"]]
-            require(not bad, f"layers {bad} do not exist (the model has {arch['num_layers']})",
-                    "prune.drop_layers")
-            require(len(set(prune.drop_layers)) < arch["num_layers"], "cannot drop every layer",
-                    "prune.drop_layers")
-        else:
-            target = prune.target_num_layers
-            require(target is not None and 0 < int(target) < arch["num_layers"],
-                    f"target_num_layers must be between 1 and {arch['num_layers'] - 1}",
-                    "prune.target_num_layers")
-            require(int(target) % layout.pipeline_parallel == 0, "target_num_layers is not divisible "
-                    "by the pipeline parallel size", "prune.target_num_layers")
-        return
-    require(layout.tensor_parallel == 1, "width pruning needs tensor parallel size 1 (a ModelOpt "
-            "limit); pipeline parallelism is allowed", "parallel.tensor")
-    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
-        value = prune.target.get(key)
-        if value is not None:
-            require(0 < int(value) <= arch[key], f"target {key}={value} must be between 1 and "
-                    f"the source's {arch[key]}", f"prune.target.{key}")
-    heads = prune.target.get("num_attention_heads") or arch["num_attention_heads"]
-    require(int(heads) % arch["num_query_groups"] == 0, f"target num_attention_heads={heads} is not "
-            f"divisible by num_query_groups={arch['num_query_groups']}", "prune.target.num_attention_heads")
-    hidden = prune.target.get("hidden_size") or arch["hidden_size"]
-    model_lib.check_exportable({"hidden_size": int(hidden), "num_attention_heads": int(heads)},
-                               "prune.target.hidden_size / prune.target.num_attention_heads")
-
-
 def run(cfg) -> dict:
     """Prune ``cfg.prune.source`` into ``cfg.prune.output``; returns the report."""
     source, output = Path(str(cfg.prune.source)), Path(str(cfg.prune.output))
-    arch, _ = checkpoint.read_architecture(source)
+    arch, _ = checkpoint.read_architecture(source, "prune.source")
     inputs = {"source": read_manifest(source).get("written_at"), "source_path": str(source.resolve()),
               "prune": config_hash(OmegaConf.to_container(cfg.prune)),
               "data": str(cfg.data.output), "calib_samples": int(cfg.prune.calib_samples)}
@@ -194,7 +159,8 @@ def run(cfg) -> dict:
         print(f"[prune] {output} is up to date; skipping (force=true reruns)")
         return done["report"]
     layout = runtime.initialize(cfg.parallel)
-    validate_prune_config(cfg, arch, layout)
+    # the rules the experiment check applies, against the actual source
+    validate.prune_rules(cfg, arch, {"tensor": layout.tensor_parallel, "pipeline": layout.pipeline_parallel})
     sequence_length = int(cfg.prune.sequence_length)
     calib_data = TokenWindows(Path(str(cfg.data.output)), "train", sequence_length)
     valid_data = TokenWindows(Path(str(cfg.data.output)), "valid", sequence_length)
@@ -251,7 +217,8 @@ def run(cfg) -> dict:
             shutil.copytree(source / "tokenizer", staging / "tokenizer")
             write_json(staging / "prune_report.json", report)
             write_manifest(staging, {"stage": "prune", "inputs": inputs, "report": report,
-                                     "config": new_arch, "parameters": report["params_after"]})
+                                     "config": new_arch, "parameters": report["params_after"],
+                                     "content": checkpoint.content_digest(staging)})
     print(f"[prune] {cfg.prune.mode}: parameters {report['params_before']:,} -> {report['params_after']:,}; "
           f"val loss teacher {teacher_loss:.4f}, pruned {report['val_loss_pruned']:.4f}; {output}")
     return report

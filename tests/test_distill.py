@@ -192,3 +192,31 @@ def test_changed_settings_never_throw_training_state_away(tmp_path, tiny_teacher
     aside = list(tmp_path.glob("run/train.replaced-*"))
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "latest.json").exists()
     assert "resuming from step" not in forced.stdout
+
+
+def test_every_rank_restores_its_own_random_state(tmp_path):
+    """megatron saves plain values from rank 0 only; the random states are one shard per rank."""
+    result = run_torchrun(2, str(REPO / "tests" / "helpers" / "rng_resume.py"), str(tmp_path / "state"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    firsts = sorted(line.rsplit(" ", 1)[1] for line in result.stdout.splitlines() if "restored its own" in line)
+    assert len(firsts) == 2 and firsts[0] != firsts[1]  # the ranks' states differ, each came back
+
+
+def test_a_corrupted_training_checkpoint_is_named_and_never_read(tmp_path, tiny_teacher, tiny_data, full_cache):
+    args = distill_args(tiny_teacher, tiny_data, tmp_path / "run", **{"distill.cache": full_cache,
+                                                                      "distill.keep_checkpoints": 3})
+    assert run_script("scripts/distill.py", *args).returncode == 0
+    (tmp_path / "run" / "manifest.json").unlink()  # as if killed after the last save
+    last = tmp_path / "run" / "train" / "checkpoints" / "step-000006"
+    data = next(last.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    refused = run_script("scripts/distill.py", *args)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"{data.name} does not match its checksum" in refused.stderr and "(fix: distill.output)" in refused.stderr
+    import shutil
+
+    shutil.rmtree(last)  # what the message says to do
+    resumed = run_script("scripts/distill.py", *args)
+    assert resumed.returncode == 0 and "resuming from step 4 " in resumed.stdout

@@ -151,3 +151,29 @@ def test_distill_refuses_a_cache_smaller_than_it_reads(tmp_path, tiny_teacher, t
                               "distill.warmup_steps=1"])
     with pytest.raises(UserError, match=r"holds 12 samples and this run reads 16.*fix: logits.samples"):
         Plan(cfg, 1)
+
+
+def test_another_run_with_the_same_teacher_content_reuses_the_shards(tmp_path, tiny_teacher, tiny_data, capsys):
+    """A teacher imported again from the same Hugging Face folder, into another run, is the same
+    teacher: its run links the first run's shards instead of recomputing them."""
+    from pipelines import convert
+
+    from conftest import import_cfg
+
+    again = tmp_path / "other" / "teacher"
+    convert.import_hf(import_cfg(tiny_teacher.parent / "hf", again))
+    assert checkpoint.content_id(again) == checkpoint.content_id(tiny_teacher)
+    runs = tmp_path / "runs"
+    first, second = runs / "a" / "logits", runs / "b" / "logits"
+    teacher_logits.run(compose("teacher_logits", overrides(tiny_teacher, tiny_data, first)
+                               + [f"logits.reuse_from={runs}"]))
+    capsys.readouterr()
+    manifest = teacher_logits.run(compose("teacher_logits", overrides(again, tiny_data, second)
+                                          + [f"logits.reuse_from={runs}"]))
+    assert "reusing 4 shards" in capsys.readouterr().out
+    assert files(second) == files(first)
+    assert (second / "shard-00000.bin").stat().st_ino == (first / "shard-00000.bin").stat().st_ino
+    assert manifest["teacher_path"] == str(again.resolve())
+    other = teacher_logits.run(compose("teacher_logits", overrides(again, tiny_data, runs / "c" / "logits", k=4)
+                                       + [f"logits.reuse_from={runs}"]))
+    assert other["k"] == 4 and "reusing" not in capsys.readouterr().out  # other settings: computed

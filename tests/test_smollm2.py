@@ -51,4 +51,16 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     manifest = evaluate.run(compose("evaluate", [
         f"eval.model={tmp_path / 'ckpt'}", f"eval.output={tmp_path / 'eval'}", f"data.output={data}",
         "eval.limit=5", "eval.mmlu.subjects=[astronomy,high_school_biology]", "eval.val_samples=8"]))
-    assert 0.0 <= manifest["mmlu_macro"] <= 1.0 and manifest["val_loss"] < 6.0
+    # a pretrained model must beat the best unigram model of the same text by far (a random one
+    # scores ln(49152) = 10.8, a unigram about 6.5; SmolLM2-135M 3.4 measured), and pruning a third
+    # of its layers must cost loss
+    from pipelines.data import TokenWindows
+
+    valid = TokenWindows(data, "valid", 256)
+    counts = torch.bincount(torch.cat([valid[i] for i in range(len(valid))]).long()).double()
+    frequencies = counts[counts > 0] / counts.sum()
+    unigram = -(frequencies * frequencies.log()).sum().item()
+    print(f"val_loss {manifest['val_loss']:.3f} unigram {unigram:.3f} pruned {report['val_loss_pruned']:.3f} "
+          f"teacher {report['val_loss_teacher']:.3f} mmlu {manifest['mmlu_macro']:.3f}")
+    assert manifest["val_loss"] < 0.7 * unigram
+    assert report["val_loss_pruned"] > report["val_loss_teacher"] + 0.05

@@ -1,0 +1,50 @@
+"""Save every rank's random state through the trainer's checkpoint entry, scramble, restore, and
+check each rank draws what it drew before (launched by torchrun).
+
+    python -m torch.distributed.run --nproc-per-node=2 tests/helpers/rng_resume.py FOLDER
+"""
+
+import random
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing
+from omegaconf import OmegaConf
+
+from pipelines import runtime
+from pipelines.distill import Trainer
+
+
+def draws() -> list[float]:
+    return [*torch.rand(2).tolist(), float(np.random.rand()), random.random()]
+
+
+def main() -> None:  # under a main guard: the checkpoint writer's helper process imports this file
+    folder = sys.argv[1]
+    layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    trainer = SimpleNamespace(layout=layout)  # the two methods read only the layout
+    torch.manual_seed(100 + layout.rank)
+    np.random.seed(200 + layout.rank)
+    random.seed(300 + layout.rank)
+    if layout.is_main:
+        import os
+
+        os.makedirs(folder, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save({"rng": Trainer._rng_state(trainer)}, folder)
+    expected = draws()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    state = dist_checkpointing.load({"rng": Trainer._rng_state(trainer)}, folder)
+    Trainer._set_rng_state(trainer, state["rng"])
+    got = draws()
+    assert got == expected, (layout.rank, got, expected)
+    print(f"rank {layout.rank}: restored its own random state, first draw {got[0]:.6f}", flush=True)
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
