@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-slow demo pipeline prepare-data import correct prune logits distill eval report export bench gpu-check
+.PHONY: help setup test test-slow demo pipeline prepare-data import correct prune logits distill eval report export bench bench-quick gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -80,3 +80,15 @@ bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/distill_step.py
 	$(PYTHON) bench/kd_vs_ce.py
 	$(PYTHON) bench/memory_plan.py
+	$(PYTHON) bench/fault_injection.py
+
+BENCHES := import_memory calibration_cost logits_cache eval_throughput distill_step kd_vs_ce memory_plan fault_injection
+
+bench-quick: setup  ## every benchmark in its quick mode (CI: each must exit 0 and print its last line)
+	@set -e; for b in $(BENCHES); do \
+	  echo "== bench/$$b.py --quick"; \
+	  log=$$(mktemp); \
+	  $(PYTHON) bench/$$b.py --quick > $$log 2>&1 || { tail -n 40 $$log; echo "bench/$$b.py --quick failed"; exit 1; }; \
+	  grep -v -i warn $$log | tail -n 4; \
+	  tail -n 1 $$log | grep -q '=' || { echo "bench/$$b.py --quick printed no ratio line"; exit 1; }; \
+	done

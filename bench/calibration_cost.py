@@ -36,7 +36,10 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="16 samples of 128 tokens, one repeat (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.samples, args.sequence_length, args.repeats = 16, 128, 1
     quiet_known_noise()
     runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
     generator = torch.Generator().manual_seed(0)

@@ -147,7 +147,9 @@ def prepare(folder: Path, args) -> list[str]:
     overrides = [f"data.output={args.data}", f"distill.student={folder / 'student'}",
                  f"distill.teacher_checkpoint={folder / 'teacher'}", f"distill.output={folder / 'out'}",
                  f"distill.sequence_length={args.sequence_length}", f"distill.micro_batch_size={args.micro_batch}",
-                 f"distill.global_batch_size={args.global_batch}", "distill.train_steps=1000",
+                 f"distill.global_batch_size={args.global_batch}",
+                 # exactly the cached samples (distill refuses to read past a cache)
+                 f"distill.train_steps={args.steps + 1}", "distill.warmup_steps=0",
                  "distill.chunk_tokens=1024", f"logits.teacher={folder / 'teacher'}",
                  f"logits.output={folder / 'cache'}", f"logits.samples={samples}", "logits.k=64",
                  f"logits.samples_per_shard={samples}"]
@@ -176,7 +178,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="vocabulary 8192, 2 timed steps (CI)")
     args = parser.parse_args()
+    if args.quick and not args.worker:
+        args.vocab, args.steps = 8192, 2
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides), args.steps)))
         return

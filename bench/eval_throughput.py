@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--batch-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one question per subject, one repeat (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.limit, args.repeats = 1, 1
     quiet_known_noise()
     layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
     folder = Path(args.checkpoint)

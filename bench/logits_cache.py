@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="16 samples, one repeat (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.samples, args.repeats = 16, 1
     quiet_known_noise()
     layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
     model, arch = checkpoint.load_model(Path(args.teacher), layout)
