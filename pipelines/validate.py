@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pipelines import model as model_lib
 from pipelines.errors import require
 from pipelines.kd_loss import DIVERGENCES
+from pipelines.logits_cache import Layout
 from pipelines.memory_plan import RECOMPUTE
 from pipelines.runtime import require_no_context_parallel
 
@@ -19,7 +20,7 @@ from pipelines.runtime import require_no_context_parallel
 DTYPES = ("auto", "float32", "bfloat16")            # distill.dtype / correct.dtype
 TEACHERS = ("cache", "online", "none")               # distill.teacher / correct.teacher
 LOGITS_MODES = ("topk", "sampled")                   # logits.mode
-VALUE_DTYPES = ("float16", "float32")                # logits.value_dtype
+VALUE_DTYPES = tuple(Layout.VALUE_DTYPES)            # logits.value_dtype (the cache format's)
 PRUNE_MODES = ("depth", "width")                     # prune.mode
 DEPTH_CRITERIA = ("loss", "block_influence")         # prune.criterion
 DATA_SOURCES = ("austen", "text", "jsonl", "hf")     # data.source
@@ -112,9 +113,8 @@ def training_ranges(d, section: str) -> None:
         _positive(int(d[key]), f"{section}.{key}", inclusive=True)
     require(int(d.warmup_steps) < int(d.train_steps), f"{section}.warmup_steps={d.warmup_steps} must be "
             f"below train_steps={d.train_steps}", f"{section}.warmup_steps")
-    require(str(d.dtype) in DTYPES, f"{section}.dtype={d.dtype!r}; one of {DTYPES}", f"{section}.dtype")
-    require(str(d.recompute) in RECOMPUTE, f"{section}.recompute={d.recompute!r}; one of {RECOMPUTE}",
-            f"{section}.recompute")
+    _one_of(d.dtype, DTYPES, f"{section}.dtype")
+    _one_of(d.recompute, RECOMPUTE, f"{section}.recompute")
     require(0.0 <= float(d.kd_weight) <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",
             f"{section}.kd_weight")
     _positive(float(d.temperature), f"{section}.temperature")
