@@ -18,7 +18,9 @@ land in start-up, computing, checkpoint writes and renames alike. Then it compar
 Two more faults, once each:
 
 - a write that fails (the disk full, simulated by a file-size limit on the logits stage): the
-  stage must fail, and leave neither a manifest nor a checksum for the shard it could not write;
+  stage must fail with the OS's error (``named`` checks its text: a traceback, not yet a one-line
+  error naming the file), and leave neither a manifest nor a checksum for the shard it could not
+  write;
 - a corrupted cache shard and a corrupted training checkpoint: each must be refused, named,
   before it is read.
 
