@@ -97,17 +97,51 @@ class _Vocab:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
-    def log_softmax(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Float32 log-softmax over the whole vocabulary of this rank's ``[n, V/tp]`` logits."""
+    def scaled(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Float32 ``logits / T`` with padding columns at -inf (the logits themselves, uncopied,
+        when they are float32 at T = 1 without padding)."""
+        if logits.dtype == torch.float32 and temperature == 1.0 and self.real_local == self.local_size:
+            return logits
         scaled = logits.float() / temperature
         if self.real_local < self.local_size:
             scaled[:, self.real_local:] = float("-inf")
+        return scaled
+
+    def softmax(self, logits: torch.Tensor, temperature: float):
+        """``(q, lse)``: the float32 softmax over the whole vocabulary of this rank's ``[n, V/tp]``
+        logits at ``temperature`` (a new tensor, which the caller may overwrite) and the log of its
+        normaliser ``[n]``, so that log q = logits / T − lse without a second ``[n, V]`` tensor."""
+        scaled = self.scaled(logits, temperature)
+        if self.group is None:
+            # q at the row maximum is exp(max - lse) >= 1/V: lse from it, without another pass
+            top, where = scaled.max(dim=-1, keepdim=True)
+            q = torch.softmax(scaled, dim=-1)
+            return q, (top - q.gather(-1, where).log()).squeeze(-1)
+        top = scaled.max(dim=-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).min)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        q = torch.sub(scaled, top).exp_()
+        total = self.sum(q.sum(-1, keepdim=True))
+        return q.div_(total), (top + total.log()).squeeze(-1)
+
+    def log_softmax(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Float32 log-softmax over the whole vocabulary of this rank's ``[n, V/tp]`` logits."""
+        scaled = self.scaled(logits, temperature)
         if self.group is None:
             return torch.log_softmax(scaled, dim=-1)
         top = scaled.max(dim=-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).min)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
         total = self.sum((scaled - top).exp().sum(-1, keepdim=True))
         return scaled - top - total.log()
+
+    def gather_scaled(self, logits: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor):
+        """log q at global ``ids`` ([n, k], float32) on every rank, from the raw logits and the
+        normaliser of :meth:`softmax`; also the local index and the mask of ids this rank holds."""
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.local_size)
+        local = local.clamp(0, self.local_size - 1)
+        picked = logits.gather(-1, local).float() / temperature - lse[:, None]
+        picked = torch.where(mine, picked, torch.zeros((), dtype=picked.dtype))
+        return self.sum(picked), local, mine
 
     def gather(self, log_q: torch.Tensor, ids: torch.Tensor):
         """``log_q`` at global ``ids`` ([n, k]) on every rank; also the local index and mask."""
@@ -118,24 +152,26 @@ class _Vocab:
         return self.sum(picked), local, mine
 
 
-def _bucket_grad(vocab: _Vocab, log_q, ids, teacher_logprobs, teacher_tail, kind, beta):
-    """Per-token divergence and the gradient w.r.t. scaled logits for a top-k + tail teacher."""
-    student_topk, local, mine = vocab.gather(log_q, ids)
+def _bucket_terms(log_q_ids, teacher_logprobs, teacher_tail, kind, beta):
+    """Per-token divergence over the buckets of a top-k + tail teacher, and its gradient with
+    respect to the scaled logits as ``q · row + (scatter of the top-k entries' corrections)``.
+
+    ``log_q_ids [n, k]``: the student's log-probabilities at the teacher's ids. Returns
+    ``(divergence [n], row [n], corrections [n, k])``: the gradient is ``q_v · row`` for every
+    token v, plus ``corrections`` at the top-k ids (each a bucket of its own, ``h_v − q_v·S``
+    in place of ``q_v · (h_tail / q_tail − S)``).
+    """
     # entries the teacher gives no mass (sampled labels' repeats) are not buckets of their own
-    counted = torch.where(teacher_logprobs > float("-inf"), student_topk,
-                          torch.full_like(student_topk, float("-inf")))
+    counted = torch.where(teacher_logprobs > float("-inf"), log_q_ids,
+                          torch.full_like(log_q_ids, float("-inf")))
     student_tail = _log1mexp(torch.logsumexp(counted, dim=-1))
-    f, h = divergence_terms(torch.cat([student_topk, student_tail[:, None]], -1),
+    f, h = divergence_terms(torch.cat([log_q_ids, student_tail[:, None]], -1),
                             torch.cat([teacher_logprobs, teacher_tail[:, None]], -1), kind, beta)
-    total_h = h.sum(-1, keepdim=True)
-    tail_q = student_tail.exp()[:, None]
-    tail_factor = torch.where(tail_q > 0, h[:, -1:] / tail_q.clamp_min(1e-30), torch.zeros_like(tail_q))
-    q = log_q.exp()
-    grad = q * (tail_factor - total_h)
-    # top-k entries are buckets of their own: h_v − q_v·S instead of q_v·(h_tail/q_tail − S)
-    correction = h[:, :-1] - q.gather(-1, local) * tail_factor
-    grad.scatter_add_(-1, local, torch.where(mine, correction, torch.zeros_like(correction)))
-    return f.sum(-1), grad
+    total_h = h.sum(-1)
+    tail_q = student_tail.exp()
+    tail_factor = torch.where(tail_q > 0, h[:, -1] / tail_q.clamp_min(1e-30), torch.zeros_like(tail_q))
+    corrections = h[:, :-1] - log_q_ids.exp() * tail_factor[:, None]
+    return f.sum(-1), tail_factor - total_h, corrections
 
 
 def _dense_grad(vocab: _Vocab, log_q, log_p, kind, beta):
@@ -153,13 +189,18 @@ def _dense_grad(vocab: _Vocab, log_q, log_p, kind, beta):
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, chunk_fn, tokens, chunk_tokens):
-        grad = torch.empty_like(logits)
+        chunks = _chunks(tokens, chunk_tokens)
+        grad = None
         totals = torch.zeros(3, dtype=torch.float32, device=logits.device)
-        for start in range(0, tokens, chunk_tokens):
-            end = min(start + chunk_tokens, tokens)
+        for start, end in chunks:
             chunk_totals, chunk_grad = chunk_fn(logits, start, end)
             totals += chunk_totals
-            grad[start:end] = chunk_grad.to(grad.dtype)
+            if len(chunks) == 1 and chunk_grad.dtype == logits.dtype:
+                grad = chunk_grad  # the one chunk's gradient is the whole gradient: no copy
+            else:
+                if grad is None:
+                    grad = torch.empty_like(logits)
+                grad[start:end] = chunk_grad
         ctx.save_for_backward(grad)
         kd, ce = totals[1].clone(), totals[2].clone()
         ctx.mark_non_differentiable(kd, ce)
@@ -168,7 +209,9 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _kd, _ce):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        # scaled in place: no second [tokens, vocab] tensor (a second backward through the same
+        # graph is refused by autograd's version check on the saved tensor)
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None
 
 
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = None,
@@ -207,34 +250,55 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
     T = float(temperature)
 
     def chunk_fn(all_logits, start, end):
+        """Losses of tokens [start, end) and their gradient, in as few passes over [n, V] as the
+        parts allow: one softmax per temperature, scaled once (its rows' coefficients summed over
+        the parts), plus sparse corrections at the teacher's ids and the labels."""
         chunk = all_logits[start:end]
         weight = weights[start:end]
         totals = torch.zeros(3, dtype=torch.float32, device=chunk.device)
-        grad = None
+        softmax: dict[float, tuple] = {}   # temperature -> (q, lse, row coefficient [n])
+        sparse = []                        # (local ids, mine, corrections [n, k]) to add at the ids
+        dense = None
+
+        def at(t):
+            if t not in softmax:
+                q, lse = vocab.softmax(chunk, t)
+                softmax[t] = (q, lse, torch.zeros_like(lse))
+            return softmax[t]
+
         if use_kd:
-            log_q = vocab.log_softmax(chunk, T)
+            scale = weight * (kd_weight * T)  # d/d(logits) = (1/T) d/d(logits/T), and the loss is T²·D
             if isinstance(flat_teacher, TopK):
-                loss, g = _bucket_grad(vocab, log_q, flat_teacher.ids[start:end],
-                                       flat_teacher.logprobs[start:end].float(),
-                                       flat_teacher.tail[start:end].float(), divergence, beta)
+                q, lse, row = at(T)
+                log_q_ids, local, mine = vocab.gather_scaled(chunk, flat_teacher.ids[start:end], T, lse)
+                loss, bucket_row, corrections = _bucket_terms(
+                    log_q_ids, flat_teacher.logprobs[start:end].float(), flat_teacher.tail[start:end].float(),
+                    divergence, beta)
+                row += bucket_row * scale
+                sparse.append((local, mine, corrections * scale[:, None]))
             else:
+                log_q = vocab.log_softmax(chunk, T)
                 log_p = vocab.log_softmax(flat_teacher[start:end], T)
                 loss, g = _dense_grad(vocab, log_q, log_p, divergence, beta)
+                dense = g.mul_(scale[:, None])
             kd = (loss * weight).sum() * T * T
-            grad = g * (weight * (kd_weight * T))[:, None]
             totals[1] = kd
             totals[0] += kd_weight * kd
-        if use_ce:
-            log_q = vocab.log_softmax(chunk, 1.0) if (not use_kd or T != 1.0) else log_q
-            target = flat_labels[start:end, None]
-            loss, g = _bucket_grad(vocab, log_q, target, torch.zeros(target.shape, device=chunk.device),
-                                   torch.full((end - start,), float("-inf"), device=chunk.device),
-                                   "forward_kl", beta)
-            ce = (loss * weight).sum()
-            g = g * (weight * (1.0 - kd_weight))[:, None]
-            grad = g if grad is None else grad + g
+        if use_ce:  # a one-token teacher: the gradient is q - onehot(label)
+            q, lse, row = at(1.0)
+            log_q_label, local, mine = vocab.gather_scaled(chunk, flat_labels[start:end, None], 1.0, lse)
+            ce_weight = weight * (1.0 - kd_weight)
+            row += ce_weight
+            sparse.append((local, mine, -ce_weight[:, None]))
+            ce = -(log_q_label[:, 0] * weight).sum()
             totals[2] = ce
             totals[0] += (1.0 - kd_weight) * ce
+        grad = dense
+        for q, _, row in softmax.values():
+            q.mul_(row[:, None])
+            grad = q if grad is None else grad.add_(q)
+        for local, mine, corrections in sparse:
+            grad.scatter_add_(-1, local, torch.where(mine, corrections, torch.zeros((), dtype=corrections.dtype)))
         return totals, grad
 
     return _FusedLoss.apply(logits, chunk_fn, tokens, int(chunk_tokens))
