@@ -44,6 +44,7 @@ from pipelines.errors import UserError, require
 from pipelines.kd_loss import TopK, distill_loss, teacher_topk
 from pipelines.logits_cache import LogitsCache
 from pipelines.model import causal_mask, count_parameters, padded_vocab_size, position_ids
+from pipelines.prefetch import StepBatches
 
 # Keys that do not change the trained weights: changing one never restarts or blocks a resume
 # (e.g. a smaller chunk_tokens after an out-of-memory error, a save_interval on requeue). The
@@ -150,14 +151,19 @@ def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: i
     return [(base + j) % samples for j in range(per_rank)]
 
 
-def make_batch(windows, cache, indices, layout) -> dict:
-    """One micro-batch on ``layout``'s device: tokens, labels and the cached teacher (or None)."""
+def host_batch(windows, cache, indices) -> dict:
+    """One micro-batch in host memory: tokens, labels and the cached teacher (or None)."""
     rows = torch.stack([windows[i] for i in indices])
     batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:], "teacher": None}
     if cache is not None:
         parts = [cache[i] for i in indices]
         batch["teacher"] = TopK(*(torch.stack(p) for p in zip(*parts)))
-    return layout.place(batch)
+    return batch
+
+
+def make_batch(windows, cache, indices, layout) -> dict:
+    """One micro-batch on ``layout``'s device."""
+    return layout.place(host_batch(windows, cache, indices))
 
 
 # ----------------------------------------------------------------------------- training
@@ -237,6 +243,7 @@ class Trainer:
         self.padded = padded_vocab_size(self.arch)
         self.teacher_padded = padded_vocab_size(plan.teacher_arch) if self.teacher is not None else None
         self.eval_teacher = None
+        self.batches = None  # the step batches, built ahead (pipelines.prefetch), from the first step
         self.step = 0
 
     # -- the pieces the megatron schedule calls
@@ -285,15 +292,23 @@ class Trainer:
         torch.distributed.all_reduce(values, group=self.pp_group)
         return dict(zip(("loss", "kd", "ce"), values.tolist()))
 
+    def _host_batches(self, step: int) -> list[dict]:
+        """The micro-batches of ``step`` for this data-parallel rank, in host memory."""
+        plan = self.plan
+        indices = step_samples(step, plan.global_batch, plan.samples, self.dp_rank, self.layout.data_parallel)
+        return [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch])
+                for i in range(0, len(indices), plan.micro_batch)]
+
     def forward_backward(self) -> dict:
         """Gradients of the current step's global batch (in the DDP buffers); metrics."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         plan = self.plan
-        indices = step_samples(self.step, plan.global_batch, plan.samples, self.dp_rank,
-                               self.layout.data_parallel)
-        batches = [make_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], self.layout)
-                   for i in range(0, len(indices), plan.micro_batch)]
+        if self.batches is None or self.batches.next_step != self.step:  # first step, or resumed
+            if self.batches is not None:
+                self.batches.close()
+            self.batches = StepBatches(self._host_batches, self.step, plan.steps, self.layout)
+        batches = self.batches.get(self.step)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -310,8 +325,8 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
-        metrics.update(grad_norm=float(grad_norm or 0.0), lr=lr,
-                       skipped=not ok)
+        metrics.update(grad_norm=float(grad_norm or 0.0), lr=lr, skipped=not ok,
+                       data_wait_s=self.batches.last_wait)
         return metrics
 
     def prepare_eval(self) -> None:
@@ -567,7 +582,7 @@ class Logger:
         eta = (self.total - step) * elapsed / done if done else 0.0
         print(f"[{self.tag}] step {step}/{self.total} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
               f"ce {metrics['ce']:.4f} lr {metrics['lr']:.2e} {rate:,.0f} tokens/s "
-              f"ETA {eta / 60:.1f} min", flush=True)
+              f"data wait {metrics.get('data_wait_s', 0.0):.3f} s ETA {eta / 60:.1f} min", flush=True)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -647,6 +662,8 @@ def run(cfg, section: str = "distill") -> dict:
             torch.distributed.barrier()
             preemption.leave_for_requeue()
     seconds = time.perf_counter() - started
+    if trainer.batches is not None:
+        trainer.batches.close()
     final = trainer.evaluate()
     trainer.save(checkpoints)
     _write_final_model(trainer, plan, output, layout)

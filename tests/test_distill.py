@@ -220,3 +220,25 @@ def test_a_corrupted_training_checkpoint_is_named_and_never_read(tmp_path, tiny_
     shutil.rmtree(last)  # what the message says to do
     resumed = run_script("scripts/distill.py", *args)
     assert resumed.returncode == 0 and "resuming from step 4 " in resumed.stdout
+
+
+def test_a_cache_shard_corrupted_mid_run_stops_at_its_step_by_name(tmp_path, tiny_teacher, tiny_data, full_cache):
+    """The batches are built ahead in a thread (pipelines.prefetch): a shard that fails its
+    checksum there still stops the run with the one-line error, after the checkpoints before it."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(full_cache, cache)
+    shard = cache / "shard-00002.bin"  # samples 32-47: read first by step 5 (0-based step 4)
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    args = distill_args(tiny_teacher, tiny_data, tmp_path / "run", **{"distill.cache": cache})
+    refused = run_script("scripts/distill.py", *args)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "shard-00002.bin is corrupted" in refused.stderr and "(fix: distill.cache)" in refused.stderr
+    latest = json.loads((tmp_path / "run" / "train" / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 4  # steps 1-4 trained and saved (save_interval 2)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train] == [1, 2, 3, 4] and all(x["data_wait_s"] >= 0 for x in train)
