@@ -19,6 +19,10 @@ Each shim was found by running megatron-core and ModelOpt on CPU and is listed i
   distributed helpers).
 - ``gloo_allgather_0d``: gloo rejects 0-d inputs to ``all_gather_into_tensor`` that NCCL
   accepts (ModelOpt ``drop_mcore_language_model_layers``); they are reshaped to ``(1,)``.
+- ``gloo_one_rank``: ``reduce_scatter_tensor`` and ``all_gather_into_tensor`` over a group of one
+  rank copy locally (nothing, when input and output are one buffer). gloo sends the whole buffer
+  through its transport instead: with the distributed optimizer at data-parallel size 1 that was
+  two whole-model copies per step (measured 2 x 30-90 ms at 99M parameters). NCCL does no such copy.
 - ``cuda_rng_state``: ``torch.cuda.get_rng_state()`` returns an empty state (activation
   recompute saves the CUDA RNG next to the CPU one; megatron's setter is queued by torch and never
   runs without CUDA). There is no CUDA RNG to restore on CPU; the CPU RNG is saved as on GPU.
@@ -41,6 +45,7 @@ SHIMS = (
     "tensor_type",
     "tensor_cuda",
     "gloo_allgather_0d",
+    "gloo_one_rank",
     "cuda_rng_state",
 )
 
@@ -68,6 +73,34 @@ class _CudaFactoryToCpu(TorchFunctionMode):
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
         return func(*args, **kwargs)
+
+
+def _one_rank(output: torch.Tensor, input: torch.Tensor, async_op: bool):
+    """A reduce-scatter or all-gather over one rank: the input is the output. gloo would copy it
+    through its transport even when both are one buffer (the distributed optimizer's case)."""
+    if output.data_ptr() != input.data_ptr() or output.shape != input.shape:
+        output.copy_(input.reshape(output.shape))
+    if not async_op:
+        return None
+    future = torch.futures.Future()
+    future.set_result(None)
+    return _DoneWork(future)
+
+
+class _DoneWork:
+    """What an ``async_op=True`` collective returns, already complete."""
+
+    def __init__(self, future):
+        self._future = future
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def get_future(self):
+        return self._future
 
 
 def applied() -> list[str]:
@@ -110,6 +143,28 @@ def apply(force: bool = False) -> list[str]:
         return original_all_gather(output_tensor, input_tensor, group=group, async_op=async_op)
 
     dist.all_gather_into_tensor = all_gather_into_tensor
+
+    original_reduce_scatter = dist.reduce_scatter_tensor
+
+    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if dist.get_world_size(group) == 1:
+            return _one_rank(output, input, async_op)
+        return original_reduce_scatter(output, input, op=op, group=group, async_op=async_op)
+
+    def gather_one_rank_local(output_tensor, input_tensor, group=None, async_op=False):
+        if dist.get_world_size(group) == 1:
+            return _one_rank(output_tensor, input_tensor.reshape(-1) if input_tensor.dim() == 0 else input_tensor,
+                             async_op)
+        return all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    dist.reduce_scatter_tensor = reduce_scatter_tensor
+    dist.all_gather_into_tensor = gather_one_rank_local
+    # megatron's DDP binds the two at import: the distributed optimizer's reduce-scatter of the
+    # gradient buffer and all-gather of the parameters, whole-model copies through gloo at dp=1
+    from megatron.core.distributed import param_and_grad_buffer
+
+    param_and_grad_buffer.dist_reduce_scatter_func = reduce_scatter_tensor
+    param_and_grad_buffer.dist_all_gather_func = gather_one_rank_local
 
     def no_cuda_rng_state(device="cuda"):
         return torch.empty(0, dtype=torch.uint8)
