@@ -174,12 +174,20 @@ def _bucket_terms(log_q_ids, teacher_logprobs, teacher_tail, kind, beta):
     return f.sum(-1), tail_factor - total_h, corrections
 
 
+def _dense_forward_kl(vocab: _Vocab, student, teacher, temperature: float, lse_q):
+    """KL(p‖q) per token against a dense teacher, and p (the gradient is q − p).
+
+    KL = Σ p·(z_t − z_s)/T − lse_p + lse_q, over the real columns (padding has p = 0): the
+    teacher's softmax and one product are the only ``[n, V]`` passes besides the student's.
+    """
+    p, lse_p = vocab.softmax(teacher, temperature)
+    real = vocab.real_local
+    difference = vocab.scaled(teacher, temperature)[:, :real] - vocab.scaled(student, temperature)[:, :real]
+    cross = vocab.sum(torch.linalg.vecdot(p[:, :real], difference))
+    return cross - lse_p + lse_q, p
+
+
 def _dense_grad(vocab: _Vocab, log_q, log_p, kind, beta):
-    if kind == "forward_kl":  # h = -p and S = -1: the gradient is q - p (fewer [n, V] passes)
-        p = log_p.exp()
-        f = p * (log_p - log_q)
-        f = torch.where(p > 0, f, torch.zeros((), dtype=f.dtype))
-        return vocab.sum(f.sum(-1)), log_q.exp_() - p
     f, h = divergence_terms(log_q, log_p, kind, beta)
     loss = vocab.sum(f.sum(-1))
     total_h = vocab.sum(h.sum(-1, keepdim=True))
@@ -276,6 +284,11 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
                     divergence, beta)
                 row += bucket_row * scale
                 sparse.append((local, mine, corrections * scale[:, None]))
+            elif divergence == "forward_kl":  # h = -p, S = -1: the gradient is q - p
+                q, lse, row = at(T)
+                loss, p = _dense_forward_kl(vocab, chunk, flat_teacher[start:end], T, lse)
+                row += scale
+                dense = p.mul_(-scale[:, None])
             else:
                 log_q = vocab.log_softmax(chunk, T)
                 log_p = vocab.log_softmax(flat_teacher[start:end], T)
