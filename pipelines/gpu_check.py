@@ -151,8 +151,7 @@ def _slice_logits(trainer, arch: dict, fused: bool) -> dict:
     extra = torch.cuda.max_memory_allocated() - baseline
     estimate = memory_plan.forward(arch, sequence=SLICE_SEQUENCE, batch=1, tensor=1, element_bytes=2,
                                    fused=fused, chunk_tokens=1024, gpu=False)
-    # the score buffer is resident already (the training steps allocated it)
-    predicted = estimate.total - estimate.parts["weights"] - estimate.parts.get("score buffer", 0)
+    predicted = estimate.total - estimate.parts["weights"]
     return {"seconds_median": sorted(times)[1], "tokens_per_s": SLICE_SEQUENCE / sorted(times)[1],
             "peak_above_resident_gb": extra / 1e9, "predicted_above_weights_gb": predicted / 1e9,
             "predicted_parts_gb": {k: v / 1e9 for k, v in estimate.parts.items()},

@@ -17,27 +17,27 @@ The model counts, per GPU (bytes):
   - TE spec (fused norm + linear, flash attention, fused SwiGLU):
     ``4h/r + (2H + 2G)·d/tp + 3f/tp``: the two norms' inputs and outputs, q, k, v and the
     attention output, the fc1 output and the SwiGLU output;
-  - local spec (unfused attention and SwiGLU, CPU): ``4h + 4H·d/tp + H·s/tp + 4f/tp``: the
-    softmax probabilities add H·s per token;
+  - local spec (CPU, GPU images without TE; torch's fused attention kernel, unfused SwiGLU):
+    ``4h + (3H + 2G)·d/tp + 4f/tp``: the kernel keeps q, k, v and its output, the output
+    projection a reshaped copy of it (:mod:`pipelines.attention`);
   - ``recompute=full`` keeps only each layer's input (plus one layer's full set while it is
     recomputed); ``selective`` recomputes the core attention (drops q, k, v, the probabilities);
 
   times the micro-batches in flight (1, or min(pp, micro-batches) on the first stage with the
   1F1B schedule);
 - **loss**: the logits ``[tokens, V/tp]`` and the fused loss's stored gradient (both ``a``), plus
-  four float32 ``[chunk_tokens, V/tp]`` temporaries, and the output layer's weight gradient
-  before it is added to the buffer;
+  two float32 ``[chunk_tokens, V/tp]`` temporaries (the scaled logits and their softmax), and the
+  output layer's weight gradient before it is added to the buffer;
 - **teacher**: the online teacher's weights, logits and two float32 chunks;
 - **batches**: a step's micro-batches are placed on the device together, with their cached
-  top-k (int64 ids, float16 log-probabilities);
+  top-k (int64 ids, float32 log-probabilities);
 - **framework**: on a GPU the CUDA context, NCCL buffers and allocator slack, 3 GiB plus 10%
   (an allowance, not measured here); on CPU the 16 MiB of allocator and Python state the first
   checkpoint load leaves resident (measured).
 
 Forward-only stages (logits, prune, eval) keep no activations: the weights, then the largest of
-one layer's transients (the unfused attention's ``[b, H/tp, s, s]`` scores twice, or the MLP),
-the logits copied by GPTModel's final transpose, and the logits with their top-k's two float32
-chunks; the unfused attention adds megatron's persistent score buffer (see :func:`forward`).
+one layer's transients (the MLP's; attention is a fused kernel on either spec), the logits copied
+by GPTModel's final transpose, and the logits with the top-k's two float32 chunks.
 
 What it does not know: TE's own workspaces, FP8, activation offloading, and fragmentation beyond
 the 10% allowance. On CPU ``bench/memory_plan.py`` measures the rest; on a GPU, ``make gpu-check``.
@@ -88,24 +88,6 @@ def parameters_per_rank(arch: dict, tensor: int, pipeline: int) -> int:
     return layers + rows + hidden  # first stage: embedding; last: output layer (a copy when tied)
 
 
-def score_bytes(element_bytes: int) -> dict:
-    """Bytes per attention score ``[b, H/tp, s, s]`` of megatron's unfused attention (local spec).
-
-    Read off ``DotProductAttention`` and ``FusedScaleMaskSoftmax.forward_torch_softmax``
-    (``attention_softmax_in_fp32``; Apex's fused kernel absent): ``baddbmm`` writes the scores
-    (``a`` bytes), 16-bit scores are cast to float32, the float32 softmax output is kept for the
-    backward pass, and cast back to 16 bits for the product with v (kept too). The backward pass
-    of the last layer holds the 16-bit gradient of the probabilities and two float32 ones.
-    Measured on an H200 (2 layers at 8B width, sequence 8192, bf16; ``make gpu-check``): 80.1 GB
-    peak in training and 26.4 GB above the resident state in the logits forward.
-    """
-    a = element_bytes
-    cast = a < 4  # 16-bit scores: float32 softmax, then a 16-bit copy of the probabilities
-    return {"kept": 4 + (a if cast else 0),                       # float32 probabilities (+ 16-bit copy)
-            "backward": a + (4 if cast else 0) + 4,               # their gradients, last layer
-            "forward": a + (4 if cast else 0) + 4 + (a if cast else 0)}  # scores, float32 in/out, copy
-
-
 def layer_activations(arch: dict, sequence: int, tensor: int, sequence_parallel: bool, fused: bool,
                       recompute: str, element_bytes: int) -> float:
     """Activation bytes one layer keeps per token for its backward pass."""
@@ -115,15 +97,12 @@ def layer_activations(arch: dict, sequence: int, tensor: int, sequence_parallel:
     if recompute == "full":
         return h / r * element_bytes
     if fused:
-        attention, probabilities = (2 * heads + 2 * groups) * d / tensor, 0.0
-        mlp = 3 * f / tensor
-    else:
-        attention = 4 * heads * d / tensor
-        probabilities = heads * sequence / tensor * score_bytes(element_bytes)["kept"] / element_bytes
-        mlp = 4 * f / tensor
+        attention, mlp = (2 * heads + 2 * groups) * d / tensor, 3 * f / tensor
+    else:  # torch's fused kernel keeps q, k, v and its output; the output projection a copy of it
+        attention, mlp = (3 * heads + 2 * groups) * d / tensor, 4 * f / tensor
     if recompute == "selective":  # core attention recomputed: only the output is kept
-        attention, probabilities = heads * d / tensor, 0.0
-    return (4 * h / r + attention + probabilities + mlp) * element_bytes
+        attention = heads * d / tensor
+    return (4 * h / r + attention + mlp) * element_bytes
 
 
 def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, tensor: int, pipeline: int,
@@ -150,18 +129,12 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
     head = 2 * hidden / (tensor if sequence_parallel else 1) * element_bytes  # final norm input and output
     parts["activations"] = (stored + head) * tokens * in_flight
     chunk = min(chunk_tokens, tokens)
-    loss = 2 * tokens * vocab * element_bytes + 4 * chunk * vocab * 4 + vocab * hidden * element_bytes
-    if fused:
-        parts["loss"] = loss
-    else:  # the loss's temporaries are gone when the last layer's attention gradients peak
-        scores = arch["num_attention_heads"] / tensor * sequence * tokens
-        parts["loss or attention backward"] = max(loss, scores * score_bytes(element_bytes)["backward"])
-        parts["score buffer"] = scores * element_bytes  # megatron's persistent baddbmm input
+    parts["loss"] = 2 * tokens * vocab * element_bytes + 2 * chunk * vocab * 4 + vocab * hidden * element_bytes
     if teacher is not None:
         teacher_vocab = model_lib.padded_vocab_size(teacher) // tensor
         parts["teacher"] = (parameters_per_rank(teacher, tensor, pipeline) * element_bytes
                             + tokens * teacher_vocab * element_bytes + 2 * chunk * teacher_vocab * 4)
-    per_sample = sequence * 2 * 8 + sequence * cache_k * (8 + 2)
+    per_sample = sequence * 2 * 8 + sequence * cache_k * (8 + 4)
     parts["batches"] = per_sample * micro_batch * microbatches
     parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
     return estimate
@@ -172,30 +145,29 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
-    intermediates (the unfused attention's scores, their softmax and megatron's score buffer, or
-    the MLP's), the output layer's logits copied once by GPTModel's final transpose, and the
-    logits with the top-k's two float32 chunks (scaled logits and their log-softmax).
+    intermediates (the MLP's), the output layer's logits copied once by GPTModel's final
+    transpose (a view for one sequence), and the logits with the top-k's two float32 chunks
+    (scaled logits and their log-softmax). Width pruning without TE runs megatron's unfused attention (ModelOpt converts
+    only that module); its ``[b, H/tp, s, s]`` scores are not counted.
     """
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": data})
     parts = estimate.parts
     tokens = sequence * batch
-    heads, f, h = arch["num_attention_heads"], arch["ffn_hidden_size"], arch["hidden_size"]
+    f, h = arch["ffn_hidden_size"], arch["hidden_size"]
     vocab = model_lib.padded_vocab_size(arch) // tensor
     parts["weights"] = parameters_per_rank(arch, tensor, 1) * element_bytes
-    attention = 0.0 if fused else heads / tensor * sequence * score_bytes(element_bytes)["forward"]
-    layer = max(attention, 4 * f / tensor * element_bytes) * tokens + 4 * h * tokens * element_bytes
+    layer = (4 * f / tensor + 4 * h) * tokens * element_bytes  # no [s, s] scores: fused attention
     chunk = min(chunk_tokens, tokens)
-    logits = max(2 * tokens * vocab * element_bytes, tokens * vocab * element_bytes + 2 * chunk * vocab * 4)
+    copies = 2 if batch > 1 else 1  # GPTModel's [s, b] -> [b, s] transpose copies only for b > 1
+    logits = max(copies * tokens * vocab * element_bytes, tokens * vocab * element_bytes + 2 * chunk * vocab * 4)
     parts["forward peak"] = max(layer, logits)
-    if not fused:  # megatron's persistent [b·H/tp, s, s] buffer for the unfused attention scores
-        parts["score buffer"] = heads / tensor * sequence * tokens * element_bytes
     parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
     return estimate
 
 
 def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
     """Estimates for the GPU stages of an experiment on its cluster (bf16, TE spec)."""
-    fused = True  # the cluster image has TE; without it the local spec's attention is far larger
+    fused = True  # the cluster image has TE (without it: torch's attention kernel, unfused SwiGLU)
     estimates = []
     teacher, student = checked["teacher"], checked["student"]
     for stage in stages:

@@ -271,7 +271,8 @@ def layer_spec(purpose: str = "train", config=None):
     - ``host``: megatron's local spec (plain torch modules). Import and export build on the host
       with it, whatever the node has: no TE module is ever created in host memory.
     - ``train``: transformer-engine's spec when TE and a GPU are present (fused attention, fused
-      norm + linear), else the local one. Training, logits, eval and depth pruning use it.
+      norm + linear), else the local one with torch's fused attention kernel
+      (:class:`pipelines.attention.SDPAttention`). Training, logits, eval and depth pruning use it.
     - ``modelopt``: the spec ModelOpt's width pruning can convert. TE's spec fuses the norms into
       the linears (``input_layernorm`` is an identity there), which ModelOpt 0.43 cannot prune, so
       with TE this is megatron's ModelOpt spec (TE attention and norms, plain linears); without
@@ -287,7 +288,12 @@ def layer_spec(purpose: str = "train", config=None):
 
     require(purpose in SPECS, f"unknown layer spec purpose {purpose!r}; one of {SPECS}", "layer spec")
     if purpose == "host" or not transformer_engine_available():
-        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        if purpose == "train":  # torch's fused attention kernel, not megatron's [b, H, s, s] scores
+            from pipelines.attention import SDPAttention
+
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        return spec
     if purpose == "modelopt":
         from megatron.core.post_training.modelopt.gpt.model_specs import get_gpt_modelopt_spec
 
