@@ -12,11 +12,10 @@ learning rate after a linear warm-up, and gradient clipping.
 Output folder::
 
     weights/ model.yaml tokenizer/ manifest.json   the final student (a normal checkpoint)
-    train/checkpoints/step-NNNNNN/                 dist_checkpointing: model, optimizer, scheduler,
-                                                   step (= data position) and RNG
-    train/checkpoints/latest.json                  name and step of the newest complete checkpoint
-    train/metrics.jsonl                            one line per logged step and per evaluation
-    train/tensorboard/                             the same scalars for TensorBoard
+    train/checkpoints/                             training checkpoints (pipelines.train_checkpoint)
+    train/metrics.jsonl, train/tensorboard/        metrics (pipelines.metrics_log)
+
+The batches of the next steps are built ahead in a thread (:mod:`pipelines.prefetch`).
 
 Data order is a function of the step alone (step ``t`` reads samples ``[t·B, (t+1)·B)`` of the
 train split, wrapping around; data-parallel rank ``r`` takes its ``B/dp`` slice), so a resumed run
@@ -28,13 +27,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipelines import checkpoint, preemption, runtime
@@ -43,17 +40,16 @@ from pipelines.data import TokenWindows
 from pipelines.errors import UserError, require
 from pipelines.kd_loss import TopK, distill_loss, teacher_topk
 from pipelines.logits_cache import LogitsCache
+from pipelines.metrics_log import Logger
 from pipelines.model import causal_mask, count_parameters, padded_vocab_size, position_ids
 from pipelines.prefetch import StepBatches
+from pipelines.train_checkpoint import TrainingCheckpoints
 
 # Keys that do not change the trained weights: changing one never restarts or blocks a resume
 # (e.g. a smaller chunk_tokens after an out-of-memory error, a save_interval on requeue). The
 # cache and output paths are not settings: the cache's content is in the inputs (its manifest).
 NOT_RESULT_KEYS = ("output", "cache", "log_interval", "verify_cache", "chunk_tokens", "save_interval",
                    "eval_interval", "eval_samples", "eval_topk", "keep_checkpoints", "recompute")
-
-
-CHECKSUMS = "checksums.json"  # a training checkpoint's files and their sha256
 
 
 def tokenizer_hash(folder: Path) -> str | None:
@@ -242,9 +238,15 @@ class Trainer:
         self.vocab_size = self.arch["vocab_size"]
         self.padded = padded_vocab_size(self.arch)
         self.teacher_padded = padded_vocab_size(plan.teacher_arch) if self.teacher is not None else None
+        # the loss, built once from the config: distill_loss(logits, labels, teacher, kd_weight=...)
+        self.loss = partial(distill_loss, temperature=float(d.temperature), divergence=str(d.divergence),
+                            beta=float(d.jsd_beta), vocab_size=self.vocab_size, tp_group=self.tp_group,
+                            chunk_tokens=int(d.chunk_tokens))
         self.eval_teacher = None
         self.batches = None  # the step batches, built ahead (pipelines.prefetch), from the first step
         self.step = 0
+        self.checkpoints = TrainingCheckpoints(self, plan.output / "train" / "checkpoints",
+                                               int(d.keep_checkpoints), plan.section)
 
     # -- the pieces the megatron schedule calls
 
@@ -264,10 +266,7 @@ class Trainer:
         return padded[..., rank * local:(rank + 1) * local]
 
     def _loss(self, batch, teacher, kd_weight, output):
-        loss, kd, ce = distill_loss(
-            output, batch["labels"], teacher, kd_weight=kd_weight, temperature=float(self.d.temperature),
-            divergence=str(self.d.divergence), beta=float(self.d.jsd_beta), vocab_size=self.vocab_size,
-            tp_group=self.tp_group, chunk_tokens=int(self.d.chunk_tokens))
+        loss, kd, ce = self.loss(output, batch["labels"], teacher, kd_weight=kd_weight)
         return loss, {"loss": loss.detach().clone(), "kd": kd, "ce": ce}
 
     def _forward_step(self, data_iterator, model, kd_weight=None):
@@ -374,217 +373,6 @@ class Trainer:
             result["val_kl"] = metrics["kd"]
         return result
 
-    # -- checkpoints
-
-    # megatron-core 0.16's default distributed-optimizer format uses ShardedTensor.flattened_range,
-    # which its own dist_checkpointing then refuses; megatron's training loop asks for this one
-    # (fully parallel save and load, reshardable over data-parallel sizes).
-    OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-    def _state(self, loading: bool) -> dict:
-        # the unwrapped model's keys (the DDP wrapper would prefix them with "module.")
-        model_state = self.model.module.sharded_state_dict(prefix="")
-        return {"model": model_state,
-                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=loading,
-                                                               metadata=self.OPTIMIZER_METADATA),
-                "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "adam_steps": self._adam_steps(), "world_size": self.layout.world_size,
-                "rng": self._rng_state()}
-
-    def _rng_state(self):
-        """Every rank's random state, one shard per rank (megatron saves plain values from rank 0
-        only): torch, numpy, Python and, on a GPU, CUDA's and megatron's model-parallel tracker."""
-        from megatron.core import tensor_parallel
-        from megatron.core.dist_checkpointing import ShardedObject
-
-        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state()
-            state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-        return ShardedObject("rng_state", state, (self.layout.world_size,), (self.layout.rank,), replica_id=0)
-
-    def _set_rng_state(self, state: dict) -> None:
-        from megatron.core import tensor_parallel
-
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-            tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-    def _torch_adams(self) -> list:
-        """The plain ``torch.optim.Adam`` inside megatron's optimizer wrappers (none with TE/Apex)."""
-        inners = [getattr(w, "optimizer", None) for w in getattr(self.optimizer, "chained_optimizers",
-                                                                  [self.optimizer])]
-        return [inner for inner in inners if isinstance(inner, torch.optim.Adam)]
-
-    def _adam_steps(self) -> list[float]:
-        return [float(next(iter(adam.state.values()))["step"]) if adam.state else 0.0
-                for adam in self._torch_adams()]
-
-    def _restore_adam_steps(self, steps: list[float]) -> None:
-        """megatron's distributed optimizer loads torch Adam's per-parameter ``step`` from the
-        state it was asked to load into, not from the checkpoint; put the saved count back."""
-        for adam, step in zip(self._torch_adams(), steps):
-            for state in adam.state.values():
-                state["step"] = torch.tensor(step)
-
-    def _prime_torch_adam_state(self) -> None:
-        """Give a fresh torch Adam the state entries its first step would create.
-
-        Without Apex or TE (CPU, or a GPU image without them) megatron's distributed optimizer
-        uses ``torch.optim.Adam`` and reads each parameter's ``step`` while building the state
-        dict to load into, which a fresh Adam does not have yet (TE's FusedAdam keeps ``step``
-        per group instead). The values are replaced by the checkpoint's.
-        """
-        for inner in self._torch_adams():
-            if len(inner.state):
-                continue
-            for group in inner.param_groups:
-                for parameter in group["params"]:
-                    inner.state[parameter] = {"step": torch.tensor(0.0),
-                                              "exp_avg": torch.zeros_like(parameter),
-                                              "exp_avg_sq": torch.zeros_like(parameter)}
-
-    def save(self, folder: Path) -> None:
-        """Save the training state under ``folder/step-NNNNNN`` and point ``latest`` at it."""
-        from megatron.core import dist_checkpointing
-
-        name = f"step-{self.step:06d}"
-        final, staging = folder / name, folder / f".{name}.incomplete"
-        if final.exists() and (folder / "latest.json").exists() and \
-                json.loads((folder / "latest.json").read_text())["checkpoint"] == name:
-            return  # this step's state is saved (it is a function of the step): never replace it
-        if self.layout.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        torch.distributed.barrier()
-        dist_checkpointing.save(self._state(loading=False), str(staging))
-        torch.distributed.barrier()
-        checksums = self._checksums(staging)
-        if self.layout.is_main:
-            write_json(staging / CHECKSUMS, checksums)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-            write_json(folder / "latest.json", {"checkpoint": name, "step": self.step})
-            kept = sorted(p for p in folder.glob("step-*") if p.is_dir())
-            for old in kept[: -int(self.d.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
-        torch.distributed.barrier()
-
-    def _checksums(self, folder: Path) -> dict:
-        """sha256 of every file of a training checkpoint, the files split over the ranks."""
-        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-        mine = {name: sha256_file(folder / name) for name in names[self.layout.rank::self.layout.world_size]}
-        every: list = [None] * self.layout.world_size
-        torch.distributed.all_gather_object(every, mine)
-        return {name: digest for part in every for name, digest in part.items()}
-
-    def _verify(self, folder: Path) -> None:
-        """Refuse, by name, a training checkpoint whose files do not match their checksums."""
-        listed = folder / CHECKSUMS
-        if not listed.exists():  # written before checksums were: nothing to compare against
-            return
-        expected = json.loads(listed.read_text())
-        names = sorted(expected)[self.layout.rank::self.layout.world_size]
-        bad = [n for n in names if not (folder / n).exists() or sha256_file(folder / n) != expected[n]]
-        every: list = [None] * self.layout.world_size
-        torch.distributed.all_gather_object(every, bad)
-        bad = sorted(n for part in every for n in part)
-        require(not bad, f"training checkpoint {folder} is corrupted ({', '.join(bad[:3])} does not match "
-                f"its checksum); remove that folder (rm -r {folder}) and rerun: training resumes from "
-                "the newest checkpoint left", f"{self.plan.section}.output")
-
-    def load(self, folder: Path) -> bool:
-        """Resume from ``folder``'s latest checkpoint; False when there is none."""
-        from megatron.core import dist_checkpointing
-
-        latest = folder / "latest.json"
-        if not latest.exists():
-            return False
-        name = json.loads(latest.read_text())["checkpoint"]
-        if not (folder / name).is_dir():  # removed by hand (e.g. corrupted): the newest one left
-            kept = sorted(p.name for p in folder.glob("step-*") if p.is_dir())
-            require(kept, f"{latest} names {name}, which is gone, and no other checkpoint is left; "
-                    "remove the folder to start over", f"{self.plan.section}.output")
-            name = kept[-1]
-        self._verify(folder / name)
-        self._prime_torch_adam_state()
-        request = self._state(loading=True)
-        saved_world = dist_checkpointing.load_common_state_dict(str(folder / name)).get("world_size")
-        if saved_world != self.layout.world_size:  # resharded: the saved ranks' random states do not map
-            del request["rng"]
-            if self.layout.is_main:
-                print(f"[{self.plan.section}] resuming on {self.layout.world_size} processes (saved on "
-                      f"{saved_world}): random states start fresh", flush=True)
-        state = dist_checkpointing.load(request, str(folder / name))
-        with torch.no_grad():  # copies into parameters and their optimizer shards, not differentiable
-            result = self.model.module.load_state_dict(state["model"], strict=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-        missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
-        require(not missing and not result.unexpected_keys, f"training checkpoint {folder / name} does not "
-                f"fit the model: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}",
-                f"{self.plan.section}.output")
-        self._restore_adam_steps(state["adam_steps"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        if "rng" in state:
-            self._set_rng_state(state["rng"])
-        return True
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-class Logger:
-    """Console progress lines, ``metrics.jsonl`` and TensorBoard (main rank only)."""
-
-    def __init__(self, folder: Path, enabled: bool, resume_step: int, total_steps: int, tokens_per_step: int,
-                 tag: str = "distill"):
-        self.tag = tag
-        self.enabled, self.total, self.tokens_per_step = enabled, total_steps, tokens_per_step
-        self.path = folder / "metrics.jsonl"
-        self.writer = None
-        self.started, self.start_step = time.perf_counter(), resume_step
-        if not enabled:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop lines past the checkpoint we resumed from
-            lines = [line for line in self.path.read_text().splitlines()
-                     if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in lines))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1)
-        except ImportError:  # tensorboard is optional
-            self.writer = None
-
-    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, "kind": kind, **metrics}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
-            self.writer.flush()
-
-    def progress(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.started
-        done = step - self.start_step
-        rate = done * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) * elapsed / done if done else 0.0
-        print(f"[{self.tag}] step {step}/{self.total} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
-              f"ce {metrics['ce']:.4f} lr {metrics['lr']:.2e} {rate:,.0f} tokens/s "
-              f"data wait {metrics.get('data_wait_s', 0.0):.3f} s ETA {eta / 60:.1f} min", flush=True)
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -626,7 +414,7 @@ def run(cfg, section: str = "distill") -> dict:
         if done:  # rerun: drop the finished model's manifest first
             (output / "manifest.json").unlink()
     torch.distributed.barrier()
-    resumed = trainer.load(checkpoints)
+    resumed = trainer.checkpoints.load()
     if resumed and layout.is_main:
         print(f"[{section}] resuming from step {trainer.step} ({checkpoints})", flush=True)
     logger = Logger(train_folder, layout.is_main, trainer.step, plan.steps,
@@ -653,10 +441,10 @@ def run(cfg, section: str = "distill") -> dict:
             if layout.is_main:
                 print(f"[{section}] step {step} {_format(result)}", flush=True)
         if save_interval and step % save_interval == 0 and step < plan.steps:
-            trainer.save(checkpoints)
+            trainer.checkpoints.save()
         if step < plan.steps and preemption.requested():
             if not save_interval or step % save_interval:
-                trainer.save(checkpoints)
+                trainer.checkpoints.save()
             if layout.is_main:
                 print(f"[{section}] preempted: checkpoint at step {step}; exiting for requeue", flush=True)
             torch.distributed.barrier()
@@ -665,7 +453,7 @@ def run(cfg, section: str = "distill") -> dict:
     if trainer.batches is not None:
         trainer.batches.close()
     final = trainer.evaluate()
-    trainer.save(checkpoints)
+    trainer.checkpoints.save()
     _write_final_model(trainer, plan, output, layout)
     manifest = {"stage": section, "inputs": plan.inputs, "teacher": plan.teacher_kind,
                 "steps": plan.steps, "tokens": plan.steps * plan.global_batch * plan.sequence_length,

@@ -6,7 +6,6 @@ check each rank draws what it drew before (launched by torchrun).
 
 import random
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -14,7 +13,7 @@ from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 
 from pipelines import runtime
-from pipelines.distill import Trainer
+from pipelines.train_checkpoint import rng_state, set_rng_state
 
 
 def draws() -> list[float]:
@@ -24,7 +23,6 @@ def draws() -> list[float]:
 def main() -> None:  # under a main guard: the checkpoint writer's helper process imports this file
     folder = sys.argv[1]
     layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
-    trainer = SimpleNamespace(layout=layout)  # the two methods read only the layout
     torch.manual_seed(100 + layout.rank)
     np.random.seed(200 + layout.rank)
     random.seed(300 + layout.rank)
@@ -33,13 +31,13 @@ def main() -> None:  # under a main guard: the checkpoint writer's helper proces
 
         os.makedirs(folder, exist_ok=True)
     torch.distributed.barrier()
-    dist_checkpointing.save({"rng": Trainer._rng_state(trainer)}, folder)
+    dist_checkpointing.save({"rng": rng_state(layout)}, folder)
     expected = draws()
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
-    state = dist_checkpointing.load({"rng": Trainer._rng_state(trainer)}, folder)
-    Trainer._set_rng_state(trainer, state["rng"])
+    state = dist_checkpointing.load({"rng": rng_state(layout)}, folder)
+    set_rng_state(state["rng"])
     got = draws()
     assert got == expected, (layout.rank, got, expected)
     print(f"rank {layout.rank}: restored its own random state, first draw {got[0]:.6f}", flush=True)
