@@ -4,6 +4,7 @@ check each rank draws what it drew before (launched by torchrun).
     python -m torch.distributed.run --nproc-per-node=2 tests/helpers/rng_resume.py FOLDER
 """
 
+import os
 import random
 import sys
 
@@ -27,8 +28,6 @@ def main() -> None:  # under a main guard: the checkpoint writer's helper proces
     np.random.seed(200 + layout.rank)
     random.seed(300 + layout.rank)
     if layout.is_main:
-        import os
-
         os.makedirs(folder, exist_ok=True)
     torch.distributed.barrier()
     dist_checkpointing.save({"rng": rng_state(layout)}, folder)
@@ -40,6 +39,9 @@ def main() -> None:  # under a main guard: the checkpoint writer's helper proces
     set_rng_state(state["rng"])
     got = draws()
     assert got == expected, (layout.rank, got, expected)
+    # a file per rank: two ranks' lines on one stdout pipe can interleave
+    with open(os.path.join(folder, f"restored-{layout.rank}.txt"), "w") as handle:
+        handle.write(f"{got[0]:.6f}\n")
     print(f"rank {layout.rank}: restored its own random state, first draw {got[0]:.6f}", flush=True)
     runtime.shutdown()
 
