@@ -136,19 +136,16 @@ class _Vocab:
     def gather_scaled(self, logits: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor):
         """log q at global ``ids`` ([n, k], float32) on every rank, from the raw logits and the
         normaliser of :meth:`softmax`; also the local index and the mask of ids this rank holds."""
-        local = ids - self.start
-        mine = (local >= 0) & (local < self.local_size)
-        local = local.clamp(0, self.local_size - 1)
-        picked = logits.gather(-1, local).float() / temperature - lse[:, None]
-        picked = torch.where(mine, picked, torch.zeros((), dtype=picked.dtype))
-        return self.sum(picked), local, mine
+        picked, local, mine = self.gather(logits, ids)  # one rank holds each id: the sum is exact
+        return picked.float() / temperature - lse[:, None], local, mine
 
-    def gather(self, log_q: torch.Tensor, ids: torch.Tensor):
-        """``log_q`` at global ``ids`` ([n, k]) on every rank; also the local index and mask."""
+    def gather(self, values: torch.Tensor, ids: torch.Tensor):
+        """``values [n, V/tp]`` (e.g. log q) at global ``ids`` ([n, k]) on every rank; also the
+        local index and the mask of ids this rank holds."""
         local = ids - self.start
         mine = (local >= 0) & (local < self.local_size)
         local = local.clamp(0, self.local_size - 1)
-        picked = torch.where(mine, log_q.gather(-1, local), torch.zeros((), dtype=log_q.dtype))
+        picked = torch.where(mine, values.gather(-1, local), torch.zeros((), dtype=values.dtype))
         return self.sum(picked), local, mine
 
 
