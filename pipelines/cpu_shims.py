@@ -136,35 +136,28 @@ def apply(force: bool = False) -> list[str]:
     import torch.distributed as dist
 
     original_all_gather = dist.all_gather_into_tensor
+    original_reduce_scatter = dist.reduce_scatter_tensor
 
     def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
         if input_tensor.dim() == 0:
             input_tensor = input_tensor.reshape(1)
+        if dist.get_world_size(group) == 1:
+            return _one_rank(output_tensor, input_tensor, async_op)
         return original_all_gather(output_tensor, input_tensor, group=group, async_op=async_op)
-
-    dist.all_gather_into_tensor = all_gather_into_tensor
-
-    original_reduce_scatter = dist.reduce_scatter_tensor
 
     def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
         if dist.get_world_size(group) == 1:
             return _one_rank(output, input, async_op)
         return original_reduce_scatter(output, input, op=op, group=group, async_op=async_op)
 
-    def gather_one_rank_local(output_tensor, input_tensor, group=None, async_op=False):
-        if dist.get_world_size(group) == 1:
-            return _one_rank(output_tensor, input_tensor.reshape(-1) if input_tensor.dim() == 0 else input_tensor,
-                             async_op)
-        return all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
-
+    dist.all_gather_into_tensor = all_gather_into_tensor
     dist.reduce_scatter_tensor = reduce_scatter_tensor
-    dist.all_gather_into_tensor = gather_one_rank_local
     # megatron's DDP binds the two at import: the distributed optimizer's reduce-scatter of the
     # gradient buffer and all-gather of the parameters, whole-model copies through gloo at dp=1
     from megatron.core.distributed import param_and_grad_buffer
 
     param_and_grad_buffer.dist_reduce_scatter_func = reduce_scatter_tensor
-    param_and_grad_buffer.dist_all_gather_func = gather_one_rank_local
+    param_and_grad_buffer.dist_all_gather_func = all_gather_into_tensor
 
     def no_cuda_rng_state(device="cuda"):
         return torch.empty(0, dtype=torch.uint8)
