@@ -120,11 +120,11 @@ def real_slice(folder: Path, data: Path) -> dict:
               "predicted_parts_gb": {k: v / 1e9 for k, v in estimate.parts.items()},
               "prediction_error": abs(estimate.total - peak) / peak, "dtype": str(trainer.dtype),
               "transformer_engine": fused}
-    result["logits"] = _slice_logits(trainer, arch, fused)
+    result["logits"] = _slice_logits(trainer, arch)
     return result
 
 
-def _slice_logits(trainer, arch: dict, fused: bool) -> dict:
+def _slice_logits(trainer, arch: dict) -> dict:
     """The logits stage's forward and top-k on the slice (one sequence), peak against the plan."""
     import torch
 
@@ -150,7 +150,7 @@ def _slice_logits(trainer, arch: dict, fused: bool) -> dict:
         times.append(time.perf_counter() - started)
     extra = torch.cuda.max_memory_allocated() - baseline
     estimate = memory_plan.forward(arch, sequence=SLICE_SEQUENCE, batch=1, tensor=1, element_bytes=2,
-                                   fused=fused, chunk_tokens=1024, gpu=False)
+                                   chunk_tokens=1024, gpu=False)
     predicted = estimate.total - estimate.parts["weights"]
     return {"seconds_median": sorted(times)[1], "tokens_per_s": SLICE_SEQUENCE / sorted(times)[1],
             "peak_above_resident_gb": extra / 1e9, "predicted_above_weights_gb": predicted / 1e9,

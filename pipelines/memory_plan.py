@@ -140,7 +140,7 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
     return estimate
 
 
-def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes: int, fused: bool = True,
+def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes: int,
             chunk_tokens: int = 1024, gpu: bool = True, stage: str = "logits", data: int = 1) -> Estimate:
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
@@ -191,17 +191,17 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
         elif stage == "logits":
             estimates.append(forward(teacher, sequence=int(cfg.logits.sequence_length),
                                      batch=int(cfg.logits.batch_size), tensor=tensor, element_bytes=2,
-                                     fused=fused, chunk_tokens=int(cfg.logits.chunk_tokens), stage=stage,
+                                     chunk_tokens=int(cfg.logits.chunk_tokens), stage=stage,
                                      data=data))
         elif stage == "prune":
             estimates.append(forward(teacher, sequence=int(cfg.prune.sequence_length),
                                      batch=int(cfg.prune.batch_size), tensor=tensor, element_bytes=2,
-                                     fused=fused, stage=stage, data=data))
+                                     stage=stage, data=data))
         elif stage == "eval":
             tokens = int(cfg.eval.batch_tokens)
             length = min(int(cfg.eval.max_length), tokens)
             estimates.append(forward(teacher, sequence=length, batch=max(1, tokens // length), tensor=tensor,
-                                     element_bytes=2, fused=fused, stage=stage, data=data))
+                                     element_bytes=2, stage=stage, data=data))
     return estimates
 
 

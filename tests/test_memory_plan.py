@@ -67,6 +67,6 @@ def test_the_plan_matches_the_h200_measurement():
                                  data=1, element_bytes=2, distributed_optimizer=True, fused=False,
                                  chunk_tokens=4096, gpu=False)
     assert abs(train.total / 39.9e9 - 1) < 0.05
-    forward = memory_plan.forward(arch, sequence=8192, batch=1, tensor=1, element_bytes=2, fused=False,
+    forward = memory_plan.forward(arch, sequence=8192, batch=1, tensor=1, element_bytes=2,
                                   chunk_tokens=1024, gpu=False)
     assert abs((forward.total - forward.parts["weights"]) / 3.16e9 - 1) < 0.05
