@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from pipelines.runtime import map_tensors
+
 _DONE = object()
 
 
@@ -43,7 +45,7 @@ class StepBatches:
             for step in range(first, end):
                 batches = build(step)
                 if pin:
-                    batches = _pin(batches)
+                    batches = map_tensors(torch.Tensor.pin_memory, batches)
                 if not self._put((step, batches)):
                     return
         except BaseException as error:  # handed to the loop, which raises it (e.g. a corrupted shard)
@@ -84,14 +86,3 @@ class StepBatches:
                 break
         self._thread.join(timeout=5)
 
-
-def _pin(data):
-    if isinstance(data, torch.Tensor):
-        return data.pin_memory()
-    if isinstance(data, dict):
-        return {key: _pin(value) for key, value in data.items()}
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # NamedTuple
-        return type(data)(*(_pin(value) for value in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_pin(value) for value in data)
-    return data

@@ -60,19 +60,28 @@ class Layout:
         Every stage moves its batches through here, so a batch reaches the model's device by
         construction. On a GPU host tensors are pinned and copied without blocking the host.
         """
-        if isinstance(data, torch.Tensor):
-            if data.device == self.device:
-                return data
-            if self.device.type == "cuda" and data.device.type == "cpu":
-                return data.pin_memory().to(self.device, non_blocking=True)
-            return data.to(self.device)
-        if isinstance(data, dict):
-            return {key: self.place(value) for key, value in data.items()}
-        if isinstance(data, tuple) and hasattr(data, "_fields"):  # NamedTuple
-            return type(data)(*(self.place(value) for value in data))
-        if isinstance(data, (list, tuple)):
-            return type(data)(self.place(value) for value in data)
-        return data
+        return map_tensors(self._place_tensor, data)
+
+    def _place_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == self.device:
+            return tensor
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+
+def map_tensors(function, data):
+    """``function`` applied to every tensor of ``data`` (a tensor, or a dict / NamedTuple / list /
+    tuple of them, nested); anything else is returned as it is."""
+    if isinstance(data, torch.Tensor):
+        return function(data)
+    if isinstance(data, dict):
+        return {key: map_tensors(function, value) for key, value in data.items()}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # NamedTuple
+        return type(data)(*(map_tensors(function, value) for value in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(map_tensors(function, value) for value in data)
+    return data
 
 
 def _first_slurm_host(nodelist: str) -> str:
