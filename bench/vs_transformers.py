@@ -194,7 +194,7 @@ def worker(kind: str, work: Path, overrides: list[str], args) -> dict:
         times.append(time.perf_counter() - started)
     result = {"loop": kind, "times": times}
     if trainer is not None:
-        result["waited_s"] = trainer.batches.waited if hasattr(trainer, "batches") else None
+        result["waited_s"] = trainer.batches.waited
     return result
 
 

@@ -390,7 +390,6 @@ def run(cfg, section: str = "distill") -> dict:
     layout = runtime.initialize(cfg.parallel, seed=int(d.seed))
     preemption.install()
     train_folder = output / "train"
-    checkpoints = train_folder / "checkpoints"
     stamp = train_folder / "inputs.json"
     previous = json.loads(stamp.read_text()) if stamp.exists() else None
     set_aside = bool(previous) and (previous != plan.inputs or bool(cfg.get("force", False)))
@@ -409,14 +408,14 @@ def run(cfg, section: str = "distill") -> dict:
             aside = train_folder.with_name(f"train.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
             os.replace(train_folder, aside)
             print(f"[{section}] the previous training state is kept in {aside}", flush=True)
-        checkpoints.mkdir(parents=True, exist_ok=True)
+        trainer.checkpoints.folder.mkdir(parents=True, exist_ok=True)
         write_json(stamp, plan.inputs)
         if done:  # rerun: drop the finished model's manifest first
             (output / "manifest.json").unlink()
     torch.distributed.barrier()
     resumed = trainer.checkpoints.load()
     if resumed and layout.is_main:
-        print(f"[{section}] resuming from step {trainer.step} ({checkpoints})", flush=True)
+        print(f"[{section}] resuming from step {trainer.step} ({trainer.checkpoints.folder})", flush=True)
     logger = Logger(train_folder, layout.is_main, trainer.step, plan.steps,
                     plan.global_batch * plan.sequence_length, section)
     trainer.prepare_eval()
