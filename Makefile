@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-slow demo pipeline prepare-data import correct prune logits distill eval report export bench bench-quick gpu-check
+.PHONY: help setup test test-slow demo pipeline prepare import correct prune logits distill eval report export bench bench-quick gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -42,7 +42,7 @@ demo: setup  ## the whole tiny pipeline on CPU: data, teacher pre-training, prun
 pipeline: setup  ## every stage in order: prepare, import, correct (if enabled), prune, logits, distill, eval, report, export
 	$(STAGE) pipeline $(OVERRIDES)
 
-prepare-data: setup  ## tokenize the experiment's corpus (data=...)
+prepare: setup  ## tokenize the experiment's corpus (data=...)
 	$(STAGE) prepare $(OVERRIDES)
 
 import: setup  ## import the teacher (run.teacher_hf, or a random model.* teacher for the demo)
@@ -60,8 +60,8 @@ logits: setup  ## cache the teacher's top-k soft labels (shared by all students)
 distill: setup  ## distill each student from the cached logits (or online: ARGS=distill.teacher=online)
 	$(STAGE) distill $(OVERRIDES)
 
-eval: setup  ## MMLU and validation loss of every finished model in the run
-	$(STAGE) eval $(OVERRIDES)
+eval: setup  ## MMLU and validation loss of every finished model in the run, then the report
+	$(STAGE) eval,report $(OVERRIDES)
 
 report: setup  ## write runs/<name>/report.{md,json,png}
 	$(STAGE) report $(OVERRIDES)

@@ -132,7 +132,7 @@ def _mask_args(tokens):
 def prepare(folder: Path, args) -> list[str]:
     from omegaconf import OmegaConf
 
-    from pipelines import convert, teacher_logits
+    from pipelines import convert, stage
     from pipelines.random_hf import write_random_hf
 
     model = OmegaConf.to_container(compose([]).model)
@@ -157,7 +157,7 @@ def prepare(folder: Path, args) -> list[str]:
                  "distill.chunk_tokens=1024", f"logits.teacher={folder / 'teacher'}",
                  f"logits.output={folder / 'cache'}", f"logits.samples={samples}", "logits.k=64",
                  f"logits.samples_per_shard={samples}"]
-    teacher_logits.run(compose(overrides))
+    stage.run("logits", compose(overrides))
     return overrides
 
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from pipelines import checkpoint, runtime
 from pipelines.cli import quiet_known_noise
-from pipelines.evaluate import loglikelihoods, mmlu_requests
+from pipelines.eval import loglikelihoods, mmlu_requests
 from pipelines.model import forward_logits
 
 

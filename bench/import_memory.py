@@ -1,4 +1,4 @@
-"""Peak resident memory of `scripts/import_hf.py` against the checkpoint's size.
+"""Peak resident memory of `scripts/import.py` against the checkpoint's size.
 
     .venv/bin/python bench/import_memory.py [--layers 20] [--keep DIR]
 
@@ -80,8 +80,8 @@ def main() -> None:
         print(f"random Llama: {checkpoint_bytes / 4 / 1e9:.2f}B parameters, "
               f"{checkpoint_bytes / 2**30:.2f} GiB fp32, written in {time.perf_counter() - started:.0f} s")
         started = time.perf_counter()
-        subprocess.run([sys.executable, str(REPO / "scripts/import_hf.py"), f"import_hf.source={source}",
-                        f"import_hf.output={output}", f"hydra.run.dir={tmp}/hydra"], check=True, cwd=REPO)
+        subprocess.run([sys.executable, str(REPO / "scripts/import.py"), f"import.source={source}",
+                        f"import.output={output}", f"hydra.run.dir={tmp}/hydra"], check=True, cwd=REPO)
         seconds = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         print(f"import: {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB, "

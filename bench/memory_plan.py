@@ -84,10 +84,10 @@ def worker(stage: str, overrides: list[str]) -> dict:
         for _ in range(2):
             trainer.train_step()
     else:
-        from pipelines import teacher_logits
+        from pipelines import stage as stages
 
         base = _reset_peak()
-        teacher_logits.run(cfg)
+        stages.run("logits", cfg)
     return {"peak_extra_bytes": _rss("VmHWM") - base}
 
 
@@ -152,7 +152,7 @@ def measure(folder: Path, size, data: str) -> list[tuple[str, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="data/austen", help="prepared token data (make prepare-data)")
+    parser.add_argument("--data", default="data/austen", help="prepared token data (make prepare)")
     parser.add_argument("--quick", action="store_true", help="the smallest size only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -160,12 +160,12 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides))))
         return
-    from pipelines import data as data_lib
+    from pipelines import stage as stages
     from pipelines import launch, memory_plan, validate
     from pipelines.artifacts import read_manifest
 
     if read_manifest(Path(args.data)) is None:  # the demo corpus, tokenized once
-        data_lib.prepare(compose(["experiment=demo", f"data.output={args.data}"]))
+        stages.run("prepare", compose(["experiment=demo", f"data.output={args.data}"]))
     rows = []
     with tempfile.TemporaryDirectory(prefix="memory_plan-") as temporary:
         for size in SIZES[:1] if args.quick else SIZES:

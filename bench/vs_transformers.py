@@ -62,8 +62,7 @@ def prepare(work: Path, args) -> list[str]:
     of our trainer."""
     from omegaconf import OmegaConf
 
-    from pipelines import convert, prune, teacher_logits
-    from pipelines.data import prepare as prepare_data
+    from pipelines import convert, stage
     from pipelines.gguf import gguf_to_hf
 
     data = [f"data.output={REPO / 'data' / 'austen'}"] if args.random else [
@@ -72,7 +71,7 @@ def prepare(work: Path, args) -> list[str]:
     if args.random:  # SmolLM2-135M's shape with random weights, and the demo corpus's own tokenizer
         cfg = compose(data)
         if not (REPO / "data" / "austen" / "manifest.json").exists():
-            prepare_data(cfg)
+            stage.run("prepare", cfg)
         if not (work / "teacher_hf" / "config.json").exists():
             from pipelines.artifacts import read_manifest
             from pipelines.convert import _copy_tokenizer
@@ -98,13 +97,13 @@ def prepare(work: Path, args) -> list[str]:
                  f"logits.samples={samples}", "logits.k=64", "logits.reuse_from=null"]
     cfg = compose(overrides)
     if not Path(str(cfg.data.output), "manifest.json").exists():
-        prepare_data(cfg)
-    prune.run(cfg)
+        stage.run("prepare", cfg)
+    stage.run("prune", cfg)
     convert.export_hf(OmegaConf.create({"source": str(work / "student"), "output": str(work / "student_hf"),
                                         "max_shard_bytes": 4 << 30}))
     fresh = not (work / "cache" / "manifest.json").exists()
     started = time.perf_counter()
-    teacher_logits.run(cfg)
+    stage.run("logits", cfg)
     if fresh:
         seconds = time.perf_counter() - started
         print(f"teacher pass (one time, {samples} samples x {args.sequence_length} tokens, k=64): "

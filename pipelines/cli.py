@@ -1,8 +1,8 @@
 """What every stage script shares: quiet library noise, one-line user errors.
 
-    @hydra.main(config_path="../configs", config_name="import_hf", version_base="1.3")
+    @hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")
     def main(cfg):
-        run_cli(import_hf, cfg)
+        run_stage("prune", cfg)
 """
 
 from __future__ import annotations
@@ -46,3 +46,10 @@ def run_cli(function: Callable[[Any], Any], cfg: Any) -> Any:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def run_stage(name: str, cfg) -> Any:
+    """A stage script's body: run the stage ``name`` (:func:`pipelines.stage.run_all`) on ``cfg``."""
+    from pipelines.stage import run_all
+
+    return run_cli(lambda c: run_all(name, c), cfg)

@@ -1,6 +1,6 @@
 """Import a Hugging Face Llama folder into an engine checkpoint, and export one back.
 
-Used by ``scripts/import_hf.py`` and ``scripts/export_hf.py``. Import streams: tensors are read
+The import and export stages (``scripts/import.py``, ``scripts/export.py``). Import streams: tensors are read
 one at a time (``pipelines.safetensors_stream``) into an uninitialised model, so the peak memory
 is about one copy of the weights (``bench/import_memory.py`` measures it).
 """
@@ -17,9 +17,11 @@ from omegaconf import OmegaConf
 
 from pipelines import checkpoint, hf_llama, runtime
 from pipelines import model as model_lib
-from pipelines.artifacts import read_manifest, sha256_file, staged_folder, write_manifest
-from pipelines.errors import UserError, key_prefix, require
+from pipelines.artifacts import read_manifest, sha256_file
+from pipelines.errors import UserError, require
 from pipelines.safetensors_stream import SafetensorsFolder, write_sharded
+from pipelines import stage
+from pipelines.stage import Stage
 
 SINGLE_PROCESS = OmegaConf.create({"tensor": 1, "pipeline": 1, "context": 1})
 
@@ -28,22 +30,6 @@ def _required_path(cfg, key: str) -> Path:
     value = OmegaConf.select(cfg, key, throw_on_missing=False)
     require(value not in (None, "???", ""), f"{key} is not set", key)
     return Path(str(value)).expanduser()
-
-
-def _check_output(output: Path, inputs: dict) -> bool:
-    """True if ``output`` already holds exactly this result; error if it holds something else."""
-    if not output.exists():
-        return False
-    manifest = read_manifest(output)
-    if manifest is None:
-        require(not any(output.iterdir()), f"output folder {output} exists and is not a "
-                "checkpoint; choose another or remove it", "output")
-        output.rmdir()
-        return False
-    if manifest.get("inputs") != inputs:
-        raise UserError(f"output folder {output} already holds a different checkpoint (made from "
-                        f"{manifest.get('source')}); choose another output or remove it", "output")
-    return True
 
 
 def _copy_tokenizer(source: Path, destination: Path) -> list[str]:
@@ -56,27 +42,61 @@ def _copy_tokenizer(source: Path, destination: Path) -> list[str]:
     return copied
 
 
-def import_hf(cfg) -> dict:
-    """Convert ``cfg.source`` (a Hugging Face Llama folder) into the checkpoint ``cfg.output``."""
-    source, output = _required_path(cfg, "source"), _required_path(cfg, "output")
-    arch = hf_llama.read_config(source, int(cfg.make_vocab_size_divisible_by))
+def _host_runtime(cfg):
+    return runtime.initialize(SINGLE_PROCESS, reuse_freed_memory=False)
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_source(cfg) -> Path:
+    """The Hugging Face folder to import: ``import.source`` (a folder or a Hub id), or a random
+    ``model.*`` teacher (``run.random_teacher``, the demo) with the prepared data's tokenizer,
+    written once to ``run.dir/random_hf`` (the correct stage then pre-trains it)."""
+    from pipelines.random_hf import write_random_hf
+
+    if OmegaConf.select(cfg, "run.random_teacher", default=False):
+        hf = Path(str(cfg.run.dir)) / "random_hf"
+        data_manifest = read_manifest(Path(str(cfg.data.output)))
+        require(data_manifest is not None, f"no prepared data in {cfg.data.output}; run the prepare "
+                "stage (make prepare) first", "data.output")
+        if not (hf / "config.json").exists():
+            write_random_hf(OmegaConf.create({"output": str(hf), "model": OmegaConf.to_container(cfg.model),
+                                              "seed": 0, "dtype": "float32"}))
+            _copy_tokenizer(Path(data_manifest["tokenizer"]), hf)
+        return hf
+    value = OmegaConf.select(cfg, "import.source", throw_on_missing=False)
+    require(value not in (None, "???", ""), "no Hugging Face teacher to import (import.source is not set)",
+            "run.teacher_hf / import.source")
+    source = str(value)
+    if not Path(source).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return Path(hub_snapshot(source))
+    return Path(source).expanduser()
+
+
+def import_inputs(cfg) -> dict:
+    """The source's files by content (checked against its config.json first)."""
+    source = import_source(cfg)
+    arch = hf_llama.read_config(source, int(cfg["import"].make_vocab_size_divisible_by), "import.source")
     model_lib.validate(arch)
-    reader = SafetensorsFolder(source)
+    reader = SafetensorsFolder(source, "import.source")
     missing = sorted(hf_llama.expected_hf_names(arch) - set(reader.keys()))
     require(not missing, f"{source} lacks tensors {missing[:4]}{'...' if len(missing) > 4 else ''}",
-            "source")
+            "import.source")
     hf_rows: dict[str, int] = {}
     for _, _, hf_name, _, rows in hf_llama.placements(arch):
         hf_rows[hf_name] = hf_rows.get(hf_name, 0) + rows
     for hf_name, rows in hf_rows.items():
         require(reader.shape(hf_name)[0] == rows, f"{source}: {hf_name} has shape "
-                f"{reader.shape(hf_name)}, config.json implies {rows} rows", "source")
-    inputs = {path.name: sha256_file(path) for path in [source / "config.json", *reader.files()]}
-    if _check_output(output, inputs):
-        print(f"[import] {output} already holds this checkpoint; nothing to do")
-        return read_manifest(output)
+                f"{reader.shape(hf_name)}, config.json implies {rows} rows", "import.source")
+    return {path.name: sha256_file(path) for path in [source / "config.json", *reader.files()]}
 
-    layout = runtime.initialize(SINGLE_PROCESS, reuse_freed_memory=False)
+
+def import_checkpoint(cfg, layout, staging: Path, inputs: dict) -> dict:
+    """Convert the Hugging Face Llama folder :func:`import_source` into the checkpoint ``staging``."""
+    source = import_source(cfg)
+    arch = hf_llama.read_config(source, int(cfg["import"].make_vocab_size_divisible_by), "import.source")
+    reader = SafetensorsFolder(source)
     dtype = reader.get("model.norm.weight").dtype
     # Built and filled in host memory with the local spec on any node (an 8B model fits; the
     # reader fills host tensors); the checkpoint keys are the TE spec's all the same.
@@ -93,7 +113,7 @@ def import_hf(cfg) -> dict:
             parameter = parameters[name]
             require(tuple(parameter.shape) == shapes[name] and reader.shape(hf_name)[1:] ==
                     list(parameter.shape[1:]), f"{source}: {hf_name} has shape "
-                    f"{reader.shape(hf_name)}, config.json implies {list(shapes[name])}", "source")
+                    f"{reader.shape(hf_name)}, config.json implies {list(shapes[name])}", "import.source")
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 parameter[arch["vocab_size"]:].zero_()  # vocabulary padding
             reader.read_rows(hf_name, hf_row, parameter.data[row:row + rows])
@@ -103,89 +123,47 @@ def import_hf(cfg) -> dict:
 
     hf = json.loads((source / "config.json").read_text())
     token_ids = {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    manifest = {
-        "stage": "import",
-        "source": str(source.resolve()),
-        "inputs": inputs,
-        "config": arch,
-        "dtype": checkpoint.dtype_name(dtype),
-        "parameters": model_lib.count_parameters(arch),
-    }
-    with staged_folder(output, layout.is_main) as staging:
+    fields = {"source": str(source.resolve()), "config": arch, "dtype": checkpoint.dtype_name(dtype),
+              "parameters": model_lib.count_parameters(arch)}
+    if layout.is_main:
         checkpoint.save_weights(model, staging, release_model=True)
         checkpoint.write_architecture(staging, arch, dtype)
         tokenizer = staging / "tokenizer"
-        manifest["tokenizer_files"] = _copy_tokenizer(source, tokenizer)
+        fields["tokenizer_files"] = _copy_tokenizer(source, tokenizer)
         tokenizer.mkdir(exist_ok=True)
         (tokenizer / "special_token_ids.json").write_text(json.dumps(token_ids))
-        manifest["content"] = checkpoint.content_digest(staging)
-        write_manifest(staging, manifest)
-    print(f"[import] {source} -> {output}: {manifest['parameters']:,} parameters, {manifest['dtype']}")
-    return manifest
+        fields["content"] = checkpoint.content_digest(staging)
+    print(f"[import] {source} -> {cfg['import'].output}: {fields['parameters']:,} parameters, {fields['dtype']}")
+    return fields
 
 
-def export_hf(cfg) -> dict:
-    """Write the checkpoint ``cfg.source`` as a Hugging Face Llama folder ``cfg.output``."""
-    source, output = _required_path(cfg, "source"), _required_path(cfg, "output")
-    arch, _ = checkpoint.read_architecture(source)
-    source_manifest = read_manifest(source)
-    inputs = {"checkpoint": str(source.resolve()), "written_at": source_manifest.get("written_at")}
-    if _check_output(output, inputs):
-        print(f"[export] {output} already holds this export; nothing to do")
-        return read_manifest(output)
+# ----------------------------------------------------------------------------- export
 
-    layout = runtime.initialize(SINGLE_PROCESS, reuse_freed_memory=False)
+
+def export_inputs(cfg) -> dict:
+    source = _required_path(cfg, "export.source")
+    checkpoint.read_architecture(source, "export.source")
+    return {"checkpoint": str(source.resolve()), "written_at": read_manifest(source).get("written_at")}
+
+
+def export_checkpoint(cfg, layout, staging: Path, inputs: dict) -> dict:
+    """Write the checkpoint ``export.source`` as a Hugging Face Llama folder ``staging``."""
+    section = cfg["export"]
+    source = _required_path(cfg, "export.source")
     model, arch = checkpoint.load_model(source, layout, host=True)
     dtype = model.embedding.word_embeddings.weight.dtype
     state = model.state_dict()  # the host (local) spec: no TE _extra_state
-
     token_ids_path = source / "tokenizer" / "special_token_ids.json"
     token_ids = json.loads(token_ids_path.read_text()) if token_ids_path.exists() else {}
-    manifest = {
-        "stage": "export",
-        "source": str(source.resolve()),
-        "inputs": inputs,
-        "config": arch,
-        "parameters": model_lib.count_parameters(arch),
-    }
-    with staged_folder(output, layout.is_main) as staging:
-        write_sharded(hf_llama.to_hf(state.__getitem__, arch), staging, int(cfg.max_shard_bytes))
-        hf_config = hf_llama.hf_config(arch, dtype, token_ids.get("bos_token_id"),
-                                       token_ids.get("eos_token_id"))
+    fields = {"source": str(source.resolve()), "config": arch, "parameters": model_lib.count_parameters(arch)}
+    if layout.is_main:
+        write_sharded(hf_llama.to_hf(state.__getitem__, arch), staging, int(section.max_shard_bytes))
+        hf_config = hf_llama.hf_config(arch, dtype, token_ids.get("bos_token_id"), token_ids.get("eos_token_id"))
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
         _copy_tokenizer(source / "tokenizer", staging)
         (staging / "special_token_ids.json").unlink(missing_ok=True)
-        write_manifest(staging, manifest)
-    print(f"[export] {source} -> {output}: {manifest['parameters']:,} parameters")
-    return manifest
-
-
-def import_stage(cfg) -> dict:
-    """The pipeline's import stage: ``cfg.import_hf``, or a random ``cfg.model`` teacher (demo).
-
-    With ``run.random_teacher`` the teacher is a random-initialised Hugging Face Llama of the
-    ``model`` config, with the prepared data's tokenizer (written once to ``run.dir/random_hf``);
-    the correct stage then pre-trains it.
-    """
-    from pipelines.random_hf import write_random_hf
-
-    section = cfg.import_hf
-    if cfg.run.random_teacher:
-        hf = Path(str(cfg.run.dir)) / "random_hf"
-        data_manifest = read_manifest(Path(str(cfg.data.output)))
-        require(data_manifest is not None, f"no prepared data in {cfg.data.output}; run "
-                "scripts/prepare_data.py (make prepare-data) first", "data.output")
-        if not (hf / "config.json").exists():
-            write_random_hf(OmegaConf.create({"output": str(hf), "model": OmegaConf.to_container(cfg.model),
-                                              "seed": 0, "dtype": "float32"}))
-            _copy_tokenizer(Path(data_manifest["tokenizer"]), hf)
-        section = OmegaConf.merge(section, {"source": str(hf)})
-    require(section.source is not None, "no Hugging Face teacher to import", "run.teacher_hf")
-    source = str(section.source)
-    if not Path(source).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        section = OmegaConf.merge(section, {"source": hub_snapshot(source)})
-    with key_prefix("import_hf"):
-        return import_hf(section)
+    print(f"[export] {source} -> {section.output}: {fields['parameters']:,} parameters")
+    return fields
 
 
 def hub_snapshot(repo_id: str) -> str:
@@ -197,10 +175,22 @@ def hub_snapshot(repo_id: str) -> str:
     except Exception as error:  # offline, gated, missing: say which key to change
         raise UserError(f"{repo_id!r} is not a local folder and the Hugging Face Hub did not provide it "
                         f"({type(error).__name__}); download it and point at the folder",
-                        "import_hf.source") from None
+                        "import.source") from None
 
 
-def export_stage(cfg) -> dict:
-    """The pipeline's export stage: ``cfg.export_hf``."""
-    with key_prefix("export_hf"):
-        return export_hf(cfg.export_hf)
+# Output folders named by hand are never replaced by another result (replaces=False).
+IMPORT = Stage(name="import", output=lambda cfg: _required_path(cfg, "import.output"), inputs=import_inputs,
+               run=import_checkpoint, runtime=_host_runtime, replaces=False)
+EXPORT = Stage(name="export", output=lambda cfg: _required_path(cfg, "export.output"), inputs=export_inputs,
+               run=export_checkpoint, runtime=_host_runtime, replaces=False, per_student=True)
+
+
+def import_hf(section, force: bool = False) -> dict:
+    """The import stage on its own: ``section`` holds ``source``, ``output`` and
+    ``make_vocab_size_divisible_by`` (tests, benchmarks, gpu-check)."""
+    return stage.run(IMPORT, OmegaConf.create({"import": section, "force": force}))
+
+
+def export_hf(section, force: bool = False) -> dict:
+    """The export stage on its own: ``section`` holds ``source``, ``output`` and ``max_shard_bytes``."""
+    return stage.run(EXPORT, OmegaConf.create({"export": section, "force": force}))

@@ -1,4 +1,4 @@
-"""Corpora, tokenizers and tokenized datasets (``scripts/prepare_data.py``).
+"""Corpora, tokenizers and tokenized datasets: the prepare stage (``scripts/prepare.py``).
 
 A corpus (Jane Austen's novels from Debian's ``r-cran-janeaustenr``, plain text or JSONL files,
 or a Hugging Face ``datasets`` dataset) is split into documents, tokenized by worker processes
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.artifacts import config_hash, read_manifest, staged_folder, write_manifest
+from pipelines.artifacts import config_hash
 from pipelines.errors import UserError, require
+from pipelines.stage import Stage
 
 AUSTEN_RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 
@@ -142,51 +143,44 @@ def _is_valid(document: str, valid_fraction: float) -> bool:
     return digest / 2**64 < valid_fraction
 
 
-def prepare(cfg) -> dict:
-    """Tokenize ``cfg.data`` into ``cfg.data.output`` (train/valid indexed datasets)."""
+def prepare_inputs(cfg) -> dict:
+    return {"data": config_hash(dict(cfg.data)), "tokenizer": str(cfg.data.tokenizer)}
+
+
+def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
+    """Tokenize ``cfg.data`` into ``staging`` (train/valid indexed datasets); the manifest's fields."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
     data_cfg = cfg.data
     output = Path(str(data_cfg.output))
-    cache = Path(str(cfg.paths.data)) / "cache"
-    inputs = {"data": config_hash(dict(data_cfg)), "tokenizer": str(data_cfg.tokenizer)}
-    manifest = read_manifest(output) if output.exists() else None
-    if manifest and manifest.get("inputs") == inputs:
-        print(f"[prepare_data] {output} is up to date; nothing to do")
-        return manifest
-    documents = read_documents(data_cfg, cache)
+    documents = read_documents(data_cfg, Path(str(cfg.paths.data)) / "cache")
     require(len(documents) > 1, "the corpus has fewer than 2 documents", "data.source")
     tokenizer_dir = Path(str(data_cfg.tokenizer))
-    with staged_folder(output) as staging:
-        if data_cfg.train_tokenizer_vocab:
-            tokenizer_dir = train_tokenizer(documents, int(data_cfg.train_tokenizer_vocab),
-                                            staging / "tokenizer")
-        require((tokenizer_dir / "tokenizer_config.json").exists() or
-                (tokenizer_dir / "tokenizer.json").exists(),
-                f"no tokenizer in {tokenizer_dir}", "data.tokenizer")
-        builders = {split: IndexedDatasetBuilder(str(staging / f"{split}.bin"), dtype=np.int32)
-                    for split in ("train", "valid")}
-        counts = {"train": [0, 0], "valid": [0, 0]}
-        with Pool(int(data_cfg.workers), _init_worker, (str(tokenizer_dir),)) as pool:
-            encoded = pool.imap(_encode, documents, chunksize=16)
-            for document, ids in tqdm(zip(documents, encoded), total=len(documents),
-                                      desc="[prepare_data] tokenizing", mininterval=2):
-                split = "valid" if _is_valid(document, float(data_cfg.valid_fraction)) else "train"
-                builders[split].add_item(torch.from_numpy(ids))
-                builders[split].end_document()
-                counts[split][0] += 1
-                counts[split][1] += len(ids)
-        for split, builder in builders.items():
-            require(counts[split][0] > 0, f"the {split} split is empty", "data.valid_fraction")
-            builder.finalize(str(staging / f"{split}.idx"))
-        final_tokenizer = output / "tokenizer" if data_cfg.train_tokenizer_vocab else tokenizer_dir
-        manifest = {"stage": "prepare_data", "inputs": inputs, "tokenizer": str(final_tokenizer),
-                    "documents": {s: c[0] for s, c in counts.items()},
-                    "tokens": {s: c[1] for s, c in counts.items()}}
-        write_manifest(staging, manifest)
-    print(f"[prepare_data] {output}: tokens {manifest['tokens']}, documents {manifest['documents']}")
-    return manifest
+    if data_cfg.train_tokenizer_vocab:
+        tokenizer_dir = train_tokenizer(documents, int(data_cfg.train_tokenizer_vocab), staging / "tokenizer")
+    require((tokenizer_dir / "tokenizer_config.json").exists() or (tokenizer_dir / "tokenizer.json").exists(),
+            f"no tokenizer in {tokenizer_dir}", "data.tokenizer")
+    builders = {split: IndexedDatasetBuilder(str(staging / f"{split}.bin"), dtype=np.int32)
+                for split in ("train", "valid")}
+    counts = {"train": [0, 0], "valid": [0, 0]}
+    with Pool(int(data_cfg.workers), _init_worker, (str(tokenizer_dir),)) as pool:
+        encoded = pool.imap(_encode, documents, chunksize=16)
+        for document, ids in tqdm(zip(documents, encoded), total=len(documents),
+                                  desc="[prepare] tokenizing", mininterval=2):
+            split = "valid" if _is_valid(document, float(data_cfg.valid_fraction)) else "train"
+            builders[split].add_item(torch.from_numpy(ids))
+            builders[split].end_document()
+            counts[split][0] += 1
+            counts[split][1] += len(ids)
+    for split, builder in builders.items():
+        require(counts[split][0] > 0, f"the {split} split is empty", "data.valid_fraction")
+        builder.finalize(str(staging / f"{split}.idx"))
+    final_tokenizer = output / "tokenizer" if data_cfg.train_tokenizer_vocab else tokenizer_dir
+    fields = {"tokenizer": str(final_tokenizer), "documents": {s: c[0] for s, c in counts.items()},
+              "tokens": {s: c[1] for s, c in counts.items()}}
+    print(f"[prepare] {output}: tokens {fields['tokens']}, documents {fields['documents']}")
+    return fields
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -199,7 +193,7 @@ class TokenWindows(torch.utils.data.Dataset):
     def __init__(self, folder: Path, split: str, sequence_length: int):
         prefix = Path(folder) / split
         require(Path(str(prefix) + ".bin").exists(), f"no tokenized {split} split in {folder}; "
-                "run scripts/prepare_data.py first", "data.output")
+                "run the prepare stage first (make prepare)", "data.output")
         self.tokens = np.memmap(str(prefix) + ".bin", dtype=np.int32, mode="r")
         self.sequence_length = sequence_length
         self.count = (len(self.tokens) - 1) // sequence_length
@@ -219,3 +213,13 @@ class TokenWindows(torch.utils.data.Dataset):
         total = min(self.count, limit or self.count)
         for start in range(0, total, batch_size):
             yield torch.stack([self[i] for i in range(start, min(start + batch_size, total))])
+
+
+def checks(cfg, arch, layout) -> None:
+    from pipelines.validate import data_ranges
+
+    data_ranges(cfg.data)
+
+
+STAGE = Stage(name="prepare", output=lambda cfg: Path(str(cfg.data.output)), inputs=prepare_inputs, run=prepare,
+              checks=checks, runtime=None)

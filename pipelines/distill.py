@@ -25,7 +25,6 @@ renamed, and ``latest`` is switched after, so the last good checkpoint is never 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -35,14 +34,15 @@ from pathlib import Path
 import torch
 
 from pipelines import checkpoint, preemption, runtime
-from pipelines.artifacts import read_manifest, sha256_file, write_json, write_manifest
+from pipelines.artifacts import read_manifest, sha256_file
 from pipelines.data import TokenWindows
-from pipelines.errors import UserError, require
+from pipelines.errors import require
 from pipelines.kd_loss import TopK, distill_loss, teacher_topk
 from pipelines.logits_cache import LogitsCache
 from pipelines.metrics_log import Logger
 from pipelines.model import causal_mask, count_parameters, padded_vocab_size, position_ids
 from pipelines.prefetch import StepBatches
+from pipelines.stage import Resume, Stage
 from pipelines.train_checkpoint import TrainingCheckpoints
 
 # Keys that do not change the trained weights: changing one never restarts or blocks a resume
@@ -61,7 +61,8 @@ def tokenizer_hash(folder: Path) -> str | None:
 
 
 class Plan:
-    """Everything checked before any compute: paths, sizes, teacher compatibility."""
+    """What a training stage reads, checked before any compute: paths, sizes, the teacher's
+    compatibility; its ``inputs`` decide whether the stage is up to date."""
 
     def __init__(self, cfg, data_parallel: int, section: str = "distill"):
         d = cfg[section]
@@ -74,22 +75,11 @@ class Plan:
         self.data = Path(str(cfg.data.output))
         data_inputs = (read_manifest(self.data) or {}).get("inputs")
         self.teacher_kind = str(d.teacher)
-        from pipelines.validate import training_ranges
-
-        training_ranges(d, section)  # the same rules validate.check applies to the experiment
         self.kd_weight = float(d.kd_weight)
-        require((self.teacher_kind == "none") == (self.kd_weight == 0.0),
-                f"{section}.teacher={self.teacher_kind} with kd_weight={self.kd_weight}: a teacher "
-                "needs kd_weight > 0 and kd_weight 0 needs distill.teacher=none",
-                f"{self.section}.kd_weight / {self.section}.teacher")
         self.sequence_length = int(d.sequence_length)
         self.global_batch, self.micro_batch = int(d.global_batch_size), int(d.micro_batch_size)
-        per_step = self.micro_batch * data_parallel
-        require(self.global_batch % per_step == 0,
-                f"global batch {self.global_batch} is not divisible by micro batch "
-                f"{self.micro_batch} x data-parallel size {data_parallel}",
-                f"{self.section}.global_batch_size / {self.section}.micro_batch_size")
-        self.microbatches = self.global_batch // per_step
+        # divisible: checks() stops the stage before any compute otherwise
+        self.microbatches = max(1, self.global_batch // (self.micro_batch * data_parallel))
         self.steps = int(d.train_steps)
         self.windows = TokenWindows(self.data, "train", self.sequence_length)
         self.valid = TokenWindows(self.data, "valid", self.sequence_length)
@@ -376,43 +366,23 @@ class Trainer:
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(cfg, section: str = "distill") -> dict:
-    """Train ``cfg[section]`` (``distill``, or ``correct`` for teacher correction)."""
-    d = cfg[section]
-    output = Path(str(d.output))
+def _plan(cfg, section: str) -> Plan:
     world = runtime.launch_world_size()
     model_parallel = int(cfg.parallel.tensor) * int(cfg.parallel.pipeline) * int(cfg.parallel.get("context", 1))
-    plan = Plan(cfg, max(1, world // model_parallel), section)
-    done = read_manifest(output) if output.exists() else None
-    if done and done.get("inputs") == plan.inputs and not cfg.get("force", False):
-        print(f"[{section}] {output} is up to date; skipping (force=true reruns)")
-        return done
-    layout = runtime.initialize(cfg.parallel, seed=int(d.seed))
+    return Plan(cfg, max(1, world // model_parallel), section)
+
+
+def run(cfg, layout, output: Path, inputs: dict, section: str = "distill") -> dict:
+    """Train ``cfg[section]`` (``distill``, or ``correct`` for teacher correction) in ``output``,
+    resuming from its latest training checkpoint; returns the manifest's fields."""
+    d = cfg[section]
+    plan = _plan(cfg, section)
     preemption.install()
-    train_folder = output / "train"
-    stamp = train_folder / "inputs.json"
-    previous = json.loads(stamp.read_text()) if stamp.exists() else None
-    set_aside = bool(previous) and (previous != plan.inputs or bool(cfg.get("force", False)))
-    if set_aside and not done and not cfg.get("force", False):
-        # an unfinished run with other settings: resuming would mix them, starting over would
-        # throw its state away; the user decides (every rank reads the same stamp)
-        changed = changed_inputs(previous, plan.inputs)
-        key = next((f"{section}.{c}" for c in changed if c in plan.inputs["settings"]), "FORCE")
-        raise UserError(f"the unfinished training state in {train_folder} was written with other "
-                        f"settings ({', '.join(changed)} changed); put them back to resume it, or rerun "
-                        "with force=true (FORCE=1) to start over: the old state is moved aside, not deleted",
-                        key)
     trainer = Trainer(plan, layout)
     if layout.is_main:
-        if set_aside:  # a finished run redone, or force: keep the old state beside the new one
-            aside = train_folder.with_name(f"train.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            os.replace(train_folder, aside)
-            print(f"[{section}] the previous training state is kept in {aside}", flush=True)
         trainer.checkpoints.folder.mkdir(parents=True, exist_ok=True)
-        write_json(stamp, plan.inputs)
-        if done:  # rerun: drop the finished model's manifest first
-            (output / "manifest.json").unlink()
     torch.distributed.barrier()
+    train_folder = output / "train"
     resumed = trainer.checkpoints.load()
     if resumed and layout.is_main:
         print(f"[{section}] resuming from step {trainer.step} ({trainer.checkpoints.folder})", flush=True)
@@ -454,24 +424,14 @@ def run(cfg, section: str = "distill") -> dict:
     final = trainer.evaluate()
     trainer.checkpoints.save()
     _write_final_model(trainer, plan, output, layout)
-    manifest = {"stage": section, "inputs": plan.inputs, "teacher": plan.teacher_kind,
-                "steps": plan.steps, "tokens": plan.steps * plan.global_batch * plan.sequence_length,
-                "final": {**{k: v for k, v in metrics.items() if k != "skipped"}, **final},
-                "train_seconds_this_run": seconds,
-                "parameters": count_parameters(plan.arch)}
+    fields = {"teacher": plan.teacher_kind, "steps": plan.steps,
+              "tokens": plan.steps * plan.global_batch * plan.sequence_length,
+              "final": {**{k: v for k, v in metrics.items() if k != "skipped"}, **final},
+              "train_seconds_this_run": seconds, "parameters": count_parameters(plan.arch)}
     if layout.is_main:
-        write_manifest(output, {**manifest, "content": checkpoint.content_digest(output)})
+        fields["content"] = checkpoint.content_digest(output)
         print(f"[{section}] {output}: {_format(final)}", flush=True)
-    torch.distributed.barrier()
-    return manifest
-
-
-def changed_inputs(previous: dict, current: dict) -> list[str]:
-    """Names of what differs between two stamps: settings by key, other inputs by name."""
-    changed = [key for key in current if key != "settings" and previous.get(key) != current.get(key)]
-    old, new = previous.get("settings", {}), current.get("settings", {})
-    changed += [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-    return changed
+    return fields
 
 
 def _format(metrics: dict) -> str:
@@ -497,3 +457,27 @@ def _write_final_model(trainer: Trainer, plan: Plan, output: Path, layout) -> No
             shutil.copytree(plan.student / "tokenizer", output / "tokenizer")
     torch.distributed.barrier()
 
+
+
+def training_stage(section: str) -> Stage:
+    """``distill``, or ``correct`` (the same loop on the teacher, no teacher of its own).
+
+    Resumable: the training checkpoints survive a crash or a requeue. An unfinished run stamped
+    with other settings stops naming them (resuming would mix them, starting over would throw
+    the state away); ``force=true`` starts over with the old folder moved aside, never deleted.
+    """
+    def checks(cfg, arch, layout) -> None:
+        from pipelines.validate import training_rules
+
+        training_rules(cfg, section, layout)
+
+    return Stage(name=section, output=lambda cfg: Path(str(cfg[section].output)),
+                 inputs=lambda cfg: _plan(cfg, section).inputs,
+                 run=lambda cfg, layout, output, inputs: run(cfg, layout, output, inputs, section),
+                 checks=checks, runtime=lambda cfg: runtime.initialize(cfg.parallel, seed=int(cfg[section].seed)),
+                 resume=Resume(on_change="refuse", stamp="train/inputs.json"),
+                 per_student=section == "distill", distributed=True)
+
+
+STAGE = training_stage("distill")
+CORRECT = training_stage("correct")

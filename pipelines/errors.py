@@ -19,19 +19,3 @@ def require(condition: bool, message: str, key: str | None = None) -> None:
     """Raise :class:`UserError` unless ``condition`` holds."""
     if not condition:
         raise UserError(message, key)
-
-
-class key_prefix:
-    """Context manager: errors naming a bare key (``source``) name it inside ``prefix`` instead."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, UserError) and error.key and "." not in error.key and " " not in error.key:
-            message = str(error).removesuffix(f" (fix: {error.key})")
-            raise UserError(message, f"{self.prefix}.{error.key}") from None
-        return False

@@ -26,20 +26,20 @@ TOKENIZER_FILES = (
 )
 
 
-def read_config(folder: Path, make_vocab_size_divisible_by: int = 128) -> dict:
-    """The megatron architecture of a Hugging Face Llama folder, validated."""
-    require(folder.is_dir(), f"{folder} is not a folder", "source")
+def read_config(folder: Path, make_vocab_size_divisible_by: int = 128, key: str = "import.source") -> dict:
+    """The megatron architecture of a Hugging Face Llama folder, validated (``key`` named it)."""
+    require(folder.is_dir(), f"{folder} is not a folder", key)
     config_path = folder / "config.json"
     require(config_path.exists(), f"{folder} has no config.json (not a Hugging Face model folder)",
-            "source")
+            key)
     hf = json.loads(config_path.read_text())
     model_type = hf.get("model_type")
     require(model_type in SUPPORTED_MODEL_TYPES, f"{config_path}: model_type {model_type!r} is not "
-            f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})", "source")
+            f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})", key)
     require(hf.get("hidden_act", "silu") == "silu", f"{config_path}: hidden_act "
-            f"{hf.get('hidden_act')!r} is not supported (only silu)", "source")
+            f"{hf.get('hidden_act')!r} is not supported (only silu)", key)
     require(not hf.get("attention_bias", False) and not hf.get("mlp_bias", False),
-            f"{config_path}: biases in attention or MLP are not supported", "source")
+            f"{config_path}: biases in attention or MLP are not supported", key)
     heads = hf["num_attention_heads"]
     scaling = hf.get("rope_scaling")
     rope_theta = hf.get("rope_theta")
@@ -59,7 +59,7 @@ def read_config(folder: Path, make_vocab_size_divisible_by: int = 128) -> dict:
             }
         elif kind not in (None, "default"):
             raise UserError(f"{config_path}: rope_scaling type {kind!r} is not supported "
-                            "(supported: llama3, default)", "source")
+                            "(supported: llama3, default)", key)
     return {
         "num_layers": hf["num_hidden_layers"],
         "hidden_size": hf["hidden_size"],

@@ -1,7 +1,8 @@
 """Run stages here or submit them to SLURM (``scripts/stage.py``, behind every ``make`` target).
 
-A stage is one or more script invocations: per-student stages (``prune``, ``distill``,
-``export``) run once per ``run.students`` entry with ``prune=<student>``. Locally, stages that
+A stage (:class:`pipelines.stage.Stage`, by name) is one or more runs of ``scripts/<name>.py``:
+per-student stages (``prune``, ``distill``, ``export``) run once per ``run.students`` entry with
+``prune=<student>``. Locally, stages that
 use the parallel runtime run under ``torchrun`` when ``cluster.processes`` > 1. On SLURM
 (``cluster=slurm``) each stage is one ``sbatch`` job whose steps ``srun`` one task per GPU (the
 runtime reads SLURM's environment); ``pipeline`` submits every stage at once, chained with
@@ -24,27 +25,21 @@ from pathlib import Path
 
 from pipelines.errors import UserError, require
 from pipelines.preemption import REQUEUE_EXIT
+from pipelines.stage import get, registry
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"prepare": "prepare_data.py", "import": "import_hf.py", "correct": "correct.py",
-           "prune": "prune.py", "logits": "teacher_logits.py", "distill": "distill.py",
-           "eval": "evaluate.py", "report": "report.py", "export": "export_hf.py"}
-STAGES = tuple(SCRIPTS)
-PER_STUDENT = {"prune", "distill", "export"}
-DISTRIBUTED = {"correct", "prune", "logits", "distill", "eval"}
-MODEL_PARALLEL_ONLY = {"prune"}   # runs with data-parallel size 1: as many processes as its layout needs
 
 
 def pipeline_stages(cfg) -> list[str]:
     """The stages ``make pipeline`` runs, in order (``correct`` only when enabled)."""
-    return [s for s in STAGES if s != "correct" or bool(cfg.correct.enabled)]
+    return [s for s in registry() if s != "correct" or bool(cfg.correct.enabled)]
 
 
 def invocations(stage: str, cfg, overrides: list[str]) -> list[list[str]]:
     """Script argument lists of one stage: ``[script, override, ...]`` per invocation."""
-    require(stage in SCRIPTS, f"unknown stage {stage!r}; one of {', '.join(STAGES)} or pipeline", "STAGE")
-    script = f"scripts/{SCRIPTS[stage]}"
-    if stage in PER_STUDENT:
+    declared = get(stage)
+    script = declared.script
+    if declared.per_student:
         students = list(cfg.run.students)
         require(students, "run.students is empty", "run.students")
         kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
@@ -68,9 +63,10 @@ def stage_processes(stage: str, cfg) -> tuple[int, int]:
     """``(nodes, processes per node)`` a stage runs with."""
     from pipelines.validate import processes, stage_parallel
 
-    if stage not in DISTRIBUTED:
+    declared = get(stage)
+    if not declared.distributed:
         return 1, 1
-    if stage in MODEL_PARALLEL_ONLY:
+    if declared.model_parallel_only:
         layout = stage_parallel(cfg, stage)
         return 1, int(layout["tensor"]) * int(layout["pipeline"]) * int(layout.get("context", 1))
     if str(cfg.cluster.kind) == "slurm":
@@ -81,7 +77,7 @@ def stage_processes(stage: str, cfg) -> tuple[int, int]:
 def run_local(stage: str, cfg, overrides: list[str]) -> None:
     _, processes = stage_processes(stage, cfg)
     for arguments in invocations(stage, cfg, overrides):
-        if stage in DISTRIBUTED and processes > 1:
+        if get(stage).distributed and processes > 1:
             command = [_python(cfg), "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                        f"--master-port={_free_port()}", *arguments]
         else:
@@ -228,7 +224,7 @@ def main(argv: list[str]) -> None:
     cfg = compose_pipeline(overrides)
     stages = pipeline_stages(cfg) if stage == "pipeline" else stage.split(",")
     for name in stages:
-        require(name in SCRIPTS, f"unknown stage {name!r}; one of {', '.join(STAGES)} or pipeline", "STAGE")
+        get(name)  # an unknown name stops here, listing the stages
     from pipelines import validate
 
     checked = validate.check(cfg, stages)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.artifacts import read_manifest, sha256_file, write_manifest
+from pipelines.artifacts import read_manifest, sha256_file
 from pipelines.errors import UserError, require
 
 
@@ -173,19 +173,21 @@ def finished_shards(folder: Path, samples: int | None = None, samples_per_shard:
     return found
 
 
-def finalize(folder: Path, identity: dict, layout: Layout, samples: int, samples_per_shard: int,
-             **facts) -> dict:
-    """Write the manifest (last) once every shard exists; ``facts`` (e.g. ``teacher_path``) join it."""
+def cache_manifest(folder: Path, identity: dict, layout: Layout, samples: int, samples_per_shard: int,
+                   **facts) -> dict:
+    """The manifest's fields once every shard exists; ``facts`` (e.g. ``teacher_path``) join them."""
     shards = math.ceil(samples / samples_per_shard)
     missing = sorted(set(range(shards)) - finished_shards(folder, samples, samples_per_shard))
     require(not missing, f"cache {folder} lacks shards {missing[:5]}", "logits")
-    manifest = {**facts, "stage": "teacher_logits", "identity": identity, "samples": samples,
+    return {**facts, "identity": identity, "samples": samples,
                 "samples_per_shard": samples_per_shard, "sequence_length": layout.sequence_length,
                 "k": layout.k, "id_bits": layout.bits, "value_dtype": layout.value_dtype,
                 "sample_bytes": layout.sample_bytes,
                 "shards": {shard_name(i): _sidecar(folder, i)[0] for i in range(shards)}}
-    write_manifest(folder, manifest)
-    return manifest
+
+
+# the manifest's stage name (caches written before the stage names were unified say teacher_logits)
+CACHE_STAGES = ("logits", "teacher_logits")
 
 
 class LogitsCache:
@@ -194,7 +196,7 @@ class LogitsCache:
     def __init__(self, folder: Path, expected_identity: dict | None = None, verify: bool = True):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
-        require(manifest is not None and manifest.get("stage") == "teacher_logits",
+        require(manifest is not None and manifest.get("stage") in CACHE_STAGES,
                 f"{self.folder} is not a finished teacher-logits cache", "distill.cache")
         for key, value in (expected_identity or {}).items():
             cached = manifest["identity"].get(key)

@@ -1,6 +1,6 @@
 """Structured pruning of a Llama checkpoint: depth (drop layers) or width (Minitron).
 
-Used by ``scripts/prune.py``. Depth pruning drops whole transformer blocks, either the
+The prune stage (``scripts/prune.py``). Depth pruning drops whole transformer blocks, either the
 ``prune.drop_layers`` given or the contiguous block chosen by a measured criterion:
 ``loss`` (the validation LM-loss increase when the block is removed; Minitron's) or
 ``block_influence`` (ShortGPT: cosine distance between the block's input and output on
@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from pipelines import checkpoint, runtime, validate
+from pipelines import checkpoint, validate
 from pipelines import model as model_lib
-from pipelines.artifacts import config_hash, read_manifest, staged_folder, write_json, write_manifest
+from pipelines.artifacts import config_hash, read_manifest, write_json
 from pipelines.data import TokenWindows
 from pipelines.errors import UserError, require
+from pipelines.stage import Stage
 
 
 def register_rmsnorm_for_modelopt() -> None:
@@ -147,20 +148,23 @@ def width_prune(model, arch, targets: dict, calib_batches, scores_path: Path):
     return pruned, new_arch
 
 
-def run(cfg) -> dict:
-    """Prune ``cfg.prune.source`` into ``cfg.prune.output``; returns the report."""
+def prune_inputs(cfg) -> dict:
+    source = Path(str(cfg.prune.source))
+    checkpoint.read_architecture(source, "prune.source")
+    return {"source": read_manifest(source).get("written_at"), "source_path": str(source.resolve()),
+            "prune": config_hash(OmegaConf.to_container(cfg.prune)),
+            "data": str(cfg.data.output), "calib_samples": int(cfg.prune.calib_samples)}
+
+
+def checks(cfg, arch, layout) -> dict:
+    """Every rule of the prune section (:func:`pipelines.validate.prune_rules`)."""
+    return validate.prune_rules(cfg, arch, layout)
+
+
+def run(cfg, layout, staging: Path, inputs: dict) -> dict:
+    """Prune ``prune.source`` into ``staging``; returns the manifest's fields (with the report)."""
     source, output = Path(str(cfg.prune.source)), Path(str(cfg.prune.output))
     arch, _ = checkpoint.read_architecture(source, "prune.source")
-    inputs = {"source": read_manifest(source).get("written_at"), "source_path": str(source.resolve()),
-              "prune": config_hash(OmegaConf.to_container(cfg.prune)),
-              "data": str(cfg.data.output), "calib_samples": int(cfg.prune.calib_samples)}
-    done = read_manifest(output) if output.exists() else None
-    if done and done.get("inputs") == inputs and not cfg.get("force", False):
-        print(f"[prune] {output} is up to date; skipping (force=true reruns)")
-        return done["report"]
-    layout = runtime.initialize(cfg.parallel)
-    # the rules the experiment check applies, against the actual source
-    validate.prune_rules(cfg, arch, {"tensor": layout.tensor_parallel, "pipeline": layout.pipeline_parallel})
     sequence_length = int(cfg.prune.sequence_length)
     calib_data = TokenWindows(Path(str(cfg.data.output)), "train", sequence_length)
     valid_data = TokenWindows(Path(str(cfg.data.output)), "valid", sequence_length)
@@ -180,7 +184,6 @@ def run(cfg) -> dict:
     teacher_loss = model_lib.lm_loss(model, valid(), arch["vocab_size"])
     report = {"mode": cfg.prune.mode, "source": str(source), "config_before": arch,
               "params_before": model_lib.count_parameters(arch), "val_loss_teacher": teacher_loss}
-    output.parent.mkdir(parents=True, exist_ok=True)
     if cfg.prune.mode == "depth":
         drop = sorted(int(n) for n in cfg.prune.drop_layers or [])
         if not drop:
@@ -210,15 +213,18 @@ def run(cfg) -> dict:
     report.update(config_after=new_arch, params_after=model_lib.count_parameters(new_arch),
                   val_loss_pruned=model_lib.lm_loss(pruned, valid(), arch["vocab_size"]),
                   seconds=time.perf_counter() - started)
-    with staged_folder(output, layout.is_main, barrier=torch.distributed.barrier) as staging:
-        checkpoint.save_weights(pruned, staging)
-        if layout.is_main:
-            checkpoint.write_architecture(staging, new_arch, dtype)
-            shutil.copytree(source / "tokenizer", staging / "tokenizer")
-            write_json(staging / "prune_report.json", report)
-            write_manifest(staging, {"stage": "prune", "inputs": inputs, "report": report,
-                                     "config": new_arch, "parameters": report["params_after"],
-                                     "content": checkpoint.content_digest(staging)})
+    checkpoint.save_weights(pruned, staging)
+    fields = {"report": report, "config": new_arch, "parameters": report["params_after"]}
+    if layout.is_main:
+        checkpoint.write_architecture(staging, new_arch, dtype)
+        shutil.copytree(source / "tokenizer", staging / "tokenizer")
+        write_json(staging / "prune_report.json", report)
+        fields["content"] = checkpoint.content_digest(staging)
     print(f"[prune] {cfg.prune.mode}: parameters {report['params_before']:,} -> {report['params_after']:,}; "
           f"val loss teacher {teacher_loss:.4f}, pruned {report['val_loss_pruned']:.4f}; {output}")
-    return report
+    return fields
+
+
+STAGE = Stage(name="prune", output=lambda cfg: Path(str(cfg.prune.output)), inputs=prune_inputs, run=run,
+              checks=checks, source=lambda cfg: Path(str(cfg.prune.source)),
+              per_student=True, distributed=True, model_parallel_only=True)

@@ -186,45 +186,48 @@ def prune_rules(cfg, teacher: dict, layout: dict) -> dict:
     return student
 
 
-def _batches(cfg, section: str, data_parallel: int) -> None:
+def training_rules(cfg, section: str, layout: dict | None) -> None:
+    """Every rule of a training section (``distill``, ``correct``); ``layout["data"]`` is the
+    data-parallel size it runs with."""
     d = cfg[section]
-    per_step = int(d.micro_batch_size) * data_parallel
-    require(int(d.global_batch_size) % per_step == 0,
-            f"{section}: global batch {d.global_batch_size} is not divisible by micro batch "
-            f"{d.micro_batch_size} x data-parallel size {data_parallel}", f"{section}.global_batch_size")
+    training_ranges(d, section)
+    require((str(d.teacher) == "none") == (float(d.kd_weight) == 0.0),
+            f"{section}.teacher={d.teacher} with kd_weight={d.kd_weight}: a teacher needs kd_weight > 0 "
+            f"and kd_weight 0 needs {section}.teacher=none", f"{section}.kd_weight / {section}.teacher")
+    if layout is not None:
+        per_step = int(d.micro_batch_size) * int(layout["data"])
+        require(int(d.global_batch_size) % per_step == 0,
+                f"{section}: global batch {d.global_batch_size} is not divisible by micro batch "
+                f"{d.micro_batch_size} x data-parallel size {layout['data']}", f"{section}.global_batch_size")
 
 
 def check(cfg, stages: list[str]) -> dict:
-    """Validate ``stages`` of the experiment; returns the architectures and layouts checked."""
+    """Validate ``stages`` of the experiment with each stage's own checks (:class:`pipelines.stage.Stage`),
+    on ``model.*`` and the layouts planned; returns the architectures and layouts checked."""
+    from pipelines.stage import registry
+
+    declared = registry()
     teacher = model_lib.architecture(cfg.model)
     student = student_architecture(cfg, teacher)
     checked = {"teacher": teacher, "student": student, "layouts": {}}
     for key in ("tensor", "pipeline", "context"):
         _positive(int(cfg.parallel.get(key, 1)), f"parallel.{key}", 1, inclusive=True)
     _positive(float(cfg.parallel.get("timeout_minutes", 30)), "parallel.timeout_minutes")
-    if "prepare" in stages:
-        data_ranges(cfg.data)
-    for stage in stages:  # first: other sections interpolate these (logits.temperature, logits.samples)
-        if stage in TRAINING:
-            training_ranges(cfg[stage], stage)
-    for stage in stages:
-        if stage in ("prepare", "import", "export", "report"):
-            continue
-        arch, what = (student, "student") if stage == "distill" else (teacher, "teacher")
-        data_parallel, layout = _layout_fits(cfg, stage, arch, what)
-        checked["layouts"][stage] = {**layout, "data": data_parallel}
+    # training sections first: other sections interpolate their keys (logits.temperature)
+    for stage in sorted(stages, key=lambda name: name not in TRAINING):
+        layout = None
+        if declared[stage].distributed:
+            arch, what = (student, "student") if stage == "distill" else (teacher, "teacher")
+            data_parallel, planned = _layout_fits(cfg, stage, arch, what)
+            layout = {"tensor": int(planned["tensor"]), "pipeline": int(planned["pipeline"]),
+                      "context": int(planned.get("context", 1)), "data": data_parallel}
+            checked["layouts"][stage] = {**planned, "data": data_parallel}
+        if declared[stage].checks:
+            declared[stage].checks(cfg, teacher, layout)
         if stage == "distill":
             _layout_fits(cfg, stage, teacher, "online teacher")
             require(int(cfg.logits.sequence_length) == int(cfg.distill.sequence_length),
                     "logits.sequence_length differs from distill.sequence_length", "logits.sequence_length")
-        if stage == "prune":
-            prune_rules(cfg, teacher, layout)
-        else:
-            section_ranges(cfg, stage, teacher)
-        if stage in TRAINING:
-            _batches(cfg, stage, data_parallel)
         if stage == "eval":
-            require(int(layout["pipeline"]) == 1, "evaluation runs with pipeline parallel size 1",
-                    "run.stage_parallel.eval")
             model_lib.validate(student, int(layout["tensor"]), 1)
     return checked

@@ -1,18 +1,20 @@
-"""Teacher correction: fine-tune the teacher on the distillation data (the distill stage, no teacher).
+"""Teacher correction: fine-tune the teacher on the distillation data (the distill loop, no teacher).
 
     python scripts/correct.py experiment=demo
     python scripts/correct.py correct.student=TEACHER correct.output=OUT correct.train_steps=100
+
+The stage itself is ``correct`` in :func:`pipelines.stage.registry`; this script only composes
+``configs/pipeline.yaml`` and runs it.
 """
 
 import hydra
 
-from pipelines.cli import run_cli
-from pipelines.distill import run
+from pipelines.cli import run_stage
 
 
-@hydra.main(config_path="../configs", config_name="correct", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")
 def main(cfg):
-    run_cli(lambda c: run(c, "correct"), cfg)
+    run_stage("correct", cfg)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
-"""Prune a checkpoint by depth (drop layers) or width (ModelOpt Minitron).
+"""Prune the teacher by depth or width into one student (prune=<student>).
 
-    python scripts/prune.py prune=depth prune.source=CKPT prune.output=OUT prune.target_num_layers=2
-    python scripts/prune.py prune=width prune.source=CKPT prune.output=OUT prune.target.hidden_size=48
+    python scripts/prune.py experiment=demo prune=width
+
+The stage itself is ``prune`` in :func:`pipelines.stage.registry`; this script only composes
+``configs/pipeline.yaml`` and runs it.
 """
 
 import hydra
 
-from pipelines.cli import run_cli
-from pipelines.prune import run
+from pipelines.cli import run_stage
 
 
-@hydra.main(config_path="../configs", config_name="prune", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")
 def main(cfg):
-    run_cli(run, cfg)
+    run_stage("prune", cfg)
 
 
 if __name__ == "__main__":

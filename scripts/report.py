@@ -1,17 +1,19 @@
 """Write the recovery report (report.md, report.json, report.png) from the eval results.
 
     python scripts/report.py experiment=demo
+
+The stage itself is ``report`` in :func:`pipelines.stage.registry`; this script only composes
+``configs/pipeline.yaml`` and runs it.
 """
 
 import hydra
 
-from pipelines.cli import run_cli
-from pipelines.report import run
+from pipelines.cli import run_stage
 
 
-@hydra.main(config_path="../configs", config_name="report", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")
 def main(cfg):
-    run_cli(run, cfg)
+    run_stage("report", cfg)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def compose(config_name: str, overrides: list[str]):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A tokenized synthetic corpus with a trained 300-token byte-level BPE."""
-    from pipelines.data import prepare
+    from pipelines import stage
 
     folder = tmp_path_factory.mktemp("data")
     generator = torch.Generator().manual_seed(0)
@@ -109,11 +109,11 @@ def tiny_data(tmp_path_factory) -> Path:
         picks = torch.randint(0, len(WORDS), (60,), generator=generator).tolist()
         lines.append(" ".join(WORDS[i] for i in picks) + ".")
     (folder / "corpus.txt").write_text("\n\n".join(lines))
-    cfg = compose("prepare_data", [f"data.files=[{folder / 'corpus.txt'}]", "data.source=text",
+    cfg = compose("pipeline", [f"data.files=[{folder / 'corpus.txt'}]", "data.source=text",
                                    "data.name=tiny", "data.train_tokenizer_vocab=300",
                                    f"data.output={folder / 'tokens'}", "data.valid_fraction=0.1",
                                    f"paths.data={folder}"])
-    prepare(cfg)
+    stage.run("prepare", cfg)
     return folder / "tokens"
 
 

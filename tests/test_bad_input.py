@@ -151,7 +151,7 @@ def test_every_number_and_option_key_refuses_a_bad_value_by_name():
     ("distill", "distill.student=/nonexistent/student", "distill.student"),
     ("logits", "logits.teacher=/nonexistent/teacher", "logits.teacher"),
     ("prune", "prune.source=/nonexistent/teacher", "prune.source"),
-    ("import", "run.teacher_hf=/nonexistent/hf", "import_hf.source"),
+    ("import", "run.teacher_hf=/nonexistent/hf", "import.source"),
 ])
 def test_a_path_that_does_not_exist_is_named_by_the_stage(stage, override, key, tmp_path):
     result = run_script("scripts/stage.py", stage, "experiment=demo", f"paths.runs={tmp_path}",

@@ -10,6 +10,8 @@ import torch
 
 from conftest import export_cfg, import_cfg, make_hf_llama, run_script
 from pipelines import checkpoint, convert
+from pipelines.artifacts import read_manifest
+from pipelines.errors import UserError
 from pipelines.model import forward_logits
 from pipelines.safetensors_stream import SafetensorsFolder
 
@@ -94,14 +96,18 @@ def test_export_loads_in_transformers_without_warnings(tmp_path, cpu_runtime):
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
 
-def test_import_is_skipped_when_done_and_refuses_another_checkpoint(tmp_path, cpu_runtime, capsys):
+def test_import_is_skipped_when_done_refuses_another_checkpoint_and_force_replaces(tmp_path, cpu_runtime,
+                                                                                    capsys):
     first = make_hf_llama(tmp_path / "a", seed=0)
     second = make_hf_llama(tmp_path / "b", seed=1)
     convert.import_hf(import_cfg(first, tmp_path / "ckpt"))
     convert.import_hf(import_cfg(first, tmp_path / "ckpt"))
-    assert "nothing to do" in capsys.readouterr().out
-    with pytest.raises(Exception, match="already holds a different checkpoint.*fix: output"):
+    assert "up to date; skipping" in capsys.readouterr().out
+    with pytest.raises(UserError, match="already holds a different import result.*fix: import.output"):
         convert.import_hf(import_cfg(second, tmp_path / "ckpt"))
+    assert read_manifest(tmp_path / "ckpt")["source"] == str(first.resolve())
+    convert.import_hf(import_cfg(second, tmp_path / "ckpt"), force=True)
+    assert read_manifest(tmp_path / "ckpt")["source"] == str(second.resolve())
 
 
 def _cli_error(result):
@@ -134,20 +140,20 @@ def test_bad_input_gives_one_line_error(tmp_path):
     }
     for source, message in cases.items():
         output = tmp_path / f"out-{source.name}"
-        line = _cli_error(run_script("scripts/import_hf.py", f"import_hf.source={source}",
-                                     f"import_hf.output={output}"))
-        assert message in line and "fix: import_hf.source" in line, line
+        line = _cli_error(run_script("scripts/import.py", f"import.source={source}",
+                                     f"import.output={output}"))
+        assert message in line and "fix: import.source" in line, line
         assert not output.exists()
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "something.txt").write_text("keep me")
-    line = _cli_error(run_script("scripts/import_hf.py", f"import_hf.source={good}",
-                                 f"import_hf.output={occupied}"))
-    assert "fix: import_hf.output" in line
+    line = _cli_error(run_script("scripts/import.py", f"import.source={good}",
+                                 f"import.output={occupied}"))
+    assert "fix: import.output" in line
     assert (occupied / "something.txt").read_text() == "keep me"
 
 
 def test_hub_id_that_cannot_be_fetched_names_the_key(tmp_path):
-    result = run_script("scripts/import_hf.py", "import_hf.source=no-such-org/no-such-model",
-                        f"import_hf.output={tmp_path / 'out'}", env={"HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2 and "fix: import_hf.source" in result.stderr, result.stderr[-2000:]
+    result = run_script("scripts/import.py", "import.source=no-such-org/no-such-model",
+                        f"import.output={tmp_path / 'out'}", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "fix: import.source" in result.stderr, result.stderr[-2000:]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, child_env, compose, make_hf_llama, import_cfg, run_script, run_torchrun
-from pipelines import checkpoint, teacher_logits
+from pipelines import checkpoint, stage
 from pipelines.errors import UserError
 
 SEQ = 32
@@ -21,7 +21,7 @@ SEQ = 32
 def full_cache(tmp_path_factory, trained_teacher, tiny_data):
     """The trained teacher's soft labels with k = the whole vocabulary (300)."""
     folder = tmp_path_factory.mktemp("cache") / "k300"
-    teacher_logits.run(compose("teacher_logits", [
+    stage.run("logits", compose("pipeline", [
         f"logits.teacher={trained_teacher}", f"logits.output={folder}", f"data.output={tiny_data}",
         "logits.k=300", "logits.value_dtype=float32", "logits.samples=96", "logits.samples_per_shard=16",
         f"logits.sequence_length={SEQ}", "logits.batch_size=8"]))
@@ -86,7 +86,7 @@ def test_cache_with_full_vocabulary_equals_online_teacher(tmp_path, tiny_teacher
     layout = _layout()
     results = []
     for mode in ("cache", "online"):
-        cfg = compose("distill", distill_args(tiny_teacher, tiny_data, tmp_path / mode, **{
+        cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path / mode, **{
             "distill.teacher": mode, "distill.cache": full_cache if mode == "cache" else "null",
             "distill.teacher_checkpoint": trained_teacher, "distill.temperature": 1.0}))
         trainer = Trainer(Plan(cfg, 1), layout)
@@ -128,13 +128,15 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_teacher, tiny_data,
 
 
 def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_teacher, tiny_data, full_cache):
-    from pipelines.distill import Plan
+    """What the stage runner does before any compute: the inputs (the Plan), then the checks."""
+    from pipelines import distill
 
     def refused(key, *overrides, dp=1):
-        cfg = compose("distill", distill_args(tiny_teacher, tiny_data, tmp_path / "out",
+        cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path / "out",
                                               **dict(o.split("=", 1) for o in overrides)))
         with pytest.raises(UserError) as error:
-            Plan(cfg, dp)
+            distill.STAGE.inputs(cfg)
+            distill.STAGE.checks(cfg, None, {"tensor": 1, "pipeline": 1, "context": 1, "data": dp})
         assert f"(fix: {key}" in str(error.value), str(error.value)
         return str(error.value)
 
@@ -189,8 +191,8 @@ def test_changed_settings_never_throw_training_state_away(tmp_path, tiny_teacher
     assert f"resuming from step {step} " in resumed.stdout
     forced = run_script("scripts/distill.py", *args, "force=true")
     assert forced.returncode == 0, forced.stderr[-3000:]
-    aside = list(tmp_path.glob("run/train.replaced-*"))
-    assert len(aside) == 1 and (aside[0] / "checkpoints" / "latest.json").exists()
+    aside = list(tmp_path.glob(".run.replaced-*"))  # hidden: never mistaken for a student by eval
+    assert len(aside) == 1 and (aside[0] / "train" / "checkpoints" / "latest.json").exists()
     assert "resuming from step" not in forced.stdout
 
 

@@ -48,12 +48,12 @@ def test_hendrycks_csv_layout(tmp_path):
 def test_same_choices_as_plain_transformers_on_the_export(tmp_path, trained_teacher, tiny_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines import convert, evaluate
+    from pipelines import convert, stage
 
     overrides = [f"eval.model={trained_teacher}", f"eval.output={tmp_path / 'eval'}",
                  f"data.output={tiny_data}", "eval.shots=1", "eval.limit=4", "eval.val_samples=4",
                  "eval.sequence_length=32", f"eval.mmlu.subjects={SUBJECTS}", "eval.batch_tokens=3000"]
-    evaluate.run(compose("evaluate", overrides))
+    stage.run("eval", compose("pipeline", overrides))
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["mmlu"]["single_token_answers"] is False  # the tiny BPE splits " A": summed path
     convert.export_hf(export_cfg(trained_teacher, tmp_path / "hf"))
@@ -79,7 +79,7 @@ def test_same_choices_as_plain_transformers_on_the_export(tmp_path, trained_teac
 
 def test_answers_do_not_depend_on_batch_size_or_padding(trained_teacher, cpu_runtime):
     from pipelines import checkpoint
-    from pipelines.evaluate import loglikelihoods, mmlu_requests
+    from pipelines.eval import loglikelihoods, mmlu_requests
     from pipelines.model import forward_logits
     from omegaconf import OmegaConf
 

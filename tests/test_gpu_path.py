@@ -144,9 +144,9 @@ def test_logits_stage_at_tp2_with_short_chunks_writes_tp1s_top_k(tmp_path, train
     common = [f"logits.teacher={trained_teacher}", f"data.output={tiny_data}", "logits.k=8",
               "logits.samples=8", "logits.samples_per_shard=4", "logits.sequence_length=32",
               "logits.batch_size=4"]
-    one = run_script("scripts/teacher_logits.py", *common, f"logits.output={tmp_path / 'tp1'}")
+    one = run_script("scripts/logits.py", *common, f"logits.output={tmp_path / 'tp1'}")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_torchrun(2, "scripts/teacher_logits.py", *common, f"logits.output={tmp_path / 'tp2'}",
+    two = run_torchrun(2, "scripts/logits.py", *common, f"logits.output={tmp_path / 'tp2'}",
                        "parallel.tensor=2", "logits.chunk_tokens=16")
     assert two.returncode == 0, two.stderr[-3000:]
     for (ids1, lp1, tail1), (ids2, lp2, tail2) in zip(_cache(tmp_path / "tp1"), _cache(tmp_path / "tp2")):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import compose, export_cfg
-from pipelines import checkpoint, convert, prune
+from pipelines import checkpoint, convert, stage
 from pipelines.errors import UserError
 from pipelines.model import forward_logits
 from pipelines.safetensors_stream import SafetensorsFolder
@@ -14,7 +14,7 @@ COMMON = ["prune.calib_samples=16", "prune.eval_samples=8", "prune.sequence_leng
 
 
 def prune_cfg(teacher, data, output, mode, *overrides):
-    return compose("prune", [f"prune={mode}", f"prune.source={teacher}", f"prune.output={output}",
+    return compose("pipeline", [f"prune={mode}", f"prune.source={teacher}", f"prune.output={output}",
                              f"data.output={data}", *COMMON, *overrides])
 
 
@@ -25,7 +25,7 @@ def tokens():
 def test_explicit_drop_layers_equals_model_without_them(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
     from transformers import LlamaForCausalLM
 
-    prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "depth", "depth", "prune.drop_layers=[1,2]"))
+    stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "depth", "depth", "prune.drop_layers=[1,2]"))
     model, arch = checkpoint.load_model(tmp_path / "depth", cpu_runtime)
     assert arch["num_layers"] == 2
     with torch.no_grad():
@@ -45,7 +45,7 @@ def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher
                                                       cpu_runtime):
     from pipelines.data import TokenWindows
 
-    reports = [prune.run(prune_cfg(trained_teacher, tiny_data, tmp_path / f"d{i}", "depth",
+    reports = [stage.run("prune", prune_cfg(trained_teacher, tiny_data, tmp_path / f"d{i}", "depth",
                                    "prune.target_num_layers=2", f"prune.criterion={criterion}"))
                for i, criterion in enumerate(["loss", "loss", "block_influence"])]
     assert reports[0]["importance"] == reports[1]["importance"]
@@ -77,7 +77,7 @@ def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher
 
 
 def test_width_to_the_same_shape_keeps_logits(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
-    prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "same", "width",
+    stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "same", "width",
                         "prune.target.hidden_size=64", "prune.target.ffn_hidden_size=160",
                         "prune.target.num_attention_heads=4"))
     teacher, _ = checkpoint.load_model(tiny_teacher, cpu_runtime)
@@ -94,7 +94,7 @@ def test_width_prune_reuses_cached_scores(tmp_path, tiny_teacher, tiny_data):
 
     targets = ["prune.target.hidden_size=48", "prune.target.ffn_hidden_size=96",
                "prune.target.num_attention_heads=2", f"prune.scores_cache={tmp_path / 'scores'}"]
-    prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "w1", "width", *targets))
+    stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "w1", "width", *targets))
     scores_file = tmp_path / "scores" / "scores0.pth"
     scores = torch.load(scores_file, weights_only=False)
 
@@ -106,7 +106,7 @@ def test_width_prune_reuses_cached_scores(tmp_path, tiny_teacher, tiny_data):
         return -value if isinstance(value, torch.Tensor) else value
 
     torch.save(negate(scores), scores_file)
-    prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "w2", "width", *targets))
+    stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "w2", "width", *targets))
     for name in ("w1", "w2"):
         convert.export_hf(export_cfg(tmp_path / name, tmp_path / f"{name}_hf"))
     first, second = SafetensorsFolder(tmp_path / "w1_hf"), SafetensorsFolder(tmp_path / "w2_hf")
@@ -124,5 +124,5 @@ def test_width_prune_reuses_cached_scores(tmp_path, tiny_teacher, tiny_data):
 ])
 def test_bad_targets_name_the_key(tmp_path, tiny_teacher, tiny_data, mode, override, key):
     with pytest.raises(UserError, match=f"fix: {key}"):
-        prune.run(prune_cfg(tiny_teacher, tiny_data, tmp_path / "bad", mode, override))
+        stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "bad", mode, override))
     assert not (tmp_path / "bad").exists()

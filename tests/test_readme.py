@@ -25,8 +25,8 @@ def test_every_readme_command_is_run_somewhere():
 
 
 HAND_COMMANDS = [  # in order: import, then export what was imported
-    ".venv/bin/python scripts/import_hf.py import_hf.source=runs/demo/export_depth import_hf.output=/tmp/reimported",
-    ".venv/bin/python scripts/export_hf.py export_hf.source=/tmp/reimported export_hf.output=/tmp/exported",
+    ".venv/bin/python scripts/import.py import.source=runs/demo/export_depth import.output=/tmp/reimported",
+    ".venv/bin/python scripts/export.py export.source=/tmp/reimported export.output=/tmp/exported",
 ]
 RUN_HERE = {
     "make pipeline EXP=llama31_8b_width_4b CLUSTER=slurm DRY_RUN=1",

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import compose, export_cfg, import_cfg
-from pipelines import checkpoint, convert, prune
-from pipelines.data import prepare
+from pipelines import checkpoint, convert, stage
 from pipelines.gguf import gguf_to_hf
 from pipelines.model import forward_logits
 
@@ -36,9 +35,9 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     assert (ours - reference).abs().max().item() <= 1e-4
 
     data = tmp_path / "austen"
-    prepare(compose("prepare_data", [f"data.output={data}", f"data.tokenizer={tmp_path / 'ckpt' / 'tokenizer'}",
+    stage.run("prepare", compose("pipeline", [f"data.output={data}", f"data.tokenizer={tmp_path / 'ckpt' / 'tokenizer'}",
                                      "data.train_tokenizer_vocab=null", f"paths.data={tmp_path}"]))
-    report = prune.run(compose("prune", [
+    report = stage.run("prune", compose("pipeline", [
         "prune=depth", f"prune.source={tmp_path / 'ckpt'}", f"prune.output={tmp_path / 'depth'}",
         "prune.target_num_layers=20", f"data.output={data}", "prune.eval_samples=16",
         "prune.calib_samples=16", "prune.sequence_length=256"]))
@@ -46,9 +45,9 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     convert.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "depth_hf").config.num_hidden_layers == 20
     # the eval stage on the real checkpoint: a few MMLU subjects, 5-shot, and the validation loss
-    from pipelines import evaluate
+    from pipelines import stage
 
-    manifest = evaluate.run(compose("evaluate", [
+    manifest = stage.run("eval", compose("pipeline", [
         f"eval.model={tmp_path / 'ckpt'}", f"eval.output={tmp_path / 'eval'}", f"data.output={data}",
         "eval.limit=5", "eval.mmlu.subjects=[astronomy,high_school_biology]", "eval.val_samples=8"]))
     # a pretrained model must beat the best unigram model of the same text by far (a random one

@@ -1,5 +1,5 @@
-"""The teacher-logits stage: run the teacher once over the distillation samples and cache its
-top-k soft labels (``scripts/teacher_logits.py``; format in :mod:`pipelines.logits_cache`).
+"""The logits stage: run the teacher once over the distillation samples and cache its top-k soft
+labels (``scripts/logits.py``; the format is in :mod:`pipelines.logits_cache`).
 
 Samples are the train split's :class:`~pipelines.data.TokenWindows` in order, the order distill
 reads. Shard ``i`` is computed by data-parallel rank ``i % dp``; tensor-parallel ranks compute
@@ -14,7 +14,6 @@ GPU writes its own shards and no top-k is repeated.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from pipelines import checkpoint, preemption, runtime, validate
-from pipelines.artifacts import read_manifest, sha256_file, write_json
+from pipelines import checkpoint, preemption, validate
+from pipelines.artifacts import read_manifest, sha256_file
 from pipelines.data import TokenWindows
 from pipelines.errors import require
 from pipelines.kd_loss import teacher_sampled, teacher_topk
-from pipelines.logits_cache import Layout, finalize, finished_shards, shard_name, write_shard
+from pipelines.logits_cache import CACHE_STAGES, Layout, cache_manifest, finished_shards, shard_name, write_shard
 from pipelines.model import local_logits
+from pipelines.stage import Resume, Stage
 
 
 def cache_identity(teacher: Path, data: Path, sequence_length: int, k: int, temperature: float,
@@ -69,7 +69,7 @@ def _reuse(output: Path, identity: dict, samples: int, per_shard: int, search: P
         if donor.resolve() == output.resolve():
             continue
         manifest = read_manifest(donor) or {}
-        if manifest.get("stage") != "teacher_logits" or manifest.get("identity") != identity:
+        if manifest.get("stage") not in CACHE_STAGES or manifest.get("identity") != identity:
             continue
         shards = finished_shards(donor, samples, per_shard) - finished_shards(output, samples, per_shard)
         if len(shards) > len(best_shards):
@@ -83,60 +83,48 @@ def _reuse(output: Path, identity: dict, samples: int, per_shard: int, search: P
             except OSError:
                 shutil.copy2(best / name, target)
     if best_shards:
-        print(f"[teacher_logits] reusing {len(best_shards)} shards of {best} (same teacher content, data "
+        print(f"[logits] reusing {len(best_shards)} shards of {best} (same teacher content, data "
               "and settings)", flush=True)
     return len(best_shards)
 
 
-def _start(folder: Path, identity: dict, force: bool) -> None:
-    """Make ``folder`` hold only shards of this ``identity`` (main rank; others wait after).
-
-    ``identity.json`` is written before the first shard, so shards left by a killed run with
-    other settings (teacher, data, k, temperature, ...) are removed rather than mixed in.
-    """
-    stamp = folder / "identity.json"
-    (folder / "manifest.json").unlink(missing_ok=True)  # running: the cache is not finished until finalize
-    stale = force or (stamp.exists() and json.loads(stamp.read_text()) != identity)
-    if stale or not stamp.exists():
-        for path in list(folder.glob("shard-*")) + list(folder.glob(".shard-*")):
-            path.unlink(missing_ok=True)
-    write_json(stamp, identity)
+def _settings(cfg) -> tuple:
+    c = cfg.logits
+    return (Path(str(c.teacher)), Path(str(cfg.data.output)), int(c.sequence_length), int(c.k),
+            float(c.temperature), str(c.mode), str(c.value_dtype), int(c.samples_per_shard), int(c.seed))
 
 
-def run(cfg) -> dict:
+def logits_inputs(cfg) -> dict:
+    """The cache's identity (:func:`cache_identity`) and the samples it holds."""
+    teacher, data, sequence_length, *rest = _settings(cfg)
+    checkpoint.read_architecture(teacher, "logits.teacher")
+    windows = TokenWindows(data, "train", sequence_length)
+    samples = min(len(windows), int(cfg.logits.samples or len(windows)))
+    return {**cache_identity(teacher, data, sequence_length, *rest), "samples": samples}
+
+
+def checks(cfg, arch, layout) -> None:
+    validate.section_ranges(cfg, "logits", arch)
+    if layout is not None:
+        require(int(layout["pipeline"]) == 1, "the teacher-logits stage runs with pipeline parallel size 1",
+                "run.stage_parallel.logits / parallel.pipeline")
+
+
+def run(cfg, layout, output: Path, inputs: dict) -> dict:
+    """Fill ``output`` with the shards this rank owns and has not finished; the manifest's fields."""
     from megatron.core import parallel_state
 
     logits_cfg = cfg.logits
-    teacher, output = Path(str(logits_cfg.teacher)), Path(str(logits_cfg.output))
-    data = Path(str(cfg.data.output))
-    sequence_length, k = int(logits_cfg.sequence_length), int(logits_cfg.k)
-    temperature = float(logits_cfg.temperature)
-    arch, _ = checkpoint.read_architecture(teacher, "logits.teacher")
-    validate.section_ranges(cfg, "logits", arch)  # the rules the experiment check applies
-    mode = str(logits_cfg.mode)
-    value_dtype = str(logits_cfg.get("value_dtype", "float16"))
-    per_shard = int(logits_cfg.samples_per_shard)
-    identity = cache_identity(teacher, data, sequence_length, k, temperature, mode, value_dtype, per_shard,
-                              int(logits_cfg.seed))
+    teacher, data, sequence_length, k, temperature, mode, value_dtype, per_shard, seed = _settings(cfg)
+    identity = {key: value for key, value in inputs.items() if key != "samples"}
+    samples = inputs["samples"]
     windows = TokenWindows(data, "train", sequence_length)
-    samples = min(len(windows), int(logits_cfg.samples or len(windows)))
-    done = read_manifest(output) if output.exists() else None
-    if (done and done.get("identity") == identity and done.get("samples") == samples
-            and not cfg.get("force", False)):
-        print(f"[teacher_logits] {output} is up to date; skipping (force=true recomputes)")
-        return done
-    layout = runtime.initialize(cfg.parallel)
-    require(layout.pipeline_parallel == 1, "the teacher-logits stage runs with pipeline parallel "
-            "size 1", "parallel.pipeline")
     model, arch = checkpoint.load_model(teacher, layout, dtype=layout.compute_dtype)
     model.eval()
     preemption.install()
-    if layout.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        _start(output, identity, bool(cfg.get("force", False)))
-        if not cfg.get("force", False):
-            search = logits_cfg.get("reuse_from")
-            _reuse(output, identity, samples, per_shard, Path(str(search)) if search else None)
+    if layout.is_main and not cfg.get("force", False):
+        search = logits_cfg.get("reuse_from")
+        _reuse(output, identity, samples, per_shard, Path(str(search)) if search else None)
     torch.distributed.barrier()
     cache_layout = Layout(sequence_length, k, arch["vocab_size"], value_dtype)
     shards = math.ceil(samples / per_shard)
@@ -152,7 +140,7 @@ def run(cfg) -> dict:
     for number, shard in enumerate(todo):
         encoded = []
         indices = list(range(shard * per_shard, min((shard + 1) * per_shard, samples)))
-        generator = torch.Generator(device=layout.device).manual_seed(int(logits_cfg.seed) + shard)
+        generator = torch.Generator(device=layout.device).manual_seed(seed + shard)
         for first in range(0, len(indices), batch_size):
             batch = layout.place(torch.stack([windows[i] for i in indices[first:first + batch_size]]))
             with torch.no_grad():
@@ -166,15 +154,22 @@ def run(cfg) -> dict:
         if writer:
             write_shard(output, shard, encoded, first=shard * per_shard)
         rate = tokens / (time.perf_counter() - started)
-        print(f"[teacher_logits] rank {layout.rank}: shard {shard} done ({number + 1}/{len(todo)}), "
+        print(f"[logits] rank {layout.rank}: shard {shard} done ({number + 1}/{len(todo)}), "
               f"{rate:,.0f} tokens/s", flush=True)
         if preemption.requested(collective=False) and number + 1 < len(todo):
-            print(f"[teacher_logits] rank {layout.rank}: preempted; finished shards are kept", flush=True)
+            print(f"[logits] rank {layout.rank}: preempted; finished shards are kept", flush=True)
             preemption.leave_for_requeue()
     torch.distributed.barrier()
-    manifest = finalize(output, identity, cache_layout, samples, per_shard,
-                        teacher_path=str(teacher.resolve())) if layout.is_main else {}
-    if layout.is_main:
-        print(f"[teacher_logits] {output}: {samples} samples x {sequence_length} tokens, k={k}, "
-              f"{cache_layout.sample_bytes / sequence_length:.1f} bytes/token")
-    return manifest
+    if not layout.is_main:
+        return {}
+    fields = cache_manifest(output, identity, cache_layout, samples, per_shard, teacher_path=str(teacher.resolve()))
+    print(f"[logits] {output}: {samples} samples x {sequence_length} tokens, k={k}, "
+          f"{cache_layout.sample_bytes / sequence_length:.1f} bytes/token")
+    return fields
+
+
+# The cache is resumable: finished shards survive a crash or a requeue; a cache stamped with another
+# identity is cleared (shards are recomputable), and more samples keep the shards already done.
+STAGE = Stage(name="logits", output=lambda cfg: Path(str(cfg.logits.output)), inputs=logits_inputs, run=run,
+              checks=checks, source=lambda cfg: Path(str(cfg.logits.teacher)), distributed=True,
+              resume=Resume(on_change="restart", grows=("samples",), stamp="identity.json"))

@@ -1,4 +1,4 @@
-"""The eval stage: MMLU and validation loss of one checkpoint (``scripts/evaluate.py``).
+"""The eval stage: MMLU and validation loss of one checkpoint (``scripts/eval.py``).
 
 Forward passes are batched by length (prompts sorted, right-padded; causal attention makes the
 padding invisible to the scored positions), split over data-parallel ranks, and run at any
@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from pipelines import checkpoint, mmlu, runtime
-from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json, write_manifest
+from pipelines import checkpoint, mmlu
+from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json
 from pipelines.data import TokenWindows
 from pipelines.errors import require
 from pipelines.model import count_parameters, lm_loss, local_logits
+from pipelines.stage import Stage
 
 
 def loglikelihoods(forward, requests, batch_tokens: int, vocab_size: int, rank: int = 0, world: int = 1,
@@ -126,48 +127,48 @@ def models_in_run(run_dir: Path) -> list[tuple[str, str]]:
     return found
 
 
-def run(cfg) -> dict:
-    """Evaluate ``eval.model``; ``all`` evaluates every finished model of the run, then reports."""
+def each_model(cfg) -> list:
+    """``eval.model=all``: one config per finished model of the run (teacher, pruned, distilled)."""
     if str(cfg.eval.model) != "all":
-        return run_one(cfg)
+        return [cfg]
     from omegaconf import OmegaConf
-
-    from pipelines import report
 
     run_dir = Path(str(cfg.run.dir))
     found = models_in_run(run_dir)
     require(found, f"no finished teacher, pruned or distilled checkpoint in {run_dir}", "run.name")
-    manifests = {}
+    configs = []
     for model, student in found:
         one = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         one.eval.model, one.run.student = model, student or "none"
-        manifests[str(one.eval.name)] = run_one(one)
-    report.run(cfg)
-    return manifests
+        configs.append(one)
+    return configs
 
 
-def run_one(cfg) -> dict:
+def eval_inputs(cfg) -> dict:
     e = cfg.eval
-    folder, output = Path(str(e.checkpoint)), Path(str(e.output))
-    require(folder.is_dir() and read_manifest(folder) is not None,
-            f"checkpoint {folder} does not exist or is incomplete", "eval.checkpoint")
-    arch, _ = checkpoint.read_architecture(folder)
-    tokenizer_dir = folder / "tokenizer"
-    require(tokenizer_dir.is_dir(), f"checkpoint {folder} has no tokenizer/ folder", "eval.checkpoint")
-    require(int(cfg.parallel.pipeline) == 1, "evaluation runs with pipeline parallel size 1 (any "
-            "checkpoint loads resharded)", "parallel.pipeline")
-    source_manifest = read_manifest(folder)
-    inputs = {"checkpoint": str(folder.resolve()), "checkpoint_written_at": source_manifest.get("written_at"),
-              "checkpoint_manifest_sha256": sha256_file(folder / "manifest.json"),
-              "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name")}),
-              "data": str(Path(str(cfg.data.output)).resolve())}
-    done = read_manifest(output) if output.exists() else None
-    if done and done.get("inputs") == inputs and not cfg.get("force", False):
-        print(f"[eval] {output} is up to date; skipping (force=true reruns)")
-        return done
-    # read (and so validate) the MMLU selection before loading the model
-    loaded = load_questions(e) if bool(e.mmlu.enabled) else None
-    layout = runtime.initialize(cfg.parallel)
+    folder = Path(str(e.checkpoint))
+    checkpoint.read_architecture(folder, "eval.checkpoint")
+    require((folder / "tokenizer").is_dir(), f"checkpoint {folder} has no tokenizer/ folder", "eval.checkpoint")
+    return {"checkpoint": str(folder.resolve()), "checkpoint_written_at": read_manifest(folder).get("written_at"),
+            "checkpoint_manifest_sha256": sha256_file(folder / "manifest.json"),
+            "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name")}),
+            "data": str(Path(str(cfg.data.output)).resolve())}
+
+
+def checks(cfg, arch, layout) -> None:
+    from pipelines.validate import section_ranges
+
+    section_ranges(cfg, "eval", arch)
+    if layout is not None:
+        require(int(layout["pipeline"]) == 1, "evaluation runs with pipeline parallel size 1 (any checkpoint "
+                "loads resharded)", "run.stage_parallel.eval / parallel.pipeline")
+
+
+def run(cfg, layout, staging: Path, inputs: dict) -> dict:
+    """Evaluate ``eval.checkpoint`` into ``staging/results.json``; the manifest's fields."""
+    e = cfg.eval
+    folder = Path(str(e.checkpoint))
+    loaded = load_questions(e) if bool(e.mmlu.enabled) else None   # read (and so checked) first
     model, arch = checkpoint.load_model(folder, layout, dtype=layout.compute_dtype)
     model.eval()
     name = str(e.get("name") or folder.name)
@@ -182,18 +183,18 @@ def run_one(cfg) -> dict:
         print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f})",
               flush=True)
     if bool(e.mmlu.enabled):
-        summary = run_mmlu(model, e, tokenizer_dir, arch["vocab_size"], layout, loaded)
+        summary = run_mmlu(model, e, folder / "tokenizer", arch["vocab_size"], layout, loaded)
         results["mmlu"] = summary
         print(f"[eval] {name}: MMLU {int(e.shots)}-shot macro {summary['macro']:.4f} micro "
               f"{summary['micro']:.4f} over {summary['questions']} questions in "
               f"{len(summary['subjects'])} subjects ({summary['seconds']:.1f} s)", flush=True)
-    manifest = {"stage": "eval", "inputs": inputs, "name": name,
-                "mmlu_source": str(e.mmlu.source), "shots": int(e.shots), "limit": e.get("limit"),
-                "val_loss": results.get("val_loss"), "mmlu_macro": results.get("mmlu", {}).get("macro"),
-                "mmlu_micro": results.get("mmlu", {}).get("micro"), "params": results["params"]}
     if layout.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        write_json(output / "results.json", results)
-        write_manifest(output, manifest)
-    torch.distributed.barrier()
-    return manifest
+        write_json(staging / "results.json", results)
+    return {"name": name, "mmlu_source": str(e.mmlu.source), "shots": int(e.shots), "limit": e.get("limit"),
+            "val_loss": results.get("val_loss"), "mmlu_macro": results.get("mmlu", {}).get("macro"),
+            "mmlu_micro": results.get("mmlu", {}).get("micro"), "params": results["params"]}
+
+
+STAGE = Stage(name="eval", output=lambda cfg: Path(str(cfg.eval.output)), inputs=eval_inputs, run=run,
+              checks=checks, source=lambda cfg: Path(str(cfg.eval.checkpoint)), distributed=True,
+              each=each_model)

@@ -1,0 +1,216 @@
+"""The stage contract: what a stage declares, and the one runner that does the rest.
+
+A stage is a :class:`Stage` declared at the bottom of its module. It declares:
+
+- ``checks(cfg, arch, layout)``: its rules on the config, an architecture and a parallel layout
+  (``{"tensor", "pipeline", "context", "data"}``). :func:`pipelines.validate.check` calls them for
+  the whole experiment before anything runs (with ``model.*`` and the planned layouts); the
+  runner calls them again when the stage starts (with the checkpoint the stage reads and the
+  layout it got), so each rule is written once;
+- ``inputs(cfg)``: everything its result depends on. A folder whose manifest holds equal inputs
+  is up to date;
+- ``run(cfg, layout, folder, inputs)``: the work. It fills ``folder`` and returns the manifest's
+  fields.
+
+The runner, :func:`run`, owns, for every stage:
+
+- skip when up to date, and ``force=true``;
+- the folder. A staged stage fills a temporary sibling that is renamed into place. A resumable
+  stage (:class:`Resume`: the logits shards, the training checkpoints) works in its output folder
+  across crashes and requeues, stamped with its inputs so that work of other inputs is never
+  mixed in;
+- the manifest, written last: a folder with one is complete;
+- the runtime: device, dtype and process groups come from the layout
+  (:func:`pipelines.runtime.initialize`), never from the stage.
+
+``run.py`` scripts and the launcher find stages by name in :func:`registry`; the name is the make
+target, the script (``scripts/<name>.py``), the config section and the run folder's prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.artifacts import read_manifest, staged_folder, write_json, write_manifest
+from pipelines.errors import UserError
+
+STAMP = "inputs.json"
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A stage whose partial work survives a restart, in its output folder.
+
+    ``on_change``: what an unfinished folder stamped with other inputs gets: ``refuse`` (stop,
+    naming what changed; ``force=true`` moves the old folder aside, never deleting it) or
+    ``restart`` (clear it: recomputable work). ``grows``: inputs that may change while keeping the
+    partial work (more samples of the same cache).
+    """
+
+    on_change: str = "refuse"
+    grows: tuple[str, ...] = ()
+    stamp: str = STAMP      # where in the folder the stamp lives
+
+
+def _parallel_runtime(cfg):
+    from pipelines import runtime
+
+    return runtime.initialize(cfg.parallel)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    output: Callable[[Any], Path]
+    inputs: Callable[[Any], dict | None]       # None: always runs, writes no manifest (the report)
+    run: Callable[[Any, Any, Path, dict], dict]
+    checks: Callable[[Any, dict | None, dict | None], None] | None = None
+    source: Callable[[Any], Path] | None = None   # the checkpoint whose architecture checks() sees
+    runtime: Callable[[Any], Any] | None = _parallel_runtime   # None: host only, no process group
+    resume: Resume | None = None
+    replaces: bool = True          # False: an output holding another result is refused, not replaced
+    # for the launcher (pipelines.launch)
+    per_student: bool = False      # runs once per run.students entry, with prune=<student>
+    distributed: bool = False      # runs one process per GPU (torchrun / srun)
+    model_parallel_only: bool = False   # as many processes as its model-parallel layout, no more
+    each: Callable[[Any], list] | None = None   # one config per item (eval.model=all: every model)
+
+    @property
+    def script(self) -> str:
+        return f"scripts/{self.name}.py"
+
+
+def registry() -> dict[str, Stage]:
+    """Every stage, by name, in pipeline order."""
+    from pipelines import convert, data, distill, logits, prune, report
+    from pipelines import eval as evaluation
+
+    stages = (data.STAGE, convert.IMPORT, distill.CORRECT, prune.STAGE, logits.STAGE, distill.STAGE,
+              evaluation.STAGE, report.STAGE, convert.EXPORT)
+    return {stage.name: stage for stage in stages}
+
+
+def get(name: str) -> Stage:
+    stages = registry()
+    if name not in stages:
+        raise UserError(f"unknown stage {name!r}; one of {', '.join(stages)} or pipeline", "STAGE")
+    return stages[name]
+
+
+def layout_sizes(layout) -> dict | None:
+    """The parallel sizes :attr:`Stage.checks` sees, from an initialized runtime layout."""
+    if layout is None:
+        return None
+    return {"tensor": layout.tensor_parallel, "pipeline": layout.pipeline_parallel,
+            "context": layout.context_parallel, "data": layout.data_parallel}
+
+
+def run_all(stage: Stage | str, cfg) -> list[dict]:
+    """What a stage script does: :func:`run` once, or once per item of ``stage.each``."""
+    stage = get(stage) if isinstance(stage, str) else stage
+    return [run(stage, one) for one in (stage.each(cfg) if stage.each else [cfg])]
+
+
+def run(stage: Stage | str, cfg) -> dict:
+    """Run ``stage`` on ``cfg`` unless its output is up to date; returns its manifest."""
+    stage = get(stage) if isinstance(stage, str) else stage
+    output = Path(str(stage.output(cfg)))
+    inputs = stage.inputs(cfg)
+    force = bool(cfg.get("force", False))
+    done = read_manifest(output) if output.is_dir() else None
+    if inputs is not None and done is not None and done.get("inputs") == inputs and not force:
+        print(f"[{stage.name}] {output} is up to date; skipping (force=true reruns)", flush=True)
+        return done
+    if not stage.replaces and not force:
+        _refuse_other(stage, output, done)
+    layout = stage.runtime(cfg) if stage.runtime else None
+    is_main = layout is None or layout.is_main
+    barrier = _barrier if layout is not None else None
+    if stage.checks:
+        arch = None
+        if stage.source:
+            from pipelines import checkpoint
+
+            arch, _ = checkpoint.read_architecture(Path(str(stage.source(cfg))))
+        stage.checks(cfg, arch, layout_sizes(layout))
+    if inputs is None:
+        return stage.run(cfg, layout, output, None)
+    if stage.resume:
+        _open_in_place(stage, output, inputs, done, force, is_main)
+        if barrier:
+            barrier()
+        fields = stage.run(cfg, layout, output, inputs)
+        manifest = {"stage": stage.name, "inputs": inputs, **fields}
+        if is_main:
+            write_manifest(output, manifest)
+    else:
+        with staged_folder(output, is_main, barrier) as folder:
+            fields = stage.run(cfg, layout, folder, inputs)
+            manifest = {"stage": stage.name, "inputs": inputs, **fields}
+            if is_main:
+                write_manifest(folder, manifest)
+    if barrier:
+        barrier()
+    return manifest
+
+
+def _barrier() -> None:
+    import torch
+
+    torch.distributed.barrier()
+
+
+def _refuse_other(stage: Stage, output: Path, done: dict | None) -> None:
+    """An output folder named by hand that holds something else is never replaced silently."""
+    key = f"{stage.name}.output"
+    if done is not None:
+        raise UserError(f"output folder {output} already holds a different {stage.name} result (made "
+                        f"from {done.get('source')}); choose another output, or force=true to replace it", key)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"output folder {output} exists and holds no {stage.name} result; choose "
+                        "another or remove it", key)
+
+
+def changed_inputs(previous: dict, current: dict) -> list[str]:
+    """Names of what differs between two stamps: ``settings`` by key, other inputs by name."""
+    changed = [key for key in current if key != "settings" and previous.get(key) != current.get(key)]
+    old, new = previous.get("settings") or {}, current.get("settings") or {}
+    changed += [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return changed
+
+
+def _open_in_place(stage: Stage, output: Path, inputs: dict, done: dict | None, force: bool,
+                   is_main: bool) -> None:
+    """Make ``output`` hold only partial work of these ``inputs``; stamp it (main rank writes).
+
+    Every rank reads the same stamp and reaches the same decision, so a refusal stops them all.
+    """
+    policy = stage.resume
+    stamp = {key: value for key, value in inputs.items() if key not in policy.grows}
+    path = output / policy.stamp
+    previous = json.loads(path.read_text()) if path.exists() else None
+    stale = output.exists() and (force or (previous is not None and previous != stamp))
+    if previous is not None and previous != stamp and done is None and not force and policy.on_change == "refuse":
+        changed = changed_inputs(previous, stamp)
+        settings = stamp.get("settings") or {}
+        key = next((f"{stage.name}.{name}" for name in changed if name in settings), "FORCE")
+        raise UserError(f"the unfinished {stage.name} state in {output} was written with other inputs "
+                        f"({', '.join(changed)} changed); put them back to resume it, or rerun with "
+                        "force=true (FORCE=1) to start over: the old state is moved aside, not deleted", key)
+    if not is_main:
+        return
+    if stale and policy.on_change == "refuse":  # a finished run redone, or force: keep the old state
+        aside = output.with_name(f".{output.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(output, aside)
+        print(f"[{stage.name}] the previous state is kept in {aside}", flush=True)
+    elif stale:
+        shutil.rmtree(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (output / "manifest.json").unlink(missing_ok=True)
+    write_json(path, stamp)
