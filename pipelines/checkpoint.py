@@ -188,7 +188,7 @@ def load_model(folder: Path, layout, dtype: torch.dtype | None = None, host: boo
     model_lib.validate(arch, layout.tensor_parallel, layout.pipeline_parallel)
     config = model_lib.transformer_config(arch, dtype or stored_dtype, layout.tensor_parallel,
                                           layout.pipeline_parallel, layout.context_parallel,
-                                          host=host, **config_overrides)
+                                          device="cpu" if host else layout.device, **config_overrides)
     model = model_lib.build(arch, config, initialize=False, purpose="host" if host else purpose)
     load_weights(model, folder)
     return model.to(torch.device("cpu") if host else layout.device), arch

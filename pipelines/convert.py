@@ -100,7 +100,7 @@ def import_checkpoint(cfg, layout, staging: Path, inputs: dict) -> dict:
     dtype = reader.get("model.norm.weight").dtype
     # Built and filled in host memory with the local spec on any node (an 8B model fits; the
     # reader fills host tensors); the checkpoint keys are the TE spec's all the same.
-    config = model_lib.transformer_config(arch, dtype, host=True)
+    config = model_lib.transformer_config(arch, dtype, device="cpu")
     model = model_lib.build(arch, config, initialize=False, purpose="host")
     parameters = dict(model.named_parameters())
     on_device = [name for name, parameter in parameters.items() if parameter.device.type != "cpu"]

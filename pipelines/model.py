@@ -114,16 +114,18 @@ def gpu_fusions(on_gpu: bool) -> dict:
 
 
 def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_parallel: int = 1,
-                       pipeline_parallel: int = 1, context_parallel: int = 1, host: bool = False,
+                       pipeline_parallel: int = 1, context_parallel: int = 1, device: torch.device | str = "cpu",
                        **overrides):
     """megatron ``TransformerConfig`` for a Llama architecture (RMSNorm, SwiGLU, RoPE, GQA).
 
-    ``host``: build in host memory with plain torch kernels, whatever the node has (import and
-    export: an 8B model fits in host memory, and the safetensors reader fills host tensors).
+    ``device``: where the model will live, from the runtime layout (``layout.device``), never
+    guessed here. ``cpu`` builds in host memory with plain torch kernels, whatever the node has
+    (import and export: an 8B model fits in host memory, and the safetensors reader fills host
+    tensors); ``cuda`` initializes on the GPU with its fused kernels.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    on_gpu = torch.cuda.is_available() and not host
+    on_gpu = torch.device(device).type == "cuda"
     fused = gpu_fusions(on_gpu)
     kwargs = dict(
         num_layers=arch["num_layers"],
@@ -179,8 +181,8 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str
     """A ``GPTModel`` holding this process's share of the model, for the current layout.
 
     ``initialize=False`` leaves weights uninitialized (for loading: no time spent on random init).
-    ``purpose`` picks the layer spec (:func:`pipelines.runtime.layer_spec`); a config made with
-    ``host=True`` goes with ``purpose="host"``.
+    ``purpose`` picks the layer spec (:func:`pipelines.runtime.layer_spec`); ``purpose="host"``
+    goes with a config made for ``device="cpu"``.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel

@@ -99,7 +99,7 @@ def drop_layers(model, arch, drop: list[int], layout):
     kept = [number for number in range(arch["num_layers"]) if number not in set(drop)]
     new_arch = {**arch, "num_layers": len(kept)}
     config = model_lib.transformer_config(new_arch, model.config.params_dtype, layout.tensor_parallel,
-                                          layout.pipeline_parallel, layout.context_parallel)
+                                          layout.pipeline_parallel, layout.context_parallel, layout.device)
     pruned = model_lib.build(new_arch, config, initialize=False)
     pruned.to(next(model.parameters()).device)
     state = {}

@@ -61,8 +61,8 @@ def test_import_and_export_build_on_the_host_even_on_a_gpu_node(monkeypatch):
     calls = []
     monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec",
                         lambda *a, **k: calls.append("te"))
-    assert model_lib.transformer_config(arch, torch.float32, host=True).use_cpu_initialization
-    assert not model_lib.transformer_config(arch, torch.float32).use_cpu_initialization
+    assert model_lib.transformer_config(arch, torch.float32, device="cpu").use_cpu_initialization
+    assert not model_lib.transformer_config(arch, torch.float32, device="cuda").use_cpu_initialization
     runtime.layer_spec("host")
     assert calls == []
     runtime.layer_spec("train")
@@ -76,7 +76,7 @@ def test_gpu_config_without_te_builds_and_trains_in_bf16(cpu_runtime, monkeypatc
     arch = model_lib.architecture(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(runtime, "transformer_engine_available", lambda: False)
-    config = model_lib.transformer_config(arch, torch.bfloat16)
+    config = model_lib.transformer_config(arch, torch.bfloat16, device="cuda")
     monkeypatch.undo()
     assert config.bias_activation_fusion and not config.persist_layer_norm and not config.masked_softmax_fusion
     config.use_cpu_initialization = True  # the parameters on this machine's host
