@@ -46,7 +46,7 @@ def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher
     from pipelines.data import TokenWindows
 
     reports = [stage.run("prune", prune_cfg(trained_teacher, tiny_data, tmp_path / f"d{i}", "depth",
-                                   "prune.target_num_layers=2", f"prune.criterion={criterion}"))
+                                   "prune.target_num_layers=2", f"prune.criterion={criterion}"))["report"]
                for i, criterion in enumerate(["loss", "loss", "block_influence"])]
     assert reports[0]["importance"] == reports[1]["importance"]
     assert list(reports[0]["importance"]) == ["0-1", "1-2", "2-3"]

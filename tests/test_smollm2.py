@@ -40,13 +40,11 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     report = stage.run("prune", compose("pipeline", [
         "prune=depth", f"prune.source={tmp_path / 'ckpt'}", f"prune.output={tmp_path / 'depth'}",
         "prune.target_num_layers=20", f"data.output={data}", "prune.eval_samples=16",
-        "prune.calib_samples=16", "prune.sequence_length=256"]))
+        "prune.calib_samples=16", "prune.sequence_length=256"]))["report"]
     assert len(report["importance"]) == 21 and len(report["removed"]["layers"]) == 10
     convert.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "depth_hf").config.num_hidden_layers == 20
     # the eval stage on the real checkpoint: a few MMLU subjects, 5-shot, and the validation loss
-    from pipelines import stage
-
     manifest = stage.run("eval", compose("pipeline", [
         f"eval.model={tmp_path / 'ckpt'}", f"eval.output={tmp_path / 'eval'}", f"data.output={data}",
         "eval.limit=5", "eval.mmlu.subjects=[astronomy,high_school_biology]", "eval.val_samples=8"]))
