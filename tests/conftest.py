@@ -83,6 +83,9 @@ def cpu_runtime():
     return runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
 
 
+# the demo's model at the tiny corpus's vocabulary (its BPE has 300 tokens)
+TINY_RUN = ["model=tiny", "model.vocab_size=300", "run.name=tiny", "run.random_teacher=true"]
+
 WORDS = ("the of and to a in that was her it his she had you with for not be as he at by on "
          "letter sister mother father house morning evening walk dinner ball marriage fortune "
          "friend family garden carriage visit manner temper opinion feeling reason").split()
@@ -119,48 +122,27 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
-    """An imported random tiny Llama (4 layers) with the tiny corpus's tokenizer."""
-    import shutil
+    """The demo's model (configs/model/tiny.yaml: 4 layers, hidden 64, GQA), random weights, with
+    the tiny corpus's 300-token tokenizer: imported by the import stage as the demo imports its
+    teacher (``run.random_teacher``). Its Hugging Face folder is ``<parent>/random_hf``."""
+    from pipelines import stage
 
-    from pipelines import convert
-
-    folder = tmp_path_factory.mktemp("teacher")
-    hf = make_hf_llama(folder / "hf", num_hidden_layers=4)
-    for file in (tiny_data / "tokenizer").iterdir():
-        shutil.copy(file, hf / file.name)
-    convert.import_hf(import_cfg(hf, folder / "ckpt"))
-    return folder / "ckpt"
+    runs = tmp_path_factory.mktemp("teacher")
+    stage.run("import", compose("pipeline", [*TINY_RUN, f"paths.runs={runs}", f"data.output={tiny_data}"]))
+    return runs / "tiny" / "import"
 
 
 @pytest.fixture(scope="session")
 def trained_teacher(tmp_path_factory, tiny_teacher, tiny_data) -> Path:
-    """The tiny teacher after 150 AdamW steps on the tiny corpus (plain torch loop, CPU)."""
-    import shutil
+    """The tiny teacher after 150 steps on the tiny corpus with the project's own loop: the
+    correct stage (distill with no teacher), as the demo pre-trains its teacher."""
+    from pipelines import stage
 
-    import torch.nn.functional as F
-
-    from pipelines import checkpoint, runtime
-    from pipelines.artifacts import write_manifest
-    from pipelines.data import TokenWindows
-    from pipelines.model import forward_logits
-
-    layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
-    model, arch = checkpoint.load_model(tiny_teacher, layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    windows = TokenWindows(tiny_data, "train", 64)
-    batches = list(windows.batches(8))
-    model.train()
-    for step in range(150):
-        batch = batches[step % len(batches)]
-        logits = forward_logits(model, batch[:, :-1])[..., : arch["vocab_size"]]
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
     folder = tmp_path_factory.mktemp("trained") / "ckpt"
-    folder.mkdir()
-    checkpoint.save_weights(model, folder)
-    checkpoint.write_architecture(folder, arch, torch.float32)
-    shutil.copytree(tiny_teacher / "tokenizer", folder / "tokenizer")
-    write_manifest(folder, {"stage": "test-train", "final_loss": loss.item()})
+    stage.run("correct", compose("pipeline", [
+        *TINY_RUN, f"data.output={tiny_data}", f"correct.student={tiny_teacher}", f"correct.output={folder}",
+        "correct.train_steps=150", "correct.lr=3e-3", "correct.min_lr=3e-4", "correct.warmup_steps=5",
+        "correct.sequence_length=64", "correct.global_batch_size=8", "correct.micro_batch_size=8",
+        "correct.eval_interval=0", "correct.save_interval=0", "correct.log_interval=50",
+        "correct.eval_samples=8"]))
     return folder

@@ -161,7 +161,7 @@ def test_another_run_with_the_same_teacher_content_reuses_the_shards(tmp_path, t
     from conftest import import_cfg
 
     again = tmp_path / "other" / "teacher"
-    convert.import_hf(import_cfg(tiny_teacher.parent / "hf", again))
+    convert.import_hf(import_cfg(tiny_teacher.parent / "random_hf", again))
     assert checkpoint.content_id(again) == checkpoint.content_id(tiny_teacher)
     runs = tmp_path / "runs"
     first, second = runs / "a" / "logits", runs / "b" / "logits"

@@ -30,7 +30,7 @@ def test_explicit_drop_layers_equals_model_without_them(tmp_path, tiny_teacher, 
     assert arch["num_layers"] == 2
     with torch.no_grad():
         ours = forward_logits(model.eval(), tokens())[..., :300]
-    reference = LlamaForCausalLM.from_pretrained(tiny_teacher.parent / "hf").eval()
+    reference = LlamaForCausalLM.from_pretrained(tiny_teacher.parent / "random_hf").eval()
     reference.model.layers = torch.nn.ModuleList([reference.model.layers[i] for i in (0, 3)])
     reference.config.num_hidden_layers = 2
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher
 
 def test_width_to_the_same_shape_keeps_logits(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
     stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "same", "width",
-                        "prune.target.hidden_size=64", "prune.target.ffn_hidden_size=160",
+                        "prune.target.hidden_size=64", "prune.target.ffn_hidden_size=192",
                         "prune.target.num_attention_heads=4"))
     teacher, _ = checkpoint.load_model(tiny_teacher, cpu_runtime)
     pruned, _ = checkpoint.load_model(tmp_path / "same", cpu_runtime)
