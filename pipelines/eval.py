@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines import checkpoint, mmlu
+from pipelines import checkpoint, corpus_task, mmlu
 from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json
 from pipelines.data import TokenWindows
 from pipelines.errors import require
@@ -93,19 +93,35 @@ def mmlu_requests(eval_cfg, tokenizer_dir: Path, max_length: int, loaded=None):
     return questions, requests, encoder
 
 
-def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout, loaded=None) -> dict:
+def choose(model, requests, batch_tokens: int, vocab_size: int, layout) -> list[int]:
+    """The most likely continuation of each request, scored over the data-parallel ranks."""
     from megatron.core import parallel_state
 
-    questions, requests, encoder = mmlu_requests(eval_cfg, tokenizer_dir, int(eval_cfg.max_length), loaded)
-    started = time.perf_counter()
-    mine = loglikelihoods(lambda t: local_logits(model, layout.place(t)), requests,
-                          int(eval_cfg.batch_tokens), vocab_size,
+    mine = loglikelihoods(lambda t: local_logits(model, layout.place(t)), requests, batch_tokens, vocab_size,
                           parallel_state.get_data_parallel_rank(), layout.data_parallel,
                           parallel_state.get_tensor_model_parallel_group())
     gathered = [None] * layout.data_parallel
     torch.distributed.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
     scores = {k: v for part in gathered for k, v in part.items()}
-    predictions = [max(range(4), key=lambda c: scores[i][c]) for i in range(len(questions))]
+    return [max(range(len(scores[i])), key=lambda c: scores[i][c]) for i in range(len(requests))]
+
+
+def run_corpus_task(model, eval_cfg, data: Path, vocab_size: int, layout) -> dict:
+    """The corpus multiple-choice task (:mod:`pipelines.corpus_task`)."""
+    c = eval_cfg.corpus
+    started = time.perf_counter()
+    built = corpus_task.questions(data, int(c.questions), int(c.context_tokens), int(c.continuation_tokens),
+                                  int(c.seed))
+    predictions = choose(model, [(context, choices) for context, choices, _ in built],
+                         int(eval_cfg.batch_tokens), vocab_size, layout)
+    summary = corpus_task.summarize([p == answer for p, (_, _, answer) in zip(predictions, built)])
+    return {**summary, "seconds": time.perf_counter() - started, "predictions": predictions}
+
+
+def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout, loaded=None) -> dict:
+    questions, requests, encoder = mmlu_requests(eval_cfg, tokenizer_dir, int(eval_cfg.max_length), loaded)
+    started = time.perf_counter()
+    predictions = choose(model, requests, int(eval_cfg.batch_tokens), vocab_size, layout)
     summary = mmlu.summarize([q.subject for q in questions],
                              [p == q.answer for p, q in zip(predictions, questions)])
     summary.update(seconds=time.perf_counter() - started, single_token_answers=encoder.single_token,
@@ -188,11 +204,17 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         print(f"[eval] {name}: MMLU {int(e.shots)}-shot macro {summary['macro']:.4f} micro "
               f"{summary['micro']:.4f} over {summary['questions']} questions in "
               f"{len(summary['subjects'])} subjects ({summary['seconds']:.1f} s)", flush=True)
+    if bool(e.corpus.enabled):
+        corpus = run_corpus_task(model, e, Path(str(cfg.data.output)), arch["vocab_size"], layout)
+        results["corpus"] = corpus
+        print(f"[eval] {name}: corpus task {corpus['accuracy']:.4f} ± {corpus['se']:.4f} over "
+              f"{corpus['questions']} questions (chance 0.25) ({corpus['seconds']:.1f} s)", flush=True)
     if layout.is_main:
         write_json(staging / "results.json", results)
     return {"name": name, "mmlu_source": str(e.mmlu.source), "shots": int(e.shots), "limit": e.get("limit"),
             "val_loss": results.get("val_loss"), "mmlu_macro": results.get("mmlu", {}).get("macro"),
-            "mmlu_micro": results.get("mmlu", {}).get("micro"), "params": results["params"]}
+            "mmlu_micro": results.get("mmlu", {}).get("micro"),
+            "corpus_accuracy": results.get("corpus", {}).get("accuracy"), "params": results["params"]}
 
 
 STAGE = Stage(name="eval", output=lambda cfg: Path(str(cfg.eval.output)), inputs=eval_inputs, run=run,

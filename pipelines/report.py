@@ -9,6 +9,11 @@ Reads ``runs/<name>/eval/*/results.json`` and each student's distillation metric
 are also under ``pruned`` and ``distilled`` and ``recovery`` is that student's number.
 ``gap_closed`` is the share of the pruning loss gap closed by distillation:
 (pruned − distilled) / (pruned − teacher) on validation loss.
+
+Every MMLU score carries its standard error (``mmlu_se``) and question count. A score within two
+standard errors of chance (0.25, the error computed at chance) is marked ``mmlu_at_chance``.
+Recovery is stated only where the teacher is clearly above chance (by more than two standard
+errors); otherwise it is ``None`` and ``recovery_note`` says why it is not measurable.
 """
 
 from __future__ import annotations
@@ -21,8 +26,42 @@ from pipelines.errors import require
 from pipelines.stage import Stage
 
 
+CHANCE = 0.25  # four answer letters
+
+
 def _ratio(numerator, denominator):
     return numerator / denominator if numerator is not None and denominator else None
+
+
+def macro_standard_error(accuracy: float, counts: list[int]) -> float | None:
+    """Standard error of a macro average (the mean over subjects of per-subject accuracies) when
+    every question is right with probability ``accuracy``: sqrt(p(1 − p) · Σ 1/n_s) / S."""
+    if not counts:
+        return None
+    return (accuracy * (1 - accuracy) * sum(1 / n for n in counts)) ** 0.5 / len(counts)
+
+
+def mmlu_statistics(mmlu: dict) -> dict:
+    """Standard error and the at-chance mark of one model's MMLU summary (``pipelines.mmlu``)."""
+    if not mmlu:
+        return {"mmlu_se": None, "mmlu_chance_se": None, "mmlu_at_chance": None}
+    counts = list((mmlu.get("counts") or {}).values())
+    if not counts and mmlu.get("subjects"):  # results written before per-subject counts
+        counts = [mmlu["questions"] / len(mmlu["subjects"])] * len(mmlu["subjects"])
+    # the spread at the observed micro accuracy (per-subject accuracies of 0 or 1 on a few
+    # questions would claim no spread), and the spread a guesser would have, for the chance test
+    se = macro_standard_error(mmlu.get("micro", mmlu["macro"]), counts)
+    at_chance_se = macro_standard_error(CHANCE, counts)
+    at_chance = at_chance_se is None or abs(mmlu["macro"] - CHANCE) <= 2 * at_chance_se
+    return {"mmlu_se": se, "mmlu_chance_se": at_chance_se, "mmlu_at_chance": at_chance}
+
+
+def corpus_statistics(corpus: dict | None) -> dict:
+    """The corpus task's score, error and at-chance mark (:func:`pipelines.corpus_task.summarize`)."""
+    corpus = corpus or {}
+    return {"corpus": corpus.get("accuracy"), "corpus_se": corpus.get("se"),
+            "corpus_chance_se": corpus.get("chance_se"), "corpus_at_chance": corpus.get("at_chance"),
+            "corpus_questions": corpus.get("questions")}
 
 
 def collect(run_dir: Path) -> tuple[dict, dict, dict]:
@@ -34,7 +73,8 @@ def collect(run_dir: Path) -> tuple[dict, dict, dict]:
         mmlu = result.get("mmlu") or {}
         entries[name] = {"params": result["params"], "val_loss": result.get("val_loss"),
                          "mmlu": mmlu.get("macro"), "mmlu_micro": mmlu.get("micro"),
-                         "mmlu_questions": mmlu.get("questions"), "checkpoint": result["checkpoint"]}
+                         "mmlu_questions": mmlu.get("questions"), "checkpoint": result["checkpoint"],
+                         **mmlu_statistics(mmlu), **corpus_statistics(result.get("corpus"))}
         subjects[name] = mmlu.get("subjects", {})
     for folder in sorted(run_dir.glob("distill_*")):
         metrics = folder / "train" / "metrics.jsonl"
@@ -48,22 +88,60 @@ def summarize(entries: dict) -> dict:
     students = sorted({name.split("_", 1)[1] for name in entries if name.startswith(("pruned_", "distilled_"))})
     teacher = entries.get("teacher", {})
     report = dict(entries)
-    recovery, gap_closed = {}, {}
+    recovery, recovery_se, gap_closed = {}, {}, {}
+    corpus, corpus_se = {}, {}
+    note, corpus_note = recovery_note(teacher, "mmlu"), recovery_note(teacher, "corpus")
     for student in students:
         pruned, distilled = entries.get(f"pruned_{student}", {}), entries.get(f"distilled_{student}", {})
-        recovery[student] = _ratio(distilled.get("mmlu"), teacher.get("mmlu"))
+        recovery[student], recovery_se[student] = _recovery(distilled, teacher, "mmlu", note)
+        corpus[student], corpus_se[student] = _recovery(distilled, teacher, "corpus", corpus_note)
         if None not in (pruned.get("val_loss"), distilled.get("val_loss"), teacher.get("val_loss")):
             gap_closed[student] = _ratio(pruned["val_loss"] - distilled["val_loss"],
                                          pruned["val_loss"] - teacher["val_loss"])
     report["students"] = students
+    report["recovery_note"], report["corpus_recovery_note"] = note, corpus_note
     if len(students) == 1:
         only = students[0]
         report["pruned"] = entries.get(f"pruned_{only}")
         report["distilled"] = entries.get(f"distilled_{only}")
         report["recovery"], report["gap_closed"] = recovery.get(only), gap_closed.get(only)
+        report["recovery_se"] = recovery_se.get(only)
+        report["corpus_recovery"], report["corpus_recovery_se"] = corpus.get(only), corpus_se.get(only)
     else:
-        report["recovery"], report["gap_closed"] = recovery, gap_closed
+        report["recovery"], report["gap_closed"], report["recovery_se"] = recovery, gap_closed, recovery_se
+        report["corpus_recovery"], report["corpus_recovery_se"] = corpus, corpus_se
     return report
+
+
+METRICS = {"mmlu": "MMLU", "corpus": "corpus-task"}
+
+
+def recovery_note(teacher: dict, metric: str = "mmlu") -> str | None:
+    """Why recovery on ``metric`` (``mmlu``, ``corpus``) cannot be measured (``None`` when it can):
+    no teacher score, or a teacher not clearly above chance, where a ratio to it is noise."""
+    if teacher.get(metric) is None:
+        return f"not measurable: the teacher has no {METRICS[metric]} score"
+    chance_se = teacher.get(f"{metric}_chance_se")
+    if chance_se is None or teacher[metric] <= CHANCE + 2 * chance_se:
+        return (f"not measurable at this size: the teacher scores {teacher[metric]:.4f} ± "
+                f"{teacher.get(f'{metric}_se') or 0:.4f} on {teacher[f'{metric}_questions']} {METRICS[metric]} "
+                f"questions, not clearly above chance ({CHANCE}, two standard errors); a ratio to it would say "
+                "nothing")
+    return None
+
+
+def _recovery(distilled: dict, teacher: dict, metric: str, note: str | None) -> tuple:
+    """``(distilled / teacher, its standard error)`` on ``metric``, or ``(None, None)`` with a ``note``.
+
+    The error is the delta method's, the two scores taken as independent (on the same questions
+    they are correlated, which makes it conservative)."""
+    d, t = distilled.get(metric), teacher.get(metric)
+    if note is not None or d is None or not t:
+        return None, None
+    d_se, t_se = distilled.get(f"{metric}_se"), teacher.get(f"{metric}_se")
+    if d_se is None or t_se is None or not d:
+        return d / t, None
+    return d / t, d / t * ((d_se / d) ** 2 + (t_se / t) ** 2) ** 0.5
 
 
 def _fmt(value, pattern):
@@ -73,28 +151,51 @@ def _fmt(value, pattern):
 def markdown(report: dict, name: str) -> str:
     teacher = report.get("teacher", {})
     lines = [f"# Recovery report: {name}", "",
-             "| model | parameters | MMLU (macro) | MMLU / teacher | validation loss |",
-             "|---|---:|---:|---:|---:|"]
+             "| model | parameters | MMLU (macro) ± s.e. | MMLU / teacher | corpus task ± s.e. | corpus / teacher "
+             "| validation loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     order = ["teacher"] + [f"{kind}_{s}" for s in report["students"] for kind in ("pruned", "distilled")]
+    notes = {"mmlu": report.get("recovery_note"), "corpus": report.get("corpus_recovery_note")}
     for model in order:
         entry = report.get(model)
         if not entry:
             continue
-        lines.append(f"| {model} | {entry['params'] / 1e6:,.2f} M | {_fmt(entry['mmlu'], '.4f')} | "
-                     f"{_fmt(_ratio(entry['mmlu'], teacher.get('mmlu')), '.1%')} | "
-                     f"{_fmt(entry['val_loss'], '.4f')} |")
-    recovery, gap = report["recovery"], report["gap_closed"]
-    if not isinstance(recovery, dict):
-        recovery, gap = {report["students"][0]: recovery}, {report["students"][0]: gap}
+        cells = []
+        for metric in ("mmlu", "corpus"):
+            score = _fmt(entry.get(metric), ".4f")
+            if entry.get(f"{metric}_se") is not None:
+                score += f" ± {entry[f'{metric}_se']:.4f}" + (" (at chance)" if entry.get(f"{metric}_at_chance") else "")
+            share = _fmt(_ratio(entry.get(metric), teacher.get(metric)), ".1%") if notes[metric] is None else "–"
+            cells += [score, share]
+        lines.append(f"| {model} | {entry['params'] / 1e6:,.2f} M | {' | '.join(cells)} | {_fmt(entry['val_loss'], '.4f')} |")
+    first = report["students"][0] if report["students"] else None
+
+    def per_student(key):
+        value = report.get(key)
+        return (value if isinstance(value, dict) else {first: value}) if value is not None else {}
+
+    gap = per_student("gap_closed")
     lines.append("")
     for student in report["students"]:
-        lines.append(f"- **{student}**: MMLU recovery {_fmt(recovery.get(student), '.1%')} of the teacher; "
-                     f"distillation closed {_fmt(gap.get(student), '.1%')} of the validation-loss gap "
-                     "that pruning opened.")
+        stated = []
+        for metric, key in (("mmlu", "recovery"), ("corpus", "corpus_recovery")):
+            if notes[metric] is None and per_student(key).get(student) is not None:
+                text = f"{METRICS[metric]} recovery {per_student(key)[student]:.1%}"
+                if per_student(f"{key}_se").get(student) is not None:
+                    text += f" ± {per_student(f'{key}_se')[student]:.1%}"
+                stated.append(text)
+            else:
+                stated.append(f"{METRICS[metric]} recovery not measurable (below)")
+        lines.append(f"- **{student}**: {'; '.join(stated)}; distillation closed {_fmt(gap.get(student), '.1%')} "
+                     "of the validation-loss gap that pruning opened.")
+    for metric, note in notes.items():
+        if note is not None:
+            lines += ["", f"{METRICS[metric][0].upper() + METRICS[metric][1:]} recovery is {note}."]
     questions = teacher.get("mmlu_questions")
     if questions:
-        lines += ["", f"MMLU over {questions} questions per model; see eval/*/results.json for per-subject "
-                  "accuracy, and report.png for the picture."]
+        lines += ["", f"MMLU over {questions} questions per model (± one standard error; \"at chance\": within two "
+                  f"standard errors of {CHANCE}); see eval/*/results.json for per-subject accuracy, and "
+                  "report.png for the picture."]
     return "\n".join(lines) + "\n"
 
 
@@ -128,19 +229,24 @@ def plot(report: dict, subjects: dict, curves: dict, path: Path, name: str) -> N
     ax.legend(loc="lower right", fontsize=8)
     ax = figure.add_subplot(grid[0, 1])
     xs = range(len(models))
-    ax.bar(xs, [report[m]["mmlu"] or 0 for m in models], color=[colors[m] for m in models])
+    ax.bar(xs, [report[m]["mmlu"] or 0 for m in models], color=[colors[m] for m in models],
+           yerr=[2 * (report[m].get("mmlu_se") or 0) for m in models], capsize=4)
     for x, model in zip(xs, models):
         entry = report[model]
-        ax.text(x, (entry["mmlu"] or 0) + 0.01, f"{_fmt(entry['mmlu'], '.3f')}\nloss {_fmt(entry['val_loss'], '.2f')}\n"
+        ax.text(x, (entry["mmlu"] or 0) + 2 * (entry.get("mmlu_se") or 0) + 0.01, f"{_fmt(entry['mmlu'], '.3f')}\nloss {_fmt(entry['val_loss'], '.2f')}\n"
                 f"{entry['params'] / 1e6:.2f}M", ha="center", va="bottom", fontsize=8)
     ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(list(xs), models, rotation=20, fontsize=8)
-    ax.set_ylabel("MMLU (macro average)")
-    ax.set_ylim(0, max([0.3] + [(report[m]["mmlu"] or 0) + 0.15 for m in models]))
+    ax.set_ylabel("MMLU (macro average, ± 2 s.e.)")
+    ax.set_ylim(0, max([0.3] + [(report[m]["mmlu"] or 0) + 2 * (report[m].get("mmlu_se") or 0) + 0.15
+                                for m in models]))
     recovery = report["recovery"]
     recovery = recovery if isinstance(recovery, dict) else {report["students"][0]: recovery}
-    ax.set_title("Recovery (distilled MMLU / teacher MMLU): " +
-                 ", ".join(f"{s} {_fmt(v, '.1%')}" for s, v in recovery.items()), fontsize=10)
+    if report.get("recovery_note") is None:
+        ax.set_title("Recovery (distilled MMLU / teacher MMLU): " +
+                     ", ".join(f"{s} {_fmt(v, '.1%')}" for s, v in recovery.items()), fontsize=10)
+    else:
+        ax.set_title("Recovery not measurable: the teacher is not clearly above chance (2 s.e.)", fontsize=10)
     ax = figure.add_subplot(grid[1, 1])
     losses = [report[m]["val_loss"] or 0 for m in models]
     ax.bar(xs, losses, color=[colors[m] for m in models])

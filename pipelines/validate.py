@@ -163,6 +163,10 @@ def section_ranges(cfg, stage: str, teacher: dict) -> None:
             _positive(int(cfg.eval[key]), f"eval.{key}", inclusive=True)
         for key in ("batch_tokens", "max_length", "batch_size", "sequence_length"):
             _positive(int(cfg.eval[key]), f"eval.{key}", 1, inclusive=True)
+        corpus = cfg.eval.corpus
+        for key in ("questions", "context_tokens", "continuation_tokens"):
+            _positive(int(corpus[key]), f"eval.corpus.{key}", 1, inclusive=True)
+        _positive(int(corpus.seed), "eval.corpus.seed", inclusive=True)
         if cfg.eval.get("limit") is not None:
             _positive(int(cfg.eval.limit), "eval.limit", 1, inclusive=True)
 

@@ -98,3 +98,30 @@ def test_answers_do_not_depend_on_batch_size_or_padding(trained_teacher, cpu_run
     # two data-parallel ranks' shares cover every request once
     halves = [loglikelihoods(forward, requests, 2000, arch["vocab_size"], rank, 2) for rank in (0, 1)]
     assert not halves[0].keys() & halves[1].keys() and halves[0].keys() | halves[1].keys() == one.keys()
+
+
+def test_corpus_task_questions_are_held_out_and_seeded(tiny_data):
+    """Each question is a passage of a valid-split document and its true next tokens (at the seeded
+    answer position), against spans of other valid documents; the same seed gives the same task."""
+    import numpy as np
+
+    from pipelines import corpus_task
+
+    built = corpus_task.questions(tiny_data, 30, 24, 6, seed=0)
+    assert built == corpus_task.questions(tiny_data, 30, 24, 6, seed=0)
+    assert built != corpus_task.questions(tiny_data, 30, 24, 6, seed=1)
+    valid = np.memmap(tiny_data / "valid.bin", dtype=np.int32, mode="r").tolist()
+    train = np.memmap(tiny_data / "train.bin", dtype=np.int32, mode="r").tolist()
+
+    def occurs(needle, haystack):
+        return any(haystack[i:i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1))
+
+    answers = set()
+    for context, choices, answer in built[:10]:
+        assert len(context) == 24 and [len(c) for c in choices] == [6] * 4
+        assert occurs(context + choices[answer], valid)       # the true continuation, in place
+        assert not occurs(context + choices[answer], train)   # never a training document's text
+        answers.add(answer)
+    assert len(answers) > 1  # the true one is not always in the same place
+    summary = corpus_task.summarize([True] * 50 + [False] * 50)
+    assert summary["accuracy"] == 0.5 and summary["se"] == pytest.approx(0.05) and not summary["at_chance"]

@@ -41,6 +41,7 @@ def test_the_tiny_pipeline_end_to_end_then_every_stage_is_up_to_date(tmp_path):
     report = json.loads((run / "report.json").read_text())
     models = ("teacher", "pruned_depth", "pruned_width", "distilled_depth", "distilled_width")
     assert all(report[m]["val_loss"] > 0 for m in models) and report["students"] == ["depth", "width"]
+    assert all(report[m]["corpus_questions"] == 500 and 0 <= report[m]["corpus"] <= 1 for m in models)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "export_width")

@@ -1,0 +1,68 @@
+"""The report's statistics: standard errors, the at-chance mark, recovery only where measurable."""
+
+import json
+import random
+
+import pytest
+
+from conftest import compose
+from pipelines import mmlu, stage
+from pipelines.report import CHANCE, macro_standard_error, mmlu_statistics
+
+
+def results(folder, name, accuracy, per_subject, subjects=57, seed=0, val_loss=3.0):
+    """An eval results.json whose questions are right with probability ``accuracy``."""
+    rng = random.Random(seed)
+    names = [f"subject_{i:02d}" for i in range(subjects) for _ in range(per_subject)]
+    summary = mmlu.summarize(names, [rng.random() < accuracy for _ in names])
+    (folder / "eval" / name).mkdir(parents=True)
+    (folder / "eval" / name / "results.json").write_text(json.dumps(
+        {"params": 1_000_000, "val_loss": val_loss, "mmlu": summary, "checkpoint": str(folder / name)}))
+    return summary
+
+
+def test_macro_standard_error_equals_the_binomial_one_for_equal_subjects():
+    assert macro_standard_error(0.3, [20] * 57) == pytest.approx((0.3 * 0.7 / (20 * 57)) ** 0.5)
+    # unequal subjects: small ones weigh as much as large ones in a macro average, so it is wider
+    assert macro_standard_error(0.3, [2, 200]) > (0.3 * 0.7 / 202) ** 0.5
+
+
+def test_the_standard_error_matches_the_spread_of_repeated_draws():
+    rng = random.Random(0)
+    draws = [mmlu.summarize([f"s{i}" for i in range(57) for _ in range(4)],
+                            [rng.random() < 0.6 for _ in range(57 * 4)])["macro"] for _ in range(400)]
+    mean = sum(draws) / len(draws)
+    spread = (sum((d - mean) ** 2 for d in draws) / (len(draws) - 1)) ** 0.5
+    assert spread == pytest.approx(macro_standard_error(0.6, [4] * 57), rel=0.15)
+
+
+def test_a_teacher_at_chance_makes_recovery_not_measurable(tmp_path):
+    """The demo's case: every model near 0.25 on 114 questions (this teacher's draw is even below
+    chance by more than two standard errors). No recovery percentage is claimed."""
+    run = tmp_path / "run"
+    for name, seed in (("teacher", 0), ("pruned_depth", 1), ("distilled_depth", 2)):
+        results(run, name, CHANCE, per_subject=2, seed=seed)
+    manifest = stage.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
+    assert manifest["pruned_depth"]["mmlu_at_chance"] is True and manifest["recovery"] is None
+    assert "not measurable at this size" in manifest["recovery_note"]
+    text = (run / "report.md").read_text()
+    assert "(at chance)" in text and "recovery not measurable" in text and "%" not in text.split("closed")[0]
+    assert (run / "report.png").stat().st_size > 0
+
+
+def test_a_teacher_above_chance_gets_recovery_with_its_error(tmp_path):
+    run = tmp_path / "run"
+    teacher = results(run, "teacher", 0.65, per_subject=20, seed=0)
+    results(run, "pruned_depth", 0.30, per_subject=20, seed=1)
+    distilled = results(run, "distilled_depth", 0.55, per_subject=20, seed=2)
+    manifest = stage.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
+    assert manifest["teacher"]["mmlu_at_chance"] is False and manifest["recovery_note"] is None
+    assert manifest["recovery"] == pytest.approx(distilled["macro"] / teacher["macro"])
+    assert 0.01 < manifest["recovery_se"] < 0.05  # about 0.85 · sqrt(0.015² + 0.014²)
+    assert f"MMLU recovery {manifest['recovery']:.1%} ± {manifest['recovery_se']:.1%}" in (run / "report.md").read_text()
+
+
+def test_old_results_without_counts_still_get_an_error():
+    stats = mmlu_statistics({"macro": 0.5, "micro": 0.5, "questions": 114, "subjects": {f"s{i}": 0.5 for i in range(57)}})
+    assert stats["mmlu_se"] == pytest.approx(macro_standard_error(0.5, [2] * 57))
+    assert stats["mmlu_at_chance"] is False  # 0.5 is far from 0.25 even on 114 questions
