@@ -1,6 +1,6 @@
 """Teacher soft labels computed once: a compact, checksummed, resumable top-k cache.
 
-Layout of a cache folder (``scripts/teacher_logits.py`` writes it)::
+Layout of a cache folder (the logits stage, ``scripts/logits.py``, writes it)::
 
     shard-00000.bin     samples [0, S) : for each sample, in order,
                           ids      ceil(s*k*id_bits/8) bytes, top-k ids bit-packed (little-endian bits)
