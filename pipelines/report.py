@@ -229,24 +229,29 @@ def plot(report: dict, subjects: dict, curves: dict, path: Path, name: str) -> N
     ax.legend(loc="lower right", fontsize=8)
     ax = figure.add_subplot(grid[0, 1])
     xs = range(len(models))
-    ax.bar(xs, [report[m]["mmlu"] or 0 for m in models], color=[colors[m] for m in models],
-           yerr=[2 * (report[m].get("mmlu_se") or 0) for m in models], capsize=4)
-    for x, model in zip(xs, models):
-        entry = report[model]
-        ax.text(x, (entry["mmlu"] or 0) + 2 * (entry.get("mmlu_se") or 0) + 0.01, f"{_fmt(entry['mmlu'], '.3f')}\nloss {_fmt(entry['val_loss'], '.2f')}\n"
-                f"{entry['params'] / 1e6:.2f}M", ha="center", va="bottom", fontsize=8)
-    ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
-    ax.set_xticks(list(xs), models, rotation=20, fontsize=8)
-    ax.set_ylabel("MMLU (macro average, ± 2 s.e.)")
-    ax.set_ylim(0, max([0.3] + [(report[m]["mmlu"] or 0) + 2 * (report[m].get("mmlu_se") or 0) + 0.15
-                                for m in models]))
-    recovery = report["recovery"]
-    recovery = recovery if isinstance(recovery, dict) else {report["students"][0]: recovery}
-    if report.get("recovery_note") is None:
-        ax.set_title("Recovery (distilled MMLU / teacher MMLU): " +
-                     ", ".join(f"{s} {_fmt(v, '.1%')}" for s, v in recovery.items()), fontsize=10)
-    else:
-        ax.set_title("Recovery not measurable: the teacher is not clearly above chance (2 s.e.)", fontsize=10)
+    tops = [0.3]
+    for metric, offset, hatch in (("mmlu", -0.2, None), ("corpus", 0.2, "//")):
+        values = [report[m].get(metric) or 0 for m in models]
+        errors = [2 * (report[m].get(f"{metric}_se") or 0) for m in models]
+        ax.bar([x + offset for x in xs], values, width=0.38, yerr=errors, capsize=3, hatch=hatch,
+               color=[colors[m] for m in models], edgecolor="white", label=f"{METRICS[metric]} (± 2 s.e.)")
+        for x, value, error in zip(xs, values, errors):
+            if value:
+                ax.text(x + offset, value + error + 0.01, f"{value:.3f}", ha="center", va="bottom", fontsize=7)
+        tops += [v + e + 0.1 for v, e in zip(values, errors)]
+    ax.axhline(CHANCE, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(list(xs), [f"{m}\n{report[m]['params'] / 1e6:.2f}M" for m in models], rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy (dotted: chance)")
+    ax.set_ylim(0, max(tops))
+    ax.legend(fontsize=7, loc="upper right")
+    parts = []
+    for metric, key, note in (("mmlu", "recovery", report.get("recovery_note")),
+                              ("corpus", "corpus_recovery", report.get("corpus_recovery_note"))):
+        values = report.get(key)
+        values = values if isinstance(values, dict) else {report["students"][0]: values}
+        parts.append(f"{METRICS[metric]} not measurable (teacher not clearly above chance)" if note is not None else
+                     f"{METRICS[metric]} " + ", ".join(f"{s} {_fmt(v, '.1%')}" for s, v in values.items()))
+    ax.set_title("Recovery (distilled / teacher)\n" + "\n".join(parts), fontsize=9)
     ax = figure.add_subplot(grid[1, 1])
     losses = [report[m]["val_loss"] or 0 for m in models]
     ax.bar(xs, losses, color=[colors[m] for m in models])
