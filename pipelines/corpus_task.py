@@ -20,6 +20,13 @@ from pathlib import Path
 
 from pipelines.errors import require
 
+CHANCE = 0.25  # four choices, as MMLU's four answer letters
+
+
+def at_chance(score: float, chance_se: float | None) -> bool:
+    """Whether a four-choice score is within two standard errors (computed at chance) of chance."""
+    return chance_se is None or abs(score - CHANCE) <= 2 * chance_se
+
 
 def questions(data: Path, count: int, context_tokens: int, continuation_tokens: int,
               seed: int) -> list[tuple[list[int], list[list[int]], int]]:
@@ -53,6 +60,6 @@ def summarize(correct: list[bool]) -> dict:
     """Accuracy with its binomial standard error, and the at-chance mark (two errors at 0.25)."""
     n = len(correct)
     accuracy = sum(correct) / n if n else 0.0
-    chance_se = (0.25 * 0.75 / n) ** 0.5 if n else None
+    chance_se = (CHANCE * (1 - CHANCE) / n) ** 0.5 if n else None
     return {"accuracy": accuracy, "questions": n, "se": (accuracy * (1 - accuracy) / n) ** 0.5 if n else None,
-            "chance_se": chance_se, "at_chance": chance_se is None or abs(accuracy - 0.25) <= 2 * chance_se}
+            "chance_se": chance_se, "at_chance": at_chance(accuracy, chance_se)}

@@ -22,11 +22,11 @@ import json
 from pathlib import Path
 
 from pipelines.artifacts import write_json
+from pipelines.corpus_task import CHANCE, at_chance
 from pipelines.errors import require
 from pipelines.stage import Stage
 
 
-CHANCE = 0.25  # four answer letters
 
 
 def _ratio(numerator, denominator):
@@ -52,8 +52,7 @@ def mmlu_statistics(mmlu: dict) -> dict:
     # questions would claim no spread), and the spread a guesser would have, for the chance test
     se = macro_standard_error(mmlu.get("micro", mmlu["macro"]), counts)
     at_chance_se = macro_standard_error(CHANCE, counts)
-    at_chance = at_chance_se is None or abs(mmlu["macro"] - CHANCE) <= 2 * at_chance_se
-    return {"mmlu_se": se, "mmlu_chance_se": at_chance_se, "mmlu_at_chance": at_chance}
+    return {"mmlu_se": se, "mmlu_chance_se": at_chance_se, "mmlu_at_chance": at_chance(mmlu["macro"], at_chance_se)}
 
 
 def corpus_statistics(corpus: dict | None) -> dict:
@@ -221,7 +220,7 @@ def plot(report: dict, subjects: dict, curves: dict, path: Path, name: str) -> N
         ys = [i + (offset - len(models) / 2) * 0.12 for i in range(len(names))]
         ax.scatter([v if v is not None else float("nan") for v in values], ys, s=14,
                    color=colors[model], label=model)
-    ax.axvline(0.25, color="grey", linestyle=":", linewidth=1)
+    ax.axvline(CHANCE, color="grey", linestyle=":", linewidth=1)
     ax.set_yticks(range(len(names)), [s.replace("_", " ") for s in names], fontsize=7)
     ax.set_xlabel("MMLU accuracy per subject (dotted: chance, 0.25)")
     ax.set_xlim(0, 1)

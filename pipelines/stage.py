@@ -23,7 +23,7 @@ The runner, :func:`run`, owns, for every stage:
 - the runtime: device, dtype and process groups come from the layout
   (:func:`pipelines.runtime.initialize`), never from the stage.
 
-``run.py`` scripts and the launcher find stages by name in :func:`registry`; the name is the make
+The stage scripts (``scripts/<name>.py``) and the launcher find stages by name in :func:`registry`; the name is the make
 target, the script (``scripts/<name>.py``), the config section and the run folder's prefix.
 """
 
