@@ -1,4 +1,9 @@
-"""The eval stage: MMLU and validation loss of one checkpoint (``scripts/eval.py``).
+"""The eval stage: MMLU, the corpus task and validation loss of one checkpoint (``scripts/eval.py``).
+
+``eval.backend=native`` (the default) scores MMLU with our evaluator, below; ``lm_eval`` scores it
+(and any other task it knows) with lm-evaluation-harness on the checkpoint's Hugging Face export
+(:mod:`pipelines.harness`), in one process. The two choose the same letters: ``tests/test_evaluate.py``
+and ``bench/lm_eval_agreement.py`` check it.
 
 Forward passes are batched by length (prompts sorted, right-padded; causal attention makes the
 padding invisible to the scored positions), split over data-parallel ranks, and run at any
@@ -8,12 +13,14 @@ Results go to ``<eval.output>/results.json`` and the folder's manifest, with wha
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from pipelines import checkpoint, corpus_task, mmlu
+from pipelines import checkpoint, corpus_task, harness, mmlu
 from pipelines.artifacts import config_hash, read_manifest, sha256_file, write_json
 from pipelines.data import TokenWindows
 from pipelines.errors import require
@@ -93,8 +100,9 @@ def mmlu_requests(eval_cfg, tokenizer_dir: Path, max_length: int, loaded=None):
     return questions, requests, encoder
 
 
-def choose(model, requests, batch_tokens: int, vocab_size: int, layout) -> list[int]:
-    """The most likely continuation of each request, scored over the data-parallel ranks."""
+def scores(model, requests, batch_tokens: int, vocab_size: int, layout) -> list[list[float]]:
+    """The log-likelihood of every continuation of every request, scored over the data-parallel
+    ranks (each rank returns all of them)."""
     from megatron.core import parallel_state
 
     mine = loglikelihoods(lambda t: local_logits(model, layout.place(t)), requests, batch_tokens, vocab_size,
@@ -102,8 +110,13 @@ def choose(model, requests, batch_tokens: int, vocab_size: int, layout) -> list[
                           parallel_state.get_tensor_model_parallel_group())
     gathered = [None] * layout.data_parallel
     torch.distributed.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
-    scores = {k: v for part in gathered for k, v in part.items()}
-    return [max(range(len(scores[i])), key=lambda c: scores[i][c]) for i in range(len(requests))]
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return [merged[i] for i in range(len(requests))]
+
+
+def choose(model, requests, batch_tokens: int, vocab_size: int, layout) -> list[int]:
+    """The most likely continuation of each request."""
+    return [mmlu.argmax(s) for s in scores(model, requests, batch_tokens, vocab_size, layout)]
 
 
 def run_corpus_task(model, eval_cfg, data: Path, vocab_size: int, layout) -> dict:
@@ -121,11 +134,13 @@ def run_corpus_task(model, eval_cfg, data: Path, vocab_size: int, layout) -> dic
 def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout, loaded=None) -> dict:
     questions, requests, encoder = mmlu_requests(eval_cfg, tokenizer_dir, int(eval_cfg.max_length), loaded)
     started = time.perf_counter()
-    predictions = choose(model, requests, int(eval_cfg.batch_tokens), vocab_size, layout)
+    loglik = scores(model, requests, int(eval_cfg.batch_tokens), vocab_size, layout)
+    predictions = [mmlu.argmax(s) for s in loglik]
     summary = mmlu.summarize([q.subject for q in questions],
                              [p == q.answer for p, q in zip(predictions, questions)])
     summary.update(seconds=time.perf_counter() - started, single_token_answers=encoder.single_token,
-                   prompt_tokens=sum(len(r[0]) for r in requests), predictions=predictions)
+                   prompt_tokens=sum(len(r[0]) for r in requests), predictions=predictions,
+                   loglikelihoods=[[round(x, 5) for x in s] for s in loglik])
     return summary
 
 
@@ -175,9 +190,61 @@ def checks(cfg, arch, layout) -> None:
     from pipelines.validate import section_ranges
 
     section_ranges(cfg, "eval", arch)
+    if str(cfg.eval.backend) == "lm_eval":
+        require(importlib.util.find_spec("lm_eval") is not None, "eval.backend=lm_eval needs lm-evaluation-harness "
+                "(pip install lm-eval)", "eval.backend")
+        tasks = [str(t) for t in cfg.eval.lm_eval.tasks]
+        require(tasks, "eval.backend=lm_eval has no task to run", "eval.lm_eval.tasks")
+        require("mmlu" not in tasks or bool(cfg.eval.mmlu.enabled), "eval.lm_eval.tasks names mmlu, but "
+                "eval.mmlu.enabled is false", "eval.lm_eval.tasks")
+        harness.check_tasks([t for t in tasks if t != "mmlu"])
+        if layout is not None:
+            require(int(layout["tensor"]) * int(layout["data"]) == 1, "eval.backend=lm_eval runs the "
+                    "harness in one process (tensor and data parallel size 1)",
+                    "run.stage_parallel.eval / eval.backend")
     if layout is not None:
         require(int(layout["pipeline"]) == 1, "evaluation runs with pipeline parallel size 1 (any checkpoint "
                 "loads resharded)", "run.stage_parallel.eval / parallel.pipeline")
+
+
+def run_harness(cfg, layout, staging: Path, loaded) -> dict:
+    """``eval.backend=lm_eval``: lm-evaluation-harness on the checkpoint's Hugging Face export
+    (written to ``staging/hf`` and removed after, unless ``eval.lm_eval.keep_hf``); ``"mmlu"`` in
+    ``eval.lm_eval.tasks`` is ``eval.mmlu``'s questions as local tasks (:mod:`pipelines.harness`)."""
+    from omegaconf import OmegaConf
+
+    from pipelines import convert
+
+    e, h = cfg.eval, cfg.eval.lm_eval
+    folder, hf = Path(str(e.checkpoint)), staging / "hf"
+    hf.mkdir()
+    convert.export_checkpoint(OmegaConf.create({"export": {"source": str(folder), "output": str(hf),
+                                                           "max_shard_bytes": int(h.max_shard_bytes)}}),
+                              layout, hf, {})
+    tasks = [str(t) for t in h.tasks]
+    if "mmlu" in tasks:
+        harness.write_mmlu_tasks(staging / "lm_eval_tasks", *loaded)
+        tasks[tasks.index("mmlu")] = harness.GROUP
+    started = time.perf_counter()
+    out = harness.evaluate(hf, tasks, staging / "lm_eval_tasks" if loaded else None, int(e.shots),
+                           str(layout.device), str(layout.compute_dtype).replace("torch.", ""),
+                           int(h.batch_size), int(e.max_length))
+    found = {"version": out["version"], "tasks": out["results"], "groups": out["groups"],
+             "seconds": time.perf_counter() - started}
+    if loaded:
+        _, scored = loaded
+        questions = [q for qs in scored.values() for q in qs]
+        loglik = harness.mmlu_loglikelihoods(out, scored)
+        predictions = [mmlu.argmax(s) for s in loglik]
+        summary = mmlu.summarize([q.subject for q in questions],
+                                 [p == q.answer for p, q in zip(predictions, questions)])
+        summary.update(seconds=found["seconds"], predictions=predictions,
+                       loglikelihoods=[[round(x, 5) for x in s] for s in loglik], backend="lm_eval",
+                       harness_group_acc=out["groups"].get(harness.GROUP, {}).get("acc,none"))
+        found["mmlu"] = summary
+    if not bool(h.keep_hf):
+        shutil.rmtree(hf)
+    return found
 
 
 def run(cfg, layout, staging: Path, inputs: dict) -> dict:
@@ -185,10 +252,11 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     e = cfg.eval
     folder = Path(str(e.checkpoint))
     loaded = load_questions(e) if bool(e.mmlu.enabled) else None   # read (and so checked) first
+    harness_backend = str(e.backend) == "lm_eval"
     model, arch = checkpoint.load_model(folder, layout, dtype=layout.compute_dtype)
     model.eval()
     name = str(e.get("name") or folder.name)
-    results = {"name": name, "checkpoint": str(folder), "params": count_parameters(arch),
+    results = {"name": name, "checkpoint": str(folder), "params": count_parameters(arch), "backend": str(e.backend),
                "architecture": {k: arch[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size",
                                                       "num_attention_heads", "num_query_groups")}}
     if int(e.val_samples) > 0:
@@ -198,22 +266,32 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         results["val_ppl"] = float(torch.tensor(results["val_loss"]).exp())
         print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f})",
               flush=True)
-    if bool(e.mmlu.enabled):
-        summary = run_mmlu(model, e, folder / "tokenizer", arch["vocab_size"], layout, loaded)
-        results["mmlu"] = summary
-        print(f"[eval] {name}: MMLU {int(e.shots)}-shot macro {summary['macro']:.4f} micro "
-              f"{summary['micro']:.4f} over {summary['questions']} questions in "
-              f"{len(summary['subjects'])} subjects ({summary['seconds']:.1f} s)", flush=True)
+    if bool(e.mmlu.enabled) and not harness_backend:
+        results["mmlu"] = run_mmlu(model, e, folder / "tokenizer", arch["vocab_size"], layout, loaded)
     if bool(e.corpus.enabled):
         corpus = run_corpus_task(model, e, Path(str(cfg.data.output)), arch["vocab_size"], layout)
         results["corpus"] = corpus
         print(f"[eval] {name}: corpus task {corpus['accuracy']:.4f} ± {corpus['se']:.4f} over "
               f"{corpus['questions']} questions (chance 0.25) ({corpus['seconds']:.1f} s)", flush=True)
+    if harness_backend:
+        del model   # the harness loads the Hugging Face export itself
+        found = run_harness(cfg, layout, staging, loaded)
+        if "mmlu" in found:
+            results["mmlu"] = found.pop("mmlu")
+        results["lm_eval"] = found
+        for task, metrics in found["tasks"].items():
+            if not task.startswith(harness.GROUP):
+                print(f"[eval] {name}: lm_eval {task} {metrics}", flush=True)
+    if "mmlu" in results:
+        summary = results["mmlu"]
+        print(f"[eval] {name}: MMLU {int(e.shots)}-shot ({e.backend}) macro {summary['macro']:.4f} micro "
+              f"{summary['micro']:.4f} over {summary['questions']} questions in "
+              f"{len(summary['subjects'])} subjects ({summary['seconds']:.1f} s)", flush=True)
     if layout.is_main:
         write_json(staging / "results.json", results)
-    return {"name": name, "mmlu_source": str(e.mmlu.source), "shots": int(e.shots), "limit": e.get("limit"),
-            "val_loss": results.get("val_loss"), "mmlu_macro": results.get("mmlu", {}).get("macro"),
-            "mmlu_micro": results.get("mmlu", {}).get("micro"),
+    return {"name": name, "backend": str(e.backend), "mmlu_source": str(e.mmlu.source), "shots": int(e.shots),
+            "limit": e.get("limit"), "val_loss": results.get("val_loss"),
+            "mmlu_macro": results.get("mmlu", {}).get("macro"), "mmlu_micro": results.get("mmlu", {}).get("micro"),
             "corpus_accuracy": results.get("corpus", {}).get("accuracy"), "params": results["params"]}
 
 

@@ -43,7 +43,10 @@ def gguf_to_hf(cfg) -> Path:
     require(loaded.config.model_type == "llama", f"{file} is a {loaded.config.model_type} model, "
             "not llama", "source")
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-    model = LlamaForCausalLM(loaded.config)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are written dequantized: a plain folder
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
     result = model.load_state_dict(loaded.state_dict(), strict=False)
     require(not result.missing_keys, f"{file}: missing tensors {result.missing_keys[:4]}", "source")
     with staged_folder(output) as staging:

@@ -161,6 +161,11 @@ class Encoder:
         return ids[-(self.max_length - longest + 1):]  # a question longer than the window: keep its end
 
 
+def argmax(values: list[float]) -> int:
+    """The index of the largest value, the first of a tie (as lm-evaluation-harness's numpy argmax)."""
+    return max(range(len(values)), key=lambda c: values[c])
+
+
 def summarize(subjects: list[str], correct: list[bool]) -> dict:
     """Per-subject accuracy, macro (mean over subjects) and micro (over questions) averages."""
     per = defaultdict(list)

@@ -195,6 +195,11 @@ def markdown(report: dict, name: str) -> str:
         lines += ["", f"MMLU over {questions} questions per model (± one standard error; \"at chance\": within two "
                   f"standard errors of {CHANCE}); see eval/*/results.json for per-subject accuracy, and "
                   "report.png for the picture."]
+        weighted = [f"{m} {report[m]['mmlu_micro']:.4f}" for m in order
+                    if report.get(m) and report[m].get("mmlu_micro") is not None]
+        lines += ["", "The MMLU column is the macro average (the mean over subjects, as the original MMLU code). "
+                  "Published numbers (lm-evaluation-harness's `mmlu` group, Llama-3.1-Minitron's 65.3) weight "
+                  "subjects by size; that score here: " + ", ".join(weighted) + "."]
     return "\n".join(lines) + "\n"
 
 

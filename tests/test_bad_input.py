@@ -32,6 +32,7 @@ BAD = [  # (override, the key the error must name)
     ("prune.calib_samples=0", "prune.calib_samples"),
     ("eval.shots=-1", "eval.shots"),
     ("eval.batch_tokens=0", "eval.batch_tokens"),
+    ("eval.backend=mystery", "eval.backend"),
     ("parallel.context=2", "parallel.context"),
 ]
 
@@ -41,6 +42,15 @@ def test_bad_value_names_its_key_before_any_compute(override, key):
     cfg = compose("pipeline", ["experiment=demo", override])
     with pytest.raises(UserError, match=rf"\(fix: {key}"):
         validate.check(cfg, launch.pipeline_stages(cfg))
+
+
+@pytest.mark.parametrize("overrides", [["eval.lm_eval.tasks=[]"], ["eval.lm_eval.tasks=[mmlu,no_such_task]"],
+                                       ["eval.mmlu.enabled=false"], ["cluster.processes=2"]])
+def test_bad_harness_settings_name_their_key(overrides):
+    cfg = compose("pipeline", ["experiment=demo", "eval.backend=lm_eval", *overrides])
+    key = "run.stage_parallel.eval" if "processes" in overrides[0] else "eval.lm_eval.tasks"
+    with pytest.raises(UserError, match=rf"\(fix: {key}"):
+        validate.check(cfg, ["eval"])
 
 
 @pytest.mark.parametrize("args, message", [

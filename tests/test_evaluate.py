@@ -8,6 +8,7 @@ import torch
 from conftest import compose, export_cfg
 from pipelines import mmlu
 from pipelines.errors import UserError
+from pipelines.stage import run as stage_run
 
 SUBJECTS = "[astronomy,virology,high_school_physics]"
 
@@ -75,6 +76,29 @@ def test_same_choices_as_plain_transformers_on_the_export(tmp_path, trained_teac
     assert results["mmlu"]["predictions"] == expected
     assert results["mmlu"]["questions"] == 12 and 0 <= results["mmlu"]["macro"] <= 1
     assert results["val_loss"] > 0
+
+
+def test_lm_eval_backend_agrees_with_ours(tmp_path, trained_teacher, tiny_data):
+    """eval.backend=lm_eval: lm-evaluation-harness on the export, with our questions as local tasks
+    in its mmlu schema, gives our log-likelihoods for every choice (the tiny BPE splits " A" into
+    several tokens, so this is the summed path) and so our letters and accuracies."""
+    runs = {}
+    for backend in ("native", "lm_eval"):
+        out = tmp_path / backend
+        stage_run("eval", compose("pipeline", [
+            f"eval.model={trained_teacher}", f"eval.output={out}", f"data.output={tiny_data}", "eval.shots=2",
+            "eval.limit=5", "eval.val_samples=0", "eval.corpus.enabled=false", f"eval.mmlu.subjects={SUBJECTS}",
+            f"eval.backend={backend}"]))
+        runs[backend] = json.loads((out / "results.json").read_text())
+    ours, theirs = runs["native"]["mmlu"], runs["lm_eval"]["mmlu"]
+    assert theirs["backend"] == "lm_eval" and theirs["questions"] == ours["questions"] == 15
+    difference = max(abs(a - b) for r, s in zip(ours["loglikelihoods"], theirs["loglikelihoods"]) for a, b in zip(r, s))
+    assert difference < 1e-3
+    assert theirs["predictions"] == ours["predictions"]
+    assert theirs["micro"] == ours["micro"] == theirs["harness_group_acc"]   # the size-weighted group score
+    assert theirs["macro"] == ours["macro"]
+    assert not (tmp_path / "lm_eval" / "hf").exists()   # the export is removed (eval.lm_eval.keep_hf)
+    assert runs["lm_eval"]["lm_eval"]["version"].startswith("0.4")
 
 
 def test_answers_do_not_depend_on_batch_size_or_padding(trained_teacher, cpu_runtime):

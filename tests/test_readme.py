@@ -1,5 +1,6 @@
 """The README's commands: each one is run here or by .ci/run."""
 
+import json
 import re
 import subprocess
 
@@ -33,6 +34,7 @@ RUN_HERE = {
     "make gpu-check PYTHON=python",
     'make prune EXP=demo ARGS="prune.calib_samples=32"',
     'make distill EXP=demo ARGS="distill.train_steps=20 distill.kd_weight=0.5 distill.divergence=reverse_kl"',
+    'make eval EXP=demo ARGS="eval.backend=lm_eval eval.model=teacher"',
     *HAND_COMMANDS,
 }
 
@@ -75,6 +77,11 @@ def test_commands_on_the_demo_run(tmp_path):
         assert "up to date" not in result.stdout  # the new settings rerun the stage
     distilled = (tmp_path / "runs" / "demo" / "distill_width" / "manifest.json").read_text()
     assert '"steps": 20' in distilled
+    result = subprocess.run(["bash", "-c", 'make eval EXP=demo ARGS="eval.backend=lm_eval eval.model=teacher"'],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    teacher = json.loads((tmp_path / "runs" / "demo" / "eval" / "teacher" / "results.json").read_text())
+    assert teacher["backend"] == "lm_eval" and teacher["mmlu"]["harness_group_acc"] == teacher["mmlu"]["micro"]
     for command in HAND_COMMANDS:
         command = command.replace("/tmp/", f"{tmp_path}/")
         result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300,

