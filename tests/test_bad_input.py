@@ -56,7 +56,7 @@ def test_bad_harness_settings_name_their_key(overrides):
 @pytest.mark.parametrize("args, message", [
     (["distill", "experiment=demo", "distill.lr=-1"], "error: distill.lr=-1.0 must be above 0 (fix: distill.lr)"),
     (["distill", "experiment=nonexistent"], "error: no experiment 'nonexistent' in configs/experiment/; one of: demo"),
-    (["prune", "experiment=demo", "prune=foo"], "error: no prune 'foo' in configs/prune/; one of: depth, width"),
+    (["prune", "experiment=demo", "prune=foo"], "error: no prune 'foo' in configs/prune/; one of: depth, search, width"),
     (["distill", "experiment=demo", "distill.no_such_key=1"], "error: bad override"),
 ])
 def test_the_stage_runner_prints_one_line_and_exits_2(args, message):
@@ -112,7 +112,8 @@ FREE_FORM = {  # string keys whose every value is legal
 
 
 # keys the other prune group reads (both group files carry them, marked "unused here")
-UNUSED = {"depth": ("prune.target.",), "width": ("prune.target_num_layers", "prune.criterion")}
+UNUSED = {"depth": ("prune.target.",), "width": ("prune.target_num_layers", "prune.criterion"),
+          "search": ("prune.target_num_layers", "prune.target.", "prune.criterion", "prune.drop_layers")}
 
 
 def _leaves(node, prefix):
@@ -130,7 +131,7 @@ def test_every_number_and_option_key_refuses_a_bad_value_by_name():
     from omegaconf import OmegaConf
 
     tried, unnamed = 0, []
-    for group in ("depth", "width"):
+    for group in ("depth", "width", "search"):
         raw = OmegaConf.to_container(compose("pipeline", ["experiment=demo", f"prune={group}"]), resolve=False)
         for section in ("distill", "correct", "logits", "prune", "eval", "data", "parallel"):
             for key, value in _leaves(raw[section], section):
@@ -142,7 +143,7 @@ def test_every_number_and_option_key_refuses_a_bad_value_by_name():
                     trial = "made_up"
                 else:
                     continue  # interpolations and paths
-                if group == "width" and not key.startswith("prune."):
+                if group != "depth" and not key.startswith("prune."):
                     continue  # once is enough outside the prune group
                 if key.startswith(UNUSED[group]):
                     continue

@@ -27,6 +27,12 @@ def test_minitron_shapes_and_layouts():
     assert width["layouts"]["distill"]["tensor"] == 8 and width["layouts"]["prune"]["tensor"] == 1
     depth = validate.check(compose("pipeline", ["experiment=llama31_8b_depth_4b"]), ["prune", "distill"])
     assert depth["student"]["num_layers"] == 16
+    found = validate.check(compose("pipeline", ["experiment=llama31_8b_search_4b"]), ["prune", "distill"])
+    # planned with the largest shape within 4.5B parameters (the search may choose a smaller one)
+    from pipelines import search
+
+    assert 4.4e9 < search.counted(found["student"]) <= 4.5e9 and found["student"]["num_attention_heads"] == 32
+    assert found["layouts"]["prune"]["tensor"] == 1 and found["layouts"]["distill"]["tensor"] == 8
     cfg = compose("pipeline", ["experiment=llama31_8b_width_4b"])
     assert (cfg.distill.global_batch_size, cfg.distill.sequence_length, cfg.distill.lr, cfg.distill.min_lr) == \
         (128, 8192, 1e-4, 1e-5)

@@ -35,6 +35,7 @@ RUN_HERE = {
     'make prune EXP=demo ARGS="prune.calib_samples=32"',
     'make distill EXP=demo ARGS="distill.train_steps=20 distill.kd_weight=0.5 distill.divergence=reverse_kl"',
     'make eval EXP=demo ARGS="eval.backend=lm_eval eval.model=teacher"',
+    'make prune EXP=demo ARGS="prune=search prune.target_params=0.7 run.students=[search]"',
     *HAND_COMMANDS,
 }
 
@@ -82,6 +83,11 @@ def test_commands_on_the_demo_run(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     teacher = json.loads((tmp_path / "runs" / "demo" / "eval" / "teacher" / "results.json").read_text())
     assert teacher["backend"] == "lm_eval" and teacher["mmlu"]["harness_group_acc"] == teacher["mmlu"]["micro"]
+    result = subprocess.run(["bash", "-c", 'make prune EXP=demo ARGS="prune=search prune.target_params=0.7 '
+                             'run.students=[search]"'], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    searched = json.loads((tmp_path / "runs" / "demo" / "prune_search" / "manifest.json").read_text())
+    assert searched["parameters"] <= searched["report"]["target_params"] < searched["report"]["params_before"]
     for command in HAND_COMMANDS:
         command = command.replace("/tmp/", f"{tmp_path}/")
         result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300,
