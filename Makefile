@@ -28,7 +28,7 @@ $(SETUP_STAMP): requirements.txt pyproject.toml
 	touch $@
 
 test: setup  ## run the default test tier (CPU; SLURM tests run when a cluster answers)
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15
 
 test-slow: setup  ## run the slow tier too
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "slow or not slow"
