@@ -72,7 +72,7 @@ def test_chained_stages_with_two_gloo_tasks(tmp_path, tiny_teacher, trained_teac
 
 
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_teacher, trained_teacher, tiny_data):
-    args = overrides(tmp_path, tiny_teacher, trained_teacher, tiny_data, steps=60) + [
+    args = overrides(tmp_path, tiny_teacher, trained_teacher, tiny_data, steps=30) + [
         "distill.teacher=online", f"distill.teacher_checkpoint={trained_teacher}", "distill.save_interval=0"]
     result = run_script("scripts/stage.py", "distill", *args)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -81,7 +81,7 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_teacher, trained_t
     while time.time() < deadline:
         logs = list((tmp_path / "slurmtest" / "slurm").glob("*.out"))
         log = logs[0] if logs else None
-        if log and re.search(r"step [3-9]\d*/60|step \d\d/60", log.read_text()):
+        if log and re.search(r"step [3-9]/30|step \d\d/30", log.read_text()):
             break
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
@@ -92,4 +92,4 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_teacher, trained_t
     assert "preempted: checkpoint at step" in text and "resuming from step" in text
     assert "restart 1" in text
     manifest = json.loads((tmp_path / "slurmtest" / "distill_depth" / "manifest.json").read_text())
-    assert manifest["steps"] == 60
+    assert manifest["steps"] == 30
