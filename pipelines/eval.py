@@ -222,16 +222,17 @@ def run_harness(cfg, layout, staging: Path, loaded) -> dict:
                                                            "max_shard_bytes": int(h.max_shard_bytes)}}),
                               layout, hf, {})
     tasks = [str(t) for t in h.tasks]
-    if "mmlu" in tasks:
+    local = "mmlu" in tasks   # checks() made sure eval.mmlu is enabled then
+    if local:
         harness.write_mmlu_tasks(staging / "lm_eval_tasks", *loaded)
         tasks[tasks.index("mmlu")] = harness.GROUP
     started = time.perf_counter()
-    out = harness.evaluate(hf, tasks, staging / "lm_eval_tasks" if loaded else None, int(e.shots),
+    out = harness.evaluate(hf, tasks, staging / "lm_eval_tasks" if local else None, int(e.shots),
                            str(layout.device), str(layout.compute_dtype).replace("torch.", ""),
                            int(h.batch_size), int(e.max_length))
     found = {"version": out["version"], "tasks": out["results"], "groups": out["groups"],
              "seconds": time.perf_counter() - started}
-    if loaded:
+    if local:
         _, scored = loaded
         questions = [q for qs in scored.values() for q in qs]
         loglik = harness.mmlu_loglikelihoods(out, scored)
@@ -253,6 +254,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     folder = Path(str(e.checkpoint))
     loaded = load_questions(e) if bool(e.mmlu.enabled) else None   # read (and so checked) first
     harness_backend = str(e.backend) == "lm_eval"
+    harness_mmlu = harness_backend and "mmlu" in [str(t) for t in e.lm_eval.tasks]   # else ours scores MMLU
     model, arch = checkpoint.load_model(folder, layout, dtype=layout.compute_dtype)
     model.eval()
     name = str(e.get("name") or folder.name)
@@ -266,7 +268,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         results["val_ppl"] = float(torch.tensor(results["val_loss"]).exp())
         print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f})",
               flush=True)
-    if bool(e.mmlu.enabled) and not harness_backend:
+    if bool(e.mmlu.enabled) and not harness_mmlu:
         results["mmlu"] = run_mmlu(model, e, folder / "tokenizer", arch["vocab_size"], layout, loaded)
     if bool(e.corpus.enabled):
         corpus = run_corpus_task(model, e, Path(str(cfg.data.output)), arch["vocab_size"], layout)
