@@ -131,17 +131,23 @@ def run_corpus_task(model, eval_cfg, data: Path, vocab_size: int, layout) -> dic
     return {**summary, "seconds": time.perf_counter() - started, "predictions": predictions}
 
 
+def mmlu_summary(questions, loglik: list[list[float]], seconds: float, **extra) -> dict:
+    """:func:`pipelines.mmlu.summarize` of the letters ``loglik`` chooses, with the predictions and
+    the log-likelihoods (either evaluator's)."""
+    predictions = [mmlu.argmax(s) for s in loglik]
+    summary = mmlu.summarize([q.subject for q in questions],
+                             [p == q.answer for p, q in zip(predictions, questions)])
+    summary.update(seconds=seconds, predictions=predictions, loglikelihoods=[[round(x, 5) for x in s] for s in loglik],
+                   **extra)
+    return summary
+
+
 def run_mmlu(model, eval_cfg, tokenizer_dir: Path, vocab_size: int, layout, loaded=None) -> dict:
     questions, requests, encoder = mmlu_requests(eval_cfg, tokenizer_dir, int(eval_cfg.max_length), loaded)
     started = time.perf_counter()
     loglik = scores(model, requests, int(eval_cfg.batch_tokens), vocab_size, layout)
-    predictions = [mmlu.argmax(s) for s in loglik]
-    summary = mmlu.summarize([q.subject for q in questions],
-                             [p == q.answer for p, q in zip(predictions, questions)])
-    summary.update(seconds=time.perf_counter() - started, single_token_answers=encoder.single_token,
-                   prompt_tokens=sum(len(r[0]) for r in requests), predictions=predictions,
-                   loglikelihoods=[[round(x, 5) for x in s] for s in loglik])
-    return summary
+    return mmlu_summary(questions, loglik, time.perf_counter() - started, single_token_answers=encoder.single_token,
+                        prompt_tokens=sum(len(r[0]) for r in requests))
 
 
 def models_in_run(run_dir: Path) -> list[tuple[str, str]]:
@@ -235,14 +241,9 @@ def run_harness(cfg, layout, staging: Path, loaded) -> dict:
     if local:
         _, scored = loaded
         questions = [q for qs in scored.values() for q in qs]
-        loglik = harness.mmlu_loglikelihoods(out, scored)
-        predictions = [mmlu.argmax(s) for s in loglik]
-        summary = mmlu.summarize([q.subject for q in questions],
-                                 [p == q.answer for p, q in zip(predictions, questions)])
-        summary.update(seconds=found["seconds"], predictions=predictions,
-                       loglikelihoods=[[round(x, 5) for x in s] for s in loglik], backend="lm_eval",
-                       harness_group_acc=out["groups"].get(harness.GROUP, {}).get("acc,none"))
-        found["mmlu"] = summary
+        found["mmlu"] = mmlu_summary(questions, harness.mmlu_loglikelihoods(out, scored), found["seconds"],
+                                     backend="lm_eval",
+                                     harness_group_acc=out["groups"].get(harness.GROUP, {}).get("acc,none"))
     if not bool(h.keep_hf):
         shutil.rmtree(hf)
     return found

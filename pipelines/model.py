@@ -85,11 +85,16 @@ def validate(arch: Mapping[str, Any], tensor_parallel: int = 1, pipeline_paralle
                 "supported (only 'llama3' or none)", "model.rope_scaling")
 
 
-def check_exportable(arch: Mapping[str, Any], key: str) -> None:
-    """Refuse a shape Hugging Face cannot load: transformers 5 requires the hidden size to be a
+def exportable(arch: Mapping[str, Any]) -> bool:
+    """Whether Hugging Face can load the shape: transformers 5 requires the hidden size to be a
     multiple of the attention heads even with an explicit head size (its ``validate_architecture``)."""
+    return arch["hidden_size"] % arch["num_attention_heads"] == 0
+
+
+def check_exportable(arch: Mapping[str, Any], key: str) -> None:
+    """Refuse a shape Hugging Face cannot load (:func:`exportable`)."""
     hidden, heads = arch["hidden_size"], arch["num_attention_heads"]
-    require(hidden % heads == 0, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}: "
+    require(exportable(arch), f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}: "
             "transformers cannot load the exported model", key)
 
 

@@ -158,12 +158,12 @@ def width_prune(model, arch, targets: dict, calib_batches, scores_path: Path):
 
 def search_prune(cfg, model, arch, calib, valid, cache: Path, layout, tokenizer_dir: Path):
     """``prune=search`` (:mod:`pipelines.search`): the best shape within the budget; returns the
-    pruned model, its arch and the scored candidates."""
+    pruned model, its arch and the report's ``target_params`` and scored ``candidates``."""
     s = cfg.prune.search
-    wanted = search.budget(cfg, arch)
+    wanted, divisors = search.budget(cfg, arch), search.divisors(arch, s)
     settings = {"score": str(s.score), "eval_samples": int(cfg.prune.eval_samples), "top_k": int(s.top_k),
                 "max_width_pruning": float(s.max_width_pruning), "max_depth_pruning": float(s.max_depth_pruning),
-                "hparams_to_skip": sorted(s.get("hparams_to_skip") or []), **search.divisors(arch, s)}
+                "hparams_to_skip": sorted(s.get("hparams_to_skip") or []), **divisors}
     if str(s.score) == "mmlu":
         settings.update(mmlu_limit=int(s.mmlu_limit), shots=int(cfg.eval.shots),
                         mmlu=OmegaConf.to_container(cfg.eval.mmlu))
@@ -173,7 +173,7 @@ def search_prune(cfg, model, arch, calib, valid, cache: Path, layout, tokenizer_
     print(f"[prune] search: at most {wanted:,} parameters; top {s.top_k} candidates scored by {s.score}", flush=True)
     try:
         pruned, new_arch = minitron(
-            model, arch, {"params": wanted}, search.divisors(arch, s), calib, state,
+            model, arch, {"params": wanted}, divisors, calib, state,
             {"score_func": search.score_function(cfg, arch, valid, layout, tokenizer_dir), "top_k": int(s.top_k),
              "max_width_pruning": float(s.max_width_pruning), "max_depth_pruning": float(s.max_depth_pruning),
              "hparams_to_skip": list(s.get("hparams_to_skip") or []) or None})
@@ -185,9 +185,9 @@ def search_prune(cfg, model, arch, calib, valid, cache: Path, layout, tokenizer_
     rank_file = state.with_name(f"{state.stem}{torch.distributed.get_rank()}{state.suffix}") \
         if torch.distributed.is_initialized() else state
     scored = search.candidates(rank_file, wanted, arch, str(s.score))
-    require(search.exportable(new_arch), f"the search chose {search.shape_of(pruned.config)}, which transformers "
+    require(model_lib.exportable(new_arch), f"the search chose {search.shape_of(pruned.config)}, which transformers "
             "cannot load (no candidate was exportable)", "prune.search.hparams_to_skip")
-    return pruned, new_arch, scored
+    return pruned, new_arch, {"target_params": wanted, "candidates": scored}
 
 
 def prune_inputs(cfg) -> dict:
@@ -247,11 +247,10 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         cache = (Path(str(cfg.prune.scores_cache)) if cfg.prune.scores_cache
                  else output.parent / f".minitron_scores-{calibration}")
         if cfg.prune.mode == "search":
-            pruned, new_arch, scored = search_prune(cfg, model, arch, calib, valid, cache, layout, source / "tokenizer")
-            report["candidates"] = scored
-            report["target_params"] = search.budget(cfg, arch)
-            print(f"[prune] search: {len(scored)} candidates scored by {cfg.prune.search.score}:")
-            for row in scored:
+            pruned, new_arch, found = search_prune(cfg, model, arch, calib, valid, cache, layout, source / "tokenizer")
+            report.update(found)
+            print(f"[prune] search: {len(found['candidates'])} candidates scored by {cfg.prune.search.score}:")
+            for row in found["candidates"]:
                 print(f"  {row['architecture']} {row['params']:,} parameters: {row[str(cfg.prune.search.score)]}"
                       f"{'  <- chosen' if row['chosen'] else ''}")
         else:

@@ -95,7 +95,7 @@ def searches(run_dir: Path) -> dict:
 
 
 def search_table(student: str, found: dict) -> list[str]:
-    score = next((k for k in ("val_loss", "mmlu") if k in found["candidates"][0]), "val_loss")
+    score = found["candidates"][0]["score"]   # val_loss | mmlu, the key of each row's value
     lines = ["", f"## Search: {student} (at most {found['target_params']:,} parameters, {score})", "",
              f"| layers | hidden | MLP | heads | parameters | {score} | |", "|---:|---:|---:|---:|---:|---:|---|"]
     for row in found["candidates"]:

@@ -122,16 +122,11 @@ def check_settings(cfg) -> None:
             "prune.search.hparams_to_skip")
 
 
-def check(cfg, teacher: dict, layout: dict) -> dict:
-    """Every rule of ``prune=search``; returns the largest shape within the budget (what the
-    later stages are planned with before the search has run)."""
+def check(layout: dict) -> None:
+    """The layout rule of ``prune=search`` (its settings and budget are checked by
+    :func:`within_budget`, which plans the student)."""
     require(int(layout["tensor"]) == 1, "the parameter search needs tensor parallel size 1 (a ModelOpt limit "
             "of Minitron pruning); use pipeline parallelism for it", "run.stage_parallel.prune")
-    return within_budget(cfg, teacher)[0]
-
-
-def exportable(arch: dict) -> bool:
-    return arch["hidden_size"] % arch["num_attention_heads"] == 0
 
 
 def shape_of(config) -> dict:
@@ -157,7 +152,7 @@ def score_function(cfg, arch: dict, valid, layout, tokenizer_dir: Path):
 
     def score(model) -> float:
         shape = {**arch, **shape_of(model.config)}
-        if not exportable(shape):
+        if not model_lib.exportable(shape):
             return float("-inf")
         if requests is None:
             return -model_lib.lm_loss(model, valid(), arch["vocab_size"])
@@ -179,7 +174,7 @@ def candidates(state_file: Path, wanted: int, arch: dict, score: str) -> list[di
         shape = {**arch, **candidate.ss_config}
         value = candidate.score
         rows.append({"architecture": {k: shape[k] for k in SEARCHABLE}, "params": model_lib.count_parameters(shape),
-                     "params_modelopt": int(candidate.params), "exportable": exportable(shape),
+                     "params_modelopt": int(candidate.params), "exportable": model_lib.exportable(shape),
                      "score": score, score: (-value if score == "val_loss" else value)
                      if math.isfinite(value) else None, "chosen": candidate is best})
     return rows

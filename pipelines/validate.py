@@ -195,7 +195,7 @@ def prune_rules(cfg, teacher: dict, layout: dict) -> dict:
     elif cfg.prune.mode == "search":
         from pipelines.search import check
 
-        check(cfg, teacher, layout)
+        check(layout)
     else:
         require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not "
                 "divisible by the pipeline parallel size", "prune.target_num_layers")

@@ -9,7 +9,7 @@ from conftest import export_cfg
 from pipelines import convert, search, stage
 from pipelines.data import TokenWindows
 from pipelines.errors import UserError
-from pipelines.model import count_parameters
+from pipelines.model import count_parameters, exportable
 from test_prune import prune_cfg
 
 
@@ -106,7 +106,7 @@ def test_another_budget_reuses_the_importance_scores(searched, trained_teacher, 
     ("+run.stage_parallel.prune={tensor:2}", "run.stage_parallel.prune"),
 ])
 def test_bad_search_settings_name_the_key_before_any_compute(override, key, tmp_path, trained_teacher, tiny_data):
-    from pipelines import launch, validate
+    from pipelines import validate
     from conftest import compose
 
     cfg = compose("pipeline", ["experiment=demo", "prune=search", "run.students=[search]", override,
@@ -139,4 +139,4 @@ def test_the_grid_is_modelopts():
     theirs = MCoreMinitronSearcher._generate_search_space_combos(space, 0.4, 0.2, ["num_attention_heads"])
     ours = search.grid(teacher, settings)
     assert [{k: s[k] for k in ("hidden_size", "ffn_hidden_size", "num_layers")} for s in ours] == theirs
-    assert all(search.exportable(s) for s in ours) and {s["hidden_size"] for s in ours} >= {504, 576}
+    assert all(exportable(s) for s in ours) and {s["hidden_size"] for s in ours} >= {504, 576}
