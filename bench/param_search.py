@@ -3,7 +3,7 @@
     .venv/bin/python bench/param_search.py [--budget 0.7] [--teacher runs/demo/correct]
     .venv/bin/python bench/param_search.py --quick      # fewer calibration and held-out sequences (CI)
 
-At one budget (a fraction of the teacher's parameters, counted as the search counts them) it
+At one budget (a fraction of the teacher's parameters; shapes counted as the search counts them) it
 prunes the teacher four ways and scores each on the same held-out sequences (validation loss
 after pruning, before any distillation):
 
@@ -45,6 +45,7 @@ def main() -> None:
     if args.quick:
         args.calib_samples, args.eval_samples = 16, 8
     from pipelines import checkpoint, search, stage
+    from pipelines.model import count_parameters
     from pipelines.cli import quiet_known_noise
     from pipelines.errors import require
     from pipelines.launch import compose_pipeline
@@ -85,7 +86,7 @@ def main() -> None:
             report = stage.run("prune", compose_pipeline([*common, *overrides,
                                                            f"prune.output={work / name}"]))["report"]
             results[name] = report
-    print(f"\nteacher: {search.counted(teacher):,} parameters (as the search counts them), budget {args.budget} -> "
+    print(f"\nteacher: {count_parameters(teacher):,} parameters, budget {args.budget} -> "
           f"{wanted:,}; validation loss after pruning, {args.eval_samples} held-out sequences, no distillation")
     print(f"{'student':8} {'layers':>6} {'hidden':>6} {'ffn':>6} {'parameters':>11} {'val loss':>9}")
     for name, report in results.items():

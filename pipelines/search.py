@@ -39,7 +39,8 @@ def counted(arch: dict) -> int:
 
 
 def budget(cfg, teacher: dict) -> int:
-    """``prune.target_params`` in parameters: a fraction of the teacher's (≤ 1) or a count."""
+    """``prune.target_params`` in parameters: a fraction of the teacher's Hugging Face count (≤ 1)
+    or a count; shapes are held to it as :func:`counted` counts them."""
     value = float(cfg.prune.target_params)
     require(value > 0, f"prune.target_params={value} must be above 0", "prune.target_params")
     total = model_lib.count_parameters(teacher)
