@@ -17,8 +17,9 @@ Output folder::
 
 The batches of the next steps are built ahead in a thread (:mod:`pipelines.prefetch`).
 
-Data order is a function of the step alone (step ``t`` reads samples ``[t·B, (t+1)·B)`` of the
-train split, wrapping around; data-parallel rank ``r`` takes its ``B/dp`` slice), so a resumed run
+Data order is a function of the step alone (step ``t`` reads samples ``[o + t·B, o + (t+1)·B)`` of
+the train split, ``o`` = ``distill.sample_offset`` (0; later rounds of ``run.rounds`` start after
+the earlier rounds' samples), wrapping around; data-parallel rank ``r`` takes its ``B/dp`` slice), so a resumed run
 reads exactly what an uninterrupted one would. Checkpoints are written to a temporary folder and
 renamed, and ``latest`` is switched after, so the last good checkpoint is never overwritten.
 """
@@ -81,6 +82,7 @@ class Plan:
         # divisible: checks() stops the stage before any compute otherwise
         self.microbatches = max(1, self.global_batch // (self.micro_batch * data_parallel))
         self.steps = int(d.train_steps)
+        self.offset = int(d.get("sample_offset") or 0)
         self.windows = TokenWindows(self.data, "train", self.sequence_length)
         self.valid = TokenWindows(self.data, "valid", self.sequence_length)
         self.samples = len(self.windows)
@@ -97,10 +99,10 @@ class Plan:
                         "sequence_length": self.sequence_length, "temperature": float(d.temperature),
                         "tokenizer": tokenizer_hash(self.student)}
             self.cache = LogitsCache(Path(str(d.cache)), expected, verify=bool(d.verify_cache))
-            reads = min(self.samples, self.steps * self.global_batch)  # distill wraps over the data only
+            reads = min(self.samples, self.offset + self.steps * self.global_batch)  # wraps over the data only
             require(len(self.cache) >= reads, f"the teacher-logits cache {d.cache} holds {len(self.cache)} "
-                    f"samples and this run reads {reads} (train_steps x global_batch_size, at most the "
-                    "data's); raise logits.samples and rerun make logits (finished shards are kept)",
+                    f"samples and this run reads up to {reads} (sample_offset + train_steps x global_batch_size, "
+                    "at most the data's); raise logits.samples and rerun make logits (finished shards are kept)",
                     "logits.samples")
             if self.teacher_path is None:
                 manifest = self.cache.manifest  # caches written before content identities name the path there
@@ -130,10 +132,10 @@ class Plan:
 # ----------------------------------------------------------------------------- data
 
 
-def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: int) -> list[int]:
+def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: int, offset: int = 0) -> list[int]:
     """Sample indices this data-parallel rank trains on at ``step`` (a function of the step alone)."""
     per_rank = global_batch // dp
-    base = step * global_batch + dp_rank * per_rank
+    base = offset + step * global_batch + dp_rank * per_rank
     return [(base + j) % samples for j in range(per_rank)]
 
 
@@ -284,7 +286,8 @@ class Trainer:
     def _host_batches(self, step: int) -> list[dict]:
         """The micro-batches of ``step`` for this data-parallel rank, in host memory."""
         plan = self.plan
-        indices = step_samples(step, plan.global_batch, plan.samples, self.dp_rank, self.layout.data_parallel)
+        indices = step_samples(step, plan.global_batch, plan.samples, self.dp_rank, self.layout.data_parallel,
+                               plan.offset)
         return [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch])
                 for i in range(0, len(indices), plan.micro_batch)]
 

@@ -2,7 +2,9 @@
 
 A stage (:class:`pipelines.stage.Stage`, by name) is one or more runs of ``scripts/<name>.py``:
 per-student stages (``prune``, ``distill``, ``export``) run once per ``run.students`` entry with
-``prune=<student>``. Locally, stages that
+``prune=<student>``, and once per round of ``run.rounds`` (``prune@2``: round 2 only; ``pipeline``
+runs prune@1, logits, distill@1, prune@2, distill@2, ...; a bare ``prune`` runs the rounds whose
+previous round is distilled and says which wait). Locally, stages that
 use the parallel runtime run under ``torchrun`` when ``cluster.processes`` > 1. On SLURM
 (``cluster=slurm``) each stage is one ``sbatch`` job whose steps ``srun`` one task per GPU (the
 runtime reads SLURM's environment); ``pipeline`` submits every stage at once, chained with
@@ -23,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipelines import experiment
 from pipelines.errors import UserError, require
 from pipelines.preemption import REQUEUE_EXIT
 from pipelines.stage import get, registry
@@ -31,20 +34,54 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pipeline_stages(cfg) -> list[str]:
-    """The stages ``make pipeline`` runs, in order (``correct`` only when enabled)."""
-    return [s for s in registry() if s != "correct" or bool(cfg.correct.enabled)]
+    """The stages ``make pipeline`` runs, in order (``correct`` only when enabled); with several
+    rounds, each round's prune follows the previous round's distill (``prune@2``)."""
+    stages = [s for s in registry() if s != "correct" or bool(cfg.correct.enabled)]
+    count = len(experiment.rounds(cfg))
+    if count < 2:
+        return stages
+    later = [f"{stage}@{number}" for number in range(2, count + 1) for stage in ("prune", "distill")]
+    ordered = []
+    for stage in stages:
+        ordered += {"prune": ["prune@1"], "distill": ["distill@1", *later]}.get(stage, [stage])
+    return ordered
 
 
-def invocations(stage: str, cfg, overrides: list[str]) -> list[list[str]]:
-    """Script argument lists of one stage: ``[script, override, ...]`` per invocation."""
+def parse(spec: str) -> tuple[str, int | None]:
+    """``prune@2`` -> ``("prune", 2)``; ``prune`` -> ``("prune", None)`` (every round)."""
+    name, _, number = spec.partition("@")
+    if not number:
+        return name, None
+    declared = get(name)
+    require(declared.per_student and number.isdigit() and int(number) >= 1, f"{spec!r}: only per-student stages "
+            "(prune, distill, export) take a round, as prune@2", "STAGE")
+    return name, int(number)
+
+
+def invocations(spec: str, cfg, overrides: list[str], quiet: bool = False) -> list[list[str]]:
+    """Script argument lists of one stage: ``[script, override, ...]`` per invocation. A bare
+    per-student stage with rounds leaves out the rounds whose previous round is not distilled."""
+    stage, only = parse(spec)
     declared = get(stage)
     script = declared.script
-    if declared.per_student:
-        students = list(cfg.run.students)
-        require(students, "run.students is empty", "run.students")
-        kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
-        return [[script, *kept, *_parallel(cfg, stage), f"prune={student}"] for student in students]
-    return [[script, *overrides, *_parallel(cfg, stage)]]
+    if not declared.per_student:
+        return [[script, *overrides, *_parallel(cfg, stage)]]
+    runs = experiment.student_runs(cfg)
+    if only is not None:
+        require(any(r.round == only for r in runs), f"{spec}: run.rounds has {max(r.round for r in runs)} "
+                "rounds", "run.rounds")
+        runs = [r for r in runs if r.round == only]
+    kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
+    chosen = []
+    for student in runs:
+        previous = Path(str(cfg.run.dir)) / f"distill_{student.previous}"
+        if only is None and student.previous and not (previous / "manifest.json").exists():
+            if not quiet:
+                print(f"[{stage}] {student.name} waits for {previous} (round {student.round - 1}): make distill "
+                      "first, or make pipeline runs the rounds in order", flush=True)
+            continue
+        chosen.append([script, *kept, *_parallel(cfg, stage), *student.overrides])
+    return chosen
 
 
 def _parallel(cfg, stage: str) -> list[str]:
@@ -63,6 +100,7 @@ def stage_processes(stage: str, cfg) -> tuple[int, int]:
     """``(nodes, processes per node)`` a stage runs with."""
     from pipelines.validate import processes, stage_parallel
 
+    stage = parse(stage)[0]
     declared = get(stage)
     if not declared.distributed:
         return 1, 1
@@ -77,7 +115,7 @@ def stage_processes(stage: str, cfg) -> tuple[int, int]:
 def run_local(stage: str, cfg, overrides: list[str]) -> None:
     _, processes = stage_processes(stage, cfg)
     for arguments in invocations(stage, cfg, overrides):
-        if get(stage).distributed and processes > 1:
+        if get(parse(stage)[0]).distributed and processes > 1:
             command = [_python(cfg), "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                        f"--master-port={_free_port()}", *arguments]
         else:
@@ -108,7 +146,7 @@ def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
     c = cfg.cluster
     nodes, tasks = stage_processes(stage, cfg)
     log_dir = Path(str(cfg.run.dir)).resolve() / "slurm"
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={c.job_prefix}-{cfg.run.name}-{stage}",
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={c.job_prefix}-{cfg.run.name}-{stage.replace('@', '-r')}",
              f"#SBATCH --nodes={nodes}", f"#SBATCH --ntasks-per-node={tasks}",
              f"#SBATCH --cpus-per-task={int(c.cpus_per_task)}", f"#SBATCH --time={c.time}",
              f"#SBATCH --output={log_dir}/%x-%j.out", "#SBATCH --open-mode=append",
@@ -201,6 +239,27 @@ def compose_pipeline(overrides: list[str]):
         raise UserError(f"bad override: {str(error).splitlines()[0]}", "ARGS") from None
 
 
+def check_students(cfg, names: list[str], overrides: list[str]) -> list[dict]:
+    """Every student of every round, checked before any compute: its own config (``prune=<student>``
+    and its round's keys) for the per-student stages and eval, with the architecture the round
+    before it planned as its source. Returns what :func:`pipelines.validate.check` returned for each."""
+    from pipelines import validate
+
+    stages = [name for name in names if get(name).per_student or name == "eval"]
+    kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
+    planned: dict[str, dict] = {}
+    checked = []
+    for student in experiment.student_runs(cfg):
+        try:
+            one = compose_pipeline([*kept, *student.overrides])
+        except UserError as error:
+            key = "run.rounds" if student.round else error.key
+            raise UserError(f"student {student.name}: {str(error).split(' (fix:')[0]}", key) from None
+        checked.append(validate.check(one, stages, source=planned.get(student.previous)))
+        planned[student.name] = checked[-1]["student"]
+    return checked
+
+
 def runs_on_gpus(cfg) -> bool:
     """Whether the stages run on GPUs: a SLURM cluster with GPUs, or this machine when it has one."""
     if str(cfg.cluster.kind) == "slurm":
@@ -223,15 +282,16 @@ def main(argv: list[str]) -> None:
     overrides = [a for a in rest if a != "--dry-run"]
     cfg = compose_pipeline(overrides)
     stages = pipeline_stages(cfg) if stage == "pipeline" else stage.split(",")
-    for name in stages:
-        get(name)  # an unknown name stops here, listing the stages
+    names = list(dict.fromkeys(parse(spec)[0] for spec in stages))  # an unknown name stops here
     from pipelines import validate
 
-    checked = validate.check(cfg, stages)
+    students = check_students(cfg, names, overrides)
+    checked = validate.check(cfg, [n for n in names if not get(n).per_student], student=students[0]["student"])
+    checked["layouts"] = {**checked["layouts"], **students[0]["layouts"]}   # the memory plan's
     if runs_on_gpus(cfg):
         from pipelines import memory_plan
 
-        estimates = memory_plan.plan(cfg, stages, checked)
+        estimates = memory_plan.plan(cfg, names, checked)
         if estimates:
             print(f"[memory] predicted peak per GPU (limit cluster.gpu_memory_gb="
                   f"{cfg.cluster.get('gpu_memory_gb') or 80}):", flush=True)

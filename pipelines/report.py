@@ -19,6 +19,7 @@ errors); otherwise it is ``None`` and ``recovery_note`` says why it is not measu
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from pipelines.artifacts import write_json
@@ -106,8 +107,40 @@ def search_table(student: str, found: dict) -> list[str]:
     return lines
 
 
+def _student_order(name: str) -> tuple:
+    """Students in order, the rounds of one numerically (``s_r2`` before ``s_r10``)."""
+    found = re.fullmatch(r"(.+)_r(\d+)", name)
+    return (found.group(1), int(found.group(2))) if found else (name, 0)
+
+
+def rounds_of(students: list[str]) -> dict[str, list[str]]:
+    """``{student: [student_r1, student_r2, ...]}`` for the students pruned in rounds (``run.rounds``)."""
+    chains: dict[str, list[str]] = {}
+    for name in students:
+        base, number = _student_order(name)
+        if number:
+            chains.setdefault(base, []).append(name)
+    return chains
+
+
+def rounds_table(base: str, chain: list[str], report: dict) -> list[str]:
+    teacher = report.get("teacher") or {}
+    lines = ["", f"## Rounds: {base} (each round prunes the previous round's distilled student)", "",
+             "| round | parameters | share of the teacher | val loss pruned | val loss distilled | corpus task distilled |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for name in chain:
+        pruned, distilled = report.get(f"pruned_{name}") or {}, report.get(f"distilled_{name}") or {}
+        params = (distilled or pruned).get("params")
+        share = _ratio(params, teacher.get("params"))
+        lines.append(f"| {_student_order(name)[1]} | {_fmt(params and params / 1e6, ',.3f')} M | {_fmt(share, '.1%')} | "
+                     f"{_fmt(pruned.get('val_loss'), '.4f')} | {_fmt(distilled.get('val_loss'), '.4f')} | "
+                     f"{_fmt(distilled.get('corpus'), '.3f')} |")
+    return lines
+
+
 def summarize(entries: dict) -> dict:
-    students = sorted({name.split("_", 1)[1] for name in entries if name.startswith(("pruned_", "distilled_"))})
+    students = sorted({name.split("_", 1)[1] for name in entries if name.startswith(("pruned_", "distilled_"))},
+                      key=_student_order)
     teacher = entries.get("teacher", {})
     report = dict(entries)
     recovery, recovery_se, gap_closed = {}, {}, {}
@@ -223,6 +256,8 @@ def markdown(report: dict, name: str) -> str:
         lines += ["", "The MMLU column is the macro average (the mean over subjects, as the original MMLU code). "
                   "Published numbers (lm-evaluation-harness's `mmlu` group, Llama-3.1-Minitron's 65.3) weight "
                   "subjects by size; that score here: " + ", ".join(weighted) + "."]
+    for base, chain in rounds_of(report["students"]).items():
+        lines += rounds_table(base, chain, report)
     for student, found in (report.get("searches") or {}).items():
         lines += search_table(student, found)
     return "\n".join(lines) + "\n"

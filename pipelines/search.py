@@ -39,15 +39,31 @@ def counted(arch: dict) -> int:
 
 
 def budget(cfg, teacher: dict) -> int:
-    """``prune.target_params`` in parameters: a fraction of the teacher's Hugging Face count (≤ 1)
-    or a count; shapes are held to it as :func:`counted` counts them."""
+    """``prune.target_params`` in parameters: a fraction (≤ 1) of the Hugging Face count of
+    ``prune.budget_of`` (the run's teacher in later rounds of ``run.rounds``; by default the
+    pruned ``teacher`` itself) or a count; shapes are held to it as :func:`counted` counts them."""
     value = float(cfg.prune.target_params)
     require(value > 0, f"prune.target_params={value} must be above 0", "prune.target_params")
     total = model_lib.count_parameters(teacher)
-    wanted = int(value * total) if value <= 1 else int(value)
-    require(wanted < total, f"prune.target_params={value} is {wanted:,} parameters, not below the teacher's "
-            f"{total:,}", "prune.target_params")
+    whole = model_lib.count_parameters(budget_base(cfg, teacher))
+    wanted = int(value * whole) if value <= 1 else int(value)
+    require(wanted < total, f"prune.target_params={value} is {wanted:,} parameters, not below the "
+            f"{total:,} of the model it prunes", "prune.target_params")
     return wanted
+
+
+def budget_base(cfg, teacher: dict) -> dict:
+    """The architecture a fractional budget is a fraction of: ``prune.budget_of``'s checkpoint,
+    ``model.*`` while that checkpoint is still to be made (the experiment check), or ``teacher``."""
+    of = cfg.prune.get("budget_of")
+    if not of:
+        return teacher
+    from pipelines import checkpoint
+
+    folder = Path(str(of))
+    if (folder / "model.yaml").exists():
+        return checkpoint.read_architecture(folder, "prune.budget_of")[0]
+    return model_lib.architecture(cfg.model)
 
 
 def divisors(teacher: dict, search) -> dict:

@@ -129,6 +129,7 @@ def training_ranges(d, section: str) -> None:
             f"{section}.jsd_beta")
     _positive(int(d.eval_topk), f"{section}.eval_topk", 1, inclusive=True)
     _positive(int(d.seed), f"{section}.seed", inclusive=True)
+    _positive(int(d.get("sample_offset") or 0), f"{section}.sample_offset", inclusive=True)
 
 
 def data_ranges(data) -> None:
@@ -217,15 +218,18 @@ def training_rules(cfg, section: str, layout: dict | None) -> None:
                 f"{d.micro_batch_size} x data-parallel size {layout['data']}", f"{section}.global_batch_size")
 
 
-def check(cfg, stages: list[str]) -> dict:
+def check(cfg, stages: list[str], source: dict | None = None, student: dict | None = None) -> dict:
     """Validate ``stages`` of the experiment with each stage's own checks (:class:`pipelines.stage.Stage`),
-    on ``model.*`` and the layouts planned; returns the architectures and layouts checked."""
+    on ``model.*`` and the layouts planned; returns the architectures and layouts checked.
+    ``source``: the architecture prune starts from when it is not the teacher (a later round);
+    ``student``: the student's, when another config planned it (default: ``cfg.prune`` of ``source``)."""
     from pipelines.stage import registry
 
     declared = registry()
     teacher = model_lib.architecture(cfg.model)
-    student = student_architecture(cfg, teacher)
-    checked = {"teacher": teacher, "student": student, "layouts": {}}
+    source = source or teacher
+    student = student or student_architecture(cfg, source)
+    checked = {"teacher": teacher, "source": source, "student": student, "layouts": {}}
     for key in ("tensor", "pipeline", "context"):
         _positive(int(cfg.parallel.get(key, 1)), f"parallel.{key}", 1, inclusive=True)
     _positive(float(cfg.parallel.get("timeout_minutes", 30)), "parallel.timeout_minutes")
@@ -239,7 +243,7 @@ def check(cfg, stages: list[str]) -> dict:
                       "context": int(planned.get("context", 1)), "data": data_parallel}
             checked["layouts"][stage] = {**planned, "data": data_parallel}
         if declared[stage].checks:
-            declared[stage].checks(cfg, teacher, layout)
+            declared[stage].checks(cfg, source if stage == "prune" else teacher, layout)
         if stage == "distill":
             _layout_fits(cfg, stage, teacher, "online teacher")
             require(int(cfg.logits.sequence_length) == int(cfg.distill.sequence_length),
