@@ -90,6 +90,7 @@ bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/lm_eval_agreement.py
 	$(PYTHON) bench/param_search.py
 	$(PYTHON) bench/param_search.py --search-args "prune.search.max_depth_pruning=0.5 prune.search.max_width_pruning=0.75"
+	$(PYTHON) bench/prune_rounds.py
 	$(PYTHON) bench/distill_step.py
 	$(PYTHON) bench/distill_step.py --real
 	$(PYTHON) bench/vs_transformers.py
@@ -97,7 +98,7 @@ bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/memory_plan.py
 	$(PYTHON) bench/fault_injection.py
 
-BENCHES := import_memory calibration_cost logits_cache eval_throughput lm_eval_agreement param_search distill_step vs_transformers kd_vs_ce memory_plan fault_injection
+BENCHES := import_memory calibration_cost logits_cache eval_throughput lm_eval_agreement param_search prune_rounds distill_step vs_transformers kd_vs_ce memory_plan fault_injection
 
 bench-quick: setup  ## every benchmark in its quick mode (CI: each must exit 0 and print its last line)
 	@set -e; for b in $(BENCHES); do \

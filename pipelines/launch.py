@@ -241,13 +241,15 @@ def compose_pipeline(overrides: list[str]):
 
 def check_students(cfg, names: list[str], overrides: list[str]) -> list[dict]:
     """Every student of every round, checked before any compute: its own config (``prune=<student>``
-    and its round's keys) for the per-student stages and eval, with the architecture the round
-    before it planned as its source. Returns what :func:`pipelines.validate.check` returned for each."""
-    from pipelines import validate
+    and its round's keys) for the per-student stages and eval, with the source its round prunes:
+    the round before's distilled student when it exists, else the shape planned for it (a search's
+    largest within its budget; a budget only its smaller candidates meet warns instead). Returns what :func:`pipelines.validate.check` returned for each."""
+    from pipelines import checkpoint, validate
 
     stages = [name for name in names if get(name).per_student or name == "eval"]
     kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
     planned: dict[str, dict] = {}
+    searched: dict[str, dict] = {}   # a searched student's smallest candidate
     checked = []
     for student in experiment.student_runs(cfg):
         try:
@@ -255,9 +257,39 @@ def check_students(cfg, names: list[str], overrides: list[str]) -> list[dict]:
         except UserError as error:
             key = "run.rounds" if student.round else error.key
             raise UserError(f"student {student.name}: {str(error).split(' (fix:')[0]}", key) from None
-        checked.append(validate.check(one, stages, source=planned.get(student.previous)))
+        source = planned.get(student.previous)
+        made = Path(str(cfg.run.dir)) / f"distill_{student.previous}"
+        if student.previous and (made / "manifest.json").exists():
+            source = checkpoint.read_architecture(made)[0]
+        try:
+            checked.append(validate.check(one, stages, source=source))
+        except UserError as error:
+            smallest = searched.get(student.previous)
+            if source is not planned.get(student.previous) or smallest is None:
+                raise _in_round(student, error) from None
+            # a search may choose any of its top_k candidates: refuse only if the smallest fails too
+            try:
+                checked.append(validate.check(one, stages, source=smallest))
+            except UserError:
+                raise _in_round(student, error) from None
+            print(f"[check] {student.name}: {str(error).split(' (fix:')[0]}, if round {student.round - 1}'s "
+                  "search chooses its largest candidate; it is checked again when that round is distilled",
+                  flush=True)
         planned[student.name] = checked[-1]["student"]
+        if str(one.prune.mode) == "search":
+            from pipelines.search import within_budget
+
+            candidates = within_budget(one, checked[-1]["source"])[:int(one.prune.search.top_k)]
+            searched[student.name] = candidates[-1]
     return checked
+
+
+def _in_round(student, error: UserError) -> UserError:
+    """``error`` naming the round it is about (without rounds: as it is)."""
+    if not student.round:
+        return error
+    what = f"round {student.round}" + (f", pruning {student.previous}" if student.previous else "")
+    return UserError(f"student {student.name} ({what}): {str(error).split(' (fix:')[0]}", error.key)
 
 
 def runs_on_gpus(cfg) -> bool:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, compose
-from pipelines import experiment, launch
+from pipelines import experiment, launch, search
 from pipelines.artifacts import read_manifest
 from pipelines.distill import step_samples
 from pipelines.errors import UserError
@@ -142,3 +142,19 @@ def test_two_rounds_of_depth_pruning_through_the_launcher(tmp_path, trained_teac
     assert distilled["inputs"]["settings"]["sample_offset"] == 12 and distilled["steps"] == 3
     assert distilled["inputs"]["student"] == str((run / "prune_depth_r2").resolve())
     assert json.loads((run / "prune_depth_r2" / "prune_report.json").read_text())["config_before"]["num_layers"] == 3
+
+
+def test_a_round_is_refused_only_when_every_candidate_of_the_round_before_fails_it(tmp_path, capsys):
+    """At ModelOpt's default limits (40% width, 20% depth) round 2 of 60% -> 30% is out of reach
+    from every round-1 candidate: refused. At 32% it is out of reach only from the largest: a warning."""
+    def check(second):
+        overrides = ["experiment=demo", "prune=search", "run.students=[search]", f"paths.runs={tmp_path}",
+                     f"run.rounds=[{{prune:{{target_params:0.6}}}},{{prune:{{target_params:{second}}}}}]"]
+        return launch.check_students(compose("pipeline", overrides), ["prune", "distill"], overrides)
+
+    with pytest.raises(UserError, match=r"^student search_r2 \(round 2, pruning search_r1\): no shape within") as error:
+        check(0.3)
+    assert error.value.key == "prune.target_params"
+    checked = check(0.32)
+    assert "[check] search_r2: no shape within" in capsys.readouterr().out
+    assert search.counted(checked[1]["student"]) <= int(0.32 * search.model_lib.count_parameters(checked[0]["teacher"]))
