@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-slow demo demo-real pipeline prepare import correct prune logits distill eval report export bench bench-quick gpu-check
+.PHONY: help setup test test-slow demo demo-real pipeline prepare import correct prune logits distill eval report sweep export bench bench-quick gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -74,6 +74,9 @@ eval: setup  ## MMLU and validation loss of every finished model in the run, the
 
 report: setup  ## write runs/<name>/report.{md,json,png}
 	$(STAGE) report $(OVERRIDES)
+
+sweep: setup  ## every point of a grid of distill/logits settings, e.g. ARGS="-m distill.kd_weight=1,0.5 logits.k=16,64"
+	$(STAGE) sweep $(OVERRIDES)
 
 export: setup  ## export each distilled student to Hugging Face format
 	$(STAGE) export $(OVERRIDES)

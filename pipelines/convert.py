@@ -182,7 +182,8 @@ def hub_snapshot(repo_id: str) -> str:
 IMPORT = Stage(name="import", output=lambda cfg: _required_path(cfg, "import.output"), inputs=import_inputs,
                run=import_checkpoint, runtime=_host_runtime, replaces=False)
 EXPORT = Stage(name="export", output=lambda cfg: _required_path(cfg, "export.output"), inputs=export_inputs,
-               run=export_checkpoint, runtime=_host_runtime, replaces=False, per_student=True)
+               run=export_checkpoint, runtime=_host_runtime, replaces=False, per_student=True,
+               origin=lambda cfg: _required_path(cfg, "export.source"))
 
 
 def import_hf(section, force: bool = False) -> dict:

@@ -19,7 +19,8 @@ The batches of the next steps are built ahead in a thread (:mod:`pipelines.prefe
 
 Data order is a function of the step alone (step ``t`` reads samples ``[o + t·B, o + (t+1)·B)`` of
 the train split, ``o`` = ``distill.sample_offset`` (0; later rounds of ``run.rounds`` start after
-the earlier rounds' samples), wrapping around; data-parallel rank ``r`` takes its ``B/dp`` slice), so a resumed run
+the earlier rounds' samples), wrapping around; with ``distill.data_seed`` the run reads the same
+samples in a seeded order (seeds of a sweep then differ in data order only); data-parallel rank ``r`` takes its ``B/dp`` slice), so a resumed run
 reads exactly what an uninterrupted one would. Checkpoints are written to a temporary folder and
 renamed, and ``latest`` is switched after, so the last good checkpoint is never overwritten.
 """
@@ -32,6 +33,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipelines import checkpoint, preemption, runtime
@@ -83,6 +85,9 @@ class Plan:
         self.microbatches = max(1, self.global_batch // (self.micro_batch * data_parallel))
         self.steps = int(d.train_steps)
         self.offset = int(d.get("sample_offset") or 0)
+        self.order = None   # position -> sample, within this run's own samples
+        if d.get("data_seed") is not None:
+            self.order = np.random.default_rng(int(d.data_seed)).permutation(self.steps * self.global_batch)
         self.windows = TokenWindows(self.data, "train", self.sequence_length)
         self.valid = TokenWindows(self.data, "valid", self.sequence_length)
         self.samples = len(self.windows)
@@ -132,11 +137,16 @@ class Plan:
 # ----------------------------------------------------------------------------- data
 
 
-def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: int, offset: int = 0) -> list[int]:
-    """Sample indices this data-parallel rank trains on at ``step`` (a function of the step alone)."""
+def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: int, offset: int = 0,
+                 order=None) -> list[int]:
+    """Sample indices this data-parallel rank trains on at ``step`` (a function of the step alone);
+    ``order``: a permutation of the run's positions (``distill.data_seed``)."""
     per_rank = global_batch // dp
-    base = offset + step * global_batch + dp_rank * per_rank
-    return [(base + j) % samples for j in range(per_rank)]
+    base = step * global_batch + dp_rank * per_rank
+    positions = [base + j for j in range(per_rank)]
+    if order is not None:
+        positions = [int(order[p % len(order)]) for p in positions]
+    return [(offset + p) % samples for p in positions]
 
 
 def host_batch(windows, cache, indices) -> dict:
@@ -287,7 +297,7 @@ class Trainer:
         """The micro-batches of ``step`` for this data-parallel rank, in host memory."""
         plan = self.plan
         indices = step_samples(step, plan.global_batch, plan.samples, self.dp_rank, self.layout.data_parallel,
-                               plan.offset)
+                               plan.offset, plan.order)
         return [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch])
                 for i in range(0, len(indices), plan.micro_batch)]
 

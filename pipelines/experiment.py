@@ -109,14 +109,14 @@ def _flatten(tree: dict, prefix: str) -> dict:
     return flat
 
 
-def _override_value(value) -> str:
+def override_value(value) -> str:
     """A value in Hydra's override grammar."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_override_value(v) for v in value) + "]"
+        return "[" + ",".join(override_value(v) for v in value) + "]"
     if isinstance(value, str) and not re.fullmatch(r"[\w.\-/]+", value):
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return str(value)
@@ -139,9 +139,9 @@ def student_runs(cfg) -> list[StudentRun]:
             if number > 1:   # prune the previous round's student; a fractional budget stays the teacher's
                 overrides += [f"prune.source={run_dir}/distill_{student}_r{number - 1}",
                               "prune.budget_of=${run.teacher}"]
-            overrides += [f"{key}={_override_value(value)}" for key, value in
+            overrides += [f"{key}={override_value(value)}" for key, value in
                           _flatten(entry.get("prune") or {}, "prune").items()]
-            overrides += [f"{key}={_override_value(value)}" for key, value in
+            overrides += [f"{key}={override_value(value)}" for key, value in
                           _flatten(entry.get("distill") or {}, "distill").items()]
             overrides.append(f"distill.sample_offset={offset}")
             offset += _round_reads(entry, int(cfg.distill.train_steps), int(cfg.distill.global_batch_size))

@@ -141,10 +141,13 @@ FREE_PORT = ("free_port() { local p; while :; do p=$((20000 + RANDOM % 40000)); 
              "(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { echo $p; return; }; done; }")
 
 
-def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
-    """The batch script of one stage's job."""
+def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | None = None) -> str:
+    """The batch script of one stage's job; ``steps``: ``[(stage, cfg, overrides), ...]`` when the
+    job runs several (a sweep point's distill and eval), on as many processes as the largest needs."""
     c = cfg.cluster
-    nodes, tasks = stage_processes(stage, cfg)
+    steps = steps or [(stage, cfg, overrides)]
+    sizes = [stage_processes(name, one) for name, one, _ in steps]
+    nodes, tasks = max(n for n, _ in sizes), max(t for _, t in sizes)
     log_dir = Path(str(cfg.run.dir)).resolve() / "slurm"
     lines = ["#!/bin/bash", f"#SBATCH --job-name={c.job_prefix}-{cfg.run.name}-{stage.replace('@', '-r')}",
              f"#SBATCH --nodes={nodes}", f"#SBATCH --ntasks-per-node={tasks}",
@@ -162,11 +165,11 @@ def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
               f"export PD_REQUEUE_MARKER={log_dir}/.requeue-$SLURM_JOB_ID",
               "rm -f \"$PD_REQUEUE_MARKER\""]
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in (c.env or {}).items()]
-    srun = ["srun", "--kill-on-bad-exit=1", f"--ntasks-per-node={tasks}", f"--nodes={nodes}"]
+    container = []
     if c.get("container_image"):
-        srun.append(f"--container-image={c.container_image}")
+        container.append(f"--container-image={c.container_image}")
         if c.get("container_mounts"):
-            srun.append(f"--container-mounts={c.container_mounts}")
+            container.append(f"--container-mounts={c.container_mounts}")
     lines += ["",
               FREE_PORT,
               "# USR1 before the time limit: ask the running step to checkpoint and exit (status 75)",
@@ -187,36 +190,46 @@ def sbatch_script(stage: str, cfg, overrides: list[str]) -> str:
               "  [ $rc -eq 0 ] || exit $rc",
               "}",
               f"echo \"[slurm] {stage}: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST\""]
-    for arguments in invocations(stage, cfg, overrides):
-        lines.append("step " + shlex.join([*srun, _python(cfg), *arguments]))
+    for (name, one, extra), (step_nodes, step_tasks) in zip(steps, sizes):
+        srun = ["srun", "--kill-on-bad-exit=1", f"--ntasks-per-node={step_tasks}", f"--nodes={step_nodes}",
+                *container]
+        for arguments in invocations(name, one, extra):
+            lines.append("step " + shlex.join([*srun, _python(cfg), *arguments]))
     return "\n".join(lines) + "\n"
 
 
 def submit(stages: list[str], cfg, overrides: list[str], dry_run: bool = False) -> list[str]:
     """Submit ``stages`` as jobs chained with ``afterok``; return the job ids (or scripts when dry)."""
+    jobs = [(stage, sbatch_script(stage, cfg, overrides), [index - 1] if index else [])
+            for index, stage in enumerate(stages)]
+    return submit_jobs(jobs, cfg, dry_run)
+
+
+def submit_jobs(jobs: list[tuple[str, str, list[int]]], cfg, dry_run: bool = False) -> list[str]:
+    """Submit ``(name, batch script, indices of the jobs it waits for)`` in order, each after
+    those it waits for (``afterok``); return the job ids (or ``<name>`` when dry)."""
     log_dir = Path(str(cfg.run.dir)) / "slurm"
     ids: list[str] = []
-    for stage in stages:
-        script = sbatch_script(stage, cfg, overrides)
+    for name, script, after in jobs:
         if dry_run:
-            flags = f" --dependency=afterok:<{stages[len(ids) - 1]} job>" if ids else ""
-            print(f"# ---- {stage}: sbatch --parsable{flags} <<'EOF'")
+            flags = f" --dependency=afterok:{':'.join(f'<{jobs[i][0]} job>' for i in after)}" if after else ""
+            print(f"# ---- {name}: sbatch --parsable{flags} <<'EOF'")
             print(script + "EOF")
-            ids.append(f"<{stage}>")
+            ids.append(f"<{name}>")
             continue
         log_dir.mkdir(parents=True, exist_ok=True)
         command = ["sbatch", "--parsable"]
-        if ids:
-            command.append(f"--dependency=afterok:{ids[-1]}")
+        if after:
+            command.append(f"--dependency=afterok:{':'.join(ids[i] for i in after)}")
         result = subprocess.run(command, input=script, capture_output=True, text=True)
         if result.returncode != 0:
-            raise UserError(f"sbatch refused the {stage} job: {result.stderr.strip()}", "cluster")
+            raise UserError(f"sbatch refused the {name} job: {result.stderr.strip()}", "cluster")
         ids.append(result.stdout.strip().split(";")[0])
-        print(f"[slurm] {stage}: job {ids[-1]}", flush=True)
+        print(f"[slurm] {name}: job {ids[-1]}", flush=True)
     if not dry_run:
         record = log_dir / "jobs.json"
         previous = json.loads(record.read_text()) if record.exists() else []
-        record.write_text(json.dumps(previous + [dict(zip(stages, ids))], indent=2))
+        record.write_text(json.dumps(previous + [{name: i for (name, _, _), i in zip(jobs, ids)}], indent=2))
         print("[slurm] submitted " + " ".join(ids) + f"; logs in {log_dir}/")
     return ids
 
@@ -292,6 +305,77 @@ def _in_round(student, error: UserError) -> UserError:
     return UserError(f"student {student.name} ({what}): {str(error).split(' (fix:')[0]}", error.key)
 
 
+def plan_sweep(overrides: list[str]):
+    """``(run config, fixed overrides, shared stages, caches, points)`` of a sweep, every config
+    checked: caches ``[(folder, config, overrides)]`` one per distinct setting, points
+    ``[(point, config, overrides)]``."""
+    from pipelines import sweep, validate
+
+    fixed, axes = sweep.split(overrides)
+    cfg = compose_pipeline(fixed)
+    sweep.check(cfg, axes)
+    points, caches = [], {}
+    for point in sweep.points(axes):
+        extra = sweep.base_overrides(cfg, point)
+        try:
+            one = compose_pipeline([*fixed, *extra])
+        except UserError as error:
+            raise UserError(f"sweep point {point.name}: {str(error).split(' (fix:')[0]}", error.key) from None
+        cache = sweep.cache_folder(cfg, one)
+        if cache is not None:
+            extra.append(f"logits.output={cache}")
+            one = compose_pipeline([*fixed, *extra])
+            caches.setdefault(cache, (one, [*fixed, *extra]))
+        points.append((point, one, [*fixed, *extra], cache))
+    shared = [s for s in pipeline_stages(cfg) if s in sweep.SHARED_STAGES]
+    names = shared + ["logits"] * bool(caches) + ["distill", "eval"]
+    students = check_students(cfg, names, fixed)
+    validate.check(cfg, [n for n in names if not get(n).per_student and n != "logits"], student=students[0]["student"])
+    for point, one, extra, _ in points:
+        try:
+            check_students(one, ["distill", "eval"], extra)
+        except UserError as error:
+            raise UserError(f"sweep point {point.name}: {str(error).split(' (fix:')[0]}", error.key) from None
+    for one, _ in caches.values():
+        validate.check(one, ["logits"], student=students[0]["student"])
+    return cfg, fixed, shared, [(folder, *value) for folder, value in caches.items()], points
+
+
+def run_sweep(overrides: list[str], dry_run: bool) -> None:
+    """``stage.py sweep [-m] key=a,b ...``: the shared stages once, each distinct cache once, then
+    every point's distill and eval, then the report with the comparison (see :mod:`pipelines.sweep`)."""
+    from pipelines import sweep
+
+    cfg, fixed, shared, caches, points = plan_sweep(overrides)
+    print(f"[sweep] {len(points)} points, {len(caches)} logits cache(s), under {Path(str(cfg.run.dir)) / 'sweep'}/",
+          flush=True)
+    for point, _, _, cache in points:
+        sweep.write_point(cfg, point, cache)
+    if str(cfg.cluster.kind) == "slurm":
+        jobs = [(stage, sbatch_script(stage, cfg, fixed), [index - 1] if index else [])
+                for index, stage in enumerate(shared)]
+        for folder, one, extra in caches:
+            jobs.append((folder.name, sbatch_script("logits", one, extra), [len(jobs) - 1] if jobs else []))
+        ready = [len(jobs) - 1] if jobs else []
+        first = len(jobs)
+        for point, one, extra, _ in points:
+            steps = [("distill", one, extra), ("eval", one, extra)]
+            jobs.append((f"point-{len(jobs) - first}", sbatch_script("distill", one, extra, steps), ready))
+        jobs.append(("report", sbatch_script("report", cfg, fixed), list(range(first, len(jobs)))))
+        submit_jobs(jobs, cfg, dry_run)
+        return
+    require(not dry_run, "--dry-run is for cluster=slurm", "cluster")
+    for stage in shared:
+        run_local(stage, cfg, fixed)
+    for folder, one, extra in caches:
+        run_local("logits", one, extra)
+    for number, (point, one, extra, _) in enumerate(points, 1):
+        print(f"[sweep] point {number}/{len(points)}: {point.name}", flush=True)
+        run_local("distill", one, extra)
+        run_local("eval", one, extra)
+    run_local("report", cfg, fixed)
+
+
 def runs_on_gpus(cfg) -> bool:
     """Whether the stages run on GPUs: a SLURM cluster with GPUs, or this machine when it has one."""
     if str(cfg.cluster.kind) == "slurm":
@@ -312,6 +396,9 @@ def main(argv: list[str]) -> None:
     stage, rest = argv[0], argv[1:]
     dry_run = "--dry-run" in rest
     overrides = [a for a in rest if a != "--dry-run"]
+    if stage == "sweep":
+        run_sweep(overrides, dry_run)
+        return
     cfg = compose_pipeline(overrides)
     stages = pipeline_stages(cfg) if stage == "pipeline" else stage.split(",")
     names = list(dict.fromkeys(parse(spec)[0] for spec in stages))  # an unknown name stops here

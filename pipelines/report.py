@@ -357,18 +357,31 @@ def plot(report: dict, subjects: dict, curves: dict, path: Path, name: str) -> N
 def run(cfg, layout=None, output: Path | None = None, inputs=None) -> dict:
     """Write the report of the run's eval results into ``report.output``; returns it."""
     run_dir, output = Path(str(cfg.run.dir)), Path(str(output or cfg.report.output))
+    from pipelines import sweep
+
     entries, subjects, curves = collect(run_dir)
-    require(entries, f"no evaluation results in {run_dir}/eval; run the eval stage first (make eval)",
-            "run.name")
+    points = sweep.collect(run_dir)
+    require(entries or points, f"no evaluation results in {run_dir}/eval and no sweep points in {run_dir}/sweep; "
+            "run the eval stage first (make eval)", "run.name")
     report = summarize(entries)
     report["searches"] = searches(run_dir)
     output.mkdir(parents=True, exist_ok=True)
+    written = []
+    if entries:
+        text = markdown(report, str(cfg.run.name))
+        plot(report, subjects, curves, output / "report.png", str(cfg.run.name))
+        written.append(output / "report.png")
+    else:
+        text = f"# Recovery report: {cfg.run.name}\n\nNo model of the run itself is evaluated (make eval).\n"
+    if points:
+        report["sweep"] = sweep.compare(points)
+        text += "\n".join(sweep.markdown(report["sweep"])) + "\n"
+        sweep.plot(points, output / "report_sweep.png")
+        written.append(output / "report_sweep.png")
     write_json(output / "report.json", report)
-    text = markdown(report, str(cfg.run.name))
     (output / "report.md").write_text(text)
-    plot(report, subjects, curves, output / "report.png", str(cfg.run.name))
     print(text)
-    print(f"[report] {output / 'report.md'}\n[report] {output / 'report.png'}")
+    print("\n".join(f"[report] {path}" for path in [output / "report.md", *written]))
     return report
 
 

@@ -75,6 +75,7 @@ class Stage:
     runtime: Callable[[Any], Any] | None = _parallel_runtime   # None: host only, no process group
     resume: Resume | None = None
     replaces: bool = True          # False: an output holding another result is refused, not replaced
+    origin: Callable[[Any], Path] | None = None   # replaces=False: what it is made from (a newer one replaces)
     # for the launcher (pipelines.launch)
     per_student: bool = False      # runs once per run.students entry, with prune=<student>
     distributed: bool = False      # runs one process per GPU (torchrun / srun)
@@ -128,7 +129,7 @@ def run(stage: Stage | str, cfg) -> dict:
         print(f"[{stage.name}] {output} is up to date; skipping (force=true reruns)", flush=True)
         return done
     if not stage.replaces and not force:
-        _refuse_other(stage, output, done)
+        _refuse_other(stage, output, done, stage.origin(cfg) if stage.origin else None)
     layout = stage.runtime(cfg) if stage.runtime else None
     is_main = layout is None or layout.is_main
     barrier = _barrier if layout is not None else None
@@ -166,9 +167,13 @@ def _barrier() -> None:
     torch.distributed.barrier()
 
 
-def _refuse_other(stage: Stage, output: Path, done: dict | None) -> None:
-    """An output folder named by hand that holds something else is never replaced silently."""
+def _refuse_other(stage: Stage, output: Path, done: dict | None, origin: Path | None) -> None:
+    """An output folder named by hand that holds something else is never replaced silently; a
+    result made from the same ``origin`` (a student distilled again) is replaced."""
     key = f"{stage.name}.output"
+    if done is not None and origin is not None and done.get("source") == str(Path(origin).resolve()):
+        print(f"[{stage.name}] {output} holds an older result made from {origin}; replacing it", flush=True)
+        return
     if done is not None:
         raise UserError(f"output folder {output} already holds a different {stage.name} result (made "
                         f"from {done.get('source')}); choose another output, or force=true to replace it", key)

@@ -130,6 +130,8 @@ def training_ranges(d, section: str) -> None:
     _positive(int(d.eval_topk), f"{section}.eval_topk", 1, inclusive=True)
     _positive(int(d.seed), f"{section}.seed", inclusive=True)
     _positive(int(d.get("sample_offset") or 0), f"{section}.sample_offset", inclusive=True)
+    if d.get("data_seed") is not None:
+        _positive(int(d.data_seed), f"{section}.data_seed", inclusive=True)
 
 
 def data_ranges(data) -> None:

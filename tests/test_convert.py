@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -157,3 +158,18 @@ def test_hub_id_that_cannot_be_fetched_names_the_key(tmp_path):
     result = run_script("scripts/import.py", "import.source=no-such-org/no-such-model",
                         f"import.output={tmp_path / 'out'}", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "fix: import.source" in result.stderr, result.stderr[-2000:]
+
+
+def test_export_replaces_an_older_export_of_the_same_checkpoint_and_refuses_another(tmp_path, cpu_runtime, capsys):
+    """A student distilled again is exported again to the same folder; another checkpoint is refused."""
+    convert.import_hf(import_cfg(make_hf_llama(tmp_path / "a", seed=0), tmp_path / "ckpt"))
+    convert.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "out"))
+    first = read_manifest(tmp_path / "out")
+    time.sleep(1.1)   # the export's inputs know the checkpoint by its path and written_at (to the second)
+    convert.import_hf(import_cfg(make_hf_llama(tmp_path / "b", seed=1), tmp_path / "ckpt"), force=True)
+    convert.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "out"))
+    assert "holds an older result made from" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "out")["inputs"] != first["inputs"]
+    convert.import_hf(import_cfg(make_hf_llama(tmp_path / "c", seed=2), tmp_path / "other"))
+    with pytest.raises(UserError, match="already holds a different export result.*fix: export.output"):
+        convert.export_hf(export_cfg(tmp_path / "other", tmp_path / "out"))

@@ -158,3 +158,5 @@ def test_a_round_is_refused_only_when_every_candidate_of_the_round_before_fails_
     checked = check(0.32)
     assert "[check] search_r2: no shape within" in capsys.readouterr().out
     assert search.counted(checked[1]["student"]) <= int(0.32 * search.model_lib.count_parameters(checked[0]["teacher"]))
+
+
