@@ -98,10 +98,11 @@ bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/distill_step.py --real
 	$(PYTHON) bench/vs_transformers.py
 	$(PYTHON) bench/kd_vs_ce.py
+	$(PYTHON) bench/recipe_study.py
 	$(PYTHON) bench/memory_plan.py
 	$(PYTHON) bench/fault_injection.py
 
-BENCHES := import_memory calibration_cost logits_cache eval_throughput lm_eval_agreement param_search prune_rounds distill_step vs_transformers kd_vs_ce memory_plan fault_injection
+BENCHES := import_memory calibration_cost logits_cache eval_throughput lm_eval_agreement param_search prune_rounds distill_step vs_transformers kd_vs_ce recipe_study memory_plan fault_injection
 
 bench-quick: setup  ## every benchmark in its quick mode (CI: each must exit 0 and print its last line)
 	@set -e; for b in $(BENCHES); do \

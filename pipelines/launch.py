@@ -315,7 +315,7 @@ def plan_sweep(overrides: list[str]):
     cfg = compose_pipeline(fixed)
     sweep.check(cfg, axes)
     points, caches = [], {}
-    for point in sweep.points(axes):
+    for point in sweep.points(axes, fixed):
         extra = sweep.base_overrides(cfg, point)
         try:
             one = compose_pipeline([*fixed, *extra])

@@ -87,14 +87,21 @@ def check(cfg, axes: list[tuple[str, list[str]]]) -> None:
 _MISSING = object()
 
 
-def points(axes: list[tuple[str, list[str]]]) -> list[Point]:
-    """The grid: one point per combination, named by its values."""
+def points(axes: list[tuple[str, list[str]]], fixed: list[str] = ()) -> list[Point]:
+    """The grid: one point per combination, named by its swept values. The fixed overrides of the
+    swept sections (``distill.teacher=none``) are values of every point too, and add their hash to
+    its name, so that sweeps with other fixed settings never share a point's folder."""
+    constant = tuple(tuple(text.split("=", 1)) for text in fixed
+                     if "=" in text and text.split("=", 1)[0].split(".")[0] in SECTIONS)
+    suffix = ""
+    if constant:
+        suffix = ",fixed-" + hashlib.sha256(json.dumps(constant).encode()).hexdigest()[:8]
     keys = [key for key, _ in axes]
     grid = []
     for values in itertools.product(*(values for _, values in axes)):
-        pairs = tuple(zip(keys, values))
-        name = ",".join(f"{key}={value}" for key, value in pairs).replace("/", "_").replace(" ", "")
-        grid.append(Point(name, pairs))
+        swept = tuple(zip(keys, values))
+        name = ",".join(f"{key}={value}" for key, value in swept).replace("/", "_").replace(" ", "") + suffix
+        grid.append(Point(name, constant + swept))
     return grid
 
 
@@ -166,18 +173,21 @@ def collect(run_dir: Path) -> list[dict]:
     return rows
 
 
-def setting(values: dict) -> str:
-    """A point's values without its seeds: the setting its seeds repeat."""
-    kept = [f"{key}={value}" for key, value in values.items() if key not in SEEDS]
+def setting(values: dict, shown: set | None = None) -> str:
+    """A point's values without its seeds (the setting its seeds repeat), of the keys ``shown``."""
+    kept = [f"{key}={value}" for key, value in values.items() if key not in SEEDS and (shown is None or key in shown)]
     return ", ".join(kept) or "(the run's)"
 
 
 def compare(rows: list[dict]) -> list[dict]:
     """Rows grouped by setting and student: mean and standard deviation over seeds (``sd`` is
-    ``None`` for one seed), best (lowest validation loss) first."""
+    ``None`` for one seed), best (lowest validation loss) first. A setting shows the keys whose
+    values differ between points (those every point shares say nothing)."""
+    keys = {key for row in rows for key in row["values"]}
+    shown = {key for key in keys if len({row["values"].get(key) for row in rows}) > 1}
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((setting(row["values"]), row["student"]), []).append(row)
+        groups.setdefault((setting(row["values"], shown), row["student"]), []).append(row)
     table = []
     for (name, student), members in groups.items():
         entry = {"setting": name, "student": student, "seeds": len(members), "tokens": members[0]["tokens"]}

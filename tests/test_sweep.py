@@ -24,6 +24,11 @@ def test_sweep_overrides_are_hydras_multirun_syntax():
     assert [p.name for p in grid] == ["distill.kd_weight=1,logits.k=16", "distill.kd_weight=1,logits.k=64",
                                       "distill.kd_weight=0.5,logits.k=16", "distill.kd_weight=0.5,logits.k=64"]
     assert grid[3].overrides == ["distill.kd_weight=0.5", "logits.k=64"]
+    # fixed settings of the swept sections are every point's values, and part of its name
+    ce = sweep.points([("distill.data_seed", ["1"])], ["experiment=demo", "distill.teacher=none", "distill.kd_weight=0"])
+    other = sweep.points([("distill.data_seed", ["1"])], ["distill.teacher=online"])
+    assert ce[0].overrides == ["distill.teacher=none", "distill.kd_weight=0", "distill.data_seed=1"]
+    assert ce[0].name.startswith("distill.data_seed=1,fixed-") and ce[0].name != other[0].name
 
 
 def test_points_share_the_run_and_one_cache_per_setting(tmp_path):
@@ -98,6 +103,8 @@ def test_seeds_of_a_setting_are_averaged():
                  "distill_val_loss": 2.0})
     table = sweep.compare(rows)
     assert [(e["setting"], e["seeds"]) for e in table] == [("distill.kd_weight=0.5", 1), ("distill.kd_weight=1", 3)]
+    same = [{**row, "values": {**row["values"], "distill.lr": "1e-3"}} for row in rows]
+    assert sweep.compare(same)[0]["setting"] == "distill.kd_weight=0.5"   # what every point shares is not shown
     assert table[1]["val_loss"] == pytest.approx(3.2) and table[1]["val_loss_sd"] == pytest.approx(0.2)
     assert table[0]["val_loss_sd"] is None
     assert "| depth | distill.kd_weight=1 | 3 | 10 | 3.2000 ± 0.2000 |" in "\n".join(sweep.markdown(table))
@@ -136,7 +143,8 @@ def test_a_sweep_on_the_tiny_model_then_an_overlapping_one_skips_what_is_done(ti
     assert len(caches) == 1 and read_manifest(caches[0])["samples"] == 16      # one cache for both points
     assert first.stdout.count("scripts/logits.py") == 1
     points = sorted(p.name for p in (run / "sweep").glob("distill.*"))
-    assert points == ["distill.data_seed=1", "distill.data_seed=2"]
+    assert [p.split(",")[0] for p in points] == ["distill.data_seed=1", "distill.data_seed=2"]
+    assert json.loads((run / "sweep" / points[0] / "point.json").read_text())["values"]["distill.kd_weight"] == "0.5"
     losses = {}
     for name in points:
         manifest = read_manifest(run / "sweep" / name / "distill_depth")
@@ -144,7 +152,7 @@ def test_a_sweep_on_the_tiny_model_then_an_overlapping_one_skips_what_is_done(ti
         assert read_manifest(run / "sweep" / name / "eval" / "distilled_depth")["stage"] == "eval"
         losses[name] = manifest["final"]["val_loss"]
     # the data seed changes the order of the same samples: the two seeds of a setting differ
-    assert losses["distill.data_seed=1"] != losses["distill.data_seed=2"]
+    assert losses[points[0]] != losses[points[1]]
     assert read_manifest(run / "sweep" / points[0] / "distill_depth")["inputs"]["settings"]["kd_weight"] == 0.5
     report = json.loads((run / "report.json").read_text())
     assert [(e["setting"], e["seeds"]) for e in report["sweep"]] == [("(the run's)", 2)]
