@@ -73,12 +73,15 @@ def invocations(spec: str, cfg, overrides: list[str], quiet: bool = False) -> li
         runs = [r for r in runs if r.round == only]
     kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
     chosen = []
+    run_dir = Path(str(cfg.run.dir))
     for student in runs:
-        previous = Path(str(cfg.run.dir)) / f"distill_{student.previous}"
-        if only is None and student.previous and not (previous / "manifest.json").exists():
+        # a later round's input: the round before's distilled student, or this round's earlier stage
+        needed = {"prune": f"distill_{student.previous}", "distill": f"prune_{student.name}",
+                  "export": f"distill_{student.name}"}[stage]
+        if only is None and student.previous and not (run_dir / needed / "manifest.json").exists():
             if not quiet:
-                print(f"[{stage}] {student.name} waits for {previous} (round {student.round - 1}): make distill "
-                      "first, or make pipeline runs the rounds in order", flush=True)
+                print(f"[{stage}] {student.name} waits for {run_dir / needed}: make {needed.split('_')[0]} first, "
+                      "or make pipeline runs the rounds in order", flush=True)
             continue
         chosen.append([script, *kept, *_parallel(cfg, stage), *student.overrides])
     return chosen
@@ -358,9 +361,9 @@ def run_sweep(overrides: list[str], dry_run: bool) -> None:
             jobs.append((folder.name, sbatch_script("logits", one, extra), [len(jobs) - 1] if jobs else []))
         ready = [len(jobs) - 1] if jobs else []
         first = len(jobs)
-        for point, one, extra, _ in points:
+        for number, (point, one, extra, _) in enumerate(points):
             steps = [("distill", one, extra), ("eval", one, extra)]
-            jobs.append((f"point-{len(jobs) - first}", sbatch_script("distill", one, extra, steps), ready))
+            jobs.append((f"point-{number}", sbatch_script(f"point-{number}", one, extra, steps), ready))
         jobs.append(("report", sbatch_script("report", cfg, fixed), list(range(first, len(jobs)))))
         submit_jobs(jobs, cfg, dry_run)
         return

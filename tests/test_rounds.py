@@ -67,6 +67,8 @@ def test_a_bare_stage_runs_the_rounds_whose_previous_round_is_distilled(tmp_path
     (tmp_path / "demo" / "distill_search_r1").mkdir(parents=True)
     (tmp_path / "demo" / "distill_search_r1" / "manifest.json").write_text("{}")
     assert len(launch.invocations("prune", cfg, [])) == 2
+    assert len(launch.invocations("distill", cfg, [])) == 1     # round 2's student is not pruned yet
+    assert f"search_r2 waits for {tmp_path / 'demo' / 'prune_search_r2'}: make prune first" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("rounds, words", [

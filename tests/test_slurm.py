@@ -93,3 +93,24 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_teacher, trained_t
     assert "restart 1" in text
     manifest = json.loads((tmp_path / "slurmtest" / "distill_depth" / "manifest.json").read_text())
     assert manifest["steps"] == 30
+
+
+def test_a_sweep_submits_one_job_per_point_after_the_shared_ones(tiny_teacher, tiny_data):
+    from test_sweep import tiny_run
+
+    args = [*tiny_run(tiny_teacher, tiny_data), "distill.train_steps=3", "cluster=slurm", "cluster.gpus_per_node=0",
+            "cluster.tasks_per_node=1", "cluster.cpus_per_task=1", "cluster.time=00:15:00",
+            "+cluster.env.OMP_NUM_THREADS=1"]
+    result = run_script("scripts/stage.py", "sweep", *args, "-m", "distill.data_seed=1,2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ids = dict(re.findall(r"\[slurm\] ([\w.-]+): job (\d+)", result.stdout))
+    assert list(ids)[:3] == ["prepare", "import", "prune"] and list(ids)[4:] == ["point-0", "point-1", "report"]
+    cache = list(ids)[3]
+    assert job(ids["point-1"]).get("Dependency", "").startswith(f"afterok:{ids[cache]}")
+    infos = {name: wait_for(number) for name, number in ids.items()}
+    run = tiny_teacher.parents[1] / "tiny"
+    logs = "\n".join(p.read_text() for p in run.rglob("slurm/*.out"))
+    assert all(info["JobState"] == "COMPLETED" for info in infos.values()), logs[-4000:]
+    report = json.loads((run / "report.json").read_text())
+    rows = [e for e in report["sweep"] if e["tokens"] == 3 * 4 * 64]
+    assert len(rows) == 1 and rows[0]["seeds"] == 2 and rows[0]["val_loss_sd"] > 0, report["sweep"]

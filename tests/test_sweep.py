@@ -92,7 +92,7 @@ def test_on_slurm_each_point_is_a_job_after_the_shared_ones(tmp_path, capsys):
                          "# ---- report: sbatch --parsable --dependency=afterok:<point-0 job>:<point-1 job> <<'EOF'"]
     point = out.split("# ---- point-1")[1].split("\nEOF")[0]
     assert point.count("scripts/distill.py") == 2 and point.count("scripts/eval.py") == 1   # two students, one eval
-    assert "distill.kd_weight=0.5" in point
+    assert "distill.kd_weight=0.5" in point and "--job-name=pd-demo-point-1" in point
 
 
 def test_seeds_of_a_setting_are_averaged():
@@ -122,19 +122,25 @@ def stage_py(*arguments):
                           text=True, timeout=900, env={**env, "OMP_NUM_THREADS": "2"})
 
 
+def tiny_run(tiny_teacher, tiny_data) -> list[str]:
+    """Overrides of a small run on the tiny fixtures: the teacher fixture's runs folder, where its
+    import/ (and the data) are up to date, one depth student, a few steps of everything."""
+    runs, data = tiny_teacher.parents[1], tiny_data.parent
+    return [*TINY_RUN, f"paths.runs={runs}", f"data.files=[{data / 'corpus.txt'}]", "data.source=text",
+            "data.name=tiny", "data.train_tokenizer_vocab=300", f"data.output={tiny_data}", "data.valid_fraction=0.1",
+            f"paths.data={data}", "run.students=[depth]", "prune.target_num_layers=2", "prune.calib_samples=16",
+            "prune.eval_samples=8", "prune.sequence_length=64", "prune.batch_size=4", "distill.sequence_length=64",
+            "distill.train_steps=4", "distill.global_batch_size=4", "distill.micro_batch_size=4",
+            "distill.warmup_steps=1", "distill.eval_interval=2", "distill.save_interval=0", "distill.eval_samples=4",
+            "logits.samples_per_shard=8", "eval.limit=1", "eval.shots=1", "eval.mmlu.subjects=[astronomy]",
+            "eval.val_samples=4", "eval.sequence_length=64", "eval.corpus.questions=20"]
+
+
 def test_a_sweep_on_the_tiny_model_then_an_overlapping_one_skips_what_is_done(tiny_teacher, tiny_data):
     """Two data seeds on the tiny run: one cache, two points, the report's comparison with their
     deviation; a second sweep sharing one point trains only the other."""
-    runs = tiny_teacher.parents[1]      # the fixture's runs folder: import/ is up to date there
-    data = tiny_data.parent
-    common = [*TINY_RUN, f"paths.runs={runs}", f"data.files=[{data / 'corpus.txt'}]", "data.source=text",
-              "data.name=tiny", "data.train_tokenizer_vocab=300", f"data.output={tiny_data}", "data.valid_fraction=0.1",
-              f"paths.data={data}", "run.students=[depth]", "prune.target_num_layers=2", "prune.calib_samples=16",
-              "prune.eval_samples=8", "prune.sequence_length=64", "prune.batch_size=4", "distill.sequence_length=64",
-              "distill.train_steps=4", "distill.global_batch_size=4", "distill.micro_batch_size=4",
-              "distill.warmup_steps=1", "distill.eval_interval=2", "distill.save_interval=0", "distill.eval_samples=4",
-              "logits.samples_per_shard=8", "eval.limit=1", "eval.shots=1", "eval.mmlu.subjects=[astronomy]",
-              "eval.val_samples=4", "eval.sequence_length=64", "eval.corpus.questions=20"]
+    runs = tiny_teacher.parents[1]
+    common = tiny_run(tiny_teacher, tiny_data)
     first = stage_py("sweep", *common, "-m", "distill.kd_weight=0.5", "distill.data_seed=1,2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = runs / "tiny"
