@@ -85,6 +85,7 @@ class Plan:
         self.microbatches = max(1, self.global_batch // (self.micro_batch * data_parallel))
         self.steps = int(d.train_steps)
         self.offset = int(d.get("sample_offset") or 0)
+        self.renormalize = not bool(d.get("topk_tail", True))
         self.order = None   # position -> sample, within this run's own samples
         if d.get("data_seed") is not None:
             self.order = np.random.default_rng(int(d.data_seed)).permutation(self.steps * self.global_batch)
@@ -149,14 +150,25 @@ def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: i
     return [(offset + p) % samples for p in positions]
 
 
-def host_batch(windows, cache, indices) -> dict:
-    """One micro-batch in host memory: tokens, labels and the cached teacher (or None)."""
+def host_batch(windows, cache, indices, renormalize: bool = False) -> dict:
+    """One micro-batch in host memory: tokens, labels and the cached teacher (or None);
+    ``renormalize``: the teacher's top-k renormalised to sum to 1, its tail bucket dropped."""
     rows = torch.stack([windows[i] for i in indices])
     batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:], "teacher": None}
     if cache is not None:
         parts = [cache[i] for i in indices]
         batch["teacher"] = TopK(*(torch.stack(p) for p in zip(*parts)))
+        if renormalize:
+            batch["teacher"] = renormalized(batch["teacher"])
     return batch
+
+
+def renormalized(teacher: TopK) -> TopK:
+    """The "top-k renormalised" label (``distill.topk_tail=false``): the teacher's mass outside
+    its top k is dropped and the rest scaled to 1, so no tail bucket is fitted."""
+    logprobs = teacher.logprobs.float()
+    logprobs = logprobs - torch.logsumexp(logprobs, dim=-1, keepdim=True)
+    return TopK(teacher.ids, logprobs.to(teacher.logprobs.dtype), torch.full_like(teacher.tail, float("-inf")))
 
 
 def make_batch(windows, cache, indices, layout) -> dict:
@@ -298,7 +310,7 @@ class Trainer:
         plan = self.plan
         indices = step_samples(step, plan.global_batch, plan.samples, self.dp_rank, self.layout.data_parallel,
                                plan.offset, plan.order)
-        return [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch])
+        return [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], plan.renormalize)
                 for i in range(0, len(indices), plan.micro_batch)]
 
     def forward_backward(self) -> dict:

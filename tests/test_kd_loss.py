@@ -175,3 +175,26 @@ def test_sampled_soft_labels_are_unbiased():
     torch.testing.assert_close(sampled_student.grad.sum(0), dense_student.grad[0], atol=0.02, rtol=0)
     again = teacher_sampled(teacher.expand(draws, 1, V), 16, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(again.ids, labels.ids)
+
+
+def test_renormalized_top_k_is_the_kl_to_the_teacher_restricted_to_its_top_k():
+    """distill.topk_tail=false: the loss and gradient equal the dense forward KL to the teacher's
+    distribution with everything outside its top k set to zero and the rest scaled to 1."""
+    from pipelines.distill import renormalized
+
+    student, teacher = sample(4)
+    k = 8
+    labels = renormalized(teacher_topk(teacher, k, 1.0))
+    assert torch.allclose(labels.logprobs.exp().sum(-1), torch.ones(3, 7, dtype=labels.logprobs.dtype))
+    assert torch.isneginf(labels.tail).all()
+    student.requires_grad_(True)
+    loss = sparse_kl_loss(student, *labels)
+    kept = torch.full_like(teacher, float("-inf")).scatter(-1, labels.ids, teacher.gather(-1, labels.ids))
+    p = torch.softmax(kept, -1)
+    reference_student = student.detach().clone().requires_grad_(True)
+    log_q = torch.log_softmax(reference_student, -1)
+    reference = (p * (torch.where(p > 0, p.log(), torch.zeros_like(p)) - log_q)).sum(-1).mean()
+    assert abs(loss.item() - reference.item()) <= 1e-6
+    loss.backward()
+    reference.backward()
+    torch.testing.assert_close(student.grad, reference_student.grad, atol=1e-7, rtol=1e-5)
