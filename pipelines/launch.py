@@ -357,13 +357,15 @@ def run_sweep(overrides: list[str], dry_run: bool) -> None:
     if str(cfg.cluster.kind) == "slurm":
         jobs = [(stage, sbatch_script(stage, cfg, fixed), [index - 1] if index else [])
                 for index, stage in enumerate(shared)]
+        # every job logs into the run's slurm/ (the one folder submit_jobs makes)
         for folder, one, extra in caches:
-            jobs.append((folder.name, sbatch_script("logits", one, extra), [len(jobs) - 1] if jobs else []))
+            jobs.append((folder.name, sbatch_script(folder.name, cfg, fixed, [("logits", one, extra)]),
+                         [len(jobs) - 1] if jobs else []))
         ready = [len(jobs) - 1] if jobs else []
         first = len(jobs)
         for number, (point, one, extra, _) in enumerate(points):
             steps = [("distill", one, extra), ("eval", one, extra)]
-            jobs.append((f"point-{number}", sbatch_script(f"point-{number}", one, extra, steps), ready))
+            jobs.append((f"point-{number}", sbatch_script(f"point-{number}", cfg, fixed, steps), ready))
         jobs.append(("report", sbatch_script("report", cfg, fixed), list(range(first, len(jobs)))))
         submit_jobs(jobs, cfg, dry_run)
         return

@@ -93,6 +93,7 @@ def test_on_slurm_each_point_is_a_job_after_the_shared_ones(tmp_path, capsys):
     point = out.split("# ---- point-1")[1].split("\nEOF")[0]
     assert point.count("scripts/distill.py") == 2 and point.count("scripts/eval.py") == 1   # two students, one eval
     assert "distill.kd_weight=0.5" in point and "--job-name=pd-demo-point-1" in point
+    assert f"#SBATCH --output={tmp_path / 'demo' / 'slurm'}/%x-%j.out" in point   # the run's log folder, which exists
 
 
 def test_seeds_of_a_setting_are_averaged():
