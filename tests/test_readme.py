@@ -97,7 +97,7 @@ def test_commands_on_the_demo_run(tmp_path):
     for command in SWEEPS:   # on the run's pruned students; the report compares the points
         result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        assert "[prune] " in result.stdout and "prune_depth is up to date" in result.stdout
+        assert "[sweep] 2 points, " in result.stdout and "[prune] " in result.stdout
     table = json.loads((tmp_path / "runs" / "demo" / "report.json").read_text())["sweep"]
 
     def found(part: str, seeds: int) -> bool:   # at 20 steps of 16 x 128 tokens (other sweeps may be there)
