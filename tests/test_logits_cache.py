@@ -149,7 +149,7 @@ def test_distill_refuses_a_cache_smaller_than_it_reads(tmp_path, tiny_teacher, t
                               f"data.output={tiny_data}", f"distill.cache={cache}", "distill.sequence_length=32",
                               "distill.global_batch_size=8", "distill.micro_batch_size=2", "distill.train_steps=2",
                               "distill.warmup_steps=1"])
-    with pytest.raises(UserError, match=r"holds 12 samples and this run reads 16.*fix: logits.samples"):
+    with pytest.raises(UserError, match=r"holds 12 samples and this run reads up to 16.*fix: logits.samples"):
         Plan(cfg, 1)
 
 
