@@ -36,10 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def curve(folder: Path, first_sample: int) -> list[tuple[int, float]]:
+def curve(folder: Path, first_sample: int, batch: int) -> list[tuple[int, float]]:
     """``(samples seen, validation loss)`` of a distill run's evaluations."""
     rows = [json.loads(line) for line in (folder / "train" / "metrics.jsonl").read_text().splitlines() if line]
-    batch = json.loads((folder / "manifest.json").read_text())["inputs"]["settings"]["global_batch_size"]
     return [(first_sample + r["step"] * batch, r["val_loss"]) for r in rows if r["kind"] == "eval"]
 
 
@@ -98,8 +97,9 @@ def main() -> None:
         for number in range(1, len(rounds) + 1):
             folder = run / f"distill_search_r{number}"
             manifest = json.loads((folder / "manifest.json").read_text())
-            points += curve(folder, first)
-            first += manifest["steps"] * manifest["inputs"]["settings"]["global_batch_size"]
+            batch = manifest["inputs"]["settings"]["global_batch_size"]
+            points += curve(folder, first, batch)
+            first += manifest["steps"] * batch
             config = json.loads((run / f"prune_search_r{number}" / "manifest.json").read_text())["config"]
             params = manifest["parameters"]
             shapes.append(f"{config['num_layers']}L/{config['hidden_size']}/{config['ffn_hidden_size']} "

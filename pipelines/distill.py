@@ -20,7 +20,8 @@ The batches of the next steps are built ahead in a thread (:mod:`pipelines.prefe
 Data order is a function of the step alone (step ``t`` reads samples ``[o + t·B, o + (t+1)·B)`` of
 the train split, ``o`` = ``distill.sample_offset`` (0; later rounds of ``run.rounds`` start after
 the earlier rounds' samples), wrapping around; with ``distill.data_seed`` the run reads the same
-samples in a seeded order (seeds of a sweep then differ in data order only); data-parallel rank ``r`` takes its ``B/dp`` slice), so a resumed run
+samples in a seeded order (seeds of a sweep then differ in data order only); data-parallel rank
+``r`` takes its ``B/dp`` slice), so a resumed run
 reads exactly what an uninterrupted one would. Checkpoints are written to a temporary folder and
 renamed, and ``latest`` is switched after, so the last good checkpoint is never overwritten.
 """

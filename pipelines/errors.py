@@ -11,7 +11,7 @@ class UserError(Exception):
     """A mistake the user can fix; ``key`` names the config key (or path) to change."""
 
     def __init__(self, message: str, key: str | None = None):
-        self.key = key
+        self.message, self.key = message, key   # the message without "(fix: key)", to rephrase
         super().__init__(f"{message} (fix: {key})" if key else message)
 
 

@@ -71,7 +71,7 @@ def invocations(spec: str, cfg, overrides: list[str], quiet: bool = False) -> li
         require(any(r.round == only for r in runs), f"{spec}: run.rounds has {max(r.round for r in runs)} "
                 "rounds", "run.rounds")
         runs = [r for r in runs if r.round == only]
-    kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
+    kept = _without_prune(overrides)
     chosen = []
     run_dir = Path(str(cfg.run.dir))
     for student in runs:
@@ -85,6 +85,11 @@ def invocations(spec: str, cfg, overrides: list[str], quiet: bool = False) -> li
             continue
         chosen.append([script, *kept, *_parallel(cfg, stage), *student.overrides])
     return chosen
+
+
+def _without_prune(overrides: list[str]) -> list[str]:
+    """The overrides less ``prune=...``: each student sets its own prune config."""
+    return [o for o in overrides if not re.match(r"^\+?prune=", o)]
 
 
 def _parallel(cfg, stage: str) -> list[str]:
@@ -263,7 +268,7 @@ def check_students(cfg, names: list[str], overrides: list[str]) -> list[dict]:
     from pipelines import checkpoint, validate
 
     stages = [name for name in names if get(name).per_student or name == "eval"]
-    kept = [o for o in overrides if not re.match(r"^\+?prune=", o)]
+    kept = _without_prune(overrides)
     planned: dict[str, dict] = {}
     searched: dict[str, dict] = {}   # a searched student's smallest candidate
     checked = []
@@ -272,7 +277,7 @@ def check_students(cfg, names: list[str], overrides: list[str]) -> list[dict]:
             one = compose_pipeline([*kept, *student.overrides])
         except UserError as error:
             key = "run.rounds" if student.round else error.key
-            raise UserError(f"student {student.name}: {str(error).split(' (fix:')[0]}", key) from None
+            raise UserError(f"student {student.name}: {error.message}", key) from None
         source = planned.get(student.previous)
         made = Path(str(cfg.run.dir)) / f"distill_{student.previous}"
         if student.previous and (made / "manifest.json").exists():
@@ -288,7 +293,7 @@ def check_students(cfg, names: list[str], overrides: list[str]) -> list[dict]:
                 checked.append(validate.check(one, stages, source=smallest))
             except UserError:
                 raise _in_round(student, error) from None
-            print(f"[check] {student.name}: {str(error).split(' (fix:')[0]}, if round {student.round - 1}'s "
+            print(f"[check] {student.name}: {error.message}, if round {student.round - 1}'s "
                   "search chooses its largest candidate; it is checked again when that round is distilled",
                   flush=True)
         planned[student.name] = checked[-1]["student"]
@@ -305,7 +310,7 @@ def _in_round(student, error: UserError) -> UserError:
     if not student.round:
         return error
     what = f"round {student.round}" + (f", pruning {student.previous}" if student.previous else "")
-    return UserError(f"student {student.name} ({what}): {str(error).split(' (fix:')[0]}", error.key)
+    return UserError(f"student {student.name} ({what}): {error.message}", error.key)
 
 
 def plan_sweep(overrides: list[str]):
@@ -323,7 +328,7 @@ def plan_sweep(overrides: list[str]):
         try:
             one = compose_pipeline([*fixed, *extra])
         except UserError as error:
-            raise UserError(f"sweep point {point.name}: {str(error).split(' (fix:')[0]}", error.key) from None
+            raise UserError(f"sweep point {point.name}: {error.message}", error.key) from None
         cache = sweep.cache_folder(cfg, one)
         if cache is not None:
             extra.append(f"logits.output={cache}")
@@ -338,7 +343,7 @@ def plan_sweep(overrides: list[str]):
         try:
             check_students(one, ["distill", "eval"], extra)
         except UserError as error:
-            raise UserError(f"sweep point {point.name}: {str(error).split(' (fix:')[0]}", error.key) from None
+            raise UserError(f"sweep point {point.name}: {error.message}", error.key) from None
     for one, _ in caches.values():
         validate.check(one, ["logits"], student=students[0]["student"])
     return cfg, fixed, shared, [(folder, *value) for folder, value in caches.items()], points
