@@ -1,6 +1,6 @@
 """Distillation against plain fine-tuning, by sweeps over seeds: a reduced recipe study.
 
-    .venv/bin/python bench/recipe_study.py [--steps 30] [--seeds 3]   # SmolLM2-135M (after make demo-real)
+    .venv/bin/python bench/recipe_study.py [--steps 20] [--seeds 3]   # SmolLM2-135M (after make demo-real)
     .venv/bin/python bench/recipe_study.py --quick                     # the demo, 10 steps, 2 seeds (CI)
 
 Two sweeps (``scripts/stage.py sweep``, as ``make sweep``) on an experiment's run, its teacher and
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="smollm2_135m")
-    parser.add_argument("--steps", type=int, default=30, help="distillation steps of every point")
+    parser.add_argument("--steps", type=int, default=20, help="distillation steps of every point")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--kd-weights", default="1,0.5", help="the KD points' distill.kd_weight values")
     parser.add_argument("--quick", action="store_true", help="the demo, 10 steps, 2 seeds (CI)")
