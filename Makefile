@@ -28,7 +28,7 @@ $(SETUP_STAMP): requirements.txt pyproject.toml
 	touch $@
 
 test: setup  ## run the default test tier (CPU; SLURM tests run when a cluster answers)
-	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=25
 
 test-slow: setup  ## run the slow tier too
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "slow or not slow"
@@ -107,8 +107,9 @@ BENCHES := import_memory calibration_cost logits_cache eval_throughput lm_eval_a
 bench-quick: setup  ## every benchmark in its quick mode (CI: each must exit 0 and print its last line)
 	@set -e; for b in $(BENCHES); do \
 	  echo "== bench/$$b.py --quick"; \
-	  log=$$(mktemp); \
+	  log=$$(mktemp); start=$$(date +%s); \
 	  $(PYTHON) bench/$$b.py --quick > $$log 2>&1 || { tail -n 40 $$log; echo "bench/$$b.py --quick failed"; exit 1; }; \
 	  grep -v -i warn $$log | tail -n 4; \
+	  echo "($$(( $$(date +%s) - start )) s)"; \
 	  tail -n 1 $$log | grep -q '=' || { echo "bench/$$b.py --quick printed no ratio line"; exit 1; }; \
 	done

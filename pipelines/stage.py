@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from omegaconf import OmegaConf
+
 from pipelines.artifacts import read_manifest, staged_folder, write_json, write_manifest
 from pipelines.errors import UserError
 
@@ -123,9 +125,10 @@ def run(stage: Stage | str, cfg) -> dict:
     stage = get(stage) if isinstance(stage, str) else stage
     output = Path(str(stage.output(cfg)))
     inputs = stage.inputs(cfg)
+    stamp = portable(inputs, cfg)
     force = bool(cfg.get("force", False))
     done = read_manifest(output) if output.is_dir() else None
-    if inputs is not None and done is not None and done.get("inputs") == inputs and not force:
+    if inputs is not None and done is not None and done.get("inputs") in (stamp, inputs) and not force:
         print(f"[{stage.name}] {output} is up to date; skipping (force=true reruns)", flush=True)
         return done
     if not stage.replaces and not force:
@@ -143,22 +146,48 @@ def run(stage: Stage | str, cfg) -> dict:
     if inputs is None:
         return stage.run(cfg, layout, output, None)
     if stage.resume:
-        _open_in_place(stage, output, inputs, done, force, is_main)
+        _open_in_place(stage, output, stamp, inputs, done, force, is_main)
         if barrier:
             barrier()
         fields = stage.run(cfg, layout, output, inputs)
-        manifest = {"stage": stage.name, "inputs": inputs, **fields}
+        manifest = {"stage": stage.name, "inputs": stamp, **fields}
         if is_main:
             write_manifest(output, manifest)
     else:
         with staged_folder(output, is_main, barrier) as folder:
             fields = stage.run(cfg, layout, folder, inputs)
-            manifest = {"stage": stage.name, "inputs": inputs, **fields}
+            manifest = {"stage": stage.name, "inputs": stamp, **fields}
             if is_main:
                 write_manifest(folder, manifest)
     if barrier:
         barrier()
     return manifest
+
+
+def portable(inputs, cfg):
+    """``inputs`` as stamped: a path inside the run folder reads ``${run.dir}/...``, one inside the
+    runs folder ``${paths.runs}/...``, so a run copied or moved (``PIPELINES_RUNS``) stays up to
+    date. The stage itself gets the real paths."""
+    roots = []
+    for key in ("run.dir", "paths.runs"):
+        value = OmegaConf.select(cfg, key, default=None) if OmegaConf.is_config(cfg) else None
+        if value:
+            roots += [(os.path.abspath(str(value)), key), (os.path.realpath(str(value)), key)]
+
+    def relocate(value):
+        if isinstance(value, dict):
+            return {k: relocate(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [relocate(v) for v in value]
+        if not isinstance(value, str) or "/" not in value or "://" in value:
+            return value
+        path = os.path.abspath(value)
+        for root, key in roots:
+            if path == root or path.startswith(root + os.sep):
+                return "${" + key + "}" + path[len(root):]
+        return value
+
+    return relocate(inputs) if inputs is not None else None
 
 
 def _barrier() -> None:
@@ -190,9 +219,10 @@ def changed_inputs(previous: dict, current: dict) -> list[str]:
     return changed
 
 
-def _open_in_place(stage: Stage, output: Path, inputs: dict, done: dict | None, force: bool,
+def _open_in_place(stage: Stage, output: Path, inputs: dict, real: dict, done: dict | None, force: bool,
                    is_main: bool) -> None:
-    """Make ``output`` hold only partial work of these ``inputs``; stamp it (main rank writes).
+    """Make ``output`` hold only partial work of these ``inputs`` (:func:`portable`; a stamp of the
+    ``real`` paths, as written before, counts as theirs); stamp it (main rank writes).
 
     Every rank reads the same stamp and reaches the same decision, so a refusal stops them all.
     """
@@ -200,6 +230,8 @@ def _open_in_place(stage: Stage, output: Path, inputs: dict, done: dict | None, 
     stamp = {key: value for key, value in inputs.items() if key not in policy.grows}
     path = output / policy.stamp
     previous = json.loads(path.read_text()) if path.exists() else None
+    if previous == {key: value for key, value in real.items() if key not in policy.grows}:
+        previous = stamp
     stale = output.exists() and (force or (previous is not None and previous != stamp))
     if previous is not None and previous != stamp and done is None and not force and policy.on_change == "refuse":
         changed = changed_inputs(previous, stamp)

@@ -95,6 +95,7 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_teacher, trained_t
     assert manifest["steps"] == 30
 
 
+@pytest.mark.slow    # ~2.5 min in CI: seven jobs; the sweep's sbatch scripts are checked in the default tier
 def test_a_sweep_submits_one_job_per_point_after_the_shared_ones(tiny_teacher, tiny_data):
     from test_sweep import tiny_run
 

@@ -106,6 +106,7 @@ def test_seeds_of_a_setting_are_averaged():
     assert [(e["setting"], e["seeds"]) for e in table] == [("distill.kd_weight=0.5", 1), ("distill.kd_weight=1", 3)]
     same = [{**row, "values": {**row["values"], "distill.lr": "1e-3"}} for row in rows]
     assert sweep.compare(same)[0]["setting"] == "distill.kd_weight=0.5"   # what every point shares is not shown
+    assert [e["setting"] for e in sweep.compare(rows[:3])] == ["(the run's)"]   # seeds alone: no key to show
     assert table[1]["val_loss"] == pytest.approx(3.2) and table[1]["val_loss_sd"] == pytest.approx(0.2)
     assert table[0]["val_loss_sd"] is None
     assert "| depth | distill.kd_weight=1 | 3 | 10 | 3.2000 ± 0.2000 |" in "\n".join(sweep.markdown(table))
@@ -140,30 +141,31 @@ def tiny_run(tiny_teacher, tiny_data) -> list[str]:
 def test_a_sweep_on_the_tiny_model_then_an_overlapping_one_skips_what_is_done(tiny_teacher, tiny_data):
     """Two data seeds on the tiny run: one cache, two points, the report's comparison with their
     deviation; a second sweep sharing one point trains only the other."""
-    runs = tiny_teacher.parents[1]
+    run = tiny_teacher.parents[1] / "tiny"     # shared with other tests' sweeps: only what this one adds counts
+    before = set((run / "sweep").glob("*"))
     common = tiny_run(tiny_teacher, tiny_data)
     first = stage_py("sweep", *common, "-m", "distill.kd_weight=0.5", "distill.data_seed=1,2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    run = runs / "tiny"
     assert "[import] " + str(run / "import") in first.stdout and "is up to date" in first.stdout
-    caches = sorted((run / "sweep").glob("logits-*"))
+    made = set((run / "sweep").glob("*")) - before
+    caches = sorted(p for p in made if p.name.startswith("logits-"))
     assert len(caches) == 1 and read_manifest(caches[0])["samples"] == 16      # one cache for both points
     assert first.stdout.count("scripts/logits.py") == 1
-    points = sorted(p.name for p in (run / "sweep").glob("distill.*"))
+    points = sorted(p.name for p in made if p.name.startswith("distill."))
     assert [p.split(",")[0] for p in points] == ["distill.data_seed=1", "distill.data_seed=2"]
     assert json.loads((run / "sweep" / points[0] / "point.json").read_text())["values"]["distill.kd_weight"] == "0.5"
     losses = {}
     for name in points:
         manifest = read_manifest(run / "sweep" / name / "distill_depth")
-        assert manifest["steps"] == 4 and manifest["inputs"]["student"] == str((run / "prune_depth").resolve())
+        assert manifest["steps"] == 4 and manifest["inputs"]["student"] == "${paths.runs}/tiny/prune_depth"
         assert read_manifest(run / "sweep" / name / "eval" / "distilled_depth")["stage"] == "eval"
         losses[name] = manifest["final"]["val_loss"]
     # the data seed changes the order of the same samples: the two seeds of a setting differ
     assert losses[points[0]] != losses[points[1]]
     assert read_manifest(run / "sweep" / points[0] / "distill_depth")["inputs"]["settings"]["kd_weight"] == 0.5
     report = json.loads((run / "report.json").read_text())
-    assert [(e["setting"], e["seeds"]) for e in report["sweep"]] == [("(the run's)", 2)]
-    assert report["sweep"][0]["val_loss_sd"] > 0
+    mine = [e for e in report["sweep"] if e["tokens"] == 4 * 4 * 64]
+    assert [e["seeds"] for e in mine] == [2] and mine[0]["val_loss_sd"] > 0, report["sweep"]
     assert "## Sweep: every point" in (run / "report.md").read_text() and (run / "report_sweep.png").exists()
 
     again = stage_py("sweep", *common, "distill.kd_weight=0.5", "distill.data_seed=2,3")

@@ -1,0 +1,52 @@
+"""The stage runner's stamps: a run folder copied or moved elsewhere stays up to date."""
+
+import shutil
+
+from omegaconf import OmegaConf
+
+from pipelines.artifacts import read_manifest, write_manifest
+from pipelines.stage import Stage, run
+
+
+def counting_stage(calls: list) -> Stage:
+    """A host-only stage whose inputs name a folder of the run, one of another run and one outside."""
+    def work(cfg, layout, folder, inputs):
+        calls.append(inputs)
+        (folder / "out.txt").write_text("done")
+        return {"source": inputs["student"]}
+
+    return Stage(name="toy", output=lambda cfg: f"{cfg.run.dir}/toy", runtime=None, run=work,
+                 inputs=lambda cfg: {"student": f"{cfg.run.dir}/prune_depth", "teacher": f"{cfg.paths.runs}/other/import",
+                                     "data": cfg.data, "settings": {"lr": 1e-3, "hub": "HuggingFaceTB/SmolLM2-135M"}})
+
+
+def config(runs, data) -> OmegaConf:
+    return OmegaConf.create({"paths": {"runs": str(runs)}, "run": {"dir": "${paths.runs}/demo"}, "data": str(data)})
+
+
+def test_a_copied_run_is_up_to_date_and_the_stage_gets_real_paths(tmp_path):
+    calls = []
+    stage = counting_stage(calls)
+    first = run(stage, config(tmp_path / "runs", tmp_path / "data"))
+    assert calls == [{"student": f"{tmp_path}/runs/demo/prune_depth", "teacher": f"{tmp_path}/runs/other/import",
+                      "data": f"{tmp_path}/data", "settings": {"lr": 1e-3, "hub": "HuggingFaceTB/SmolLM2-135M"}}]
+    assert first["inputs"]["student"] == "${run.dir}/prune_depth"
+    assert first["inputs"]["teacher"] == "${paths.runs}/other/import"
+    assert first["inputs"]["data"] == f"{tmp_path}/data"             # outside the runs: as it is
+    assert first["inputs"]["settings"]["hub"] == "HuggingFaceTB/SmolLM2-135M"
+    shutil.copytree(tmp_path / "runs", tmp_path / "moved")
+    again = run(stage, config(tmp_path / "moved", tmp_path / "data"))
+    assert len(calls) == 1 and again["inputs"] == first["inputs"]    # up to date where it was copied
+    run(stage, config(tmp_path / "moved", tmp_path / "data2"))
+    assert len(calls) == 2                                           # what lies outside still counts
+
+
+def test_a_stamp_of_real_paths_written_before_is_still_up_to_date(tmp_path):
+    calls = []
+    stage = counting_stage(calls)
+    cfg = config(tmp_path / "runs", tmp_path / "data")
+    folder = tmp_path / "runs" / "demo" / "toy"
+    folder.mkdir(parents=True)
+    write_manifest(folder, {"stage": "toy", "inputs": stage.inputs(cfg), "source": "x"})
+    assert run(stage, cfg)["source"] == "x" and calls == []
+    assert read_manifest(folder)["inputs"]["student"] == f"{tmp_path}/runs/demo/prune_depth"   # left as it was
