@@ -165,13 +165,14 @@ def initialize(parallel, seed: int = 1234, reuse_freed_memory: bool = True) -> L
             world_size=world_size,
             timeout=timedelta(minutes=int(parallel.get("timeout_minutes", 30))),
         )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor,
-        pipeline_model_parallel_size=pipeline,
-        context_parallel_size=context,
-    )
+    if parallel_state.model_parallel_is_initialized() and _model_parallel_sizes() != (tensor, pipeline, context):
+        _destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():   # the same layout again: its groups are reused
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor,
+            pipeline_model_parallel_size=pipeline,
+            context_parallel_size=context,
+        )
     seed_everything(seed)
     return Layout(
         rank=rank,
@@ -183,6 +184,28 @@ def initialize(parallel, seed: int = 1234, reuse_freed_memory: bool = True) -> L
         data_parallel=parallel_state.get_data_parallel_world_size(),
         device=device,
     )
+
+
+def _model_parallel_sizes() -> tuple[int, int, int]:
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size())
+
+
+def _destroy_model_parallel() -> None:
+    """megatron's ``destroy_model_parallel`` forgets its groups but leaves them registered with
+    torch, where each gloo group keeps its threads (hundreds, in a process that initialized many
+    times); destroy what it leaves, every group but the default one."""
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
+    parallel_state.destroy_model_parallel()
+    registered = getattr(getattr(distributed_c10d, "_world", None), "pg_map", {})
+    for group in list(registered):
+        if group is not distributed_c10d.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 def require_no_context_parallel(context: int, stage: str | None = None) -> None:
