@@ -227,10 +227,14 @@ def _open_in_place(stage: Stage, output: Path, inputs: dict, real: dict, done: d
     Every rank reads the same stamp and reaches the same decision, so a refusal stops them all.
     """
     policy = stage.resume
-    stamp = {key: value for key, value in inputs.items() if key not in policy.grows}
+
+    def kept(values: dict) -> dict:
+        return {key: value for key, value in values.items() if key not in policy.grows}
+
+    stamp = kept(inputs)
     path = output / policy.stamp
     previous = json.loads(path.read_text()) if path.exists() else None
-    if previous == {key: value for key, value in real.items() if key not in policy.grows}:
+    if previous == kept(real):
         previous = stamp
     stale = output.exists() and (force or (previous is not None and previous != stamp))
     if previous is not None and previous != stamp and done is None and not force and policy.on_change == "refuse":
