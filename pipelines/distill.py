@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from pipelines import checkpoint, preemption, runtime
 from pipelines.artifacts import read_manifest, sha256_file
@@ -96,6 +97,8 @@ class Plan:
         self.teacher_path = Path(str(d.teacher_checkpoint)) if d.get("teacher_checkpoint") else None
         self.cache = None
         if self.teacher_kind == "online":
+            if self.teacher_path is None and OmegaConf.select(cfg, "run.teacher"):
+                self.teacher_path = Path(str(cfg.run.teacher))   # the run's teacher (corrected when it is)
             require(self.teacher_path is not None, f"{section}.teacher=online needs the teacher checkpoint",
                     f"{self.section}.teacher_checkpoint")
             require(int(cfg.parallel.pipeline) == 1, "the online teacher runs with pipeline parallel "
@@ -125,8 +128,6 @@ class Plan:
             ours, theirs = tokenizer_hash(self.student), tokenizer_hash(self.teacher_path)
             require(ours == theirs, f"teacher tokenizer ({self.teacher_path}/tokenizer) differs from the "
                     f"student's ({self.student}/tokenizer)", f"{self.section}.teacher_checkpoint")
-        from omegaconf import OmegaConf
-
         settings = OmegaConf.to_container(d, resolve=True)
         self.inputs = {"student": str(self.student.resolve()),
                        "student_written_at": read_manifest(self.student).get("written_at"),

@@ -190,7 +190,8 @@ def compare(rows: list[dict]) -> list[dict]:
         groups.setdefault((setting(row["values"], shown), row["student"]), []).append(row)
     table = []
     for (name, student), members in groups.items():
-        entry = {"setting": name, "student": student, "seeds": len(members), "tokens": members[0]["tokens"]}
+        entry = {"setting": name, "student": student, "seeds": len(members), "tokens": members[0]["tokens"],
+                 "values": {key: value for key, value in members[0]["values"].items() if key not in SEEDS}}
         for metric in ("val_loss", "distill_val_loss", "corpus", "mmlu"):
             found = [m[metric] for m in members if m[metric] is not None]
             entry[metric] = statistics.fmean(found) if found else None

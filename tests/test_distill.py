@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,9 @@ def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_tea
     message = refused("distill.teacher_checkpoint", "distill.teacher=online",
                       f"distill.teacher_checkpoint={tmp_path / 'other'}")
     assert "vocabulary" in message
+    online = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path / "out", **{
+        "distill.teacher": "online", "run.teacher": trained_teacher}))
+    assert distill.STAGE.inputs(online)["teacher"] == str(Path(trained_teacher).resolve())  # the run's teacher
     cli = run_script("scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "out",
                                                          **{"distill.global_batch_size": 7,
                                                             "distill.cache": full_cache}))

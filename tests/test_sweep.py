@@ -109,6 +109,7 @@ def test_seeds_of_a_setting_are_averaged():
     assert [e["setting"] for e in sweep.compare(rows[:3])] == ["(the run's)"]   # seeds alone: no key to show
     assert table[1]["val_loss"] == pytest.approx(3.2) and table[1]["val_loss_sd"] == pytest.approx(0.2)
     assert table[0]["val_loss_sd"] is None
+    assert table[1]["values"] == {"distill.kd_weight": "1"}   # every value of the setting, its seed aside
     assert "| depth | distill.kd_weight=1 | 3 | 10 | 3.2000 ± 0.2000 |" in "\n".join(sweep.markdown(table))
 
 
