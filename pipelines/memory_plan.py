@@ -36,8 +36,8 @@ The model counts, per GPU (bytes):
   checkpoint load leaves resident (measured).
 
 Forward-only stages (logits, prune, eval) keep no activations: the weights, then the largest of
-one layer's transients (the MLP's; attention is a fused kernel on either spec), the logits copied
-by GPTModel's final transpose, and the logits with the top-k's two float32 chunks.
+one layer's transients (the MLP's; attention is a fused kernel on either spec) and the logits
+with the top-k's two float32 chunks (written batch-major, so GPTModel's final transpose copies nothing).
 
 What it does not know: TE's own workspaces, FP8, activation offloading, and fragmentation beyond
 the 10% allowance. On CPU ``bench/memory_plan.py`` measures the rest; on a GPU, ``make gpu-check``.
@@ -145,8 +145,8 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
-    intermediates (the MLP's), the output layer's logits copied once by GPTModel's final
-    transpose (a view for one sequence), and the logits with the top-k's two float32 chunks
+    intermediates (the MLP's) and the logits with the top-k's two float32 chunks (the logits are
+    written batch-major, :func:`pipelines.model.batch_major_logits`: GPTModel's transpose copies nothing)
     (scaled logits and their log-softmax). Width pruning without TE runs megatron's unfused attention (ModelOpt converts
     only that module); its ``[b, H/tp, s, s]`` scores are not counted.
     """
@@ -158,8 +158,7 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     parts["weights"] = parameters_per_rank(arch, tensor, 1) * element_bytes
     layer = (4 * f / tensor + 4 * h) * tokens * element_bytes  # no [s, s] scores: fused attention
     chunk = min(chunk_tokens, tokens)
-    copies = 2 if batch > 1 else 1  # GPTModel's [s, b] -> [b, s] transpose copies only for b > 1
-    logits = max(copies * tokens * vocab * element_bytes, tokens * vocab * element_bytes + 2 * chunk * vocab * 4)
+    logits = tokens * vocab * element_bytes + 2 * chunk * vocab * 4
     parts["forward peak"] = max(layer, logits)
     parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
     return estimate

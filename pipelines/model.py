@@ -212,7 +212,32 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str
     if getattr(model, "rotary_pos_emb", None) is not None:
         inv_freq = llama3_inv_freq(arch["kv_channels"], arch["rotary_base"], arch["rope_scaling"])
         model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+    if model.post_process and not config.sequence_parallel:
+        batch_major_logits(model.output_layer)
     return model
+
+
+def batch_major_logits(output_layer) -> None:
+    """The output layer writes the logits ``[b, s, v]`` at once.
+
+    GPTModel computes them ``[s, b, v]`` and returns ``logits.transpose(0, 1).contiguous()``: for
+    b > 1 a copy of the whole ``[tokens, vocab]`` tensor, and another of its gradient in the backward
+    pass (the linear layer's backward makes its output's gradient contiguous). Fed the hidden states
+    ``[b, s, h]`` instead (a vocabulary-times-smaller copy), the layer's output is ``[b, s, v]``,
+    handed back as an ``[s, b, v]`` view of itself, so GPTModel's transpose restores it and
+    ``.contiguous()`` copies nothing. Same values, same gradients. Not under sequence parallelism,
+    where the layer gathers the sequence along dimension 0.
+    """
+
+    def batch_first(module, args, kwargs):
+        return (args[0].transpose(0, 1).contiguous(), *args[1:]), kwargs
+
+    def sequence_first_view(module, args, kwargs, output):
+        logits, bias = output
+        return logits.transpose(0, 1), bias
+
+    output_layer.register_forward_pre_hook(batch_first, with_kwargs=True)
+    output_layer.register_forward_hook(sequence_first_view, with_kwargs=True)
 
 
 def causal_mask(sequence_length: int, device=None) -> torch.Tensor:
