@@ -33,6 +33,30 @@ def test_tiny_builds_and_runs(cpu_runtime):
     assert model_lib.forward_logits(model, tokens).shape == (2, 16, 1024)
 
 
+def test_logits_are_written_batch_major_without_a_copy(cpu_runtime):
+    """The same logits and gradients as GPTModel's own [s, b] -> [b, s] copy, in the output layer's
+    own storage (a copy of 2 x 32 tokens x 1024 logits would have a storage of its own)."""
+    arch = load("tiny")
+    config = model_lib.transformer_config(arch, torch.float32)
+    ours = model_lib.build(arch, config)
+    plain = model_lib.build(arch, config)
+    plain.load_state_dict(ours.state_dict())
+    plain.output_layer._forward_pre_hooks.clear()
+    plain.output_layer._forward_hooks.clear()
+    written = []
+    ours.output_layer.register_forward_hook(lambda module, args, output: written.append(output[0]))
+    tokens = torch.randint(0, arch["vocab_size"], (2, 32))
+    logits, expected = model_lib.local_logits(ours, tokens), model_lib.local_logits(plain, tokens)
+    assert logits.shape == (2, 32, 1024) and logits.is_contiguous()
+    assert logits.untyped_storage().data_ptr() == written[0].untyped_storage().data_ptr()
+    assert torch.equal(logits, expected)
+    weights = torch.randn_like(logits)
+    (logits * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), plain.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), (name, (a.grad - b.grad).abs().max())
+
+
 def test_validation_names_the_key():
     arch = load("tiny")
     with pytest.raises(UserError, match="fix: parallel.tensor"):
