@@ -94,6 +94,7 @@ def main() -> None:
         sys.exit(f"error: the sweep's table lacks the KD or CE rows of {args.seeds} seeds at {tokens:,} tokens; "
                  f"see {run}/report.md")
     best, ce = found
+    _by_budget(run, {"best KD": best, "CE": ce}, args.seeds, tokens // args.steps)
     print(f"best KD: {best['setting']}; student tokens {best['tokens']:,} each; run {run}")
     print(f"best_kd_val_loss={best['val_loss']:.4f} ce_val_loss={ce['val_loss']:.4f} "
           f"kd_sd={best['val_loss_sd']:.4f} ce_sd={ce['val_loss_sd']:.4f} seeds={args.seeds}")
@@ -112,6 +113,29 @@ def _sweep(name: str, overrides: list[str], axis: str, env: dict) -> None:
                 print(f"[{name}] {line.rstrip()}", flush=True)
     if child.returncode != 0:
         sys.exit(f"[{name}] failed:\n{''.join(lines[-60:])}")
+
+
+def _by_budget(run: Path, settings: dict[str, dict], seeds: int, tokens_per_step: int) -> None:
+    """Distill's held-out loss of each setting at each evaluated step (mean over its seeds): where
+    the gap between KD and CE opens, closes or flips with the student tokens."""
+    from pipelines import sweep
+
+    rows = sweep.collect(run)
+    curves = {}
+    for name, entry in settings.items():
+        members = [r for r in rows if r["student"] == "depth" and r["tokens"] == entry["tokens"] and
+                   {k: v for k, v in r["values"].items() if k not in sweep.SEEDS} == entry["values"]]
+        assert len(members) == seeds, (entry["setting"], len(members))
+        steps = sorted(set.intersection(*(set(dict(m["curve"])) for m in members)))
+        curves[name] = {step: sum(dict(m["curve"])[step] for m in members) / seeds for step in steps}
+    steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+    print(f"distill's held-out loss by student tokens (mean of {seeds} seeds; gap = first minus second):")
+    names = list(curves)
+    print(f"{'tokens':>8} " + " ".join(f"{n:>10}" for n in names) + f" {'gap':>8}")
+    for step in steps:
+        values = [curves[n][step] for n in names]
+        print(f"{step * tokens_per_step:>8,} " + " ".join(f"{v:>10.4f}" for v in values)
+              + f" {values[0] - values[1]:>+8.4f}")
 
 
 def _best_kd(table: list[dict], seeds: int, tokens: int):
