@@ -132,7 +132,7 @@ def run(stage: Stage | str, cfg) -> dict:
         print(f"[{stage.name}] {output} is up to date; skipping (force=true reruns)", flush=True)
         return done
     if not stage.replaces and not force:
-        _refuse_other(stage, output, done, stage.origin(cfg) if stage.origin else None)
+        _refuse_other(stage, output, done, Path(str(stage.origin(cfg))).resolve() if stage.origin else None, cfg)
     layout = stage.runtime(cfg) if stage.runtime else None
     is_main = layout is None or layout.is_main
     barrier = _barrier if layout is not None else None
@@ -150,13 +150,13 @@ def run(stage: Stage | str, cfg) -> dict:
         if barrier:
             barrier()
         fields = stage.run(cfg, layout, output, inputs)
-        manifest = {"stage": stage.name, "inputs": stamp, **fields}
+        manifest = _manifest(stage, stamp, fields, cfg)
         if is_main:
             write_manifest(output, manifest)
     else:
         with staged_folder(output, is_main, barrier) as folder:
             fields = stage.run(cfg, layout, folder, inputs)
-            manifest = {"stage": stage.name, "inputs": stamp, **fields}
+            manifest = _manifest(stage, stamp, fields, cfg)
             if is_main:
                 write_manifest(folder, manifest)
     if barrier:
@@ -196,11 +196,20 @@ def _barrier() -> None:
     torch.distributed.barrier()
 
 
-def _refuse_other(stage: Stage, output: Path, done: dict | None, origin: Path | None) -> None:
+def _manifest(stage: Stage, stamp: dict, fields: dict, cfg) -> dict:
+    """What a finished output's manifest says: the stamp, then the stage's fields (a ``source``
+    inside the runs folder named as the stamps name it, so that a moved run still knows it)."""
+    manifest = {"stage": stage.name, "inputs": stamp, **fields}
+    if isinstance(manifest.get("source"), str):
+        manifest["source"] = portable(manifest["source"], cfg)
+    return manifest
+
+
+def _refuse_other(stage: Stage, output: Path, done: dict | None, origin: Path | None, cfg) -> None:
     """An output folder named by hand that holds something else is never replaced silently; a
-    result made from the same ``origin`` (a student distilled again) is replaced."""
+    result made from the same ``origin`` (a student distilled again; in a moved run too) is replaced."""
     key = f"{stage.name}.output"
-    if done is not None and origin is not None and done.get("source") == str(Path(origin).resolve()):
+    if done is not None and origin is not None and done.get("source") in (str(origin), portable(str(origin), cfg)):
         print(f"[{stage.name}] {output} holds an older result made from {origin}; replacing it", flush=True)
         return
     if done is not None:

@@ -2,9 +2,11 @@
 
 import shutil
 
+import pytest
 from omegaconf import OmegaConf
 
 from pipelines.artifacts import read_manifest, write_manifest
+from pipelines.errors import UserError
 from pipelines.stage import Stage, run
 
 
@@ -50,3 +52,25 @@ def test_a_stamp_of_real_paths_written_before_is_still_up_to_date(tmp_path):
     write_manifest(folder, {"stage": "toy", "inputs": stage.inputs(cfg), "source": "x"})
     assert run(stage, cfg)["source"] == "x" and calls == []
     assert read_manifest(folder)["inputs"]["student"] == f"{tmp_path}/runs/demo/prune_depth"   # left as it was
+
+
+def test_a_moved_run_replaces_its_own_older_result_of_a_hand_named_output(tmp_path):
+    """export's case: replaces=False refuses a folder holding another result, but one made from
+    the same origin (the student distilled again) is replaced, also after the run was moved."""
+    calls = []
+
+    def work(cfg, layout, folder, inputs):
+        calls.append(inputs)
+        return {"source": inputs["checkpoint"]}
+
+    stage = Stage(name="toy", output=lambda cfg: f"{cfg.run.dir}/exported", runtime=None, run=work, replaces=False,
+                  inputs=lambda cfg: {"checkpoint": f"{cfg.run.dir}/distill_depth", "data": cfg.data},
+                  origin=lambda cfg: f"{cfg.run.dir}/distill_depth")
+    first = run(stage, config(tmp_path / "runs", tmp_path / "data"))
+    assert first["source"] == "${run.dir}/distill_depth"
+    shutil.copytree(tmp_path / "runs", tmp_path / "moved")
+    again = run(stage, config(tmp_path / "moved", tmp_path / "data2"))   # distilled again: a new result
+    assert len(calls) == 2 and again["inputs"]["data"] == f"{tmp_path}/data2"
+    other = Stage(**{**stage.__dict__, "origin": lambda cfg: f"{cfg.run.dir}/distill_width"})
+    with pytest.raises(UserError, match="already holds a different toy result"):
+        run(other, config(tmp_path / "moved", tmp_path / "data3"))
