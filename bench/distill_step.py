@@ -89,8 +89,9 @@ def worker(mode: str, overrides: list[str], steps: int) -> dict:
 
     quiet_known_noise()
     extra = {"ce": ["distill.teacher=none", "distill.kd_weight=0"],
-             "cache": ["distill.teacher=cache"], "online": ["distill.teacher=online"],
-             "teacher": ["distill.teacher=online"]}[mode]
+             "cache": ["distill.teacher=cache", "distill.kd_weight=1"],
+             "online": ["distill.teacher=online", "distill.kd_weight=1"],
+             "teacher": ["distill.teacher=online", "distill.kd_weight=1"]}[mode]
     cfg = compose(overrides + extra)
     layout = runtime.initialize(cfg.parallel)
     trainer = Trainer(Plan(cfg, layout.data_parallel), layout)

@@ -26,8 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def train(student: str, mode: str, output: Path, extra: list[str]) -> list[dict]:
     overrides = ["experiment=demo", f"prune={student}", f"distill.output={output}", "distill.log_interval=1000"]
-    if mode == "ce":
-        overrides += ["distill.teacher=none", "distill.kd_weight=0"]
+    overrides += ["distill.teacher=none", "distill.kd_weight=0"] if mode == "ce" else ["distill.kd_weight=1"]
     result = subprocess.run([sys.executable, "scripts/distill.py", *overrides, *extra], cwd=REPO,
                             capture_output=True, text=True)
     if result.returncode != 0:

@@ -162,7 +162,8 @@ def our_loop(kind: str, overrides: list[str]):
     from pipelines import runtime
     from pipelines.distill import Plan, Trainer
 
-    extra = ["distill.teacher=none", "distill.kd_weight=0"] if kind == "ours_ce" else ["distill.teacher=cache"]
+    extra = (["distill.teacher=none", "distill.kd_weight=0"] if kind == "ours_ce"
+             else ["distill.teacher=cache", "distill.kd_weight=1"])
     cfg = compose(overrides + extra)
     layout = runtime.initialize(cfg.parallel)
     trainer = Trainer(Plan(cfg, layout.data_parallel), layout)
