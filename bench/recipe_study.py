@@ -88,23 +88,17 @@ def main() -> None:
         _sweep(name, [*common, *extra], axis, env)
     run = Path(str(cfg.run.dir))
     tokens = args.steps * int(cfg.distill.global_batch_size) * int(cfg.distill.sequence_length)
-    if args.labels:   # one seed each, at the best KD weight of the sweeps above
-        weight = _best_kd(json.loads((run / "report.json").read_text())["sweep"], args.seeds, tokens)[0]["values"]
-        weight = f"distill.kd_weight={weight['distill.kd_weight']}"
+    if args.labels:   # at the best KD weight of the sweeps above
+        weight = f"distill.kd_weight={_best_kd(run, args.seeds, tokens)[0]['values']['distill.kd_weight']}"
         one = "distill.data_seed=choice(1)"   # a sweep of one value (Hydra's syntax for it)
         topk = [weight, "logits.mode=topk"]
         for name, extra, axis in (("topk", topk, seeds), ("online", [weight, "distill.teacher=online"], seeds),
                                   ("k", topk, "logits.k=16,256"),
                                   ("renormalised", [*topk, "distill.topk_tail=false"], one)):
             _sweep(name, [*common, *extra], axis, env)
-    report = json.loads((run / "report.json").read_text())
     print((run / "report.md").read_text().split("## Sweep")[1])
-    found = _best_kd(report["sweep"], args.seeds, tokens)
-    if found is None:
-        sys.exit(f"error: the sweep's table lacks the KD or CE rows of {args.seeds} seeds at {tokens:,} tokens; "
-                 f"see {run}/report.md")
-    best, ce = found
-    _by_budget(run, {"best KD": best, "CE": ce}, args.seeds, tokens // args.steps)
+    best, ce = _best_kd(run, args.seeds, tokens)
+    _by_budget({"best KD": best, "CE": ce}, args.seeds, tokens // args.steps)
     print(f"best KD: {best['setting']}; student tokens {best['tokens']:,} each; run {run}")
     print(f"best_kd_val_loss={best['val_loss']:.4f} ce_val_loss={ce['val_loss']:.4f} "
           f"kd_sd={best['val_loss_sd']:.4f} ce_sd={ce['val_loss_sd']:.4f} seeds={args.seeds}")
@@ -125,19 +119,10 @@ def _sweep(name: str, overrides: list[str], axis: str, env: dict) -> None:
         sys.exit(f"[{name}] failed:\n{''.join(lines[-60:])}")
 
 
-def _by_budget(run: Path, settings: dict[str, dict], seeds: int, tokens_per_step: int) -> None:
-    """Distill's held-out loss of each setting at each evaluated step (mean over its seeds): where
-    the gap between KD and CE opens, closes or flips with the student tokens."""
-    from pipelines import sweep
-
-    rows = sweep.collect(run)
-    curves = {}
-    for name, entry in settings.items():
-        members = [r for r in rows if r["student"] == "depth" and r["tokens"] == entry["tokens"] and
-                   {k: v for k, v in r["values"].items() if k not in sweep.SEEDS} == entry["values"]]
-        assert len(members) == seeds, (entry["setting"], len(members))
-        steps = sorted(set.intersection(*(set(dict(m["curve"])) for m in members)))
-        curves[name] = {step: sum(dict(m["curve"])[step] for m in members) / seeds for step in steps}
+def _by_budget(settings: dict[str, dict], seeds: int, tokens_per_step: int) -> None:
+    """Distill's held-out loss of each setting at each evaluated step (the mean curve over its
+    seeds): where the gap between KD and CE opens, closes or flips with the student tokens."""
+    curves = {name: dict(map(tuple, entry["curve"])) for name, entry in settings.items()}
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     print(f"distill's held-out loss by student tokens (mean of {seeds} seeds; gap = first minus second):")
     names = list(curves)
@@ -148,14 +133,16 @@ def _by_budget(run: Path, settings: dict[str, dict], seeds: int, tokens_per_step
               + f" {values[0] - values[1]:>+8.4f}")
 
 
-def _best_kd(table: list[dict], seeds: int, tokens: int):
-    """``(best KD row, CE row)`` among the depth student's settings of ``seeds`` seeds at ``tokens``
-    (the values of a row: those of its first point), or ``None`` when either is missing."""
+def _best_kd(run: Path, seeds: int, tokens: int) -> tuple[dict, dict]:
+    """``(best KD row, CE row)`` of the run's sweep table (``make report``'s report.json) among the
+    depth student's settings of ``seeds`` seeds at ``tokens``; exits naming what is missing."""
+    table = json.loads((run / "report.json").read_text())["sweep"]
     rows = [e for e in table if e["student"] == "depth" and e["seeds"] == seeds and e["tokens"] == tokens]
     ce = [e for e in rows if e["values"].get("distill.teacher") == "none"]
     kd = [e for e in rows if e not in ce]
     if not ce or not kd:
-        return None
+        sys.exit(f"error: the sweep's table lacks the KD or CE rows of {seeds} seeds at {tokens:,} tokens; "
+                 f"see {run}/report.md")
     return min(kd, key=lambda e: e["val_loss"]), ce[0]
 
 if __name__ == "__main__":

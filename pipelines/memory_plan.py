@@ -145,9 +145,9 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
-    intermediates (the MLP's) and the logits with the top-k's two float32 chunks (the logits are
-    written batch-major, :func:`pipelines.model.batch_major_logits`: GPTModel's transpose copies nothing)
-    (scaled logits and their log-softmax). Width pruning without TE runs megatron's unfused attention (ModelOpt converts
+    intermediates (the MLP's) and the logits with the top-k's two float32 chunks (scaled logits
+    and their log-softmax). The logits are written batch-major
+    (:func:`pipelines.model.batch_major_logits`), so GPTModel's transpose copies nothing. Width pruning without TE runs megatron's unfused attention (ModelOpt converts
     only that module); its ``[b, H/tp, s, s]`` scores are not counted.
     """
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": data})

@@ -181,8 +181,9 @@ def setting(values: dict, shown: set | None = None) -> str:
 
 def compare(rows: list[dict]) -> list[dict]:
     """Rows grouped by setting and student: mean and standard deviation over seeds (``sd`` is
-    ``None`` for one seed), best (lowest validation loss) first. A setting shows the keys whose
-    values differ between points (those every point shares say nothing)."""
+    ``None`` for one seed), and the mean curve at the steps every seed evaluated, best (lowest
+    validation loss) first. A setting shows the keys whose values differ between points (those
+    every point shares say nothing)."""
     keys = {key for row in rows for key in row["values"]}
     shown = {key for key in keys if len({row["values"].get(key) for row in rows}) > 1}
     groups: dict[tuple, list[dict]] = {}
@@ -196,6 +197,9 @@ def compare(rows: list[dict]) -> list[dict]:
             found = [m[metric] for m in members if m[metric] is not None]
             entry[metric] = statistics.fmean(found) if found else None
             entry[f"{metric}_sd"] = statistics.stdev(found) if len(found) > 1 else None
+        curves = [dict(m["curve"]) for m in members]
+        entry["curve"] = [(step, statistics.fmean(c[step] for c in curves))
+                          for step in sorted(set.intersection(*(set(c) for c in curves)))]
         table.append(entry)
     return sorted(table, key=lambda e: (e["student"], float("inf") if e["val_loss"] is None and
                                         e["distill_val_loss"] is None else (e["val_loss"] or e["distill_val_loss"])))

@@ -1,5 +1,6 @@
 """The stage runner's stamps: a run folder copied or moved elsewhere stays up to date."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -71,6 +72,6 @@ def test_a_moved_run_replaces_its_own_older_result_of_a_hand_named_output(tmp_pa
     shutil.copytree(tmp_path / "runs", tmp_path / "moved")
     again = run(stage, config(tmp_path / "moved", tmp_path / "data2"))   # distilled again: a new result
     assert len(calls) == 2 and again["inputs"]["data"] == f"{tmp_path}/data2"
-    other = Stage(**{**stage.__dict__, "origin": lambda cfg: f"{cfg.run.dir}/distill_width"})
+    other = dataclasses.replace(stage, origin=lambda cfg: f"{cfg.run.dir}/distill_width")
     with pytest.raises(UserError, match="already holds a different toy result"):
         run(other, config(tmp_path / "moved", tmp_path / "data3"))

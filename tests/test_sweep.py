@@ -110,6 +110,9 @@ def test_seeds_of_a_setting_are_averaged():
     assert table[1]["val_loss"] == pytest.approx(3.2) and table[1]["val_loss_sd"] == pytest.approx(0.2)
     assert table[0]["val_loss_sd"] is None
     assert table[1]["values"] == {"distill.kd_weight": "1"}   # every value of the setting, its seed aside
+    curved = [{**row, "curve": [(0, 5.0), (3, row["val_loss"])] + ([(6, 1.0)] if row["point"] == "p1" else [])}
+              for row in rows[:3]]
+    assert sweep.compare(curved)[0]["curve"] == [(0, 5.0), (3, pytest.approx(3.2))]   # steps every seed has
     assert "| depth | distill.kd_weight=1 | 3 | 10 | 3.2000 ± 0.2000 |" in "\n".join(sweep.markdown(table))
 
 
