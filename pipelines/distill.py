@@ -54,7 +54,8 @@ from pipelines.train_checkpoint import TrainingCheckpoints
 # (e.g. a smaller chunk_tokens after an out-of-memory error, a save_interval on requeue). The
 # cache and output paths are not settings: the cache's content is in the inputs (its manifest).
 NOT_RESULT_KEYS = ("output", "cache", "log_interval", "verify_cache", "chunk_tokens", "save_interval",
-                   "eval_interval", "eval_samples", "eval_topk", "keep_checkpoints", "recompute")
+                   "eval_interval", "eval_samples", "eval_topk", "keep_checkpoints", "keep_final_checkpoint",
+                   "recompute")
 
 
 def tokenizer_hash(folder: Path) -> str | None:
@@ -486,6 +487,13 @@ def _write_final_model(trainer: Trainer, plan: Plan, output: Path, layout) -> No
 
 
 
+def _drop_training_state(d, output: Path) -> None:
+    """A finished stage's training checkpoints, unless ``keep_final_checkpoint``: its weights,
+    metrics and manifest are the result; the optimizer state is only for training on."""
+    if not d.keep_final_checkpoint:
+        shutil.rmtree(output / "train" / "checkpoints", ignore_errors=True)
+
+
 def training_stage(section: str) -> Stage:
     """``distill``, or ``correct`` (the same loop on the teacher, no teacher of its own).
 
@@ -502,7 +510,8 @@ def training_stage(section: str) -> Stage:
                  inputs=lambda cfg: _plan(cfg, section).inputs,
                  run=lambda cfg, layout, output, inputs: run(cfg, layout, output, inputs, section),
                  checks=checks, runtime=lambda cfg: runtime.initialize(cfg.parallel, seed=int(cfg[section].seed)),
-                 resume=Resume(on_change="refuse", stamp="train/inputs.json"),
+                 resume=Resume(on_change="refuse", stamp="train/inputs.json",
+                               finished=lambda cfg, output: _drop_training_state(cfg[section], output)),
                  per_student=section == "distill", distributed=True)
 
 

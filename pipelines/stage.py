@@ -52,12 +52,15 @@ class Resume:
     ``on_change``: what an unfinished folder stamped with other inputs gets: ``refuse`` (stop,
     naming what changed; ``force=true`` moves the old folder aside, never deleting it) or
     ``restart`` (clear it: recomputable work). ``grows``: inputs that may change while keeping the
-    partial work (more samples of the same cache).
+    partial work (more samples of the same cache). ``finished(cfg, folder)``: run on the main
+    process once the manifest is written, for what a complete folder no longer needs (the
+    training state, unless kept); a crash before it leaves that state, never a half result.
     """
 
     on_change: str = "refuse"
     grows: tuple[str, ...] = ()
     stamp: str = STAMP      # where in the folder the stamp lives
+    finished: Callable[[Any, Path], None] | None = None
 
 
 def _parallel_runtime(cfg):
@@ -153,6 +156,8 @@ def run(stage: Stage | str, cfg) -> dict:
         manifest = _manifest(stage, stamp, fields, cfg)
         if is_main:
             write_manifest(output, manifest)
+            if stage.resume.finished:
+                stage.resume.finished(cfg, output)
     else:
         with staged_folder(output, is_main, barrier) as folder:
             fields = stage.run(cfg, layout, folder, inputs)

@@ -9,6 +9,8 @@ teacher the run's, so the shared stages (prepare, import, correct, prune) run on
 
 Point ``p`` lives in ``runs/<exp>/sweep/<p>/`` (``p`` names its values, e.g.
 ``distill.kd_weight=0.5,logits.k=16``): its ``distill_<student>/``, ``eval/`` and ``point.json``.
+A finished point keeps its weights and metrics, not its optimizer state
+(``distill.keep_final_checkpoint=false`` unless set: a grid of them would fill the disk).
 The point's config is the run's with ``run.dir`` pointed there. Points share one logits cache per
 distinct cache setting, ``sweep/logits-<hash>/``, so no cache is computed twice (and the run's
 own ``logits/`` is left as it is). Every stage of a point skips and resumes
@@ -114,7 +116,8 @@ def base_overrides(cfg, point: Point) -> list[str]:
     from pipelines.experiment import override_value
 
     run = Path(str(cfg.run.dir)).resolve()
-    return [*point.overrides, f"run.dir={override_value(str(run / 'sweep' / point.name))}",
+    keep = [] if "distill.keep_final_checkpoint" in dict(point.values) else ["distill.keep_final_checkpoint=false"]
+    return [*keep, *point.overrides, f"run.dir={override_value(str(run / 'sweep' / point.name))}",
             f"run.teacher=${{teacher:{run}}}",
             f"distill.student={run}/prune_${{run.student}}"]
 

@@ -118,6 +118,8 @@ def training_ranges(d, section: str) -> None:
         _positive(int(d[key]), f"{section}.{key}", inclusive=True)
     require(int(d.warmup_steps) < int(d.train_steps), f"{section}.warmup_steps={d.warmup_steps} must be "
             f"below train_steps={d.train_steps}", f"{section}.warmup_steps")
+    require(isinstance(d.keep_final_checkpoint, bool), f"{section}.keep_final_checkpoint="
+            f"{d.keep_final_checkpoint!r}; true or false", f"{section}.keep_final_checkpoint")
     _one_of(d.dtype, DTYPES, f"{section}.dtype")
     _one_of(d.recompute, RECOMPUTE, f"{section}.recompute")
     require(0.0 <= float(d.kd_weight) <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",

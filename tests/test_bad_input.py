@@ -23,6 +23,7 @@ BAD = [  # (override, the key the error must name)
     ("distill.warmup_steps=500", "distill.warmup_steps"),   # not below train_steps (200)
     ("distill.dtype=float16", "distill.dtype"),
     ("distill.recompute=some", "distill.recompute"),
+    ("distill.keep_final_checkpoint=sometimes", "distill.keep_final_checkpoint"),
     ("correct.lr=-1", "correct.lr"),
     ("logits.k=0", "logits.k"),
     ("logits.k=5000", "logits.k"),                    # the demo vocabulary is 1024

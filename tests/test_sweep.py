@@ -163,6 +163,9 @@ def test_a_sweep_on_the_tiny_model_then_an_overlapping_one_skips_what_is_done(ti
         manifest = read_manifest(run / "sweep" / name / "distill_depth")
         assert manifest["steps"] == 4 and manifest["inputs"]["student"] == "${paths.runs}/tiny/prune_depth"
         assert read_manifest(run / "sweep" / name / "eval" / "distilled_depth")["stage"] == "eval"
+        # a finished point keeps its weights, not its optimizer state (keep_final_checkpoint=false)
+        assert (run / "sweep" / name / "distill_depth" / "weights").is_dir()
+        assert not (run / "sweep" / name / "distill_depth" / "train" / "checkpoints").exists()
         losses[name] = manifest["final"]["val_loss"]
     # the data seed changes the order of the same samples: the two seeds of a setting differ
     assert losses[points[0]] != losses[points[1]]
