@@ -111,7 +111,11 @@ class _Vocab:
         """``(q, lse)``: the float32 softmax over the whole vocabulary of this rank's ``[n, V/tp]``
         logits at ``temperature`` (a new tensor, which the caller may overwrite) and the log of its
         normaliser ``[n]``, so that log q = logits / T − lse without a second ``[n, V]`` tensor."""
-        scaled = self.scaled(logits, temperature)
+        return self.softmax_scaled(self.scaled(logits, temperature))
+
+    def softmax_scaled(self, scaled: torch.Tensor):
+        """:meth:`softmax` of logits already :meth:`scaled` (which a caller that needs them again
+        keeps, instead of scaling twice)."""
         if self.group is None:
             # q at the row maximum is exp(max - lse) >= 1/V: lse from it, without another pass
             top, where = scaled.max(dim=-1, keepdim=True)
@@ -171,17 +175,21 @@ def _bucket_terms(log_q_ids, teacher_logprobs, teacher_tail, kind, beta):
     return f.sum(-1), tail_factor - total_h, corrections
 
 
-def _dense_forward_kl(vocab: _Vocab, student, teacher, temperature: float, lse_q):
+def _dense_forward_kl(vocab: _Vocab, student_scaled, teacher, temperature: float, lse_q):
     """KL(p‖q) per token against a dense teacher, and p (the gradient is q − p).
 
-    KL = Σ p·(z_t − z_s)/T − lse_p + lse_q, over the real columns (padding has p = 0): the
-    teacher's softmax and one product are the only ``[n, V]`` passes besides the student's.
+    KL = Σ p·z_t/T − Σ p·z_s/T − lse_p + lse_q, over the real columns (padding has p = 0), from
+    the student's logits as its softmax scaled them (``student_scaled``) and the teacher's, scaled
+    once: the teacher's softmax and two products are the only ``[n, V]`` passes besides the
+    student's, and no ``[n, V]`` tensor is made but p (and the teacher's float32 copy, for bf16).
     """
-    p, lse_p = vocab.softmax(teacher, temperature)
+    teacher_scaled = vocab.scaled(teacher, temperature)
+    p, lse_p = vocab.softmax_scaled(teacher_scaled)
     real = vocab.real_local
-    difference = vocab.scaled(teacher, temperature)[:, :real] - vocab.scaled(student, temperature)[:, :real]
-    cross = vocab.sum(torch.linalg.vecdot(p[:, :real], difference))
-    return cross - lse_p + lse_q, p
+    p_real = p[:, :real]
+    cross = (torch.linalg.vecdot(p_real, teacher_scaled[:, :real])
+             - torch.linalg.vecdot(p_real, student_scaled[:, :real]))
+    return vocab.sum(cross) - lse_p + lse_q, p
 
 
 def _dense_grad(vocab: _Vocab, log_q, log_p, kind, beta):
@@ -265,9 +273,9 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
         sparse = []                        # (local ids, mine, corrections [n, k]) to add at the ids
         dense = None
 
-        def at(t):
+        def at(t, scaled=None):
             if t not in softmax:
-                q, lse = vocab.softmax(chunk, t)
+                q, lse = vocab.softmax_scaled(vocab.scaled(chunk, t) if scaled is None else scaled)
                 softmax[t] = (q, lse, torch.zeros_like(lse))
             return softmax[t]
 
@@ -282,8 +290,10 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
                 row += bucket_row * scale
                 sparse.append((local, mine, corrections * scale[:, None]))
             elif divergence == "forward_kl":  # h = -p, S = -1: the gradient is q - p
-                q, lse, row = at(T)
-                loss, p = _dense_forward_kl(vocab, chunk, flat_teacher[start:end], T, lse)
+                student_scaled = vocab.scaled(chunk, T)
+                q, lse, row = at(T, student_scaled)
+                loss, p = _dense_forward_kl(vocab, student_scaled, flat_teacher[start:end], T, lse)
+                del student_scaled
                 row += scale
                 dense = p.mul_(-scale[:, None])
             else:

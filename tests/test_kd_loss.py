@@ -147,6 +147,28 @@ def test_mix_with_cross_entropy_and_padding_columns_ignored():
     torch.testing.assert_close(padded.grad[..., :V], reference_student.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_online_teacher_in_bfloat16_with_padding_and_cross_entropy():
+    """The online path as a GPU runs it: bf16 logits of student and teacher, padding columns that
+    hold garbage, T = 2, mixed with CE, in two chunks; against a float64 autograd reference."""
+    student, teacher = sample(8)
+    labels = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(1))
+    garbage = torch.full((3, 7, 14), 7.0, dtype=torch.float64)
+    padded = torch.cat([student, garbage], -1).to(torch.bfloat16).requires_grad_(True)
+    padded_teacher = torch.cat([teacher, -garbage], -1).to(torch.bfloat16)
+    loss, kd, ce = distill_loss(padded, labels, padded_teacher, kd_weight=0.6, temperature=2.0, vocab_size=V,
+                                chunk_tokens=11)
+    reference_student = padded.detach()[..., :V].double().requires_grad_(True)
+    reference_kd = dense_kl(reference_student, padded_teacher[..., :V].double(), 2.0)
+    reference_ce = F.cross_entropy(reference_student.flatten(0, 1), labels.flatten())
+    reference = 0.6 * reference_kd + 0.4 * reference_ce
+    assert abs(kd.item() - reference_kd.item()) <= 1e-5 and abs(ce.item() - reference_ce.item()) <= 1e-5
+    assert abs(loss.item() - reference.item()) <= 1e-5
+    loss.backward()
+    reference.backward()
+    assert padded.grad.dtype == torch.bfloat16 and torch.all(padded.grad[..., V:] == 0)
+    torch.testing.assert_close(padded.grad[..., :V].double(), reference_student.grad, atol=2e-4, rtol=1e-2)
+
+
 def test_tensor_parallel_vocab_split_matches_one_rank():
     from tests.conftest import REPO, run_torchrun
 
