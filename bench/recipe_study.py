@@ -9,13 +9,13 @@ Sweeps (``scripts/stage.py sweep``, as ``make sweep``) on an experiment's run, i
 its depth-pruned student, at the same number of student tokens (``--steps`` x the experiment's
 batch), over ``--seeds`` data orders (``distill.data_seed``):
 
-- KD from the run's cache as the experiment sets it (``smollm2_135m``: 64 sampled soft labels per
+- KD from the run's cache as the experiment sets it (by default 64 sampled soft labels per
   token), ``distill.kd_weight`` 1, 0.7 and 0.5 (``--kd-weights``);
 - CE only (``distill.teacher=none``, ``kd_weight=0``), the fine-tuning baseline;
 - with ``--labels``, at the best KD weight: the top-64 with its tail bucket
   (``logits.mode=topk``) and the online teacher's full distribution (``distill.teacher=online``),
-  every seed; top-k at 16 and 256 and top-k renormalised (``distill.topk_tail=false``), the
-  first seed.
+  every seed; top-k at 16 and 256 and top-k renormalised (``distill.topk_tail=false``), at the
+  first seed (``distill.data_seed=1``, so that they pair with the same seed of the others).
 
 The teacher is corrected first (``correct.enabled=true``: LM fine-tuning for ``--correct-steps``,
 default 60, at the experiment's distill batch, sequence length and learning rate, as the
@@ -29,8 +29,9 @@ sequences, mean ± standard deviation over seeds). Last line: ``best_kd_val_loss
 ce_val_loss=<y> kd_sd=<s> ce_sd=<s> seeds=<n>``; the goal (issue #16): x below y by more than
 the larger deviation, n >= 3 (the one-seed label variants are not candidates).
 
-The study in the README ran before the ``smollm2_135m`` experiment took sampled labels: its main
-sweep was top-64 with the tail, and sampled labels were a variant (``logits.mode=sampled``).
+The study in the README ran before sampled labels were the default: its main sweep was top-64
+with the tail, and sampled labels were a variant (``logits.mode=sampled``); its k = 16 and 256
+and renormalised variants read the samples in order (no ``data_seed``).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def main() -> None:
         one = "distill.data_seed=choice(1)"   # a sweep of one value (Hydra's syntax for it)
         topk = [weight, "logits.mode=topk"]
         for name, extra, axis in (("topk", topk, seeds), ("online", [weight, "distill.teacher=online"], seeds),
-                                  ("k", topk, "logits.k=16,256"),
+                                  ("k", topk, f"logits.k=16,256 {one}"),
                                   ("renormalised", [*topk, "distill.topk_tail=false"], one)):
             _sweep(name, [*common, *extra], axis, env)
     print((run / "report.md").read_text().split("## Sweep")[1])
@@ -104,9 +105,10 @@ def main() -> None:
           f"kd_sd={best['val_loss_sd']:.4f} ce_sd={ce['val_loss_sd']:.4f} seeds={args.seeds}")
 
 
-def _sweep(name: str, overrides: list[str], axis: str, env: dict) -> None:
-    """One ``make sweep``; its progress lines, or its output's tail when it fails."""
-    command = [sys.executable, "scripts/stage.py", "sweep", *overrides, "-m", axis]
+def _sweep(name: str, overrides: list[str], axes: str, env: dict) -> None:
+    """One ``make sweep`` over ``axes`` (space-separated); its progress lines, or its output's
+    tail when it fails."""
+    command = [sys.executable, "scripts/stage.py", "sweep", *overrides, "-m", *axes.split()]
     print(f"[{name}] {' '.join(command[1:])}", flush=True)
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as child:

@@ -24,7 +24,7 @@ def full_cache(tmp_path_factory, trained_teacher, tiny_data):
     folder = tmp_path_factory.mktemp("cache") / "k300"
     stage.run("logits", compose("pipeline", [
         f"logits.teacher={trained_teacher}", f"logits.output={folder}", f"data.output={tiny_data}",
-        "logits.k=300", "logits.value_dtype=float32", "logits.samples=96", "logits.samples_per_shard=16",
+        "logits.mode=topk", "logits.k=300", "logits.value_dtype=float32", "logits.samples=96", "logits.samples_per_shard=16",
         f"logits.sequence_length={SEQ}", "logits.batch_size=8"]))
     return folder
 

@@ -141,7 +141,7 @@ def _cache(folder):
 def test_logits_stage_at_tp2_with_short_chunks_writes_tp1s_top_k(tmp_path, trained_teacher, tiny_data):
     """TP=2 (vocabulary split, top-k per rank on 16-token chunks, merged) writes the same ids as
     TP=1 and log-probabilities within one float16 step."""
-    common = [f"logits.teacher={trained_teacher}", f"data.output={tiny_data}", "logits.k=8",
+    common = [f"logits.teacher={trained_teacher}", f"data.output={tiny_data}", "logits.mode=topk", "logits.k=8",
               "logits.samples=8", "logits.samples_per_shard=4", "logits.sequence_length=32",
               "logits.batch_size=4"]
     one = run_script("scripts/logits.py", *common, f"logits.output={tmp_path / 'tp1'}")

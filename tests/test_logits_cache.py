@@ -19,8 +19,8 @@ from pipelines.logits_cache import LogitsCache, pack_ids, unpack_ids
 from pipelines.model import forward_logits
 
 
-def overrides(teacher, data, output, k=8, samples=12, per_shard=3):
-    return [f"logits.teacher={teacher}", f"logits.output={output}", f"data.output={data}",
+def overrides(teacher, data, output, k=8, samples=12, per_shard=3, mode="sampled"):
+    return [f"logits.teacher={teacher}", f"logits.output={output}", f"data.output={data}", f"logits.mode={mode}",
             f"logits.k={k}", f"logits.samples={samples}", f"logits.samples_per_shard={per_shard}",
             "logits.sequence_length=32", "logits.batch_size=2"]
 
@@ -37,7 +37,7 @@ def test_id_packing_round_trips_17_bits():
 
 
 def test_cache_holds_the_teachers_topk(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
-    stage.run("logits", compose("pipeline", overrides(tiny_teacher, tiny_data, tmp_path / "c", k=300)))
+    stage.run("logits", compose("pipeline", overrides(tiny_teacher, tiny_data, tmp_path / "c", k=300, mode="topk")))
     cache = LogitsCache(tmp_path / "c")
     assert len(cache) == 12
     model, arch = checkpoint.load_model(tiny_teacher, cpu_runtime)
