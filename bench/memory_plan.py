@@ -142,7 +142,8 @@ def measure(folder: Path, size, data: str) -> list[tuple[str, float, float]]:
             element_bytes=4, distributed_optimizer=bool(cfg.distill.distributed_optimizer), fused=False,
             chunk_tokens=int(cfg.distill.chunk_tokens), gpu=False).total,
         "logits": memory_plan.forward(arch, sequence=sequence, batch=LOGITS_BATCH, tensor=1, element_bytes=4,
-                                      chunk_tokens=int(cfg.logits.chunk_tokens), gpu=False).total}
+                                      chunk_tokens=int(cfg.logits.chunk_tokens), gpu=False,
+                                      sampled=str(cfg.logits.mode) == "sampled").total}
     rows = []
     for stage, overrides in (("distill", distill), ("logits", logits)):
         measured = _run_worker(stage, overrides)["peak_extra_bytes"]

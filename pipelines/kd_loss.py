@@ -378,8 +378,10 @@ def teacher_sampled(teacher_logits: torch.Tensor, k: int, temperature: float = 1
             chunk = torch.cat(parts, dim=-1)
         if vocab_size is not None:
             chunk = chunk[:, :vocab_size]
-        flat = torch.softmax(chunk.float() / temperature, dim=-1)
+        # float32 logits at T = 1 are not copied (a float32 [tokens, V] chunk fewer at the peak)
+        flat = torch.softmax(chunk.float() if temperature == 1.0 else chunk.float() / temperature, dim=-1)
         ids = torch.multinomial(flat, k, replacement=True, generator=generator).sort(-1).values
+        del flat
         counts = (ids[:, :, None] == ids[:, None, :]).sum(-1).float()
         first = torch.ones_like(ids, dtype=torch.bool)
         first[:, 1:] = ids[:, 1:] != ids[:, :-1]

@@ -141,7 +141,8 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
 
 
 def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes: int,
-            chunk_tokens: int = 1024, gpu: bool = True, stage: str = "logits", data: int = 1) -> Estimate:
+            chunk_tokens: int = 1024, gpu: bool = True, stage: str = "logits", data: int = 1,
+            sampled: bool = False) -> Estimate:
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
@@ -149,6 +150,12 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     and their log-softmax). The logits are written batch-major
     (:func:`pipelines.model.batch_major_logits`), so GPTModel's transpose copies nothing. Width pruning without TE runs megatron's unfused attention (ModelOpt converts
     only that module); its ``[b, H/tp, s, s]`` scores are not counted.
+
+    ``sampled`` labels (``logits.mode=sampled``) instead hold a chunk of the whole vocabulary:
+    gathered over the tensor-parallel group (its parts and their concatenation, at ``tp > 1``),
+    its float32 softmax and, on a GPU, torch's multinomial's normalised copy and prefix sums
+    (read from its CUDA kernel; ``make gpu-check`` measures it). On CPU, float32 at T = 1, the
+    softmax is the only float32 chunk; the plan counts two there as it does for the top-k.
     """
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": data})
     parts = estimate.parts
@@ -158,7 +165,11 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     parts["weights"] = parameters_per_rank(arch, tensor, 1) * element_bytes
     layer = (4 * f / tensor + 4 * h) * tokens * element_bytes  # no [s, s] scores: fused attention
     chunk = min(chunk_tokens, tokens)
-    logits = tokens * vocab * element_bytes + 2 * chunk * vocab * 4
+    labels = 2 * chunk * vocab * 4
+    if sampled:
+        whole = model_lib.padded_vocab_size(arch)
+        labels = chunk * whole * (2 * element_bytes * (tensor > 1) + 4 * (3 if gpu else 2))
+    logits = tokens * vocab * element_bytes + labels
     parts["forward peak"] = max(layer, logits)
     parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
     return estimate
@@ -191,7 +202,7 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
             estimates.append(forward(teacher, sequence=int(cfg.logits.sequence_length),
                                      batch=int(cfg.logits.batch_size), tensor=tensor, element_bytes=2,
                                      chunk_tokens=int(cfg.logits.chunk_tokens), stage=stage,
-                                     data=data))
+                                     data=data, sampled=str(cfg.logits.mode) == "sampled"))
         elif stage == "prune":
             estimates.append(forward(teacher, sequence=int(cfg.prune.sequence_length),
                                      batch=int(cfg.prune.batch_size), tensor=tensor, element_bytes=2,

@@ -35,6 +35,22 @@ def test_tensor_parallel_and_recompute_shrink_the_prediction():
     assert distill["tp1"].parts["weights"] == pytest.approx(8 * distill["base"].parts["weights"], rel=0.01)
 
 
+def test_sampled_labels_hold_the_whole_vocabulary_and_the_multinomials_buffers():
+    """The logits stage's labels as the config asks: sampled (the default) holds a third float32
+    chunk on a GPU (torch's multinomial), and at TP=2 the whole vocabulary gathered, not a slice."""
+    def labels_bytes(*overrides):
+        _, estimates = _plan("llama31_8b_width_4b", *overrides)
+        return next(e for e in estimates if e.stage == "logits").parts["forward peak"]
+
+    chunk = 1024 * 128256 * 4                  # logits.chunk_tokens x Llama-3's vocabulary, float32
+    assert labels_bytes() - labels_bytes("logits.mode=topk") == pytest.approx(chunk, rel=0.01)
+    tp2 = ["run.stage_parallel.logits.tensor=2"]
+    extra = labels_bytes(*tp2) - labels_bytes(*tp2, "logits.mode=topk")
+    # sampled: bf16 parts and their concatenation (one float32 chunk's bytes) + 3 float32 chunks;
+    # top-k: two float32 chunks of half the vocabulary (one chunk)
+    assert extra == pytest.approx(3 * chunk, rel=0.01)
+
+
 def test_a_stage_predicted_above_the_gpu_is_refused_naming_the_key():
     cfg, estimates = _plan("llama31_8b_width_4b", "distill.micro_batch_size=16", "parallel.tensor=1")
     overfull = {e.stage for e in estimates if e.total > 80 * GB}
