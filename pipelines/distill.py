@@ -1,6 +1,6 @@
 """The distill stage: train a student on a teacher's soft labels with megatron-core (``scripts/distill.py``).
 
-The teacher is the cached top-k logits (``distill.teacher=cache``), the teacher checkpoint run
+The teacher is the cached soft labels (``distill.teacher=cache``: sampled or top-k), the teacher checkpoint run
 online under ``no_grad`` with the student's parallel layout (``online``), or nothing (``none``:
 plain LM fine-tuning, used to correct or pre-train a teacher). The loss is
 ``kd_weight · T²·D(teacher ‖ student) + (1 − kd_weight) · CE`` from :mod:`pipelines.kd_loss`.
@@ -484,7 +484,6 @@ def _write_final_model(trainer: Trainer, plan: Plan, output: Path, layout) -> No
         if (plan.student / "tokenizer").exists():
             shutil.copytree(plan.student / "tokenizer", output / "tokenizer")
     torch.distributed.barrier()
-
 
 
 def _drop_training_state(d, output: Path) -> None:

@@ -139,9 +139,10 @@ def _slice_logits(trainer, arch: dict) -> dict:
     torch.cuda.empty_cache()
     device = trainer.layout.device
     tokens = torch.randint(0, arch["vocab_size"], (1, SLICE_SEQUENCE), device=device)
-    labels = {"topk": lambda logits: teacher_topk(logits, 64, 1.0, vocab_size=arch["vocab_size"], chunk_tokens=1024),
+    split = dict(vocab_size=arch["vocab_size"], chunk_tokens=1024)
+    labels = {"topk": lambda logits: teacher_topk(logits, 64, 1.0, **split),
               "sampled": lambda logits: teacher_sampled(logits, 64, 1.0, torch.Generator(device=device).manual_seed(0),
-                                                        vocab_size=arch["vocab_size"], chunk_tokens=1024)}
+                                                        **split)}
     result = {}
     for mode, label in labels.items():
         torch.cuda.empty_cache()
@@ -163,9 +164,8 @@ def _slice_logits(trainer, arch: dict) -> dict:
                    "peak_above_resident_gb": extra / 1e9, "predicted_above_weights_gb": predicted / 1e9,
                    "predicted_parts_gb": {k: v / 1e9 for k, v in estimate.parts.items()},
                    "ids_in_vocab": bool((ids < arch["vocab_size"]).all())}
-        result.update(figures if mode == "topk" else {})   # the keys earlier runs wrote: the top-k
         result[mode] = figures
-    return result
+    return {**result["topk"], **result}   # at the top level, the top-k's: the keys earlier runs wrote
 
 
 PARTS = ("tiny", "slice")

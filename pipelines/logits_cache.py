@@ -1,4 +1,5 @@
-"""Teacher soft labels computed once: a compact, checksummed, resumable top-k cache.
+"""Teacher soft labels computed once: a compact, checksummed, resumable cache of k ids per token
+(sampled, or the top k with the tail mass).
 
 Layout of a cache folder (the logits stage, ``scripts/logits.py``, writes it)::
 

@@ -37,7 +37,8 @@ The model counts, per GPU (bytes):
 
 Forward-only stages (logits, prune, eval) keep no activations: the weights, then the largest of
 one layer's transients (the MLP's; attention is a fused kernel on either spec) and the logits
-with the top-k's two float32 chunks (written batch-major, so GPTModel's final transpose copies nothing).
+with the top-k's two float32 chunks, or sampled labels' whole-vocabulary chunk and torch's
+multinomial's buffers (written batch-major, so GPTModel's final transpose copies nothing).
 
 What it does not know: TE's own workspaces, FP8, activation offloading, and fragmentation beyond
 the 10% allowance. On CPU ``bench/memory_plan.py`` measures the rest; on a GPU, ``make gpu-check``.
@@ -148,8 +149,9 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
     intermediates (the MLP's) and the logits with the top-k's two float32 chunks (scaled logits
     and their log-softmax). The logits are written batch-major
-    (:func:`pipelines.model.batch_major_logits`), so GPTModel's transpose copies nothing. Width pruning without TE runs megatron's unfused attention (ModelOpt converts
-    only that module); its ``[b, H/tp, s, s]`` scores are not counted.
+    (:func:`pipelines.model.batch_major_logits`), so GPTModel's transpose copies nothing. Width
+    pruning without TE runs megatron's unfused attention (ModelOpt converts only that module);
+    its ``[b, H/tp, s, s]`` scores are not counted.
 
     ``sampled`` labels (``logits.mode=sampled``) instead hold a chunk of the whole vocabulary:
     gathered over the tensor-parallel group (its parts and their concatenation, at ``tp > 1``),
@@ -165,10 +167,11 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     parts["weights"] = parameters_per_rank(arch, tensor, 1) * element_bytes
     layer = (4 * f / tensor + 4 * h) * tokens * element_bytes  # no [s, s] scores: fused attention
     chunk = min(chunk_tokens, tokens)
-    labels = 2 * chunk * vocab * 4
     if sampled:
         whole = model_lib.padded_vocab_size(arch)
         labels = chunk * whole * (2 * element_bytes * (tensor > 1) + 4 * (3 if gpu else 2))
+    else:
+        labels = 2 * chunk * vocab * 4
     logits = tokens * vocab * element_bytes + labels
     parts["forward peak"] = max(layer, logits)
     parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
