@@ -271,7 +271,7 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
         totals = torch.zeros(3, dtype=torch.float32, device=chunk.device)
         softmax: dict[float, tuple] = {}   # temperature -> (q, lse, row coefficient [n])
         sparse = []                        # (local ids, mine, corrections [n, k]) to add at the ids
-        dense = None
+        dense = None                       # ([n, V] tensor, its row coefficient [n]) to add
 
         def at(t, scaled=None):
             if t not in softmax:
@@ -295,12 +295,12 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
                 loss, p = _dense_forward_kl(vocab, student_scaled, flat_teacher[start:end], T, lse)
                 del student_scaled
                 row += scale
-                dense = p.mul_(-scale[:, None])
+                dense = (p, -scale)
             else:
                 log_q = vocab.log_softmax(chunk, T)
                 log_p = vocab.log_softmax(flat_teacher[start:end], T)
                 loss, g = _dense_grad(vocab, log_q, log_p, divergence, beta)
-                dense = g.mul_(scale[:, None])
+                dense = (g, scale)
             kd = (loss * weight).sum() * T * T
             totals[1] = kd
             totals[0] += kd_weight * kd
@@ -313,10 +313,14 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
             ce = -(log_q_label[:, 0] * weight).sum()
             totals[2] = ce
             totals[0] += (1.0 - kd_weight) * ce
-        grad = dense
+        grad = None
         for q, _, row in softmax.values():
             q.mul_(row[:, None])
             grad = q if grad is None else grad.add_(q)
+        if dense is not None:  # added scaled in one pass (addcmul): not scaled, then added
+            tensor, coefficient = dense
+            grad = (tensor.mul_(coefficient[:, None]) if grad is None
+                    else grad.addcmul_(tensor, coefficient[:, None]))
         for local, mine, corrections in sparse:
             grad.scatter_add_(-1, local, torch.where(mine, corrections, torch.zeros((), dtype=corrections.dtype)))
         return totals, grad
