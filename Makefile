@@ -95,7 +95,7 @@ bench: setup  ## run the benchmarks (each prints its ratios on its last line)
 	$(PYTHON) bench/param_search.py --search-args "prune.search.max_depth_pruning=0.5 prune.search.max_width_pruning=0.75"
 	$(PYTHON) bench/prune_rounds.py
 	$(PYTHON) bench/distill_step.py
-	$(PYTHON) bench/distill_step.py --real
+	$(PYTHON) bench/distill_step.py --real --repeats 3
 	$(PYTHON) bench/vs_transformers.py
 	$(PYTHON) bench/kd_vs_ce.py
 	$(PYTHON) bench/recipe_study.py

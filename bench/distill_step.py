@@ -1,7 +1,7 @@
 """Distillation step cost: KD from the cache and online KD against a CE-only step, time and memory.
 
     .venv/bin/python bench/distill_step.py [--vocab 32000 --hidden 256 --layers 4 --steps 6]
-    .venv/bin/python bench/distill_step.py --real     # SmolLM2-135M's shape (random weights)
+    .venv/bin/python bench/distill_step.py --real --repeats 3   # SmolLM2-135M's shape (random weights)
 
 Builds (in a temporary folder) a random teacher and a half-depth student of the same shape
 family with a Llama-like vocabulary-heavy output layer, caches the teacher's top-64 logits on the
@@ -12,7 +12,10 @@ demo corpus, then times optimizer steps of the same student in a fresh process p
 - ``online``: KD with the teacher run online;
 - ``teacher``: the teacher's forward pass alone over the same micro-batches.
 
-Step time is the median over ``--steps`` steps after one warm-up step. Peak memory is the peak
+Step time is the median over ``--steps`` steps after one warm-up step. With ``--repeats R`` the
+four timed workers run R rounds, the order of the modes reversed every other round (this machine
+is noisy, and drifts); each ratio is taken within a round and reported as the median over rounds
+with its range. Peak memory is the peak
 over the steps minus the memory before them (GPU: ``max_memory_allocated``; CPU: resident set,
 sampled every millisecond in a second run where glibc returns freed memory at once, so the RSS
 follows live tensors; times come from a run with the runtime's default allocator settings).
@@ -181,6 +184,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the timed workers, in alternating order (ratios: median over rounds)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="vocabulary 8192, 2 timed steps (CI)")
@@ -194,30 +199,37 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides), args.steps)))
         return
+    modes = ("ce", "cache", "online", "teacher")
     with tempfile.TemporaryDirectory() as temporary:
         overrides = prepare(Path(temporary), args)
-        results = {}
         base_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-        for mode in ("ce", "cache", "online", "teacher"):
-            # time with the runtime's default allocator settings; memory with freed memory returned
-            # at once, so the sampled RSS follows live tensors (GPU: the same run measures both)
-            timed = _worker(mode, overrides, args.steps, base_env)
-            measured = timed if torch.cuda.is_available() else _worker(
-                mode, overrides, args.steps, {**base_env, "PIPELINES_KEEP_FREED_MEMORY": "0"})
-            results[mode] = {**timed, "peak_extra_bytes": measured["peak_extra_bytes"]}
+        rounds = []
+        for round_index in range(args.repeats):
+            # time with the runtime's default allocator settings, in alternating order
+            order = modes if round_index % 2 == 0 else modes[::-1]
+            rounds.append({mode: _worker(mode, overrides, args.steps, base_env) for mode in order})
+        # memory with freed memory returned at once, so the sampled RSS follows live tensors (GPU:
+        # the timed runs measure both)
+        memory = {mode: (rounds[0][mode] if torch.cuda.is_available() else _worker(
+            mode, overrides, args.steps, {**base_env, "PIPELINES_KEEP_FREED_MEMORY": "0"}))["peak_extra_bytes"]
+            for mode in modes}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"device: {device}; {'SmolLM2-135M shape, ' if args.real else ''}student {args.layers // 2} layers, "
           f"hidden {args.hidden}, vocab {args.vocab}, "
-          f"{args.global_batch}x{args.sequence_length} tokens per step")
+          f"{args.global_batch}x{args.sequence_length} tokens per step, {args.repeats} round(s)")
     print(f"{'mode':>8} {'step (s)':>9} {'tokens/s':>10} {'peak extra (MiB)':>17}")
-    for mode, result in results.items():
-        print(f"{mode:>8} {result['step_s']:9.3f} {result['tokens_per_step'] / result['step_s']:10,.0f} "
-              f"{result['peak_extra_bytes'] / 2**20:17.1f}")
-    ce, cache, online, teacher = (results[m] for m in ("ce", "cache", "online", "teacher"))
-    print(f"cache_kd_over_ce_time={cache['step_s'] / ce['step_s']:.3f} "
-          f"online_over_ce_plus_teacher={online['step_s'] / (ce['step_s'] + teacher['step_s']):.3f} "
-          f"cache_kd_over_ce_mem={cache['peak_extra_bytes'] / max(1, ce['peak_extra_bytes']):.3f}")
-
+    for mode in modes:
+        step = statistics.median(r[mode]["step_s"] for r in rounds)
+        print(f"{mode:>8} {step:9.3f} {rounds[0][mode]['tokens_per_step'] / step:10,.0f} "
+              f"{memory[mode] / 2**20:17.1f}")
+    cache_over_ce = [r["cache"]["step_s"] / r["ce"]["step_s"] for r in rounds]
+    online = [r["online"]["step_s"] / (r["ce"]["step_s"] + r["teacher"]["step_s"]) for r in rounds]
+    if args.repeats > 1:
+        print("per round: cache/ce " + " ".join(f"{x:.3f}" for x in cache_over_ce)
+              + "; online/(ce+teacher) " + " ".join(f"{x:.3f}" for x in online))
+    print(f"cache_kd_over_ce_time={statistics.median(cache_over_ce):.3f} "
+          f"online_over_ce_plus_teacher={statistics.median(online):.3f} "
+          f"cache_kd_over_ce_mem={memory['cache'] / max(1, memory['ce']):.3f}")
 
 if __name__ == "__main__":
     main()
