@@ -4,11 +4,12 @@
     .venv/bin/python bench/distill_step.py --real --repeats 3   # SmolLM2-135M's shape (random weights)
 
 Builds (in a temporary folder) a random teacher and a half-depth student of the same shape
-family with a Llama-like vocabulary-heavy output layer, caches the teacher's top-64 logits on the
-demo corpus, then times optimizer steps of the same student in a fresh process per mode:
+family with a Llama-like vocabulary-heavy output layer, caches the teacher's 64 soft labels
+(``logits.mode``'s default, sampled) on the demo corpus, then times optimizer steps of the same
+student in a fresh process per mode:
 
 - ``ce``: plain LM fine-tuning (``teacher=none``);
-- ``cache``: KD from the cached top-k (``kd_weight=1``);
+- ``cache``: KD from the cached soft labels (``kd_weight=1``);
 - ``online``: KD with the teacher run online;
 - ``teacher``: the teacher's forward pass alone over the same micro-batches.
 

