@@ -209,6 +209,17 @@ def training_overrides(layout, recompute: str = "none") -> dict:
     return overrides
 
 
+class DeviceMetrics:
+    """A step's reduced metrics in a device tensor; :meth:`read` brings them to the host (on a GPU,
+    waiting for the work queued before it), so a caller reads them once the step is queued."""
+
+    def __init__(self, names: tuple[str, ...], values: torch.Tensor):
+        self.names, self.values = names, values
+
+    def read(self) -> dict:
+        return dict(zip(self.names, self.values.tolist()))
+
+
 class Trainer:
     def __init__(self, plan: Plan, layout):
         from megatron.core import parallel_state
@@ -296,17 +307,18 @@ class Trainer:
         weight = self.plan.kd_weight if kd_weight is None else kd_weight
         return output, partial(self._loss, batch, teacher, weight)
 
-    def _reduce(self, losses: list[dict], count: int) -> dict:
-        """Mean of the micro-batch metrics over micro-batches and data-parallel ranks (all ranks)."""
-        values = torch.zeros(3, dtype=torch.float64)
+    def _reduce(self, losses: list[dict], count: int) -> "DeviceMetrics":
+        """Mean of the micro-batch metrics over micro-batches and data-parallel ranks (all ranks),
+        on the device: read on the host (one synchronisation) when the step's work is queued."""
+        names = ("loss", "kd", "ce")
         if self.last_stage and losses:
-            values = torch.tensor([[m[k].item() for k in ("loss", "kd", "ce")] for m in losses],
-                                  dtype=torch.float64).sum(0) / count
-        values = self.layout.place(values)
+            values = torch.stack([torch.stack([m[k] for k in names]) for m in losses]).double().sum(0) / count
+        else:
+            values = torch.zeros(3, dtype=torch.float64, device=self.layout.device)
         torch.distributed.all_reduce(values, group=self.dp_group)
         values /= self.layout.data_parallel
         torch.distributed.all_reduce(values, group=self.pp_group)
-        return dict(zip(("loss", "kd", "ce"), values.tolist()))
+        return DeviceMetrics(names, values)
 
     def _host_batches(self, step: int) -> list[dict]:
         """The micro-batches of ``step`` for this data-parallel rank, in host memory."""
@@ -316,8 +328,9 @@ class Trainer:
         return [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], plan.renormalize)
                 for i in range(0, len(indices), plan.micro_batch)]
 
-    def forward_backward(self) -> dict:
-        """Gradients of the current step's global batch (in the DDP buffers); metrics."""
+    def forward_backward(self) -> "DeviceMetrics":
+        """Gradients of the current step's global batch (in the DDP buffers); its metrics, still
+        on the device."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         plan = self.plan
@@ -337,11 +350,12 @@ class Trainer:
         return self._reduce(losses, plan.microbatches)
 
     def train_step(self) -> dict:
-        metrics = self.forward_backward()
+        losses = self.forward_backward()
         lr = self.optimizer.param_groups[0]["lr"]
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
+        metrics = losses.read()   # after the optimizer's kernels are queued, not before
         metrics.update(grad_norm=float(grad_norm or 0.0), lr=lr, skipped=not ok,
                        data_wait_s=self.batches.last_wait)
         return metrics
@@ -385,7 +399,7 @@ class Trainer:
                 data_iterator=iter(self.eval_batches), model=[self.model],
                 num_microbatches=len(self.eval_batches), seq_length=self.plan.sequence_length,
                 micro_batch_size=self.plan.micro_batch, forward_only=True)
-        metrics = self._reduce(losses, len(self.eval_batches))
+        metrics = self._reduce(losses, len(self.eval_batches)).read()
         result = {"val_loss": metrics["ce"]}
         if has_teacher:
             result["val_kl"] = metrics["kd"]

@@ -8,7 +8,8 @@
    KV groups, vocabulary 128,256) at sequence 8192, imported from a random Hugging Face folder and
    trained a few steps by the distill trainer, then the logits stage's forward and top-k on one
    sequence; it reports tokens/s and the peak memory allocated of both against
-   :mod:`pipelines.memory_plan`'s prediction for the same shapes.
+   :mod:`pipelines.memory_plan`'s prediction for the same shapes, and how many times a training
+   step made the host wait for the GPU.
 
 On a machine without a GPU it says so and exits with status 2: it never passes silently. The
 figures go to ``<paths.runs>/gpu_check/result.json``.
@@ -108,6 +109,7 @@ def real_slice(folder: Path, data: Path) -> dict:
     times.sort()
     step = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated()
+    syncs = _host_syncs(trainer.train_step)
     arch = model_lib.architecture(model)
     fused = runtime.transformer_engine_available()
     estimate = memory_plan.training(
@@ -119,9 +121,28 @@ def real_slice(folder: Path, data: Path) -> dict:
               "peak_allocated_gb": peak / 1e9, "predicted_gb": estimate.total / 1e9,
               "predicted_parts_gb": {k: v / 1e9 for k, v in estimate.parts.items()},
               "prediction_error": abs(estimate.total - peak) / peak, "dtype": str(trainer.dtype),
-              "transformer_engine": fused}
+              "transformer_engine": fused, "host_syncs_per_step": syncs}
     result["logits"] = _slice_logits(trainer, arch)
     return result
+
+
+def _host_syncs(step) -> int:
+    """How many times one call of ``step`` made the host wait for the GPU (torch's sync debug
+    mode warns at each). The forward and backward passes make none (a CPU test checks it); the
+    optimizer's gradient clipping one, the metrics' read one, whatever else is counted here."""
+    import warnings
+
+    import torch
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _slice_logits(trainer, arch: dict) -> dict:
@@ -209,7 +230,8 @@ def main(argv: list[str]) -> None:
                 logits = figures["logits"]
                 print(f"[gpu-check] 8B-width slice (2 layers, sequence {SLICE_SEQUENCE}, {figures['dtype']}): "
                       f"{figures['tokens_per_s']:,.0f} tokens/s, peak allocated {figures['peak_allocated_gb']:.1f} GB, "
-                      f"memory plan {figures['predicted_gb']:.1f} GB ({figures['prediction_error']:.0%} off); "
+                      f"memory plan {figures['predicted_gb']:.1f} GB ({figures['prediction_error']:.0%} off), "
+                      f"{figures['host_syncs_per_step']} host syncs per step; "
                       + "; ".join(f"logits forward + {mode} labels {logits[mode]['tokens_per_s']:,.0f} tokens/s, "
                                   f"{logits[mode]['peak_above_resident_gb']:.2f} GB above the resident state "
                                   f"(plan {logits[mode]['predicted_above_weights_gb']:.2f} GB)"

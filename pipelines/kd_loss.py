@@ -246,11 +246,9 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
     tokens = logits.shape[0]
     mask = (torch.ones(tokens, device=logits.device) if loss_mask is None
             else loss_mask.reshape(-1).float())
-    count = mask.sum()
-    if count == 0:
-        zero = (student_logits.sum() * 0.0).float()
-        return zero, zero.detach(), zero.detach()
-    weights = mask / count
+    # no branch on the count (reading it would synchronise with the device each micro-batch): with
+    # no counted token every weight is 0, and so are the loss, its parts and the gradient
+    weights = mask / mask.sum().clamp_min(1.0)
     vocab = _Vocab(local_size, vocab_size, tp_group)
     use_kd, use_ce = kd_weight > 0, kd_weight < 1
     if use_kd and teacher is None:

@@ -91,7 +91,7 @@ def test_cache_with_full_vocabulary_equals_online_teacher(tmp_path, tiny_teacher
             "distill.teacher": mode, "distill.cache": full_cache if mode == "cache" else "null",
             "distill.teacher_checkpoint": trained_teacher, "distill.temperature": 1.0}))
         trainer = Trainer(Plan(cfg, 1), layout)
-        metrics = trainer.forward_backward()
+        metrics = trainer.forward_backward().read()
         grads = [p.main_grad.clone() for p in trainer.model.parameters()]
         results.append((metrics, grads))
     (cache_metrics, cache_grads), (online_metrics, online_grads) = results
@@ -248,3 +248,25 @@ def test_a_cache_shard_corrupted_mid_run_stops_at_its_step_by_name(tmp_path, tin
     lines = [json.loads(x) for x in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
     assert [x["step"] for x in train] == [1, 2, 3, 4] and all(x["data_wait_s"] >= 0 for x in train)
+
+
+@pytest.mark.parametrize("mode", ["cache", "online"])
+def test_a_steps_forward_and_backward_read_nothing_on_the_host(tmp_path, tiny_teacher, trained_teacher,
+                                                               tiny_data, full_cache, mode):
+    """The forward and backward passes of a step (megatron's schedule, the teacher, the loss, the
+    metrics' reduction) read nothing on the host: on a GPU the host queues them whole and first
+    waits in megatron's gradient clipping (the optimizer's own reads are not checked here: its
+    Adam step counts are host tensors on a GPU too); the metrics are read after the optimizer."""
+    from helpers.host_reads import HostReads
+
+    from pipelines.distill import Plan, Trainer
+
+    cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path, **{
+        "distill.teacher": mode, "distill.cache": full_cache if mode == "cache" else "null",
+        "distill.teacher_checkpoint": trained_teacher}))
+    trainer = Trainer(Plan(cfg, 1), _layout())
+    trainer.train_step()   # the first step starts the batch reader
+    with HostReads() as reads:
+        pending = trainer.forward_backward()
+    assert reads.reads == [], reads.reads
+    assert pending.read()["loss"] > 0

@@ -220,3 +220,45 @@ def test_renormalized_top_k_is_the_kl_to_the_teacher_restricted_to_its_top_k():
     loss.backward()
     reference.backward()
     torch.testing.assert_close(student.grad, reference_student.grad, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("teacher_kind, kd_weight, temperature, divergence", [
+    ("sampled", 1.0, 1.0, "forward_kl"), ("sampled", 0.7, 2.0, "forward_kl"), ("online", 1.0, 1.0, "forward_kl"),
+    ("online", 0.7, 2.0, "forward_kl"), ("online", 1.0, 1.0, "jsd"), ("none", 0.0, 1.0, "forward_kl")])
+def test_the_loss_reads_nothing_on_the_host(teacher_kind, kd_weight, temperature, divergence):
+    """No value is read on the host in the loss, forward or backward (on a GPU, each such read
+    would wait for the whole queued step, once per micro-batch); a masked-out batch gives zeros
+    without a branch on its count."""
+    from helpers.host_reads import HostReads
+
+    from pipelines.kd_loss import teacher_sampled
+
+    student, teacher_logits = sample(6, shape=(2, 9))
+    labels = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    teacher = {"sampled": teacher_sampled(teacher_logits.float(), 8, generator=torch.Generator().manual_seed(2)),
+               "online": teacher_logits, "none": None}[teacher_kind]
+    for mask in (torch.ones(2, 9), torch.zeros(2, 9)):
+        logits = student.clone().requires_grad_(True)
+        with HostReads() as reads:
+            loss, kd, ce = distill_loss(logits, labels, teacher, loss_mask=mask, kd_weight=kd_weight,
+                                        temperature=temperature, divergence=divergence, chunk_tokens=7)
+            loss.backward()
+        assert reads.reads == [], reads.reads
+        if mask.sum() == 0:
+            assert loss.item() == kd.item() == ce.item() == 0.0
+            assert logits.grad.abs().max().item() == 0.0
+        else:
+            assert loss.item() > 0.0
+
+
+def test_a_host_read_is_caught():
+    """The detector above sees what it is for: ``.item()``, ``if tensor``, a boolean index."""
+    from helpers.host_reads import HostReads
+
+    x = torch.arange(4.0)
+    with HostReads() as reads:
+        x.sum().item()
+        bool(x[0] > 1)
+        x[x > 1].sum()
+        x.nonzero()
+    assert reads.reads == ["_local_scalar_dense", "_local_scalar_dense", "index (boolean mask)", "nonzero"]

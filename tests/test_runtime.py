@@ -56,3 +56,34 @@ def test_initializing_again_reuses_the_groups_and_leaks_no_threads():
     for _ in range(3):
         runtime.initialize(single)
     assert gloo_threads() == first
+
+
+def test_gradient_clipping_norm_reads_nothing_on_the_host(monkeypatch):
+    """Without TE or apex, megatron's clipping fell back to a norm read on the host once per
+    parameter tensor (a GPU synchronisation each); the runtime's replacement gives the same total
+    and reads nothing."""
+    import torch
+    from helpers.host_reads import HostReads
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads
+
+    from pipelines import cpu_shims
+
+    cpu_shims.apply()   # megatron's fallback builds its result with device="cuda"
+    grads = [torch.randn(*shape, generator=torch.Generator().manual_seed(i))
+             for i, shape in enumerate([(7, 5), (3,), (11, 2, 4)])]
+    floats = []   # float(tensor) from Python: torch.tensor([...]) of tensors reads each so, unseen by HostReads
+    to_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: floats.append(1) or to_float(self))
+    expected, _ = megatron_utils.local_multi_tensor_l2_norm(2048 * 32, None, [grads], False)
+    assert len(floats) > len(grads)   # what the replacement is for: a read per tensor, and of the total
+    assert runtime.sync_free_grad_norm()
+    assert clip_grads.l2_norm_impl is runtime._device_l2_norm
+    floats.clear()
+    with HostReads() as ours:
+        total, _ = clip_grads.multi_tensor_applier(clip_grads.l2_norm_impl, None, [grads], False)
+    assert ours.reads == [] and floats == []
+    assert total.shape == (1,) and total.dtype == torch.float32
+    torch.testing.assert_close(total, expected.to(total.device), rtol=1e-6, atol=0)
+    reference = torch.cat([g.flatten() for g in grads]).norm()
+    torch.testing.assert_close(total[0], reference, rtol=1e-6, atol=0)
