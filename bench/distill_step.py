@@ -15,8 +15,8 @@ student in a fresh process per mode:
 
 Step time is the median over ``--steps`` steps after one warm-up step. With ``--repeats R`` the
 four timed workers run R rounds, the order of the modes reversed every other round (this machine
-is noisy, and drifts); each ratio is taken within a round and reported as the median over rounds
-with its range. Peak memory is the peak
+is noisy, and drifts); each ratio is taken within a round and reported as the median over rounds,
+with every round's value. Peak memory is the peak
 over the steps minus the memory before them (GPU: ``max_memory_allocated``; CPU: resident set,
 sampled every millisecond in a second run where glibc returns freed memory at once, so the RSS
 follows live tensors; times come from a run with the runtime's default allocator settings).
@@ -231,6 +231,7 @@ def main() -> None:
     print(f"cache_kd_over_ce_time={statistics.median(cache_over_ce):.3f} "
           f"online_over_ce_plus_teacher={statistics.median(online):.3f} "
           f"cache_kd_over_ce_mem={memory['cache'] / max(1, memory['ce']):.3f}")
+
 
 if __name__ == "__main__":
     main()

@@ -243,6 +243,7 @@ class Trainer:
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                 use_distributed_optimizer=self.distributed_optimizer))
+        runtime.sync_free_grad_norm()   # without TE or apex, megatron's clipping norm would sync per tensor
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=float(d.lr), min_lr=float(d.min_lr), weight_decay=float(d.weight_decay),
             adam_beta1=float(d.adam_beta1), adam_beta2=float(d.adam_beta2), clip_grad=float(d.clip_grad),
@@ -328,7 +329,7 @@ class Trainer:
         return [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], plan.renormalize)
                 for i in range(0, len(indices), plan.micro_batch)]
 
-    def forward_backward(self) -> "DeviceMetrics":
+    def forward_backward(self) -> DeviceMetrics:
         """Gradients of the current step's global batch (in the DDP buffers); its metrics, still
         on the device."""
         from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -174,7 +174,6 @@ def initialize(parallel, seed: int = 1234, reuse_freed_memory: bool = True) -> L
             context_parallel_size=context,
         )
     seed_everything(seed)
-    sync_free_grad_norm()
     return Layout(
         rank=rank,
         world_size=world_size,
@@ -197,18 +196,15 @@ def sync_free_grad_norm() -> bool:
     launched ahead. This replaces the fallback (nothing else) with torch's fused per-tensor norms
     (``torch._foreach_norm``, what ``torch.nn.utils.clip_grad_norm_`` uses) and the total on the
     device, the same value in the same ``[1]`` float32 tensor; megatron still reads the total
-    once, after its all-reduce. With TE or apex, megatron's own kernel stays. Returns whether
-    the fallback was replaced.
+    once, after its all-reduce. With TE or apex, megatron's own kernel stays. The training
+    stages call it before building their optimizer. Returns whether the device norm is in place.
     """
     from megatron.core import utils as megatron_utils
     from megatron.core.optimizer import clip_grads
 
-    if clip_grads.l2_norm_impl is _device_l2_norm:
-        return True
-    if clip_grads.l2_norm_impl is not megatron_utils.local_multi_tensor_l2_norm:
-        return False
-    clip_grads.l2_norm_impl = _device_l2_norm
-    return True
+    if clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _device_l2_norm
+    return clip_grads.l2_norm_impl is _device_l2_norm
 
 
 def _device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):

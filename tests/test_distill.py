@@ -252,19 +252,25 @@ def test_a_cache_shard_corrupted_mid_run_stops_at_its_step_by_name(tmp_path, tin
 
 @pytest.mark.parametrize("mode", ["cache", "online"])
 def test_a_steps_forward_and_backward_read_nothing_on_the_host(tmp_path, tiny_teacher, trained_teacher,
-                                                               tiny_data, full_cache, mode):
+                                                               tiny_data, full_cache, mode, monkeypatch):
     """The forward and backward passes of a step (megatron's schedule, the teacher, the loss, the
     metrics' reduction) read nothing on the host: on a GPU the host queues them whole and first
     waits in megatron's gradient clipping (the optimizer's own reads are not checked here: its
     Adam step counts are host tensors on a GPU too); the metrics are read after the optimizer."""
     from helpers.host_reads import HostReads
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads
 
+    from pipelines import runtime
     from pipelines.distill import Plan, Trainer
 
     cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path, **{
         "distill.teacher": mode, "distill.cache": full_cache if mode == "cache" else "null",
         "distill.teacher_checkpoint": trained_teacher}))
+    # megatron's fallback as imported (an earlier test in this process may have replaced it)
+    monkeypatch.setattr(clip_grads, "l2_norm_impl", megatron_utils.local_multi_tensor_l2_norm)
     trainer = Trainer(Plan(cfg, 1), _layout())
+    assert clip_grads.l2_norm_impl is runtime._device_l2_norm   # the trainer's clipping reads nothing per tensor
     trainer.train_step()   # the first step starts the batch reader
     with HostReads() as reads:
         pending = trainer.forward_backward()
