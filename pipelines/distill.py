@@ -249,6 +249,7 @@ class Trainer:
             adam_beta1=float(d.adam_beta1), adam_beta2=float(d.adam_beta2), clip_grad=float(d.clip_grad),
             bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
             use_distributed_optimizer=self.distributed_optimizer), [self.model])
+        runtime.fused_torch_adam(self.optimizer)   # without TE or apex: torch's Adam, fused
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=float(d.lr), min_lr=float(d.min_lr),
             lr_warmup_steps=int(d.warmup_steps), lr_decay_steps=plan.steps, lr_decay_style="cosine",

@@ -214,6 +214,35 @@ def _device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
 
 
+def torch_adams(optimizer) -> list:
+    """The plain ``torch.optim.Adam`` (or ``AdamW``) inside megatron's optimizer wrappers: its
+    fallback without transformer-engine or apex (TE's and apex's FusedAdam are not found)."""
+    wrappers = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [inner for inner in (getattr(w, "optimizer", None) for w in wrappers)
+            if isinstance(inner, torch.optim.Adam)]
+
+
+def fused_torch_adam(optimizer) -> int:
+    """Run megatron's torch Adam fallback with torch's fused kernel; returns how many were switched.
+
+    megatron builds ``torch.optim.AdamW`` with torch's default implementation: per parameter
+    tensor, about six passes over it (``for`` loops on CPU, ``foreach`` lists on a GPU). The
+    fused kernel (CPU and CUDA alike) updates parameter and moments in one pass and keeps the step
+    count on the parameter's device: measured on CPU for the 99M-parameter SmolLM2 student, 184 ->
+    75 ms an optimizer step. Same update up to float rounding. Called where the optimizer is built
+    and again after a checkpoint is loaded (which puts back the saved step counts on the host).
+    """
+    adams = torch_adams(optimizer)
+    for adam in adams:
+        for group in adam.param_groups:
+            group["fused"], group["foreach"] = True, False
+            for parameter in group["params"]:
+                state = adam.state.get(parameter)
+                if state and "step" in state:
+                    state["step"] = state["step"].to(device=parameter.device, dtype=torch.float32)
+    return len(adams)
+
+
 def _model_parallel_sizes() -> tuple[int, int, int]:
     from megatron.core import parallel_state
 

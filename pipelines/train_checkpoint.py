@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines import runtime
 from pipelines.artifacts import sha256_file, write_json
 from pipelines.errors import require
 
@@ -78,10 +79,7 @@ class TrainingCheckpoints:
                 "rng": rng_state(self.layout)}
 
     def _torch_adams(self) -> list:
-        """The plain ``torch.optim.Adam`` inside megatron's optimizer wrappers (none with TE/Apex)."""
-        inners = [getattr(w, "optimizer", None) for w in getattr(self.trainer.optimizer, "chained_optimizers",
-                                                                  [self.trainer.optimizer])]
-        return [inner for inner in inners if isinstance(inner, torch.optim.Adam)]
+        return runtime.torch_adams(self.trainer.optimizer)
 
     def _adam_steps(self) -> list[float]:
         return [float(next(iter(adam.state.values()))["step"]) if adam.state else 0.0
@@ -194,6 +192,7 @@ class TrainingCheckpoints:
                 f"fit the model: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}",
                 f"{self.section}.output")
         self._restore_adam_steps(state["adam_steps"])
+        runtime.fused_torch_adam(self.trainer.optimizer)   # the loaded groups and host step counts, fused again
         self.trainer.scheduler.load_state_dict(state["scheduler"])
         self.trainer.step = int(state["step"])
         if "rng" in state:

@@ -255,8 +255,9 @@ def test_a_steps_forward_and_backward_read_nothing_on_the_host(tmp_path, tiny_te
                                                                tiny_data, full_cache, mode, monkeypatch):
     """The forward and backward passes of a step (megatron's schedule, the teacher, the loss, the
     metrics' reduction) read nothing on the host: on a GPU the host queues them whole and first
-    waits in megatron's gradient clipping (the optimizer's own reads are not checked here: its
-    Adam step counts are host tensors on a GPU too); the metrics are read after the optimizer."""
+    waits in megatron's gradient clipping, which reads the total norm once; torch's fused Adam
+    reads nothing more (its unfused loop reads each parameter's step count); the metrics are read
+    after the optimizer."""
     from helpers.host_reads import HostReads
     from megatron.core import utils as megatron_utils
     from megatron.core.optimizer import clip_grads
@@ -275,4 +276,7 @@ def test_a_steps_forward_and_backward_read_nothing_on_the_host(tmp_path, tiny_te
     with HostReads() as reads:
         pending = trainer.forward_backward()
     assert reads.reads == [], reads.reads
+    with HostReads() as reads:
+        trainer.optimizer.step()
+    assert reads.reads == ["_local_scalar_dense"], reads.reads   # megatron's one read of the norm
     assert pending.read()["loss"] > 0

@@ -87,3 +87,40 @@ def test_gradient_clipping_norm_reads_nothing_on_the_host(monkeypatch):
     torch.testing.assert_close(total, expected.to(total.device), rtol=1e-6, atol=0)
     reference = torch.cat([g.flatten() for g in grads]).norm()
     torch.testing.assert_close(total[0], reference, rtol=1e-6, atol=0)
+
+
+def test_megatrons_torch_adam_runs_fused_with_the_same_update():
+    """megatron's torch Adam fallback switched to torch's fused kernel gives the update of the
+    unfused loop (float rounding apart), keeps its step counts on the parameters' device, and
+    switches again a resumed state whose counts were loaded on the host in float64."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def make():
+        params = [torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(i)))
+                  for i, shape in enumerate([(7, 5), (3,), (11, 2, 4)])]
+        return params, torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+    (plain_params, plain), (fused_params, fused) = make(), make()
+    wrapper = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=fused)])
+    assert runtime.torch_adams(wrapper) == [fused]
+    assert runtime.fused_torch_adam(wrapper) == 1
+    assert all(group["fused"] for group in fused.param_groups)
+    for step in range(3):
+        for params, optimizer in ((plain_params, plain), (fused_params, fused)):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            optimizer.step()
+    assert not torch.equal(plain_params[0], make()[0][0])   # the steps moved the parameters
+    for a, b in zip(plain_params, fused_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    steps = [fused.state[p]["step"] for p in fused_params]
+    assert all(s.device == p.device and s.dtype == torch.float32 and float(s) == 3.0
+               for s, p in zip(steps, fused_params))
+    for p in fused_params:   # as a checkpoint load leaves them: host tensors, another dtype
+        fused.state[p]["step"] = torch.tensor(3.0, dtype=torch.float64)
+    fused.param_groups[0]["fused"] = None
+    runtime.fused_torch_adam(wrapper)
+    assert fused.param_groups[0]["fused"] and all(fused.state[p]["step"].dtype == torch.float32 for p in fused_params)
+    fused.step()   # the fused kernel accepts the restored state
