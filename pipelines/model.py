@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from pipelines import rope
 from pipelines.errors import require
 
 ARCHITECTURE_KEYS = (
@@ -155,7 +156,7 @@ def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_paral
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
         **fused,
-        apply_rope_fusion=False,
+        apply_rope_fusion=rope.install(),   # without TE: pipelines.rope's few-pass RoPE
         gradient_accumulation_fusion=False,
         # Pipeline send/recv of a batched p2p op hangs or mismatches on gloo; measured exact without.
         batch_p2p_sync=on_gpu,

@@ -65,3 +65,36 @@ def test_validation_names_the_key():
         model_lib.validate({**arch, "num_attention_heads": 3})
     with pytest.raises(UserError, match="fix: parallel.pipeline"):
         model_lib.validate(arch, pipeline_parallel=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_gives_megatrons_values_and_gradients(cpu_runtime, dtype):
+    """pipelines.rope (megatron's RoPE hook without TE) against megatron's unfused code: the same
+    values and gradients (a rounding apart), on a non-contiguous query slice as the QKV split gives;
+    built models use it, and the angles' cos and sin are computed once per angle tensor."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from pipelines import rope
+
+    arch = load("tiny")
+    assert model_lib.transformer_config(arch, torch.float32).apply_rope_fusion   # installed, and set
+    inv_freq = model_lib.llama3_inv_freq(64, 500000.0, None)
+    angles = torch.outer(torch.arange(16).float(), inv_freq)
+    freqs = torch.cat((angles, angles), -1)[:, None, None, :]
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(16, 3, 4, 192, generator=generator).to(dtype)
+    ours_in = qkv[..., 64:128].clone().requires_grad_()
+    theirs_in = ours_in.detach().clone().requires_grad_()
+    ours_in_view = torch.cat([torch.zeros_like(ours_in), ours_in], -1)[..., 64:]   # a strided view
+    grad = torch.randn(16, 3, 4, 64, generator=generator).to(dtype)
+    ours = rope.apply_rotary_pos_emb(ours_in_view, freqs)
+    theirs = _apply_rotary_pos_emb_bshd(theirs_in, freqs)
+    ours.backward(grad)
+    theirs.backward(grad)
+    # float32: a fused multiply-add's rounding; bfloat16: one unit in the last place at |x| < 4
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 2 ** -6}
+    torch.testing.assert_close(ours, theirs, **tolerance)
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, **tolerance)
+    assert not torch.equal(ours, ours_in.detach())   # it rotated something
+    cos, _ = rope._cos_sin(freqs, dtype)
+    assert rope._cos_sin(freqs, dtype)[0] is cos   # cached for the same angle tensor
