@@ -1,7 +1,9 @@
 """CPU shims for megatron-core 0.16 and ModelOpt 0.43: the only place the project bends them for want
-of a GPU. (Two bends apply on every device, each beside what it serves: torch's fused attention
-kernel in place of megatron's scores, :mod:`pipelines.attention`, and a gradient norm that stays
-on the device, :func:`pipelines.runtime.sync_free_grad_norm`.)
+of a GPU. (Four bends apply on every device without TE or apex, each beside what it serves:
+torch's fused attention kernel in place of megatron's scores, :mod:`pipelines.attention`; RoPE in
+a few passes in megatron's fused-RoPE hook, :mod:`pipelines.rope`; a gradient norm that stays on
+the device, :func:`pipelines.runtime.sync_free_grad_norm`; and torch's fused Adam kernel,
+:func:`pipelines.runtime.fused_torch_adam`.)
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the maths. On a
 machine without a GPU, :func:`apply` patches exactly those places so the *same* model, schedule,
