@@ -82,8 +82,7 @@ def test_rope_gives_megatrons_values_and_gradients(cpu_runtime, dtype):
     angles = torch.outer(torch.arange(16).float(), inv_freq)
     freqs = torch.cat((angles, angles), -1)[:, None, None, :]
     generator = torch.Generator().manual_seed(0)
-    qkv = torch.randn(16, 3, 4, 192, generator=generator).to(dtype)
-    ours_in = qkv[..., 64:128].clone().requires_grad_()
+    ours_in = torch.randn(16, 3, 4, 64, generator=generator).to(dtype).requires_grad_()
     theirs_in = ours_in.detach().clone().requires_grad_()
     ours_in_view = torch.cat([torch.zeros_like(ours_in), ours_in], -1)[..., 64:]   # a strided view
     grad = torch.randn(16, 3, 4, 64, generator=generator).to(dtype)
