@@ -3,7 +3,8 @@ of a GPU. (Four bends apply on every device without TE or apex, each beside what
 torch's fused attention kernel in place of megatron's scores, :mod:`pipelines.attention`; RoPE in
 a few passes in megatron's fused-RoPE hook, :mod:`pipelines.rope`; a gradient norm that stays on
 the device, :func:`pipelines.runtime.sync_free_grad_norm`; and torch's fused Adam kernel,
-:func:`pipelines.runtime.fused_torch_adam`.)
+:func:`pipelines.runtime.fused_torch_adam`. A fifth applies where megatron's compiled SwiGLU is
+off, i.e. on CPU: a SwiGLU that keeps only its input, :mod:`pipelines.swiglu`.)
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the maths. On a
 machine without a GPU, :func:`apply` patches exactly those places so the *same* model, schedule,

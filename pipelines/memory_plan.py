@@ -17,9 +17,10 @@ The model counts, per GPU (bytes):
   - TE spec (fused norm + linear, flash attention, fused SwiGLU):
     ``4h/r + (2H + 2G)·d/tp + 3f/tp``: the two norms' inputs and outputs, q, k, v and the
     attention output, the fc1 output and the SwiGLU output;
-  - local spec (CPU, GPU images without TE; torch's fused attention kernel, unfused SwiGLU):
-    ``4h + (3H + 2G)·d/tp + 4f/tp``: the kernel keeps q, k, v and its output, the output
-    projection a reshaped copy of it (:mod:`pipelines.attention`);
+  - local spec (CPU, GPU images without TE; torch's fused attention kernel):
+    ``4h + (3H + 2G)·d/tp + 3f/tp``: the kernel keeps q, k, v and its output, the output
+    projection a reshaped copy of it (:mod:`pipelines.attention`); the SwiGLU (megatron's
+    compiled one on a GPU, :mod:`pipelines.swiglu` on CPU) keeps only its input, as TE's does;
   - ``recompute=full`` keeps only each layer's input (plus one layer's full set while it is
     recomputed); ``selective`` recomputes the core attention (drops q, k, v, the probabilities);
 
@@ -97,10 +98,11 @@ def layer_activations(arch: dict, sequence: int, tensor: int, sequence_parallel:
     r = tensor if sequence_parallel else 1
     if recompute == "full":
         return h / r * element_bytes
+    mlp = 3 * f / tensor   # fc1 output (the SwiGLU keeps only it) and the SwiGLU output, on every spec
     if fused:
-        attention, mlp = (2 * heads + 2 * groups) * d / tensor, 3 * f / tensor
+        attention = (2 * heads + 2 * groups) * d / tensor
     else:  # torch's fused kernel keeps q, k, v and its output; the output projection a copy of it
-        attention, mlp = (3 * heads + 2 * groups) * d / tensor, 4 * f / tensor
+        attention = (3 * heads + 2 * groups) * d / tensor
     if recompute == "selective":  # core attention recomputed: only the output is kept
         attention = heads * d / tensor
     return (4 * h / r + attention + mlp) * element_bytes
@@ -180,7 +182,7 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
 
 def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
     """Estimates for the GPU stages of an experiment on its cluster (bf16, TE spec)."""
-    fused = True  # the cluster image has TE (without it: torch's attention kernel, unfused SwiGLU)
+    fused = True  # the cluster image has TE (without it: torch's attention kernel)
     estimates = []
     teacher, student = checked["teacher"], checked["student"]
     for stage in stages:

@@ -131,6 +131,8 @@ def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_paral
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from pipelines.swiglu import wanted as swiglu_wanted
+
     on_gpu = torch.device(device).type == "cuda"
     fused = gpu_fusions(on_gpu)
     kwargs = dict(
@@ -163,6 +165,8 @@ def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_paral
         init_method_std=0.02,
     )
     kwargs.update(overrides)
+    # without megatron's compiled SwiGLU or TE: pipelines.swiglu's, the local spec's activation module
+    kwargs.setdefault("use_te_activation_func", swiglu_wanted(kwargs["bias_activation_fusion"]))
     return TransformerConfig(**kwargs)
 
 

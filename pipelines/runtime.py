@@ -378,6 +378,10 @@ def layer_spec(purpose: str = "train", config=None):
     require(purpose in SPECS, f"unknown layer spec purpose {purpose!r}; one of {SPECS}", "layer spec")
     if purpose == "host" or not transformer_engine_available():
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        # used where the config's use_te_activation_func is on (pipelines.swiglu.wanted)
+        from pipelines.swiglu import SwiGLU
+
+        spec.submodules.mlp.submodules.activation_func = SwiGLU
         if purpose == "train":  # torch's fused attention kernel, not megatron's [b, H, s, s] scores
             from pipelines.attention import SDPAttention
 

@@ -97,3 +97,43 @@ def test_rope_gives_megatrons_values_and_gradients(cpu_runtime, dtype):
     assert not torch.equal(ours, ours_in.detach())   # it rotated something
     cos, _ = rope._cos_sin(freqs, dtype)
     assert rope._cos_sin(freqs, dtype)[0] is cos   # cached for the same angle tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_is_megatrons_unfused_code_bit_for_bit_keeping_less(cpu_runtime, dtype):
+    """pipelines.swiglu (the local spec's activation module without megatron's compiled SwiGLU)
+    against megatron's unfused MLP code on the same weights: identical logits and gradients, while
+    the tensors kept for the backward pass take less memory (no silu(a) nor b + 0 kept)."""
+    from pipelines.swiglu import SwiGLU
+
+    arch = load("tiny")
+    config = model_lib.transformer_config(arch, dtype)
+    assert config.use_te_activation_func   # no GPU here: ours, not megatron's compiled SwiGLU
+    ours = model_lib.build(arch, config)
+    assert isinstance(ours.decoder.layers[0].mlp.activation_func, SwiGLU)
+    plain = model_lib.build(arch, model_lib.transformer_config(arch, dtype, use_te_activation_func=False))
+    assert plain.decoder.layers[0].mlp.activation_func is torch.nn.functional.silu
+    plain.load_state_dict(ours.state_dict())
+    assert ours.sharded_state_dict().keys() == plain.sharded_state_dict().keys()   # checkpoints as before
+    tokens = torch.randint(0, arch["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def run(model):
+        kept = []
+
+        def pack(tensor):
+            kept.append(tensor.untyped_storage())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            logits = model_lib.local_logits(model, tokens)
+        logits.float().square().mean().backward()
+        unique = {storage.data_ptr(): storage.nbytes() for storage in kept}
+        return logits, sum(unique.values())
+
+    (ours_logits, ours_kept), (plain_logits, plain_kept) = run(ours), run(plain)
+    assert torch.equal(ours_logits, plain_logits)
+    for (name, a), (_, b) in zip(ours.named_parameters(), plain.named_parameters()):
+        assert torch.equal(a.grad, b.grad), (name, (a.grad - b.grad).abs().max())
+    # per layer and token, megatron's unfused code keeps silu(a) and b + 0 (2 x ffn) that ours does not
+    tokens_kept = tokens.numel() * arch["num_layers"] * 2 * arch["ffn_hidden_size"] * dtype.itemsize
+    assert plain_kept - ours_kept == tokens_kept, (plain_kept, ours_kept, tokens_kept)
