@@ -16,8 +16,8 @@ once (``PIPELINES_KEEP_FREED_MEMORY=0``, and a fixed 64 KiB mmap threshold so th
 dynamic threshold does not keep freed blocks below 32 MiB in the heap), so the resident set
 follows live tensors as a GPU's ``max_memory_allocated`` would. Predicted is
 :mod:`pipelines.memory_plan` for the same shapes on CPU: float32, the local spec (torch's fused
-attention kernel, unfused SwiGLU), no framework allowance. Then it prints the GPU predictions for every stage
-of both shipped 8B experiments. Last line:
+attention kernel, :mod:`pipelines.swiglu`), no framework allowance. Then it prints the GPU predictions
+for every stage of both shipped 8B experiments. Last line:
 ``plan_max_rel_error=<x> worst_8b_stage_gb=<y>`` (x over every measured point).
 """
 

@@ -29,7 +29,9 @@ on this machine they alone made the transformers CE step about 8% faster, and wh
 transformers loops ran in their own processes without them, they handicapped the transformers
 side), and the machine's slow drifts (other tenants on 2 shared cores) land on all four alike
 instead of on whichever loop ran then. Last line:
-``ours_ce_over_hf_ce=<x> cachekd_over_ce=<y> cachekd_over_hf_online_kd=<z>`` (tokens/s ratios).
+``ours_ce_over_hf_ce=<x> cachekd_over_ce=<y> cachekd_over_hf_online_kd=<z>`` (tokens/s ratios of
+the medians). The line before it gives their uncertainty: the same ratios taken round by round (the
+steps of one round ran within seconds of each other), their median and quartiles.
 """
 
 from __future__ import annotations
@@ -205,6 +207,11 @@ def worker(work: Path, overrides: list[str], args) -> dict:
     return {"times": times, "waited_s": {kind: trainer.batches.waited for kind, trainer in trainers.items()}}
 
 
+# the last line's ratios: (name, loop, the loop it is compared with), tokens/s of the first over the second
+RATIOS = (("ours_ce_over_hf_ce", "ours_ce", "hf_ce"), ("cachekd_over_ce", "ours_cache_kd", "ours_ce"),
+          ("cachekd_over_hf_online_kd", "ours_cache_kd", "hf_online_kd"))
+
+
 def _run_worker(work: Path, overrides: list[str], args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
     command = [sys.executable, __file__, "--worker", "--work", str(work), "--overrides", json.dumps(overrides),
@@ -259,9 +266,14 @@ def main() -> None:
         print(f"{kind:>14} {median:9.3f} {min(times[kind]):7.3f}-{max(times[kind]):<7.3f} {rate[kind]:9,.0f}")
     for kind, seconds in waited.items():
         print(f"{kind}: waited {seconds:.3f} s for batches in its {args.warmup + args.steps} steps")
-    print(f"ours_ce_over_hf_ce={rate['ours_ce'] / rate['hf_ce']:.3f} "
-          f"cachekd_over_ce={rate['ours_cache_kd'] / rate['ours_ce']:.3f} "
-          f"cachekd_over_hf_online_kd={rate['ours_cache_kd'] / rate['hf_online_kd']:.3f}")
+    # the uncertainty: each round's steps compared with each other (a slow minute slows both)
+    spreads = []
+    for name, a, b in RATIOS:
+        paired = [b_time / a_time for a_time, b_time in zip(times[a], times[b])]   # tokens/s a over b
+        low, middle, high = statistics.quantiles(paired, n=4, method="inclusive")
+        spreads.append(f"{name} {middle:.3f} [{low:.3f}, {high:.3f}]")
+    print("the same ratios round by round, median [quartiles]: " + "; ".join(spreads))
+    print(" ".join(f"{name}={rate[a] / rate[b]:.3f}" for name, a, b in RATIOS))
 
 
 if __name__ == "__main__":
