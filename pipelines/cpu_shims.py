@@ -1,8 +1,8 @@
 """CPU shims for megatron-core 0.16 and ModelOpt 0.43: the only place the project bends them for want
 of a GPU. (Four bends apply on every device without TE or apex, each beside what it serves:
 torch's fused attention kernel in place of megatron's scores, :mod:`pipelines.attention`; RoPE in
-a few passes in megatron's fused-RoPE hook, :mod:`pipelines.rope`; a gradient norm that stays on
-the device, :func:`pipelines.runtime.sync_free_grad_norm`; and torch's fused Adam kernel,
+a few passes in megatron's fused-RoPE hook, :mod:`pipelines.rope`; gradient clipping in fused
+passes, its norm on the device, :func:`pipelines.runtime.fused_grad_clipping`; and torch's fused Adam kernel,
 :func:`pipelines.runtime.fused_torch_adam`. A fifth applies where megatron's compiled SwiGLU is
 off, i.e. on CPU: a SwiGLU that keeps only its input, :mod:`pipelines.swiglu`.)
 

@@ -243,7 +243,7 @@ class Trainer:
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                 use_distributed_optimizer=self.distributed_optimizer))
-        runtime.sync_free_grad_norm()   # without TE or apex, megatron's clipping norm would sync per tensor
+        runtime.fused_grad_clipping()   # without TE or apex, megatron's clipping loops per tensor (its norm syncs)
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=float(d.lr), min_lr=float(d.min_lr), weight_decay=float(d.weight_decay),
             adam_beta1=float(d.adam_beta1), adam_beta2=float(d.adam_beta2), clip_grad=float(d.clip_grad),

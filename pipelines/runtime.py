@@ -186,25 +186,33 @@ def initialize(parallel, seed: int = 1234, reuse_freed_memory: bool = True) -> L
     )
 
 
-def sync_free_grad_norm() -> bool:
-    """Give megatron's gradient clipping a norm that stays on the device, where it would not.
+def fused_grad_clipping() -> bool:
+    """Give megatron's gradient clipping torch's fused per-tensor kernels where it would loop in Python.
 
-    Without transformer-engine or apex, megatron-core 0.16's ``clip_grads`` falls back to
-    ``local_multi_tensor_l2_norm``, which turns each gradient's norm into a Python float on the
-    host: one device synchronisation per parameter tensor every step (122 for a 20-layer
-    SmolLM2 student, 195 for Llama-3.1-8B), each stalling the queue of kernels the host has
-    launched ahead. This replaces the fallback (nothing else) with torch's fused per-tensor norms
-    (``torch._foreach_norm``, what ``torch.nn.utils.clip_grad_norm_`` uses) and the total on the
-    device, the same value in the same ``[1]`` float32 tensor; megatron still reads the total
-    once, after its all-reduce. With TE or apex, megatron's own kernel stays. The training
-    stages call it before building their optimizer. Returns whether the device norm is in place.
+    Without transformer-engine or apex, megatron-core 0.16's ``clip_grads`` falls back to two loops:
+
+    - the norm, ``local_multi_tensor_l2_norm``, turns each gradient's norm into a Python float on
+      the host: one device synchronisation per parameter tensor every step (122 for a 20-layer
+      SmolLM2 student, 195 for Llama-3.1-8B), each stalling the queue of kernels the host has
+      launched ahead. It becomes torch's fused per-tensor norms (``torch._foreach_norm``, what
+      ``torch.nn.utils.clip_grad_norm_`` uses) and the total on the device, the same value in the
+      same ``[1]`` float32 tensor; megatron still reads the total once, after its all-reduce;
+    - the scaling by the clip coefficient, ``local_multi_tensor_scale``, writes each gradient
+      times the coefficient to a new tensor and copies it back (two passes and an allocation per
+      tensor). It becomes one in-place ``torch._foreach_mul_``: measured on CPU for that student,
+      107 -> 74 ms an optimizer step that clips (median of 10, alternating).
+
+    With TE or apex, megatron's own kernels stay. The training stages call it before building
+    their optimizer. Returns whether both are in place.
     """
     from megatron.core import utils as megatron_utils
     from megatron.core.optimizer import clip_grads
 
     if clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = _device_l2_norm
-    return clip_grads.l2_norm_impl is _device_l2_norm
+    if clip_grads.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _scale_in_place
+    return clip_grads.l2_norm_impl is _device_l2_norm and clip_grads.multi_tensor_scale_impl is _scale_in_place
 
 
 def _device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -212,6 +220,19 @@ def _device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     float32 ``[1]`` tensor, and None), without reading anything on the host."""
     norms = torch._foreach_norm(tensor_lists[0], 2.0)
     return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _scale_in_place(chunk_size, noop_flag, tensor_lists, scale):
+    """``local_multi_tensor_scale``'s contract (each ``tensor_lists[1][i] = tensor_lists[0][i] ·
+    scale``): in place in one fused pass where the two lists hold the same tensors (the clipping's
+    case), else megatron's loop."""
+    from megatron.core import utils as megatron_utils
+
+    sources, targets = tensor_lists
+    if len(sources) == len(targets) and all(a is b for a, b in zip(sources, targets)):
+        torch._foreach_mul_(targets, scale)
+    else:
+        megatron_utils.local_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale)
 
 
 def torch_adams(optimizer) -> list:

@@ -77,7 +77,7 @@ def test_gradient_clipping_norm_reads_nothing_on_the_host(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: floats.append(1) or to_float(self))
     expected, _ = megatron_utils.local_multi_tensor_l2_norm(2048 * 32, None, [grads], False)
     assert len(floats) > len(grads)   # what the replacement is for: a read per tensor, and of the total
-    assert runtime.sync_free_grad_norm()
+    assert runtime.fused_grad_clipping()
     assert clip_grads.l2_norm_impl is runtime._device_l2_norm
     floats.clear()
     with HostReads() as ours:
@@ -87,6 +87,31 @@ def test_gradient_clipping_norm_reads_nothing_on_the_host(monkeypatch):
     torch.testing.assert_close(total, expected.to(total.device), rtol=1e-6, atol=0)
     reference = torch.cat([g.flatten() for g in grads]).norm()
     torch.testing.assert_close(total[0], reference, rtol=1e-6, atol=0)
+
+
+def test_gradient_clipping_scales_in_place_as_megatrons_loop():
+    """The clipping's scale (megatron's fallback: a product and a copy back per tensor) is one
+    in-place fused product: the same values, written into the same gradients; lists of other
+    tensors still get megatron's ``dst = src * scale``."""
+    import torch
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads
+
+    assert runtime.fused_grad_clipping()
+    assert clip_grads.multi_tensor_scale_impl is runtime._scale_in_place
+    grads = [torch.randn(*shape, generator=torch.Generator().manual_seed(i))
+             for i, shape in enumerate([(7, 5), (3,), (11, 2, 4)])]
+    theirs = [g.clone() for g in grads]
+    addresses = [g.data_ptr() for g in grads]
+    megatron_utils.local_multi_tensor_scale(2048 * 32, None, [theirs, theirs], 0.37)
+    clip_grads.multi_tensor_applier(clip_grads.multi_tensor_scale_impl, None, [grads, grads], 0.37)
+    assert [g.data_ptr() for g in grads] == addresses
+    for ours, expected in zip(grads, theirs):
+        assert torch.equal(ours, expected)
+    sources, targets = [g.clone() for g in grads], [torch.zeros_like(g) for g in grads]
+    runtime._scale_in_place(2048 * 32, None, [sources, targets], 2.0)
+    for source, target, original in zip(sources, targets, grads):
+        assert torch.equal(source, original) and torch.equal(target, original * 2.0)
 
 
 def test_megatrons_torch_adam_runs_fused_with_the_same_update():
