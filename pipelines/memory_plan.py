@@ -18,17 +18,21 @@ The model counts, per GPU (bytes):
     ``4h/r + (2H + 2G)·d/tp + 3f/tp``: the two norms' inputs and outputs, q, k, v and the
     attention output, the fc1 output and the SwiGLU output;
   - local spec (CPU, GPU images without TE; torch's fused attention kernel):
-    ``4h + (3H + 2G)·d/tp + 3f/tp``: the kernel keeps q, k, v and its output, the output
-    projection a reshaped copy of it (:mod:`pipelines.attention`); the SwiGLU (megatron's
-    compiled one on a GPU, :mod:`pipelines.swiglu` on CPU) keeps only its input, as TE's does;
+    ``6h + (3H + 3G)·d/tp + 3f/tp``, counted on CPU from the tensors autograd keeps (unique
+    storages, 2026-11-30): each torch norm keeps its input and its normalised input, and the
+    linear after it the norm's output; the kernel keeps the rotated q and k and, through v, the
+    whole QKV output, the output projection a reshaped copy of the attention output
+    (:mod:`pipelines.attention`); the SwiGLU (megatron's compiled one on a GPU,
+    :mod:`pipelines.swiglu` on CPU) keeps only its input, as TE's does;
   - ``recompute=full`` keeps only each layer's input (plus one layer's full set while it is
     recomputed); ``selective`` recomputes the core attention (drops q, k, v, the probabilities);
 
   times the micro-batches in flight (1, or min(pp, micro-batches) on the first stage with the
   1F1B schedule);
 - **loss**: the logits ``[tokens, V/tp]`` and the fused loss's stored gradient (both ``a``), plus
-  two float32 ``[chunk_tokens, V/tp]`` temporaries (the scaled logits and their softmax), and the
-  output layer's weight gradient before it is added to the buffer;
+  two float32 ``[chunk_tokens, V/tp]`` temporaries (the scaled logits and their softmax; one
+  where float32 logits at T = 1 serve as they are, :func:`float32_chunks`), and the output
+  layer's weight gradient before it is added to the buffer;
 - **teacher**: the online teacher's weights, logits and two float32 chunks;
 - **batches**: a step's micro-batches are placed on the device together, with their cached
   top-k (int64 ids, float32 log-probabilities);
@@ -100,18 +104,27 @@ def layer_activations(arch: dict, sequence: int, tensor: int, sequence_parallel:
         return h / r * element_bytes
     mlp = 3 * f / tensor   # fc1 output (the SwiGLU keeps only it) and the SwiGLU output, on every spec
     if fused:
-        attention = (2 * heads + 2 * groups) * d / tensor
-    else:  # torch's fused kernel keeps q, k, v and its output; the output projection a copy of it
-        attention = (3 * heads + 2 * groups) * d / tensor
+        norms, attention = 4 * h / r, (2 * heads + 2 * groups) * d / tensor
+    else:  # torch's norms keep two each; the kernel the rotated q, k and the QKV output; a copy of its output
+        norms, attention = 6 * h / r, (3 * heads + 3 * groups) * d / tensor
     if recompute == "selective":  # core attention recomputed: only the output is kept
         attention = heads * d / tensor
-    return (4 * h / r + attention + mlp) * element_bytes
+    return (norms + attention + mlp) * element_bytes
+
+
+def float32_chunks(arch: dict, element_bytes: int, temperature: float) -> int:
+    """Float32 ``[chunk_tokens, V/tp]`` tensors a loss or a label pass holds at once: the scaled
+    logits and their softmax; float32 logits at T = 1 on an unpadded vocabulary are used as they
+    are (:meth:`pipelines.kd_loss._Vocab.scaled`, and ``teacher_sampled``), leaving the softmax."""
+    as_is = element_bytes == 4 and temperature == 1.0 and model_lib.padded_vocab_size(arch) == arch["vocab_size"]
+    return 1 if as_is else 2
 
 
 def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, tensor: int, pipeline: int,
              data: int, element_bytes: int, distributed_optimizer: bool, recompute: str = "none",
              fused: bool = True, sequence_parallel: bool = False, chunk_tokens: int = 4096,
-             teacher: dict | None = None, cache_k: int = 0, gpu: bool = True, stage: str = "distill") -> Estimate:
+             teacher: dict | None = None, cache_k: int = 0, gpu: bool = True, stage: str = "distill",
+             temperature: float = 1.0) -> Estimate:
     """Peak bytes per GPU of a training step (distill, correct); ``recompute`` is one of :data:`RECOMPUTE`."""
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": pipeline, "data": data})
     parts = estimate.parts
@@ -129,10 +142,12 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
     if recompute == "full":  # one layer's full set while it is recomputed
         stored += layer_activations(arch, sequence, tensor, sequence_parallel, fused, "none", element_bytes)
     hidden = arch["hidden_size"]
-    head = 2 * hidden / (tensor if sequence_parallel else 1) * element_bytes  # final norm input and output
+    # the final norm's input and output (local spec: its input, normalised input, and the output layer's copy)
+    head = (2 if fused else 3) * hidden / (tensor if sequence_parallel else 1) * element_bytes
     parts["activations"] = (stored + head) * tokens * in_flight
     chunk = min(chunk_tokens, tokens)
-    parts["loss"] = 2 * tokens * vocab * element_bytes + 2 * chunk * vocab * 4 + vocab * hidden * element_bytes
+    parts["loss"] = (2 * tokens * vocab * element_bytes + float32_chunks(arch, element_bytes, temperature) * chunk * vocab * 4
+                     + vocab * hidden * element_bytes)
     if teacher is not None:
         teacher_vocab = model_lib.padded_vocab_size(teacher) // tensor
         parts["teacher"] = (parameters_per_rank(teacher, tensor, pipeline) * element_bytes
@@ -145,7 +160,7 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
 
 def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes: int,
             chunk_tokens: int = 1024, gpu: bool = True, stage: str = "logits", data: int = 1,
-            sampled: bool = False) -> Estimate:
+            sampled: bool = False, temperature: float = 1.0) -> Estimate:
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
@@ -157,9 +172,10 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
 
     ``sampled`` labels (``logits.mode=sampled``) instead hold a chunk of the whole vocabulary:
     gathered over the tensor-parallel group (its parts and their concatenation, at ``tp > 1``),
-    its float32 softmax and, on a GPU, torch's multinomial's normalised copy and prefix sums
-    (read from its CUDA kernel; ``make gpu-check`` measures it). On CPU, float32 at T = 1, the
-    softmax is the only float32 chunk; the plan counts two there as it does for the top-k.
+    its float32 softmax, and torch's multinomial's buffers, counted as one float32 chunk on either
+    device (on a GPU its normalised copy and prefix sums, read from its CUDA kernel, ``make
+    gpu-check`` measures it; on CPU ``bench/memory_plan.py`` puts them at about half a chunk).
+    Float32 logits at T = 1 are used as they are, without a float32 copy (:func:`float32_chunks`).
     """
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": data})
     parts = estimate.parts
@@ -171,9 +187,9 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     chunk = min(chunk_tokens, tokens)
     if sampled:
         whole = model_lib.padded_vocab_size(arch)
-        labels = chunk * whole * (2 * element_bytes * (tensor > 1) + 4 * (3 if gpu else 2))
+        labels = chunk * whole * (2 * element_bytes * (tensor > 1) + 4 * (float32_chunks(arch, element_bytes, temperature) + 1))
     else:
-        labels = 2 * chunk * vocab * 4
+        labels = float32_chunks(arch, element_bytes, temperature) * chunk * vocab * 4
     logits = tokens * vocab * element_bytes + labels
     parts["forward peak"] = max(layer, logits)
     parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
@@ -202,12 +218,13 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
                 recompute=str(section.recompute), fused=fused, sequence_parallel=tensor > 1,
                 chunk_tokens=int(section.chunk_tokens), teacher=teacher if online else None,
                 cache_k=int(cfg.logits.k) if stage == "distill" and str(section.teacher) == "cache" else 0,
-                stage=stage))
+                stage=stage, temperature=float(section.get("temperature", 1.0))))
         elif stage == "logits":
             estimates.append(forward(teacher, sequence=int(cfg.logits.sequence_length),
                                      batch=int(cfg.logits.batch_size), tensor=tensor, element_bytes=2,
                                      chunk_tokens=int(cfg.logits.chunk_tokens), stage=stage,
-                                     data=data, sampled=str(cfg.logits.mode) == "sampled"))
+                                     data=data, sampled=str(cfg.logits.mode) == "sampled",
+                                     temperature=float(cfg.logits.temperature)))
         elif stage == "prune":
             estimates.append(forward(teacher, sequence=int(cfg.prune.sequence_length),
                                      batch=int(cfg.prune.batch_size), tensor=tensor, element_bytes=2,
