@@ -2,14 +2,17 @@
 
 megatron-core's MLP computes ``silu(a)·b`` on the halves ``[a, b]`` of its first linear's output.
 On a GPU it uses its fused SwiGLU (``bias_activation_fusion``, ``torch.compile``d): one kernel each
-way, and only the input kept for the backward pass. Without it (on CPU, where ``torch.compile``
-would need a C++ toolchain at run time) its unfused code runs through autograd: it keeps the input,
+way, and only the input kept for the backward pass. Without it (on CPU: :func:`pipelines.model.gpu_fusions`
+turns megatron's compiled fusions on only on a GPU; ``torch.compile``'s CPU backend builds C++ at
+run time) its unfused code runs through autograd: it keeps the input,
 ``silu(a)`` and a copy ``b + 0`` (its ``glu_linear_offset``) for the backward pass, and the gradient
 of its ``chunk`` is a ``cat`` that copies both halves of the gradient once more.
 
 :class:`SwiGLU` keeps what the fused one keeps (the input) and writes each half of the input
 gradient straight into one buffer. It is the same arithmetic in the same order, so its values and
-gradients are bit-identical to megatron's unfused code (tested in float32 and bfloat16).
+gradients are bit-identical to megatron's unfused code (tested in float32 and bfloat16). Measured
+at the SmolLM2 student's shape (1024 tokens, ffn 1536, float32, CPU): 4.7 against 5.8 ms a layer's
+forward and backward, and 2·ffn fewer elements kept per token and layer.
 
 megatron's MLP calls an activation *module* on the whole first-linear output when the config's
 ``use_te_activation_func`` is on and the layer spec gives the module
