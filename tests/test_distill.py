@@ -270,8 +270,10 @@ def test_a_steps_forward_and_backward_read_nothing_on_the_host(tmp_path, tiny_te
         "distill.teacher_checkpoint": trained_teacher}))
     # megatron's fallback as imported (an earlier test in this process may have replaced it)
     monkeypatch.setattr(clip_grads, "l2_norm_impl", megatron_utils.local_multi_tensor_l2_norm)
+    monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", megatron_utils.local_multi_tensor_scale)
     trainer = Trainer(Plan(cfg, 1), _layout())
     assert clip_grads.l2_norm_impl is runtime._device_l2_norm   # the trainer's clipping reads nothing per tensor
+    assert clip_grads.multi_tensor_scale_impl is runtime._scale_in_place   # and scales in one fused pass
     trainer.train_step()   # the first step starts the batch reader
     with HostReads() as reads:
         pending = trainer.forward_backward()
