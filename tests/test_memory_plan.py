@@ -94,6 +94,7 @@ def test_the_local_specs_activation_count_is_what_autograd_keeps(cpu_runtime):
     excluded): within 1% (what the plan leaves out: the norms' [tokens] reciprocal RMS and the
     attention's log-sum-exp)."""
     import torch
+    from helpers.kept import logits_and_kept_bytes
 
     from pipelines import model as model_lib
 
@@ -101,20 +102,9 @@ def test_the_local_specs_activation_count_is_what_autograd_keeps(cpu_runtime):
                                    "ffn_hidden_size": 768, "num_attention_heads": 4, "num_query_groups": 2,
                                    "kv_channels": 64, "vocab_size": 8192})
     model = model_lib.build(arch, model_lib.transformer_config(arch, torch.float32))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     tokens = torch.randint(0, arch["vocab_size"], (4, 256), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model_lib.local_logits(model, tokens)
+    _, measured = logits_and_kept_bytes(model, tokens)
     predicted = memory_plan.training(arch, sequence=256, micro_batch=4, microbatches=1, tensor=1, pipeline=1,
                                      data=1, element_bytes=4, distributed_optimizer=False, fused=False,
                                      gpu=False).parts["activations"]
-    measured = sum(kept.values())
     assert abs(predicted / measured - 1) < 0.01, (predicted, measured)

@@ -104,6 +104,8 @@ def test_swiglu_is_megatrons_unfused_code_bit_for_bit_keeping_less(cpu_runtime, 
     """pipelines.swiglu (the local spec's activation module without megatron's compiled SwiGLU)
     against megatron's unfused MLP code on the same weights: identical logits and gradients, while
     the tensors kept for the backward pass take less memory (no silu(a) nor b + 0 kept)."""
+    from helpers.kept import logits_and_kept_bytes
+
     from pipelines.swiglu import SwiGLU
 
     arch = load("tiny")
@@ -118,17 +120,9 @@ def test_swiglu_is_megatrons_unfused_code_bit_for_bit_keeping_less(cpu_runtime, 
     tokens = torch.randint(0, arch["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
 
     def run(model):
-        kept = []
-
-        def pack(tensor):
-            kept.append(tensor.untyped_storage())
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            logits = model_lib.local_logits(model, tokens)
+        logits, kept = logits_and_kept_bytes(model, tokens)
         logits.float().square().mean().backward()
-        unique = {storage.data_ptr(): storage.nbytes() for storage in kept}
-        return logits, sum(unique.values())
+        return logits, kept
 
     (ours_logits, ours_kept), (plain_logits, plain_kept) = run(ours), run(plain)
     assert torch.equal(ours_logits, plain_logits)
