@@ -42,8 +42,9 @@ The model counts, per GPU (bytes):
 
 Forward-only stages (logits, prune, eval) keep no activations: the weights, then the largest of
 one layer's transients (the MLP's; attention is a fused kernel on either spec) and the logits
-with the top-k's two float32 chunks, or sampled labels' whole-vocabulary chunk and torch's
-multinomial's buffers (written batch-major, so GPTModel's final transpose copies nothing).
+with the top-k's float32 chunks (two; one for float32 logits at T = 1), or sampled labels'
+whole-vocabulary chunk and torch's multinomial's buffers (written batch-major, so GPTModel's
+final transpose copies nothing).
 
 What it does not know: TE's own workspaces, FP8, activation offloading, and fragmentation beyond
 the 10% allowance. On CPU ``bench/memory_plan.py`` measures the rest; on a GPU, ``make gpu-check``.
@@ -146,8 +147,8 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
     head = (2 if fused else 3) * hidden / (tensor if sequence_parallel else 1) * element_bytes
     parts["activations"] = (stored + head) * tokens * in_flight
     chunk = min(chunk_tokens, tokens)
-    parts["loss"] = (2 * tokens * vocab * element_bytes + float32_chunks(arch, element_bytes, temperature) * chunk * vocab * 4
-                     + vocab * hidden * element_bytes)
+    scratch = float32_chunks(arch, element_bytes, temperature) * chunk * vocab * 4
+    parts["loss"] = 2 * tokens * vocab * element_bytes + scratch + vocab * hidden * element_bytes
     if teacher is not None:
         teacher_vocab = model_lib.padded_vocab_size(teacher) // tensor
         parts["teacher"] = (parameters_per_rank(teacher, tensor, pipeline) * element_bytes
@@ -164,8 +165,8 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
-    intermediates (the MLP's) and the logits with the top-k's two float32 chunks (scaled logits
-    and their log-softmax). The logits are written batch-major
+    intermediates (the MLP's) and the logits with the top-k's float32 chunks (scaled logits and
+    their log-softmax; the log-softmax alone for float32 logits at T = 1). The logits are written batch-major
     (:func:`pipelines.model.batch_major_logits`), so GPTModel's transpose copies nothing. Width
     pruning without TE runs megatron's unfused attention (ModelOpt converts only that module);
     its ``[b, H/tp, s, s]`` scores are not counted.
@@ -174,7 +175,8 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     gathered over the tensor-parallel group (its parts and their concatenation, at ``tp > 1``),
     its float32 softmax, and torch's multinomial's buffers, counted as one float32 chunk on either
     device (on a GPU its normalised copy and prefix sums, read from its CUDA kernel, ``make
-    gpu-check`` measures it; on CPU ``bench/memory_plan.py`` puts them at about half a chunk).
+    gpu-check`` measures it; on CPU ``bench/memory_plan.py`` measures a fifth to a half of a
+    chunk above the softmax at its three sizes, 2026-11-30).
     Float32 logits at T = 1 are used as they are, without a float32 copy (:func:`float32_chunks`).
     """
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": data})
@@ -185,11 +187,12 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     parts["weights"] = parameters_per_rank(arch, tensor, 1) * element_bytes
     layer = (4 * f / tensor + 4 * h) * tokens * element_bytes  # no [s, s] scores: fused attention
     chunk = min(chunk_tokens, tokens)
-    if sampled:
+    float32 = float32_chunks(arch, element_bytes, temperature)
+    if sampled:   # the gathered chunk at tp > 1, the float32 ones, and one for torch's multinomial
         whole = model_lib.padded_vocab_size(arch)
-        labels = chunk * whole * (2 * element_bytes * (tensor > 1) + 4 * (float32_chunks(arch, element_bytes, temperature) + 1))
+        labels = chunk * whole * (2 * element_bytes * (tensor > 1) + 4 * (float32 + 1))
     else:
-        labels = float32_chunks(arch, element_bytes, temperature) * chunk * vocab * 4
+        labels = float32 * chunk * vocab * 4
     logits = tokens * vocab * element_bytes + labels
     parts["forward peak"] = max(layer, logits)
     parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
