@@ -1,10 +1,12 @@
 """CPU shims for megatron-core 0.16 and ModelOpt 0.43: the only place the project bends them for want
-of a GPU. (Four bends apply on every device without TE or apex, each beside what it serves:
+of a GPU. (Five bends apply on every device without TE or apex, each beside what it serves:
 torch's fused attention kernel in place of megatron's scores, :mod:`pipelines.attention`; RoPE in
 a few passes in megatron's fused-RoPE hook, :mod:`pipelines.rope`; gradient clipping in fused
-passes, its norm on the device, :func:`pipelines.runtime.fused_grad_clipping`; and torch's fused Adam kernel,
-:func:`pipelines.runtime.fused_torch_adam`. A fifth applies where megatron's compiled SwiGLU is
-off, i.e. on CPU: a SwiGLU that keeps only its input, :mod:`pipelines.swiglu`.)
+passes, its norm on the device, :func:`pipelines.runtime.fused_grad_clipping`; torch's fused Adam kernel,
+:func:`pipelines.runtime.fused_torch_adam`; and the weight-gradient GEMM of gradient-accumulation
+fusion on torch's ``addmm_``, :func:`pipelines.runtime.gradient_accumulation_fusion`. A sixth
+applies where megatron's compiled SwiGLU is off, i.e. on CPU: a SwiGLU that keeps only its input,
+:mod:`pipelines.swiglu`.)
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the maths. On a
 machine without a GPU, :func:`apply` patches exactly those places so the *same* model, schedule,

@@ -189,8 +189,8 @@ def training_dtype(name: str, layout) -> torch.dtype:
     return layout.compute_dtype if name == "auto" else getattr(torch, name)
 
 
-def training_overrides(layout, recompute: str = "none") -> dict:
-    """Model-config changes for training.
+def training_overrides(layout, recompute: str = "none", trained: bool = True) -> dict:
+    """Model-config changes for training (``trained=False``: for a teacher beside it).
 
     - Sequence parallelism whenever tensor parallelism runs on the TE spec: activations between
       the tensor-parallel regions are split over the sequence instead of replicated ``tp`` times
@@ -200,8 +200,15 @@ def training_overrides(layout, recompute: str = "none") -> dict:
     - Activation recompute (``distill.recompute``, checked by
       :func:`pipelines.validate.training_ranges`): ``full`` keeps only each layer's input and
       recomputes the layer in the backward pass; ``selective`` recomputes the core attention.
+    - Gradient-accumulation fusion: each linear layer adds its weight gradient into the DDP
+      buffer inside its GEMM (:func:`pipelines.runtime.gradient_accumulation_fusion`, which puts a
+      kernel in place where apex's is missing), for the trained model only: it runs its backward
+      pass inside megatron's DDP, which gives every parameter that buffer (a teacher has none).
     """
     overrides = {"sequence_parallel": layout.tensor_parallel > 1 and runtime.transformer_engine_available()}
+    if trained:
+        runtime.gradient_accumulation_fusion()
+        overrides["gradient_accumulation_fusion"] = True
     if recompute == "full":
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
@@ -258,7 +265,7 @@ class Trainer:
         self.teacher = None
         if plan.teacher_kind == "online":
             self.teacher, _ = checkpoint.load_model(plan.teacher_path, layout, dtype=self.dtype,
-                                                    **training_overrides(layout))
+                                                    **training_overrides(layout, trained=False))
             self.teacher.eval().requires_grad_(False)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -377,7 +384,7 @@ class Trainer:
         teacher = self.teacher
         if teacher is None:
             teacher, _ = checkpoint.load_model(plan.teacher_path, self.layout, dtype=self.dtype,
-                                               **training_overrides(self.layout))
+                                               **training_overrides(self.layout, trained=False))
         from pipelines.model import local_logits
 
         teacher.eval()

@@ -31,8 +31,9 @@ The model counts, per GPU (bytes):
   1F1B schedule);
 - **loss**: the logits ``[tokens, V/tp]`` and the fused loss's stored gradient (both ``a``), plus
   two float32 ``[chunk_tokens, V/tp]`` temporaries (the scaled logits and their softmax; one
-  where float32 logits at T = 1 serve as they are, :func:`float32_chunks`), and the output
-  layer's weight gradient before it is added to the buffer;
+  where float32 logits at T = 1 serve as they are, :func:`float32_chunks`), and a weight-sized
+  tensor of the output layer's (with gradient-accumulation fusion its GEMM adds into the buffer,
+  and megatron hands autograd a dummy gradient of that size instead);
 - **teacher**: the online teacher's weights, logits and two float32 chunks;
 - **batches**: a step's micro-batches are placed on the device together, with their cached
   top-k (int64 ids, float32 log-probabilities);

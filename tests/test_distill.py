@@ -102,6 +102,49 @@ def test_cache_with_full_vocabulary_equals_online_teacher(tmp_path, tiny_teacher
     assert diff <= 1e-5 * scale, (diff, scale)
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_linear_layers_add_their_weight_gradients_into_the_ddp_buffer(tmp_path, tiny_data, full_cache, tie,
+                                                                     monkeypatch):
+    """Gradient-accumulation fusion: every linear layer (4 per layer and the output layer) of every
+    micro-batch adds its weight gradient into the DDP buffer through the kernel, and the buffer
+    holds what it holds without the fusion (a tied embedding's two gradients included)."""
+    import shutil
+
+    from pipelines import convert, distill, runtime
+
+    hf = make_hf_llama(tmp_path / "hf", tie=tie)
+    for file in (tiny_data / "tokenizer").iterdir():
+        shutil.copy(file, hf / file.name)
+    convert.import_hf(import_cfg(hf, tmp_path / "student"))
+    layout = _layout()
+    cfg = compose("pipeline", distill_args(tmp_path / "student", tiny_data, tmp_path / "run",
+                                           **{"distill.cache": full_cache}))
+    calls = []
+    kernel = runtime._TorchWeightGradient.wgrad_gemm_accum_fp32
+
+    def counted(total_input, grad_output, main_grad):
+        calls.append(main_grad.shape)
+        kernel(total_input, grad_output, main_grad)
+
+    monkeypatch.setattr(runtime._TorchWeightGradient, "wgrad_gemm_accum_fp32", staticmethod(counted))
+    fused = distill.Trainer(distill.Plan(cfg, 1), layout)
+    fused_metrics = fused.forward_backward().read()
+    unfused_overrides = distill.training_overrides
+    monkeypatch.setattr(distill, "training_overrides",
+                        lambda *a, **k: {**unfused_overrides(*a, **k), "gradient_accumulation_fusion": False})
+    plain = distill.Trainer(distill.Plan(cfg, 1), layout)
+    plain_metrics = plain.forward_backward().read()
+    assert fused.model.config.gradient_accumulation_fusion and not plain.model.config.gradient_accumulation_fusion
+    layers = fused.arch["num_layers"]
+    assert len(calls) == fused.plan.microbatches * (4 * layers + 1), len(calls)
+    assert fused_metrics == plain_metrics
+    named = dict(plain.model.named_parameters())
+    for name, parameter in fused.model.named_parameters():
+        expected = named[name].main_grad
+        torch.testing.assert_close(parameter.main_grad, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    assert fused.model.module.share_embeddings_and_output_weights == tie
+
+
 @pytest.mark.parametrize("layout", ["parallel.tensor=1", "parallel.tensor=2", "parallel.pipeline=2"],
                          ids=["dp2", "tp2", "pp2"])
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_teacher, tiny_data, full_cache, layout):

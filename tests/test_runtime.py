@@ -149,3 +149,30 @@ def test_megatrons_torch_adam_runs_fused_with_the_same_update():
     runtime.fused_torch_adam(wrapper)
     assert fused.param_groups[0]["fused"] and all(fused.state[p]["step"].dtype == torch.float32 for p in fused_params)
     fused.step()   # the fused kernel accepts the restored state
+
+
+def test_the_weight_gradient_kernel_adds_into_the_buffer():
+    """Where apex's ``fused_weight_gradient_mlp_cuda`` is missing, megatron's linear layers get
+    torch's: ``main_grad += grad_output^T · input`` in place, inside the GEMM for inputs in the
+    buffer's dtype; 16-bit inputs into a float32 buffer add their product taken in 16 bits (the
+    rounding of megatron's path without the fusion)."""
+    import torch
+    from megatron.core.tensor_parallel import layers
+
+    assert runtime.gradient_accumulation_fusion() == "torch"   # no apex here
+    assert layers._grad_accum_fusion_available and layers.fused_weight_gradient_mlp_cuda is runtime._TorchWeightGradient
+    generator = torch.Generator().manual_seed(0)
+    inputs, grad_output = torch.randn(12, 5, generator=generator), torch.randn(12, 3, generator=generator)
+    start = torch.randn(3, 5, generator=generator)
+    main_grad = start.clone()
+    address = main_grad.data_ptr()
+    layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(inputs, grad_output, main_grad)
+    assert main_grad.data_ptr() == address
+    torch.testing.assert_close(main_grad, start + grad_output.t() @ inputs, rtol=1e-6, atol=1e-6)
+    low, low_grad = inputs.bfloat16(), grad_output.bfloat16()
+    main_grad = start.clone()
+    layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(low, low_grad, main_grad)
+    assert main_grad.dtype == torch.float32 and torch.equal(main_grad, start + (low_grad.t() @ low).float())
+    half_buffer = start.bfloat16()
+    layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(low, low_grad, half_buffer)
+    torch.testing.assert_close(half_buffer.float(), start + grad_output.t() @ inputs, rtol=0.05, atol=0.1)
