@@ -117,11 +117,13 @@ class _Vocab:
         """:meth:`softmax` of logits already :meth:`scaled` (which a caller that needs them again
         keeps, instead of scaling twice)."""
         if self.group is None:
-            # q at the row maximum is exp(max - lse) >= 1/V: lse from it, without another pass
-            top, where = scaled.max(dim=-1, keepdim=True)
+            # q at the row maximum is exp(max - lse) >= 1/V, and q's own maximum (softmax keeps the
+            # order): lse = max - log max q, from two plain reductions (a max with its index is a
+            # slower pass: 35 ms against 6.5 for [1024, 49152] float32 on CPU)
+            top = scaled.amax(dim=-1, keepdim=True)
             q = torch.softmax(scaled, dim=-1)
-            return q, (top - q.gather(-1, where).log()).squeeze(-1)
-        top = scaled.max(dim=-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).min)
+            return q, (top - q.amax(dim=-1, keepdim=True).log()).squeeze(-1)
+        top = scaled.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
         q = torch.sub(scaled, top).exp_()
         total = self.sum(q.sum(-1, keepdim=True))
@@ -132,7 +134,7 @@ class _Vocab:
         scaled = self.scaled(logits, temperature)
         if self.group is None:
             return torch.log_softmax(scaled, dim=-1)
-        top = scaled.max(dim=-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).min)
+        top = scaled.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
         total = self.sum((scaled - top).exp().sum(-1, keepdim=True))
         return scaled - top - total.log()
