@@ -136,7 +136,8 @@ def test_linear_layers_add_their_weight_gradients_into_the_ddp_buffer(tmp_path, 
     plain_metrics = plain.forward_backward().read()
     assert fused.model.config.gradient_accumulation_fusion and not plain.model.config.gradient_accumulation_fusion
     layers = fused.arch["num_layers"]
-    assert len(calls) == fused.plan.microbatches * (4 * layers + 1), len(calls)
+    if runtime.gradient_accumulation_fusion() == "torch":   # else apex's kernel ran (a GPU node with apex)
+        assert len(calls) == fused.plan.microbatches * (4 * layers + 1), len(calls)
     assert fused_metrics == plain_metrics
     named = dict(plain.model.named_parameters())
     for name, parameter in fused.model.named_parameters():
