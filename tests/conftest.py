@@ -46,6 +46,20 @@ def import_cfg(source: Path, output: Path):
                              "make_vocab_size_divisible_by": 128})
 
 
+def import_hf_llama(folder: Path, tokenizer: Path, **overrides) -> Path:
+    """:func:`make_hf_llama` in ``folder / "hf"`` with ``tokenizer``'s files beside it, imported to
+    ``folder / "ckpt"`` (returned)."""
+    import shutil
+
+    from pipelines import convert
+
+    hf = make_hf_llama(folder / "hf", **overrides)
+    for file in tokenizer.iterdir():
+        shutil.copy(file, hf / file.name)
+    convert.import_hf(import_cfg(hf, folder / "ckpt"))
+    return folder / "ckpt"
+
+
 def export_cfg(source: Path, output: Path):
     return OmegaConf.create({"source": str(source), "output": str(output),
                              "max_shard_bytes": 4 << 30})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, child_env, compose, make_hf_llama, import_cfg, run_script, run_torchrun
+from conftest import REPO, child_env, compose, import_hf_llama, make_hf_llama, import_cfg, run_script, run_torchrun
 from pipelines import checkpoint, stage
 from pipelines.errors import UserError
 
@@ -108,17 +108,11 @@ def test_linear_layers_add_their_weight_gradients_into_the_ddp_buffer(tmp_path, 
     """Gradient-accumulation fusion: every linear layer (4 per layer and the output layer) of every
     micro-batch adds its weight gradient into the DDP buffer through the kernel, and the buffer
     holds what it holds without the fusion (a tied embedding's two gradients included)."""
-    import shutil
+    from pipelines import distill, runtime
 
-    from pipelines import convert, distill, runtime
-
-    hf = make_hf_llama(tmp_path / "hf", tie=tie)
-    for file in (tiny_data / "tokenizer").iterdir():
-        shutil.copy(file, hf / file.name)
-    convert.import_hf(import_cfg(hf, tmp_path / "student"))
+    student = import_hf_llama(tmp_path, tiny_data / "tokenizer", tie=tie)
     layout = _layout()
-    cfg = compose("pipeline", distill_args(tmp_path / "student", tiny_data, tmp_path / "run",
-                                           **{"distill.cache": full_cache}))
+    cfg = compose("pipeline", distill_args(student, tiny_data, tmp_path / "run", **{"distill.cache": full_cache}))
     calls = []
     kernel = runtime._TorchWeightGradient.wgrad_gemm_accum_fp32
 

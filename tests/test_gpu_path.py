@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose, import_cfg, make_hf_llama, run_script, run_torchrun
+from conftest import REPO, compose, import_cfg, import_hf_llama, make_hf_llama, run_script, run_torchrun
 from pipelines import checkpoint, convert, runtime
 from pipelines import model as model_lib
 from pipelines.errors import UserError
@@ -186,14 +186,7 @@ def _train(student, data, output, *extra, processes=1):
 
 @pytest.fixture(scope="module")
 def tied_student(tmp_path_factory, tiny_data):
-    import shutil
-
-    folder = tmp_path_factory.mktemp("tied")
-    hf = make_hf_llama(folder / "hf", tie=True, num_hidden_layers=4)
-    for file in (tiny_data / "tokenizer").iterdir():
-        shutil.copy(file, hf / file.name)
-    convert.import_hf(import_cfg(hf, folder / "ckpt"))
-    return folder / "ckpt"
+    return import_hf_llama(tmp_path_factory.mktemp("tied"), tiny_data / "tokenizer", tie=True, num_hidden_layers=4)
 
 
 def test_tied_embeddings_at_pp2_end_with_one_process_weights(tmp_path, tied_student, tiny_data):
