@@ -11,6 +11,15 @@ per-row log-sum-exp. The mask is the layer spec's causal one, applied by the ker
 (``is_causal``): the model's only mask is :func:`pipelines.model.causal_mask`. Anything the
 kernel path does not cover (another mask type, attention dropout, softmax offsets, windows,
 packed sequences, query-key layer scaling) goes through megatron's own forward.
+
+Grouped-query attention: the kernel is given the query groups' keys and values as they are
+(``enable_gqa``) only where the kernel that would run takes them. torch's CPU flash kernel does,
+and faster than with the keys repeated (SmolLM2's attention shape, 9 heads in 3 groups, batch 4 x
+256, float32: 16.9 against 18.7 ms forward and backward). On a GPU only the flash kernel does:
+where it cannot run (float32, a head dimension over 256, a GPU before Ampere, or flash turned off)
+torch would fall back, silently, to its math kernel, which builds the ``[b, H, s, s]`` scores this
+module is here to avoid. There the keys and values are repeated per query head first (``H/G`` times
+the small key and value tensors), and the memory-efficient kernel runs.
 """
 
 from __future__ import annotations
@@ -18,6 +27,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+
+def kernel_takes_groups(query, key, value) -> bool:
+    """Whether the kernel torch picks for these ``[b, heads, s, d]`` inputs (causal) takes keys and
+    values with fewer heads than the query (``enable_gqa``) without falling back to its math kernel."""
+    if query.device.type != "cuda":
+        return True   # the CPU flash kernel runs for any dtype and head dimension
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention, flash_sdp_enabled
+
+    return flash_sdp_enabled() and can_use_flash_attention(SDPAParams(query, key, value, None, 0.0, True, True))
 
 
 class SDPAttention(DotProductAttention):
@@ -37,7 +56,12 @@ class SDPAttention(DotProductAttention):
                                    packed_seq_params)
         # [s, b, heads, d] -> [b, heads, s, d]; key and value have the query groups' heads
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        grouped = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+        heads, groups = self.num_attention_heads_per_partition, self.num_query_groups_per_partition
+        grouped = heads != groups
+        if grouped and not kernel_takes_groups(q, k, v):
+            # query head i is in group i // (heads / groups), as megatron lays them out
+            k, v = (x.repeat_interleave(heads // groups, dim=1) for x in (k, v))
+            grouped = False
         context = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
                                                  enable_gqa=grouped)
         # [b, heads, s, d] -> [s, b, heads * d]

@@ -67,6 +67,45 @@ def test_validation_names_the_key():
         model_lib.validate(arch, pipeline_parallel=3)
 
 
+@pytest.mark.parametrize("groups_to_kernel", [True, False], ids=["grouped", "repeated"])
+def test_fused_attention_gives_megatrons_values_and_gradients(cpu_runtime, monkeypatch, groups_to_kernel):
+    """pipelines.attention (torch's fused kernel) against megatron's unfused DotProductAttention
+    with the causal mask, 6 query heads in 3 groups: the keys and values given to the kernel as
+    groups (the CPU flash kernel, a GPU's flash kernel) or repeated per query head first (a GPU
+    where flash cannot run). Repeating them in the wrong order (``repeat`` for
+    ``repeat_interleave``) pairs heads with the wrong group and fails."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from pipelines import attention
+
+    asked = []
+
+    def takes_groups(*tensors):
+        asked.append(tensors[1].shape[1])
+        return groups_to_kernel
+
+    monkeypatch.setattr(attention, "kernel_takes_groups", takes_groups)
+    arch = {**load("tiny"), "num_attention_heads": 6, "num_query_groups": 3}
+    config = model_lib.transformer_config(arch, torch.float32)
+    ours, theirs = (cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+                    for cls in (attention.SDPAttention, DotProductAttention))
+    generator = torch.Generator().manual_seed(0)
+    s, b, d = 12, 2, arch["kv_channels"]
+    inputs = [torch.randn(s, b, heads, d, generator=generator)
+              for heads in (6, 3, 3)]   # query, key, value: [s, b, heads, d]
+    grad = torch.randn(s, b, 6 * d, generator=generator)
+    results = []
+    for module in (ours, theirs):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out = module(*leaves, attention_mask=model_lib.causal_mask(s))
+        out.backward(grad)
+        results.append((out, *(x.grad for x in leaves)))
+    assert asked == [3]   # the fused path ran, and asked about the grouped keys
+    for mine, megatrons in zip(*results):
+        torch.testing.assert_close(mine, megatrons, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_gives_megatrons_values_and_gradients(cpu_runtime, dtype):
     """pipelines.rope (megatron's RoPE hook without TE) against megatron's unfused code: the same
