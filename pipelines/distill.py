@@ -202,8 +202,10 @@ def training_overrides(layout, recompute: str = "none", trained: bool = True) ->
       recomputes the layer in the backward pass; ``selective`` recomputes the core attention.
     - Gradient-accumulation fusion: each linear layer adds its weight gradient into the DDP
       buffer inside its GEMM (:func:`pipelines.runtime.gradient_accumulation_fusion`, which puts a
-      kernel in place where apex's is missing), for the trained model only: it runs its backward
-      pass inside megatron's DDP, which gives every parameter that buffer (a teacher has none).
+      kernel in place where apex's is missing), and the input embedding its token rows'
+      (:mod:`pipelines.embedding`, put in place by :func:`pipelines.model.build`), for the trained
+      model only: it runs its backward pass inside megatron's DDP, which gives every parameter
+      that buffer (a teacher has none).
     """
     overrides = {"sequence_parallel": layout.tensor_parallel > 1 and runtime.transformer_engine_available()}
     if trained:

@@ -219,6 +219,10 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str
         model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
     if model.post_process and not config.sequence_parallel:
         batch_major_logits(model.output_layer)
+    if model.pre_process and config.gradient_accumulation_fusion:   # the trained model (pipelines.distill)
+        from pipelines.embedding import fuse_gradient
+
+        fuse_gradient(model.embedding.word_embeddings)
     return model
 
 

@@ -106,8 +106,9 @@ def test_cache_with_full_vocabulary_equals_online_teacher(tmp_path, tiny_teacher
 def test_linear_layers_add_their_weight_gradients_into_the_ddp_buffer(tmp_path, tiny_data, full_cache, tie,
                                                                      monkeypatch):
     """Gradient-accumulation fusion: every linear layer (4 per layer and the output layer) of every
-    micro-batch adds its weight gradient into the DDP buffer through the kernel, and the buffer
-    holds what it holds without the fusion (a tied embedding's two gradients included)."""
+    micro-batch adds its weight gradient into the DDP buffer through the kernel, the input
+    embedding its token rows (pipelines.embedding), and the buffer holds what it holds without the
+    fusion (a tied embedding's two gradients included)."""
     from pipelines import distill, runtime
 
     student = import_hf_llama(tmp_path, tiny_data / "tokenizer", tie=tie)
