@@ -50,7 +50,8 @@ final transpose copies nothing).
 What it does not know: TE's own workspaces, FP8, activation offloading, and fragmentation beyond
 the 10% allowance; and, on a GPU without TE where torch's flash kernel cannot run (float32
 training, a head size over 256), the keys and values :mod:`pipelines.attention` repeats per
-query head (up to ``2(H − G)·d/tp`` more per token and layer). On CPU ``bench/memory_plan.py`` measures the rest; on a GPU, ``make gpu-check``.
+query head (up to ``2(H − G)·d/tp`` more per token and layer). On CPU ``bench/memory_plan.py``
+measures the rest; on a GPU, ``make gpu-check``.
 """
 
 from __future__ import annotations

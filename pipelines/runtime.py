@@ -242,8 +242,8 @@ def gradient_accumulation_fusion() -> str:
     layer's backward pass accumulates ``grad_output^T · input`` into the parameter's ``main_grad``
     (the DDP buffer) inside the GEMM, instead of writing a new gradient tensor that DDP's hook then
     adds to the buffer: one pass over the layer's weights fewer. (megatron still hands autograd a
-    weight-sized dummy gradient, uninitialised, or zeroed for a tied embedding, so the allocation
-    stays.)
+    weight-sized dummy gradient, uninitialised, so the allocation stays; megatron zeroes it for a
+    tied embedding, which :mod:`pipelines.embedding` makes unnecessary and turns off.)
     TE's linear layers do it themselves; megatron's (the local spec's, and the output layer on
     either spec) call apex's ``fused_weight_gradient_mlp_cuda``. Where apex is missing (CPU, and
     GPU images without it) this installs the same two functions on torch's ``addmm_``
