@@ -226,6 +226,18 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str
     return model
 
 
+class _BatchFirst(torch.autograd.Function):
+    """``[s, b, h]`` to a contiguous ``[b, s, h]``, and the gradient back to a contiguous ``[s, b, h]``."""
+
+    @staticmethod
+    def forward(ctx, hidden):
+        return hidden.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(0, 1).contiguous()
+
+
 def batch_major_logits(output_layer) -> None:
     """The output layer writes the logits ``[b, s, v]`` at once.
 
@@ -236,10 +248,17 @@ def batch_major_logits(output_layer) -> None:
     handed back as an ``[s, b, v]`` view of itself, so GPTModel's transpose restores it and
     ``.contiguous()`` copies nothing. Same values, same gradients. Not under sequence parallelism,
     where the layer gathers the sequence along dimension 0.
+
+    The hidden states' gradient goes back sequence-major and contiguous (:class:`_BatchFirst`), one
+    copy of ``[s, b, h]``. Autograd's own transpose would hand back a batch-major view, and every
+    layer's residual stream would carry that layout down the backward pass: megatron's ``linear_proj``
+    and ``linear_fc2`` then copy their output gradient twice each (its matmul folds the strided
+    tensor, and its weight-gradient code makes it contiguous again), four copies of ``[s, b, h]``
+    per layer.
     """
 
     def batch_first(module, args, kwargs):
-        return (args[0].transpose(0, 1).contiguous(), *args[1:]), kwargs
+        return (_BatchFirst.apply(args[0]), *args[1:]), kwargs
 
     def sequence_first_view(module, args, kwargs, output):
         logits, bias = output

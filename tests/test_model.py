@@ -35,7 +35,9 @@ def test_tiny_builds_and_runs(cpu_runtime):
 
 def test_logits_are_written_batch_major_without_a_copy(cpu_runtime):
     """The same logits and gradients as GPTModel's own [s, b] -> [b, s] copy, in the output layer's
-    own storage (a copy of 2 x 32 tokens x 1024 logits would have a storage of its own)."""
+    own storage (a copy of 2 x 32 tokens x 1024 logits would have a storage of its own). The
+    gradient goes back down the layers contiguous, as megatron's linear layers take it (autograd's
+    transpose would hand the residual stream a batch-major view, which they copy)."""
     arch = load("tiny")
     config = model_lib.transformer_config(arch, torch.float32)
     ours = model_lib.build(arch, config)
@@ -45,6 +47,14 @@ def test_logits_are_written_batch_major_without_a_copy(cpu_runtime):
     plain.output_layer._forward_hooks.clear()
     written = []
     ours.output_layer.register_forward_hook(lambda module, args, output: written.append(output[0]))
+    layouts = []
+
+    def record_layout(module, args, output):
+        output[0].register_hook(lambda grad: layouts.append(grad.is_contiguous()))
+
+    for layer in ours.decoder.layers:
+        layer.self_attention.linear_proj.register_forward_hook(record_layout)
+        layer.mlp.linear_fc2.register_forward_hook(record_layout)
     tokens = torch.randint(0, arch["vocab_size"], (2, 32))
     logits, expected = model_lib.local_logits(ours, tokens), model_lib.local_logits(plain, tokens)
     assert logits.shape == (2, 32, 1024) and logits.is_contiguous()
@@ -53,6 +63,7 @@ def test_logits_are_written_batch_major_without_a_copy(cpu_runtime):
     weights = torch.randn_like(logits)
     (logits * weights).sum().backward()
     (expected * weights).sum().backward()
+    assert layouts == [True] * 2 * len(ours.decoder.layers)
     for (name, a), (_, b) in zip(ours.named_parameters(), plain.named_parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), (name, (a.grad - b.grad).abs().max())
 
