@@ -4,7 +4,13 @@
 2. The tiny pipeline end to end on one GPU in bf16 (the demo, shortened, in its own run folder):
    import, teacher pre-training, depth and width pruning, logits, distillation, eval, export,
    through the same stage runner as ``make pipeline``, with the TE spec when TE is installed.
-3. A real-shaped slice: 2 layers at Llama-3.1-8B's width (hidden 4096, MLP 14336, 32 heads, 8
+3. Attention at Llama-3.1-8B's shape (32 query heads in 8 groups, head size 128) at sequence
+   8192, in bfloat16 and float32 (:func:`attention_paths`): torch's fused kernels only (its math
+   kernel, which builds the ``[b, H, s, s]`` scores, is disallowed, so a fallback to it fails the
+   part), which path :class:`pipelines.attention.SDPAttention` took (grouped keys to the kernel, or
+   repeated per query head), the peak memory of the forward and backward pass, and the values and
+   gradients against megatron's unfused attention on a shorter sequence.
+4. A real-shaped slice: 2 layers at Llama-3.1-8B's width (hidden 4096, MLP 14336, 32 heads, 8
    KV groups, vocabulary 128,256) at sequence 8192, imported from a random Hugging Face folder and
    trained a few steps by the distill trainer, then the logits stage's forward and top-k on one
    sequence; it reports tokens/s and the peak memory allocated of both against
@@ -126,6 +132,87 @@ def real_slice(folder: Path, data: Path) -> dict:
     return result
 
 
+def attention_paths(arch: dict, device, sequence: int = SLICE_SEQUENCE, check_sequence: int = 1024,
+                    dtypes: tuple = ("bfloat16", "float32")) -> dict:
+    """:class:`pipelines.attention.SDPAttention` at ``arch``'s attention shape, one sequence, per
+    dtype: forward and backward under torch's fused kernels only (flash, memory-efficient, cuDNN; a
+    fallback to the math kernel raises), the path taken, the median time of 3 and, on a GPU, the
+    peak memory above the inputs against one float32 ``[1, H, s, s]`` scores tensor; then the
+    values and the three input gradients on the first ``check_sequence`` positions against
+    megatron's unfused ``DotProductAttention`` in float32. Raises when a check fails."""
+    import torch
+    from megatron.core.transformer.enums import AttnMaskType
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pipelines import attention
+    from pipelines import model as model_lib
+
+    heads, groups, size = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
+    fused_only = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    on_gpu = torch.device(device).type == "cuda"
+    results = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        module = attention.SDPAttention(model_lib.transformer_config(arch, dtype, device=device), layer_number=1,
+                                        attn_mask_type=AttnMaskType.causal, attention_type="self")
+        generator = torch.Generator(device=device).manual_seed(0)
+        inputs = [torch.randn(sequence, 1, count, size, device=device, dtype=dtype, generator=generator)
+                  for count in (heads, groups, groups)]   # query, key, value: [s, b, heads, d]
+        grad = torch.randn(sequence, 1, heads * size, device=device, dtype=dtype, generator=generator)
+        mask = model_lib.causal_mask(sequence, device)
+        grouped = attention.kernel_takes_groups(*(x.permute(1, 2, 0, 3) for x in inputs))
+        times, peak = [], None
+        for _ in range(3):
+            leaves = [x.detach().requires_grad_() for x in inputs]
+            if on_gpu:
+                torch.cuda.synchronize()
+                baseline = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            with sdpa_kernel(fused_only):
+                module(*leaves, attention_mask=mask).backward(grad)
+            if on_gpu:
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - baseline
+            times.append(time.perf_counter() - started)
+        scores = heads * sequence * sequence * 4
+        figures = {"path": "grouped" if grouped else "repeated", "seconds_median": sorted(times)[1],
+                   "peak_above_inputs_gb": None if peak is None else peak / 1e9, "scores_gb": scores / 1e9}
+        figures["max_error"] = _attention_error(arch, module, inputs, grad, check_sequence)
+        results[name] = figures
+        if peak is not None and peak > scores / 4:
+            raise RuntimeError(f"attention in {name} peaked {peak / 1e9:.2f} GB above its inputs: the "
+                               f"[1, {heads}, {sequence}, {sequence}] scores ({scores / 1e9:.1f} GB in float32) "
+                               f"look materialised")
+        tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        if figures["max_error"] > tolerance:
+            raise RuntimeError(f"attention in {name} differs from megatron's unfused attention by "
+                               f"{figures['max_error']:.2e} (relative to the largest value; tolerance {tolerance})")
+    return results
+
+
+def _attention_error(arch: dict, module, inputs, grad, count: int) -> float:
+    """The largest difference, over the output and the three input gradients (each relative to its
+    largest magnitude), between ``module`` and megatron's unfused attention in float32 on the first
+    ``count`` positions (causal: they see nothing past them)."""
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from pipelines import model as model_lib
+
+    reference = DotProductAttention(model_lib.transformer_config(arch, torch.float32, device=inputs[0].device),
+                                    layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    mask = model_lib.causal_mask(count, inputs[0].device)
+    results = []
+    for attend, dtype in ((module, inputs[0].dtype), (reference, torch.float32)):
+        leaves = [x[:count].detach().to(dtype).requires_grad_() for x in inputs]
+        out = attend(*leaves, attention_mask=mask)
+        out.backward(grad[:count].to(dtype))
+        results.append([t.detach().float() for t in (out, *(x.grad for x in leaves))])
+    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results))
+
+
 def _host_syncs(step) -> int:
     """How many times one call of ``step`` made the host wait for the GPU (torch's sync debug
     mode warns at each). The forward and backward passes make none (a CPU test checks it); the
@@ -189,7 +276,7 @@ def _slice_logits(trainer, arch: dict) -> dict:
     return {**result["topk"], **result}   # at the top level, the top-k's: the keys earlier runs wrote
 
 
-PARTS = ("tiny", "slice")
+PARTS = ("tiny", "attention", "slice")
 
 
 def main(argv: list[str]) -> None:
@@ -224,6 +311,23 @@ def main(argv: list[str]) -> None:
             if part == "tiny":
                 result["tiny"] = tiny_pipeline(runs)
                 print(f"[gpu-check] tiny pipeline passed in {result['tiny']['seconds']:.0f} s", flush=True)
+            elif part == "attention":
+                from omegaconf import OmegaConf
+
+                from pipelines import model as model_lib
+                from pipelines import runtime
+
+                layout = runtime.initialize(cfg.parallel)
+                arch = model_lib.architecture({**OmegaConf.to_container(cfg.model), **SLICE})
+                result["attention"] = paths = attention_paths(arch, layout.device, sequence=SLICE_SEQUENCE,
+                                                              check_sequence=min(1024, SLICE_SEQUENCE))
+                print("[gpu-check] attention at 8B's shape (32 heads in 8 groups, sequence "
+                      f"{SLICE_SEQUENCE}), fused kernels only: " + "; ".join(
+                          f"{name} {f['path']} keys, {f['seconds_median'] * 1e3:.1f} ms forward and backward, "
+                          + ("peak not measured" if f["peak_above_inputs_gb"] is None else
+                             f"peak {f['peak_above_inputs_gb']:.2f} GB above the inputs")
+                          + f" (scores would be {f['scores_gb']:.1f} GB), {f['max_error']:.1e} from megatron's"
+                          for name, f in paths.items()), flush=True)
             else:
                 data = Path(str(cfg.data.output)).resolve()
                 result["slice"] = figures = real_slice(runs / "gpu_check", data)

@@ -240,3 +240,49 @@ def test_gpu_check_says_there_is_no_gpu_and_fails():
     result = run_script("scripts/gpu_check.py")
     assert result.returncode == 2
     assert "no GPU on this machine" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("groups_to_kernel", [True, False], ids=["grouped", "repeated"])
+def test_gpu_check_attention_part_checks_the_path_and_the_values(cpu_runtime, monkeypatch, groups_to_kernel):
+    """gpu-check's attention part, on CPU at a small shape (8 heads in 2 groups): it reports the
+    path SDPAttention took and its values against megatron's; it fails when the values differ (a
+    kernel given the wrong scale) and when only torch's math kernel could run (attention dropout,
+    which no fused CPU kernel takes: on a GPU, the case of grouped keys the flash kernel cannot take)."""
+    import torch.nn.functional as F
+    import yaml
+
+    from pipelines import attention, gpu_check
+
+    arch = model_lib.architecture(yaml.safe_load((REPO / "configs" / "model" / "tiny.yaml").read_text()))
+    arch = {**arch, "num_attention_heads": 8, "num_query_groups": 2, "kv_channels": 32}
+    monkeypatch.setattr(attention, "kernel_takes_groups", lambda *tensors: groups_to_kernel)
+    shape = dict(sequence=256, check_sequence=64)
+    figures = gpu_check.attention_paths(arch, torch.device("cpu"), **shape)
+    assert [f["path"] for f in figures.values()] == ["grouped" if groups_to_kernel else "repeated"] * 2
+    assert figures["float32"]["max_error"] < 1e-5 and figures["bfloat16"]["max_error"] < 2e-2
+    assert figures["float32"]["scores_gb"] == 8 * 256 * 256 * 4 / 1e9
+
+    plain = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: plain(*args, **{**kwargs, "scale": kwargs["scale"] * 1.1}))
+    with pytest.raises(RuntimeError, match="differs from megatron's unfused attention"):
+        gpu_check.attention_paths(arch, torch.device("cpu"), dtypes=("float32",), **shape)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: plain(*args, **kwargs, dropout_p=0.5))
+    with pytest.raises(RuntimeError, match="No available kernel"):
+        gpu_check.attention_paths(arch, torch.device("cpu"), dtypes=("float32",), **shape)
+
+
+def test_gpu_check_runs_its_attention_part(tmp_path, cpu_runtime, monkeypatch, capsys):
+    """``gpu_check.py --part attention`` end to end (the environment check bypassed, the sequence
+    shortened to 128 at 8B's attention shape): its figures in result.json and its line printed."""
+    from pipelines import gpu_check
+
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"gpu": "none (test)"})
+    monkeypatch.setattr(gpu_check, "SLICE_SEQUENCE", 128)
+    gpu_check.main(["--part", "attention", f"paths.runs={tmp_path}"])
+    result = json.loads((tmp_path / "gpu_check" / "result.json").read_text())
+    assert set(result["attention"]) == {"bfloat16", "float32"}
+    assert result["attention"]["float32"]["scores_gb"] == 32 * 128 * 128 * 4 / 1e9
+    out = capsys.readouterr().out
+    assert "attention at 8B's shape" in out and "float32 grouped keys" in out and "[gpu-check] passed" in out
