@@ -8,7 +8,8 @@ previous round is distilled and says which wait). Locally, stages that
 use the parallel runtime run under ``torchrun`` when ``cluster.processes`` > 1. On SLURM
 (``cluster=slurm``) each stage is one ``sbatch`` job whose steps ``srun`` one task per GPU (the
 runtime reads SLURM's environment); ``pipeline`` submits every stage at once, chained with
-``--dependency=afterok``.
+``--dependency=afterok``. Run here, a stage whose every output is up to date
+(:func:`pipelines.stage.up_to_date`) starts no process.
 
 Preemption: jobs ask for ``--signal=B:USR1@<cluster.signal_seconds>`` and ``--requeue``. The
 batch script forwards USR1 to the running step; the stage (see :mod:`pipelines.preemption`)
@@ -28,7 +29,7 @@ from pathlib import Path
 from pipelines import experiment
 from pipelines.errors import UserError, require
 from pipelines.preemption import REQUEUE_EXIT
-from pipelines.stage import get, registry
+from pipelines.stage import Stage, get, registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,8 +123,11 @@ def stage_processes(stage: str, cfg) -> tuple[int, int]:
 
 def run_local(stage: str, cfg, overrides: list[str]) -> None:
     _, processes = stage_processes(stage, cfg)
+    declared = get(parse(stage)[0])
     for arguments in invocations(stage, cfg, overrides):
-        if get(parse(stage)[0]).distributed and processes > 1:
+        if _up_to_date(declared, arguments[1:]):
+            continue
+        if declared.distributed and processes > 1:
             command = [_python(cfg), "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
                        f"--master-port={_free_port()}", *arguments]
         else:
@@ -132,6 +136,25 @@ def run_local(stage: str, cfg, overrides: list[str]) -> None:
         result = subprocess.run(command, cwd=REPO)
         if result.returncode != 0:
             raise SystemExit(result.returncode)
+
+
+def _up_to_date(declared: Stage, overrides: list[str]) -> bool:
+    """Whether every output of one invocation is up to date (:func:`pipelines.stage.up_to_date`,
+    the check the stage makes first): then say so, as the stage would, and start no process (a
+    Python, its imports and the runtime: seconds each). What this check cannot settle (a missing
+    input, a bad value) is left to the stage, which reports it by its key."""
+    from pipelines.stage import skip_line, up_to_date
+
+    try:
+        cfg = compose_pipeline(overrides)
+        outputs = [up_to_date(declared, one) for one in (declared.each(cfg) if declared.each else [cfg])]
+    except Exception:  # noqa: BLE001  (the stage runs, and reports it)
+        return False
+    if not all(outputs):
+        return False
+    for output in outputs:
+        print(skip_line(declared, output), flush=True)
+    return True
 
 
 def _free_port() -> int:

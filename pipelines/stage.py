@@ -126,13 +126,10 @@ def run_all(stage: Stage | str, cfg) -> list[dict]:
 def run(stage: Stage | str, cfg) -> dict:
     """Run ``stage`` on ``cfg`` unless its output is up to date; returns its manifest."""
     stage = get(stage) if isinstance(stage, str) else stage
-    output = Path(str(stage.output(cfg)))
-    inputs = stage.inputs(cfg)
-    stamp = portable(inputs, cfg)
+    output, inputs, stamp, done, current = _state(stage, cfg)
     force = bool(cfg.get("force", False))
-    done = read_manifest(output) if output.is_dir() else None
-    if inputs is not None and done is not None and done.get("inputs") in (stamp, inputs) and not force:
-        print(f"[{stage.name}] {output} is up to date; skipping (force=true reruns)", flush=True)
+    if current:
+        print(skip_line(stage, output), flush=True)
         return done
     if not stage.replaces and not force:
         _refuse_other(stage, output, done, Path(str(stage.origin(cfg))).resolve() if stage.origin else None, cfg)
@@ -167,6 +164,30 @@ def run(stage: Stage | str, cfg) -> dict:
     if barrier:
         barrier()
     return manifest
+
+
+def up_to_date(stage: Stage | str, cfg) -> Path | None:
+    """``stage``'s output folder when it is up to date for ``cfg`` (``force`` off), else None: the
+    check :func:`run` makes first, for the launcher to make before it starts a process."""
+    stage = get(stage) if isinstance(stage, str) else stage
+    output, _, _, _, current = _state(stage, cfg)
+    return output if current else None
+
+
+def skip_line(stage: Stage, output: Path) -> str:
+    return f"[{stage.name}] {output} is up to date; skipping (force=true reruns)"
+
+
+def _state(stage: Stage, cfg) -> tuple[Path, dict | None, dict | None, dict | None, bool]:
+    """``(output, inputs, stamp, manifest, up to date)``: a folder whose manifest holds these inputs
+    (as stamped, or with the real paths as written before) is up to date unless ``force``."""
+    output = Path(str(stage.output(cfg)))
+    inputs = stage.inputs(cfg)
+    stamp = portable(inputs, cfg)
+    done = read_manifest(output) if output.is_dir() else None
+    current = (inputs is not None and done is not None and done.get("inputs") in (stamp, inputs)
+               and not bool(cfg.get("force", False)))
+    return output, inputs, stamp, done, current
 
 
 def portable(inputs, cfg):

@@ -8,6 +8,7 @@ up to date, in place, as a user's second ``make demo`` would.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,6 +37,12 @@ def up_to_date(result) -> set[str]:
     return {line.split("]")[0][1:] for line in result.stdout.splitlines() if "is up to date; skipping" in line}
 
 
+def started(result) -> list[str]:
+    """The stages whose process the launcher started (it prints ``[stage] <python> scripts/...``)."""
+    return [line.split("]")[0][1:] for line in result.stdout.splitlines()
+            if line.startswith("[") and re.search(r" scripts/\w+\.py( |$)", line)]
+
+
 @pytest.mark.skipif(not (REPO / "runs" / "demo" / "report.json").exists(), reason="needs `make demo` first")
 def test_a_second_make_demo_finds_every_stage_up_to_date():
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "PIPELINES_RUNS")}
@@ -44,6 +51,8 @@ def test_a_second_make_demo_finds_every_stage_up_to_date():
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert up_to_date(again) == set(registry()) - {"report"}, again.stdout[-3000:]   # the report is rewritten
     assert "step 1" not in again.stdout  # nothing trained again
+    # the launcher made the same check: the report's is the one stage process it started
+    assert started(again) == ["report"], again.stdout[-3000:]
 
 
 @pytest.mark.slow
@@ -70,3 +79,4 @@ def test_the_tiny_pipeline_end_to_end_then_every_stage_is_up_to_date(tmp_path):
     skipped = up_to_date(again)
     assert skipped == set(registry()) - {"report"}, skipped  # the report is always rewritten
     assert "step 1" not in again.stdout  # nothing trained again
+    assert started(again) == ["report"], again.stdout[-3000:]

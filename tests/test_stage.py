@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from pipelines.artifacts import read_manifest, write_manifest
 from pipelines.errors import UserError
-from pipelines.stage import Stage, run
+from pipelines.stage import Stage, run, up_to_date
 
 
 def counting_stage(calls: list) -> Stage:
@@ -42,6 +42,21 @@ def test_a_copied_run_is_up_to_date_and_the_stage_gets_real_paths(tmp_path):
     assert len(calls) == 1 and again["inputs"] == first["inputs"]    # up to date where it was copied
     run(stage, config(tmp_path / "moved", tmp_path / "data2"))
     assert len(calls) == 2                                           # what lies outside still counts
+
+
+def test_up_to_date_is_the_check_run_makes(tmp_path):
+    """What the launcher asks before it starts a stage's process: the output when run would skip."""
+    calls = []
+    stage = counting_stage(calls)
+    cfg = config(tmp_path / "runs", tmp_path / "data")
+    assert up_to_date(stage, cfg) is None                               # nothing there yet
+    run(stage, cfg)
+    assert up_to_date(stage, cfg) == tmp_path / "runs" / "demo" / "toy"
+    assert up_to_date(stage, config(tmp_path / "runs", tmp_path / "data2")) is None       # other inputs
+    forced = OmegaConf.merge(cfg, {"force": True})
+    assert up_to_date(stage, forced) is None
+    run(stage, forced)
+    assert len(calls) == 2                                              # and run agrees: force reruns
 
 
 def test_a_stamp_of_real_paths_written_before_is_still_up_to_date(tmp_path):
