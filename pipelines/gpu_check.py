@@ -40,6 +40,13 @@ TINY_ARGS = ["correct.train_steps=60", "correct.eval_interval=30", "correct.save
              "prune.calib_samples=16", "eval.limit=1"]
 
 
+def slice_model(model_cfg) -> dict:
+    """A config's ``model`` section at Llama-3.1-8B's width (:data:`SLICE`)."""
+    from omegaconf import OmegaConf
+
+    return {**OmegaConf.to_container(model_cfg), **SLICE}
+
+
 def environment() -> dict:
     import torch
 
@@ -87,7 +94,7 @@ def real_slice(folder: Path, data: Path) -> dict:
     repo = Path(__file__).resolve().parents[1]
     with initialize_config_dir(str(repo / "configs"), version_base="1.3"):
         base = compose("pipeline")
-    model = {**OmegaConf.to_container(base.model), **SLICE}
+    model = slice_model(base.model)
     hf, checkpoint = folder / "slice_hf", folder / "slice"
     if not (checkpoint / "manifest.json").exists():
         if not (hf / "config.json").exists():
@@ -312,13 +319,11 @@ def main(argv: list[str]) -> None:
                 result["tiny"] = tiny_pipeline(runs)
                 print(f"[gpu-check] tiny pipeline passed in {result['tiny']['seconds']:.0f} s", flush=True)
             elif part == "attention":
-                from omegaconf import OmegaConf
-
                 from pipelines import model as model_lib
                 from pipelines import runtime
 
                 layout = runtime.initialize(cfg.parallel)
-                arch = model_lib.architecture({**OmegaConf.to_container(cfg.model), **SLICE})
+                arch = model_lib.architecture(slice_model(cfg.model))
                 result["attention"] = paths = attention_paths(arch, layout.device, sequence=SLICE_SEQUENCE,
                                                               check_sequence=min(1024, SLICE_SEQUENCE))
                 print("[gpu-check] attention at 8B's shape (32 heads in 8 groups, sequence "
