@@ -168,9 +168,13 @@ def run(stage: Stage | str, cfg) -> dict:
 
 def up_to_date(stage: Stage | str, cfg) -> Path | None:
     """``stage``'s output folder when it is up to date for ``cfg`` (``force`` off), else None: the
-    check :func:`run` makes first, for the launcher to make before it starts a process."""
+    check :func:`run` makes first, for the launcher to make before it starts a process. An output
+    without a manifest is settled before the inputs are read (import's hash every teacher file)."""
     stage = get(stage) if isinstance(stage, str) else stage
-    output, _, _, _, current = _state(stage, cfg)
+    output = Path(str(stage.output(cfg)))
+    if not output.is_dir() or read_manifest(output) is None:
+        return None
+    _, _, _, _, current = _state(stage, cfg)
     return output if current else None
 
 

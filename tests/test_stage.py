@@ -46,10 +46,11 @@ def test_a_copied_run_is_up_to_date_and_the_stage_gets_real_paths(tmp_path):
 
 def test_up_to_date_is_the_check_run_makes(tmp_path):
     """What the launcher asks before it starts a stage's process: the output when run would skip."""
-    calls = []
+    calls, read = [], []
     stage = counting_stage(calls)
+    stage = dataclasses.replace(stage, inputs=lambda cfg, inputs=stage.inputs: read.append(1) or inputs(cfg))
     cfg = config(tmp_path / "runs", tmp_path / "data")
-    assert up_to_date(stage, cfg) is None                               # nothing there yet
+    assert up_to_date(stage, cfg) is None and read == []                # nothing there: the inputs are not read
     run(stage, cfg)
     assert up_to_date(stage, cfg) == tmp_path / "runs" / "demo" / "toy"
     assert up_to_date(stage, config(tmp_path / "runs", tmp_path / "data2")) is None       # other inputs
