@@ -57,16 +57,7 @@ def test_kill_9_after_a_checkpoint_resumes_bit_identically(tmp_path, tiny_teache
     whole = run_script("scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / "whole", **steps))
     assert whole.returncode == 0, whole.stderr[-3000:]
     args = distill_args(tiny_teacher, tiny_data, tmp_path / "killed", **steps)
-    process = subprocess.Popen([sys.executable, "scripts/distill.py", *args], cwd=REPO,
-                               env=child_env({"OMP_NUM_THREADS": "1"}), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    latest = tmp_path / "killed" / "train" / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while not latest.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = _kill_after_first_checkpoint(args)
     assert killed_at < 12 and not (tmp_path / "killed" / "manifest.json").exists()
     resumed = run_script("scripts/distill.py", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -204,7 +195,13 @@ def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_tea
     assert cli.returncode == 2 and "error:" in cli.stderr and "Traceback" not in cli.stderr
 
 
+def _children(pid: int) -> set[int]:
+    return {int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()}
+
+
 def _kill_after_first_checkpoint(args):
+    """kill -9 a distill process once it has saved; the step saved. Nothing it started outlives it
+    (megatron's checkpoint writer starts a manager server, which would: pipelines.writer_queue)."""
     process = subprocess.Popen([sys.executable, "scripts/distill.py", *args], cwd=REPO,
                                env=child_env({"OMP_NUM_THREADS": "1"}), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -213,8 +210,16 @@ def _kill_after_first_checkpoint(args):
     deadline = time.time() + 120
     while not os.path.exists(latest) and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
+    children = _children(process.pid)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    assert children, "the distill process had started no writer process"
+    deadline = time.time() + 10
+    while children and time.time() < deadline:
+        children = {c for c in children if Path(f"/proc/{c}").exists() and
+                    Path(f"/proc/{c}/stat").read_text().split(") ")[-1][0] != "Z"}
+        time.sleep(0.1)
+    assert not children, f"processes {children} outlived the killed distill process"
     return json.loads(open(latest).read())["step"]
 
 
