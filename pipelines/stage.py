@@ -126,9 +126,11 @@ def run_all(stage: Stage | str, cfg) -> list[dict]:
 def run(stage: Stage | str, cfg) -> dict:
     """Run ``stage`` on ``cfg`` unless its output is up to date; returns its manifest."""
     stage = get(stage) if isinstance(stage, str) else stage
-    output, inputs, stamp, done, current = _state(stage, cfg)
+    output, done = _finished(stage, cfg)
+    inputs = stage.inputs(cfg)
+    stamp = portable(inputs, cfg)
     force = bool(cfg.get("force", False))
-    if current:
+    if not force and _same_inputs(done, inputs, stamp):
         print(skip_line(stage, output), flush=True)
         return done
     if not stage.replaces and not force:
@@ -171,27 +173,27 @@ def up_to_date(stage: Stage | str, cfg) -> Path | None:
     check :func:`run` makes first, for the launcher to make before it starts a process. An output
     without a manifest is settled before the inputs are read (import's hash every teacher file)."""
     stage = get(stage) if isinstance(stage, str) else stage
-    output = Path(str(stage.output(cfg)))
-    if not output.is_dir() or read_manifest(output) is None:
+    output, done = _finished(stage, cfg)
+    if done is None or bool(cfg.get("force", False)):
         return None
-    _, _, _, _, current = _state(stage, cfg)
-    return output if current else None
+    inputs = stage.inputs(cfg)
+    return output if _same_inputs(done, inputs, portable(inputs, cfg)) else None
 
 
 def skip_line(stage: Stage, output: Path) -> str:
     return f"[{stage.name}] {output} is up to date; skipping (force=true reruns)"
 
 
-def _state(stage: Stage, cfg) -> tuple[Path, dict | None, dict | None, dict | None, bool]:
-    """``(output, inputs, stamp, manifest, up to date)``: a folder whose manifest holds these inputs
-    (as stamped, or with the real paths as written before) is up to date unless ``force``."""
+def _finished(stage: Stage, cfg) -> tuple[Path, dict | None]:
+    """The output folder and its manifest (None: not finished)."""
     output = Path(str(stage.output(cfg)))
-    inputs = stage.inputs(cfg)
-    stamp = portable(inputs, cfg)
-    done = read_manifest(output) if output.is_dir() else None
-    current = (inputs is not None and done is not None and done.get("inputs") in (stamp, inputs)
-               and not bool(cfg.get("force", False)))
-    return output, inputs, stamp, done, current
+    return output, read_manifest(output) if output.is_dir() else None
+
+
+def _same_inputs(done: dict | None, inputs: dict | None, stamp: dict | None) -> bool:
+    """Whether a finished output was made from these inputs: as stamped, or with the real paths as
+    written before (a stage with no inputs always runs)."""
+    return inputs is not None and done is not None and done.get("inputs") in (stamp, inputs)
 
 
 def portable(inputs, cfg):

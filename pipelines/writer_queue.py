@@ -54,7 +54,3 @@ def install() -> bool:
     _manager = manager
     return True
 
-
-def server_pid() -> int | None:
-    """The pid of the manager server :func:`install` started, if any."""
-    return _manager._process.pid if _manager is not None else None
