@@ -27,7 +27,6 @@ import torch
 import yaml
 
 from pipelines import model as model_lib
-from pipelines import writer_queue
 from pipelines.artifacts import read_manifest, sha256_file
 from pipelines.errors import require
 
@@ -159,7 +158,6 @@ def save_weights(model, folder: Path, release_model: bool = False, writer_proces
     if release_model:
         _own_views_releasing_parameters(model, state)
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writer_processes)
-    writer_queue.install()
     dist_checkpointing.save(state, str(weights), strategy)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines import cpu_shims
+from pipelines import cpu_shims, writer_queue
 from pipelines.errors import UserError, require
 
 # The versions this code was tested with (requirements.txt and the Dockerfile pin the same).
@@ -142,6 +142,7 @@ def initialize(parallel, seed: int = 1234, reuse_freed_memory: bool = True) -> L
         cpu_shims.apply()
         if reuse_freed_memory:
             keep_freed_memory()
+    writer_queue.install()   # megatron's checkpoint writer leaves no process behind a killed one
     rank, world_size, local_rank = _launch_environment()
     tensor, pipeline = int(parallel.tensor), int(parallel.pipeline)
     context = int(parallel.get("context", 1))

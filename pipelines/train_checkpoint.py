@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import runtime, writer_queue
+from pipelines import runtime
 from pipelines.artifacts import sha256_file, write_json
 from pipelines.errors import require
 
@@ -123,7 +123,6 @@ class TrainingCheckpoints:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         torch.distributed.barrier()
-        writer_queue.install()
         dist_checkpointing.save(self._state(loading=False), str(staging))
         torch.distributed.barrier()
         checksums = self._checksums(staging)
