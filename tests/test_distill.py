@@ -294,6 +294,20 @@ def test_a_cache_shard_corrupted_mid_run_stops_at_its_step_by_name(tmp_path, tin
     assert [x["step"] for x in train] == [1, 2, 3, 4] and all(x["data_wait_s"] >= 0 for x in train)
 
 
+def test_a_step_after_validation_trains_every_module(tmp_path, tiny_data, tiny_teacher, full_cache):
+    """evaluate() leaves the model in eval mode; the next step sets training mode back on every
+    module (the step sets it only when it is off: not on each of ~370 modules every step)."""
+    from pipelines.distill import Plan, Trainer
+
+    cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path, **{"distill.cache": full_cache}))
+    trainer = Trainer(Plan(cfg, 1), _layout())
+    trainer.prepare_eval()
+    trainer.evaluate()
+    assert not any(m.training for m in trainer.model.modules())
+    trainer.train_step()
+    assert all(m.training for m in trainer.model.modules())
+
+
 @pytest.mark.parametrize("mode", ["cache", "online"])
 def test_a_steps_forward_and_backward_read_nothing_on_the_host(tmp_path, tiny_teacher, trained_teacher,
                                                                tiny_data, full_cache, mode, monkeypatch):
