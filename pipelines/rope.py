@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-_ANGLES: list[tuple] = []   # (freqs, dtype, cos, sin): the few angle tensors in use, newest last
+_ANGLES: list[tuple] = []   # (freqs, dtype, halves): the few angle tensors in use, newest last
 
 
 def install() -> bool:
@@ -32,22 +32,28 @@ def install() -> bool:
     return rope_utils.fused_apply_rotary_pos_emb is apply_rotary_pos_emb
 
 
-def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype):
-    for angles, kind, cos, sin in _ANGLES:
+def _halves(freqs: torch.Tensor, dtype: torch.dtype):
+    """``(cos₁, cos₂, sin₁, sin₂)``: cos and sin of the two halves of the angles' last dimension, in
+    ``dtype``, computed and sliced once per angle tensor (not in every call, forward and backward)."""
+    for angles, kind, halves in _ANGLES:
         if angles is freqs and kind == dtype:
-            return cos, sin
+            return halves
+    half = freqs.shape[-1] // 2
     with torch.no_grad():
         cos, sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
-    _ANGLES.append((freqs, dtype, cos, sin))
+        halves = (cos[..., :half].contiguous(), cos[..., half:].contiguous(),
+                  sin[..., :half].contiguous(), sin[..., half:].contiguous())
+    _ANGLES.append((freqs, dtype, halves))
     del _ANGLES[:-4]
-    return cos, sin
+    return halves
 
 
-def _combine(a: torch.Tensor, b: torch.Tensor, c_a, s_b, c_b, s_a, sign_first: float) -> torch.Tensor:
-    """``[a·c_a + sign_first·b·s_b, b·c_b − sign_first·a·s_a]`` along the last dimension, each half
-    written once in place."""
-    out = torch.empty((*a.shape[:-1], 2 * a.shape[-1]), dtype=a.dtype, device=a.device)
-    half = a.shape[-1]
+def _combine(x: torch.Tensor, c_a, s_b, c_b, s_a, sign_first: float) -> torch.Tensor:
+    """``[a·c_a + sign_first·b·s_b, b·c_b − sign_first·a·s_a]`` for ``x = [a, b]`` along the last
+    dimension (a new contiguous tensor), each half written once in place."""
+    half = c_a.shape[-1]
+    a, b = x[..., :half], x[..., half:]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     first, second = out[..., :half], out[..., half:]
     torch.mul(a, c_a, out=first).addcmul_(b, s_b, value=sign_first)
     torch.mul(b, c_b, out=second).addcmul_(a, s_a, value=-sign_first)
@@ -57,28 +63,25 @@ def _combine(a: torch.Tensor, b: torch.Tensor, c_a, s_b, c_b, s_a, sign_first: f
 class _Rotate(torch.autograd.Function):
     """``t·cos + rotate_half(t)·sin`` with ``rotate_half(t) = [−t₂, t₁]``: the first half
     ``t₁·cos₁ − t₂·sin₁``, the second ``t₂·cos₂ + t₁·sin₂``; the gradient is the transposed map,
-    ``[g₁·cos₁ + g₂·sin₂, g₂·cos₂ − g₁·sin₁]``."""
+    ``[g₁·cos₁ + g₂·sin₂, g₂·cos₂ − g₁·sin₁]``. The cos and sin halves are constants of the cache
+    (no gradient), held on ``ctx`` as they are."""
 
     @staticmethod
-    def forward(ctx, t, cos, sin):
-        half = t.shape[-1] // 2
-        c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
-        ctx.save_for_backward(cos, sin)
-        return _combine(t[..., :half], t[..., half:], c1, s1, c2, s2, -1.0)
+    def forward(ctx, t, halves):
+        c1, c2, s1, s2 = ctx.halves = halves
+        return _combine(t, c1, s1, c2, s2, -1.0)
 
     @staticmethod
     def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        half = grad.shape[-1] // 2
-        c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
-        return _combine(grad[..., :half], grad[..., half:], c1, s2, c2, s1, 1.0), None, None
+        c1, c2, s1, s2 = ctx.halves
+        return _combine(grad, c1, s2, c2, s1, 1.0), None
 
 
 def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **kwargs):
     """TE's ``fused_apply_rotary_pos_emb`` contract for the ``sbhd`` layout megatron uses."""
-    if interleaved or freqs.shape[-1] != t.shape[-1] or t.shape[-1] % 2 or kwargs.get("tensor_format", "sbhd") != "sbhd":
+    if (interleaved or freqs.shape[-1] != t.shape[-1] or t.shape[-1] % 2
+            or kwargs.get("tensor_format", "sbhd") != "sbhd"):
         from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
         return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
-    cos, sin = _cos_sin(freqs, t.dtype)
-    return _Rotate.apply(t, cos, sin)
+    return _Rotate.apply(t, _halves(freqs, t.dtype))
