@@ -19,6 +19,8 @@
 #   vs_random     bench/vs_transformers.py --random: #14's three ratios at SmolLM2-135M's shape
 #   distill_step  bench/distill_step.py --real: cache KD and online KD against a CE step
 #   slice         gpu-check's 8B-width slice: tokens/s and peak memory against the memory plan
+#   vs_large      vs_random at 16 x 1024 tokens a step, where the GPU's arithmetic, not the host, sets
+#                 the pace (4 x 256, #14's shape, is a few hundred small kernels a step)
 #   vs_host       bench/vs_transformers.py --host: the host's time per step
 #   attention     gpu-check's attention at Llama-3.1-8B's shape, fused kernels only
 # Without a GPU (QUICK=1, for trying the round on CPU) the benchmarks run their --quick modes and
@@ -29,9 +31,10 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-runs/device_round}
 ROUND_SECONDS=${ROUND_SECONDS:-540}
 PARTS=("$@")
-[ ${#PARTS[@]} -gt 0 ] || PARTS=(env tiny vs_random distill_step slice vs_host attention)
+[ ${#PARTS[@]} -gt 0 ] || PARTS=(env tiny vs_random distill_step slice vs_large vs_host attention)
 QUICK_ARGS=()
-[ -n "${QUICK:-}" ] && QUICK_ARGS=(--quick)
+LARGE_ARGS=(--batch 16 --sequence-length 1024)
+[ -n "${QUICK:-}" ] && QUICK_ARGS=(--quick) && LARGE_ARGS=()
 START=$SECONDS
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
@@ -95,9 +98,10 @@ for name in "${PARTS[@]}"; do
     vs_random)    part vs_random vs_random 130 "$PYTHON" bench/vs_transformers.py --random "${QUICK_ARGS[@]}" ;;
     distill_step) part distill_step distill_step 100 "$PYTHON" bench/distill_step.py --real "${QUICK_ARGS[@]}" ;;
     slice)        part slice gpu_check 100 "$PYTHON" scripts/gpu_check.py --part slice ;;
+    vs_large)     part vs_large vs_large 100 "$PYTHON" bench/vs_transformers.py --random "${LARGE_ARGS[@]}" "${QUICK_ARGS[@]}" ;;
     vs_host)      part vs_host vs_host 40 "$PYTHON" bench/vs_transformers.py --host "${QUICK_ARGS[@]}" ;;
     attention)    part attention gpu_check 60 "$PYTHON" scripts/gpu_check.py --part attention ;;
-    *) echo "$name: no such part (env tiny vs_random distill_step slice vs_host attention)" | tee -a "$OUT/summary.txt" ;;
+    *) echo "$name: no such part (env tiny vs_random distill_step slice vs_large vs_host attention)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
 [ -f runs/gpu_check/result.json ] && cp runs/gpu_check/result.json "$OUT/gpu_check.json"
