@@ -1,6 +1,6 @@
 # GPU image: NVIDIA's NeMo Framework container for its CUDA build of torch, transformer-engine and
 # apex, with megatron-core and ModelOpt replaced by the versions this code is tested with
-# (requirements.txt; pipelines/runtime.py stops at start on any other version, naming these).
+# (requirements.txt; pipelines/backend/distributed.py stops at start on any other version, naming these).
 # --no-deps keeps the container's torch and transformer-engine; ModelOpt's other dependencies
 # (its package metadata: ninja, nvidia-ml-py, pulp, pydantic, regex, rich, scipy) are installed by name.
 # Not built in CI (no GPU registry access there).

@@ -4,7 +4,7 @@
 
 Builds a random Llama (hidden 512, 8 layers, vocab 8192), then times (a) plain forward passes
 over the calibration batches and (b) ModelOpt Minitron's importance estimation on the same
-batches (its forward loop with activation hooks, run through ``pipelines.prune.width_prune``
+batches (its forward loop with activation hooks, run through ``pipelines.pruning.methods.width_prune``
 up to and including the pruning itself). Reports medians over repeats; goal <= 1.3.
 Last line: ``calib_over_forward=<x>``.
 """
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pipelines import model as model_lib
-from pipelines import prune, runtime
-from pipelines.cli import quiet_known_noise
+from pipelines.backend import distributed
+from pipelines.launch.cli import quiet_known_noise
+from pipelines.model import build as model_lib
+from pipelines.pruning import methods
 
 ARCH = {"num_layers": 8, "hidden_size": 512, "ffn_hidden_size": 1536, "num_attention_heads": 8,
         "num_query_groups": 4, "kv_channels": 64, "vocab_size": 8192, "max_position_embeddings": 1024,
@@ -41,7 +42,7 @@ def main() -> None:
     if args.quick:
         args.samples, args.sequence_length, args.repeats = 16, 128, 1
     quiet_known_noise()
-    runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    distributed.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, ARCH["vocab_size"], (args.batch_size, args.sequence_length + 1),
                              generator=generator) for _ in range(args.samples // args.batch_size)]
@@ -61,7 +62,7 @@ def main() -> None:
         forward_times.append(time.perf_counter() - started)
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            prune.width_prune(model, ARCH, {"hidden_size": 384, "ffn_hidden_size": 1024,
+            methods.width_prune(model, ARCH, {"hidden_size": 384, "ffn_hidden_size": 1024,
                                             "num_attention_heads": 8},
                               lambda: iter(batches), Path(tmp) / "scores.pth")
             calibration_times.append(time.perf_counter() - started)

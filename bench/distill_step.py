@@ -87,9 +87,10 @@ class PeakMemory:
 
 
 def worker(mode: str, overrides: list[str], steps: int) -> dict:
-    from pipelines import runtime
-    from pipelines.cli import quiet_known_noise
-    from pipelines.distill import Plan, Trainer
+    from pipelines.backend import distributed
+    from pipelines.launch.cli import quiet_known_noise
+    from pipelines.training.plan import Plan
+    from pipelines.training.trainer import Trainer
 
     quiet_known_noise()
     extra = {"ce": ["distill.teacher=none", "distill.kd_weight=0"],
@@ -97,11 +98,11 @@ def worker(mode: str, overrides: list[str], steps: int) -> dict:
              "online": ["distill.teacher=online", "distill.kd_weight=1"],
              "teacher": ["distill.teacher=online", "distill.kd_weight=1"]}[mode]
     cfg = compose(overrides + extra)
-    layout = runtime.initialize(cfg.parallel)
+    layout = distributed.initialize(cfg.parallel)
     trainer = Trainer(Plan(cfg, layout.data_parallel), layout)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     if mode == "teacher":
-        from pipelines.distill import make_batch, step_samples
+        from pipelines.training.batches import make_batch, step_samples
 
         plan = trainer.plan
         indices = step_samples(0, plan.global_batch, plan.samples, 0, 1)
@@ -129,16 +130,17 @@ def worker(mode: str, overrides: list[str], steps: int) -> dict:
 
 
 def _mask_args(tokens):
-    from pipelines.model import causal_mask, position_ids
+    from pipelines.model.build import causal_mask, position_ids
 
     return position_ids(tokens), causal_mask(tokens.shape[1], tokens.device)
 
 
 def prepare(folder: Path, args) -> list[str]:
+    from pipelines import stages
     from omegaconf import OmegaConf
 
-    from pipelines import convert, stage
-    from pipelines.random_hf import write_random_hf
+    from pipelines.hf.random_hf import write_random_hf
+    from pipelines.stages import import_
 
     model = OmegaConf.to_container(compose([]).model)
     model.update(vocab_size=args.vocab, hidden_size=args.hidden, ffn_hidden_size=args.hidden * 3,
@@ -150,7 +152,7 @@ def prepare(folder: Path, args) -> list[str]:
     for name, layers in (("teacher", args.layers), ("student", args.layers // 2)):
         write_random_hf(OmegaConf.create({"output": str(folder / f"{name}_hf"), "seed": 0, "dtype": "float32",
                                           "model": {**model, "num_layers": layers}}))
-        convert.import_hf(OmegaConf.create({"source": str(folder / f"{name}_hf"), "output": str(folder / name),
+        import_.import_hf(OmegaConf.create({"source": str(folder / f"{name}_hf"), "output": str(folder / name),
                                             "make_vocab_size_divisible_by": 128}))
     samples = (args.steps + 1) * args.global_batch
     overrides = [f"data.output={args.data}", f"distill.student={folder / 'student'}",
@@ -162,7 +164,7 @@ def prepare(folder: Path, args) -> list[str]:
                  "distill.chunk_tokens=1024", f"logits.teacher={folder / 'teacher'}",
                  f"logits.output={folder / 'cache'}", f"logits.samples={samples}", "logits.k=64",
                  f"logits.samples_per_shard={samples}"]
-    stage.run("logits", compose(overrides))
+    stages.run("logits", compose(overrides))
     return overrides
 
 

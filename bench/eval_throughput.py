@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pipelines import checkpoint, runtime
-from pipelines.cli import quiet_known_noise
-from pipelines.eval import loglikelihoods, mmlu_requests
-from pipelines.model import forward_logits
+from pipelines.backend import distributed
+from pipelines.evaluation.scoring import loglikelihoods, mmlu_requests
+from pipelines.launch.cli import quiet_known_noise
+from pipelines.model import checkpoint
+from pipelines.model.build import forward_logits
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     if args.quick:
         args.limit, args.repeats = 1, 1
     quiet_known_noise()
-    layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    layout = distributed.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
     folder = Path(args.checkpoint)
     model, arch = checkpoint.load_model(folder, layout)
     model.eval()

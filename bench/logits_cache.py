@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from pipelines import checkpoint, runtime
-from pipelines.cli import quiet_known_noise
-from pipelines.data import TokenWindows
-from pipelines.kd_loss import teacher_topk
-from pipelines.logits_cache import Layout, write_shard
-from pipelines.model import forward_logits
+from pipelines.backend import distributed
+from pipelines.data.corpus import TokenWindows
+from pipelines.data.logits_cache import Layout, write_shard
+from pipelines.launch.cli import quiet_known_noise
+from pipelines.model import checkpoint
+from pipelines.model.build import forward_logits
+from pipelines.ops.kd_loss import teacher_topk
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     if args.quick:
         args.samples, args.repeats = 16, 1
     quiet_known_noise()
-    layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    layout = distributed.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
     model, arch = checkpoint.load_model(Path(args.teacher), layout)
     vocab = arch["vocab_size"]
     train = TokenWindows(Path(args.data), "train", args.sequence_length)

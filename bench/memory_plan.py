@@ -15,8 +15,8 @@ runtime started) minus the resident set at that moment, with glibc returning fre
 once (``PIPELINES_KEEP_FREED_MEMORY=0``, and a fixed 64 KiB mmap threshold so that glibc's
 dynamic threshold does not keep freed blocks below 32 MiB in the heap), so the resident set
 follows live tensors as a GPU's ``max_memory_allocated`` would. Predicted is
-:mod:`pipelines.memory_plan` for the same shapes on CPU: float32, the local spec (torch's fused
-attention kernel, :mod:`pipelines.swiglu`), no framework allowance. Then it prints the GPU predictions
+:mod:`pipelines.launch.memory_plan` for the same shapes on CPU: float32, the local spec (torch's fused
+attention kernel, :mod:`pipelines.ops.swiglu`), no framework allowance. Then it prints the GPU predictions
 for every stage of both shipped 8B experiments. Last line:
 ``plan_max_rel_error=<x> worst_8b_stage_gb=<y>`` (x over every measured point).
 """
@@ -64,19 +64,20 @@ def _reset_peak() -> int:
 
 
 def worker(stage: str, overrides: list[str]) -> dict:
-    from pipelines import runtime
-    from pipelines.cli import quiet_known_noise
+    from pipelines.backend import distributed
+    from pipelines.launch.cli import quiet_known_noise
 
     quiet_known_noise()
     cfg = compose(overrides)
-    layout = runtime.initialize(cfg.parallel)
+    layout = distributed.initialize(cfg.parallel)
     # code the stage imports lazily is not tensor memory: load it before the baseline
     import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
     import megatron.core.models.gpt  # noqa: F401
     import megatron.core.optimizer  # noqa: F401
     import torch.distributed.checkpoint  # noqa: F401
     if stage == "distill":
-        from pipelines.distill import Plan, Trainer
+        from pipelines.training.plan import Plan
+        from pipelines.training.trainer import Trainer
 
         plan = Plan(cfg, layout.data_parallel)
         base = _reset_peak()
@@ -84,7 +85,7 @@ def worker(stage: str, overrides: list[str]) -> dict:
         for _ in range(2):
             trainer.train_step()
     else:
-        from pipelines import stage as stages
+        from pipelines.stages import base as stages
 
         base = _reset_peak()
         stages.run("logits", cfg)
@@ -116,15 +117,16 @@ def _run_worker(stage: str, overrides: list[str]) -> dict:
 def measure(folder: Path, size, data: str) -> list[tuple[str, float, float]]:
     from omegaconf import OmegaConf
 
-    from pipelines import convert, memory_plan
-    from pipelines import model as model_lib
-    from pipelines.random_hf import write_random_hf
+    from pipelines.hf.random_hf import write_random_hf
+    from pipelines.launch import memory_plan
+    from pipelines.model import build as model_lib
+    from pipelines.stages import import_
 
     name, hidden, layers, ffn, heads, groups, vocab, sequence, micro_batch = size
     model = _arch(hidden, layers, ffn, heads, groups, vocab)
     hf, checkpoint = folder / f"{name}_hf", folder / name
     write_random_hf(OmegaConf.create({"output": str(hf), "seed": 0, "dtype": "float32", "model": model}))
-    convert.import_hf(OmegaConf.create({"source": str(hf), "output": str(checkpoint),
+    import_.import_hf(OmegaConf.create({"source": str(hf), "output": str(checkpoint),
                                         "make_vocab_size_divisible_by": 128}))
     arch = model_lib.architecture(model)
     distill = [f"data.output={data}", f"distill.student={checkpoint}", "distill.teacher=none",
@@ -161,9 +163,10 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides))))
         return
-    from pipelines import stage as stages
-    from pipelines import launch, memory_plan, validate
-    from pipelines.artifacts import read_manifest
+    from pipelines.core.artifacts import read_manifest
+    from pipelines.launch import memory_plan, preflight
+    from pipelines.launch import plan as plan_
+    from pipelines.stages import base as stages
 
     if read_manifest(Path(args.data)) is None:  # the demo corpus, tokenized once
         stages.run("prepare", compose(["experiment=demo", f"data.output={args.data}"]))
@@ -180,8 +183,8 @@ def main() -> None:
     worst = 0.0
     for experiment in ("llama31_8b_width_4b", "llama31_8b_depth_4b"):
         cfg = compose([f"experiment={experiment}"])
-        stages = launch.pipeline_stages(cfg)
-        estimates = memory_plan.plan(cfg, stages, validate.check(cfg, stages))
+        stages = plan_.pipeline_stages(cfg)
+        estimates = memory_plan.plan(cfg, stages, preflight.check(cfg, stages))
         print(f"{experiment} (H100 80 GB, bf16, TE spec), predicted peak per GPU:")
         for estimate in estimates:
             print(f"  {estimate.line()}")

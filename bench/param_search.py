@@ -33,6 +33,7 @@ def largest(values, fits):
 
 
 def main() -> None:
+    from pipelines import stages
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=0.7, help="a fraction of the teacher's parameters")
     parser.add_argument("--teacher", type=Path, default=REPO / "runs" / "demo" / "correct")
@@ -44,11 +45,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.calib_samples, args.eval_samples = 16, 8
-    from pipelines import checkpoint, search, stage
-    from pipelines.model import count_parameters
-    from pipelines.cli import quiet_known_noise
-    from pipelines.errors import require
-    from pipelines.launch import compose_pipeline
+    from pipelines.core.errors import require
+    from pipelines.launch.cli import quiet_known_noise
+    from pipelines.launch.preflight import compose_pipeline
+    from pipelines.model import checkpoint
+    from pipelines.model.build import count_parameters
+    from pipelines.pruning import search
 
     quiet_known_noise()
     require((args.teacher / "manifest.json").exists(), f"no finished checkpoint in {args.teacher}; run make demo "
@@ -83,7 +85,7 @@ def main() -> None:
             if overrides[-1].endswith("=None"):
                 print(f"{name}: no shape of this kind within the budget")
                 continue
-            report = stage.run("prune", compose_pipeline([*common, *overrides,
+            report = stages.run("prune", compose_pipeline([*common, *overrides,
                                                            f"prune.output={work / name}"]))["report"]
             results[name] = report
     print(f"\nteacher: {count_parameters(teacher):,} parameters, budget {args.budget} -> "

@@ -107,9 +107,9 @@ def main() -> None:
         final = json.loads((run / f"distill_search_r{len(rounds)}" / "manifest.json").read_text())
         results[name] = {"curve": points, "shapes": shapes, "params": final["parameters"],
                          "val_loss": final["final"]["val_loss"]}
-    from pipelines import model as model_lib
-    from pipelines import search
-    from pipelines.checkpoint import read_architecture
+    from pipelines.model import build as model_lib
+    from pipelines.model.checkpoint import read_architecture
+    from pipelines.pruning import search
 
     arch, _ = read_architecture(teacher)
     budget = int(args.target * model_lib.count_parameters(arch))

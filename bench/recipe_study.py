@@ -67,7 +67,7 @@ def main() -> None:
     if args.quick:
         common += ["eval.mmlu.subjects=[astronomy]", "eval.val_samples=16"]
     seeds = "distill.data_seed=" + ",".join(str(s) for s in range(1, args.seeds + 1))
-    from pipelines.launch import compose_pipeline
+    from pipelines.launch.preflight import compose_pipeline
 
     if not args.quick and not args.correct_steps:
         common += [f"run.name={args.experiment}_released", "correct.enabled=false"]

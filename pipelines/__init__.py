@@ -1,5 +1,5 @@
 """Prune-then-distill pipeline for Llama-family models on megatron-core and NVIDIA ModelOpt."""
 
-from pipelines.experiment import register_resolvers
+from pipelines.core.experiment import register_resolvers
 
 register_resolvers()

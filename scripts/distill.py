@@ -3,13 +3,13 @@
     python scripts/distill.py experiment=demo prune=depth
     python scripts/distill.py distill.student=CKPT distill.teacher=none distill.kd_weight=0 distill.output=OUT
 
-The stage itself is ``distill`` in :func:`pipelines.stage.registry`; this script only composes
+The stage itself is ``distill`` in :func:`pipelines.stages.registry`; this script only composes
 ``configs/pipeline.yaml`` and runs it.
 """
 
 import hydra
 
-from pipelines.cli import run_stage
+from pipelines.launch.cli import run_stage
 
 
 @hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")

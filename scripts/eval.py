@@ -3,13 +3,13 @@
     python scripts/eval.py experiment=demo                  (every finished model in the run)
     python scripts/eval.py eval.model=CKPT eval.output=OUT eval.limit=5
 
-The stage itself is ``eval`` in :func:`pipelines.stage.registry`; this script only composes
+The stage itself is ``eval`` in :func:`pipelines.stages.registry`; this script only composes
 ``configs/pipeline.yaml`` and runs it.
 """
 
 import hydra
 
-from pipelines.cli import run_stage
+from pipelines.launch.cli import run_stage
 
 
 @hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")

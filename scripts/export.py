@@ -3,13 +3,13 @@
     python scripts/export.py experiment=demo prune=depth
     python scripts/export.py export.source=CKPT_DIR export.output=HF_DIR
 
-The stage itself is ``export`` in :func:`pipelines.stage.registry`; this script only composes
+The stage itself is ``export`` in :func:`pipelines.stages.registry`; this script only composes
 ``configs/pipeline.yaml`` and runs it.
 """
 
 import hydra
 
-from pipelines.cli import run_stage
+from pipelines.launch.cli import run_stage
 
 
 @hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")

@@ -5,8 +5,8 @@
 
 import hydra
 
-from pipelines.cli import run_cli
-from pipelines.gguf import gguf_to_hf
+from pipelines.hf.gguf import gguf_to_hf
+from pipelines.launch.cli import run_cli
 
 
 @hydra.main(config_path="../configs", config_name="gguf_to_hf", version_base="1.3")

@@ -6,8 +6,8 @@
 
 import sys
 
-from pipelines.cli import run_cli
-from pipelines.gpu_check import main
+from pipelines.launch.cli import run_cli
+from pipelines.tools.gpu_check import main
 
 if __name__ == "__main__":
     run_cli(main, sys.argv[1:])

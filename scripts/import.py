@@ -3,13 +3,13 @@
     python scripts/import.py experiment=demo                  (the demo: a random tiny teacher with the data's tokenizer)
     python scripts/import.py import.source=HF_DIR import.output=OUT_DIR
 
-The stage itself is ``import`` in :func:`pipelines.stage.registry`; this script only composes
+The stage itself is ``import`` in :func:`pipelines.stages.registry`; this script only composes
 ``configs/pipeline.yaml`` and runs it.
 """
 
 import hydra
 
-from pipelines.cli import run_stage
+from pipelines.launch.cli import run_stage
 
 
 @hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")

@@ -2,13 +2,13 @@
 
     python scripts/prune.py experiment=demo prune=width
 
-The stage itself is ``prune`` in :func:`pipelines.stage.registry`; this script only composes
+The stage itself is ``prune`` in :func:`pipelines.stages.registry`; this script only composes
 ``configs/pipeline.yaml`` and runs it.
 """
 
 import hydra
 
-from pipelines.cli import run_stage
+from pipelines.launch.cli import run_stage
 
 
 @hydra.main(config_path="../configs", config_name="pipeline", version_base="1.3")

@@ -5,8 +5,8 @@
 
 import hydra
 
-from pipelines.cli import run_cli
-from pipelines.random_hf import write_random_hf
+from pipelines.hf.random_hf import write_random_hf
+from pipelines.launch.cli import run_cli
 
 
 @hydra.main(config_path="../configs", config_name="random_hf", version_base="1.3")

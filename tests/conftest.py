@@ -51,12 +51,12 @@ def import_hf_llama(folder: Path, tokenizer: Path, **overrides) -> Path:
     ``folder / "ckpt"`` (returned)."""
     import shutil
 
-    from pipelines import convert
+    from pipelines.stages import import_
 
     hf = make_hf_llama(folder / "hf", **overrides)
     for file in tokenizer.iterdir():
         shutil.copy(file, hf / file.name)
-    convert.import_hf(import_cfg(hf, folder / "ckpt"))
+    import_.import_hf(import_cfg(hf, folder / "ckpt"))
     return folder / "ckpt"
 
 
@@ -92,9 +92,9 @@ def run_torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Compl
 @pytest.fixture
 def cpu_runtime():
     """A single-process gloo runtime at TP=PP=1."""
-    from pipelines import runtime
+    from pipelines.backend import distributed
 
-    return runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    return distributed.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
 
 
 # the demo's model at the tiny corpus's vocabulary (its BPE has 300 tokens)
@@ -117,7 +117,7 @@ def compose(config_name: str, overrides: list[str]):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A tokenized synthetic corpus with a trained 300-token byte-level BPE."""
-    from pipelines import stage
+    from pipelines import stages
 
     folder = tmp_path_factory.mktemp("data")
     generator = torch.Generator().manual_seed(0)
@@ -130,7 +130,7 @@ def tiny_data(tmp_path_factory) -> Path:
                                    "data.name=tiny", "data.train_tokenizer_vocab=300",
                                    f"data.output={folder / 'tokens'}", "data.valid_fraction=0.1",
                                    f"paths.data={folder}"])
-    stage.run("prepare", cfg)
+    stages.run("prepare", cfg)
     return folder / "tokens"
 
 
@@ -139,10 +139,10 @@ def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
     """The demo's model (configs/model/tiny.yaml: 4 layers, hidden 64, GQA), random weights, with
     the tiny corpus's 300-token tokenizer: imported by the import stage as the demo imports its
     teacher (``run.random_teacher``). Its Hugging Face folder is ``<parent>/random_hf``."""
-    from pipelines import stage
+    from pipelines import stages
 
     runs = tmp_path_factory.mktemp("teacher")
-    stage.run("import", compose("pipeline", [*TINY_RUN, f"paths.runs={runs}", f"data.output={tiny_data}"]))
+    stages.run("import", compose("pipeline", [*TINY_RUN, f"paths.runs={runs}", f"data.output={tiny_data}"]))
     return runs / "tiny" / "import"
 
 
@@ -150,10 +150,10 @@ def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
 def trained_teacher(tmp_path_factory, tiny_teacher, tiny_data) -> Path:
     """The tiny teacher after 150 steps on the tiny corpus with the project's own loop: the
     correct stage (distill with no teacher), as the demo pre-trains its teacher."""
-    from pipelines import stage
+    from pipelines import stages
 
     folder = tmp_path_factory.mktemp("trained") / "ckpt"
-    stage.run("correct", compose("pipeline", [
+    stages.run("correct", compose("pipeline", [
         *TINY_RUN, f"data.output={tiny_data}", f"correct.student={tiny_teacher}", f"correct.output={folder}",
         "correct.train_steps=150", "correct.lr=3e-3", "correct.min_lr=3e-4", "correct.warmup_steps=5",
         "correct.sequence_length=64", "correct.global_batch_size=8", "correct.micro_batch_size=8",

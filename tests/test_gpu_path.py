@@ -9,20 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, compose, import_cfg, import_hf_llama, make_hf_llama, run_script, run_torchrun
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose, import_cfg, import_hf_llama, make_hf_llama, run_script, run_torchrun
-from pipelines import checkpoint, convert, runtime
-from pipelines import model as model_lib
-from pipelines.errors import UserError
-from pipelines.kd_loss import TopK
+from pipelines.backend import distributed, kernels
+from pipelines.core.errors import UserError
+from pipelines.model import build as model_lib
+from pipelines.model import checkpoint, spec
+from pipelines.ops.kd_loss import TopK
+from pipelines.stages import import_
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_checkpoint_holds_exactly_the_te_spec_keys(tmp_path, cpu_runtime, tie):
     """A checkpoint written here (local spec) holds the keys TE's spec asks for, no more, no less."""
     source = make_hf_llama(tmp_path / "hf", tie=tie)
-    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    import_.import_hf(import_cfg(source, tmp_path / "ckpt"))
     arch, _ = checkpoint.read_architecture(tmp_path / "ckpt")
     assert checkpoint.saved_keys(tmp_path / "ckpt") == checkpoint.te_spec_keys(arch)
     # the in-memory local model names its norms differently: the remapping is what makes this hold
@@ -35,7 +37,7 @@ def test_te_extra_state_is_neither_saved_nor_required(tmp_path, cpu_runtime, mon
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     source = make_hf_llama(tmp_path / "hf")
-    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    import_.import_hf(import_cfg(source, tmp_path / "ckpt"))
     model, _ = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
     original = type(model).sharded_state_dict
 
@@ -57,15 +59,15 @@ def test_import_and_export_build_on_the_host_even_on_a_gpu_node(monkeypatch):
 
     arch = model_lib.architecture(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(kernels, "transformer_engine_available", lambda: True)
     calls = []
     monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec",
                         lambda *a, **k: calls.append("te"))
     assert model_lib.transformer_config(arch, torch.float32, device="cpu").use_cpu_initialization
     assert not model_lib.transformer_config(arch, torch.float32, device="cuda").use_cpu_initialization
-    runtime.layer_spec("host")
+    spec.layer_spec("host")
     assert calls == []
-    runtime.layer_spec("train")
+    spec.layer_spec("train")
     assert calls == ["te"]
 
 
@@ -75,7 +77,7 @@ def test_gpu_config_without_te_builds_and_trains_in_bf16(cpu_runtime, monkeypatc
     the config made as on a GPU must build the local spec and run forward and backward in bf16."""
     arch = model_lib.architecture(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime, "transformer_engine_available", lambda: False)
+    monkeypatch.setattr(kernels, "transformer_engine_available", lambda: False)
     config = model_lib.transformer_config(arch, torch.bfloat16, device="cuda")
     monkeypatch.undo()
     assert config.bias_activation_fusion and not config.persist_layer_norm and not config.masked_softmax_fusion
@@ -90,7 +92,7 @@ def test_gpu_config_without_te_builds_and_trains_in_bf16(cpu_runtime, monkeypatc
 
 
 def test_place_moves_every_tensor_of_a_batch():
-    layout = runtime.Layout(0, 1, 0, 1, 1, 1, 1, torch.device("meta"))
+    layout = distributed.Layout(0, 1, 0, 1, 1, 1, 1, torch.device("meta"))
     batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "labels": torch.zeros(2, 3),
              "teacher": TopK(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3)), "none": None}
     placed = layout.place(batch)
@@ -113,26 +115,26 @@ def test_stages_cross_to_the_device_only_through_layout_place():
 
 def test_context_parallelism_is_refused_naming_the_key():
     cfg = compose("pipeline", ["experiment=llama31_8b_width_4b", "parallel.context=2"])
-    from pipelines import validate
+    from pipelines.launch import preflight
 
     with pytest.raises(UserError, match=r"fix: parallel.context"):
-        validate.check(cfg, ["distill"])
+        preflight.check(cfg, ["distill"])
     with pytest.raises(UserError, match=r"context parallelism \(2\) is not supported.*fix: parallel.context"):
-        runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1, "context": 2}))
+        distributed.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1, "context": 2}))
 
 
 def test_untested_library_versions_stop_with_the_tested_ones_named(monkeypatch):
     monkeypatch.delenv("PIPELINES_ALLOW_UNTESTED_VERSIONS", raising=False)
-    runtime.check_versions()  # this environment has the tested versions
-    monkeypatch.setitem(runtime.TESTED_VERSIONS, "megatron-core", "0.99.0")
+    distributed.check_versions()  # this environment has the tested versions
+    monkeypatch.setitem(distributed.TESTED_VERSIONS, "megatron-core", "0.99.0")
     with pytest.raises(UserError, match=r"megatron-core 0\.16\.1 \(tested: 0\.99\.0\)"):
-        runtime.check_versions()
+        distributed.check_versions()
     monkeypatch.setenv("PIPELINES_ALLOW_UNTESTED_VERSIONS", "1")
-    runtime.check_versions()
+    distributed.check_versions()
 
 
 def _cache(folder):
-    from pipelines.logits_cache import LogitsCache
+    from pipelines.data.logits_cache import LogitsCache
 
     cache = LogitsCache(folder, None)
     return [cache[i] for i in range(len(cache))]
@@ -194,7 +196,7 @@ def test_tied_embeddings_at_pp2_end_with_one_process_weights(tmp_path, tied_stud
     finalize_model_grads' all-reduce over the embedding group they drift apart after a step."""
     _train(tied_student, tiny_data, tmp_path / "one")
     _train(tied_student, tiny_data, tmp_path / "two", "parallel.pipeline=2", processes=2)
-    layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    layout = distributed.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
     one, _ = checkpoint.load_model(tmp_path / "one", layout)
     two, _ = checkpoint.load_model(tmp_path / "two", layout)
     start, _ = checkpoint.load_model(tied_student, layout)
@@ -251,7 +253,8 @@ def test_gpu_check_attention_part_checks_the_path_and_the_values(cpu_runtime, mo
     import torch.nn.functional as F
     import yaml
 
-    from pipelines import attention, gpu_check
+    from pipelines.ops import attention
+    from pipelines.tools import gpu_check
 
     arch = model_lib.architecture(yaml.safe_load((REPO / "configs" / "model" / "tiny.yaml").read_text()))
     arch = {**arch, "num_attention_heads": 8, "num_query_groups": 2, "kv_channels": 32}
@@ -276,7 +279,7 @@ def test_gpu_check_attention_part_checks_the_path_and_the_values(cpu_runtime, mo
 def test_gpu_check_runs_its_attention_part(tmp_path, cpu_runtime, monkeypatch, capsys):
     """``gpu_check.py --part attention`` end to end (the environment check bypassed, the sequence
     shortened to 128 at 8B's attention shape): its figures in result.json and its line printed."""
-    from pipelines import gpu_check
+    from pipelines.tools import gpu_check
 
     monkeypatch.setattr(gpu_check, "environment", lambda: {"gpu": "none (test)"})
     monkeypatch.setattr(gpu_check, "SLICE_SEQUENCE", 128)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.kd_loss import distill_loss, sparse_kl_loss, teacher_topk
+from pipelines.ops.kd_loss import distill_loss, sparse_kl_loss, teacher_topk
 
 V = 50
 
@@ -178,7 +178,7 @@ def test_tensor_parallel_vocab_split_matches_one_rank():
 
 
 def test_sampled_soft_labels_are_unbiased():
-    from pipelines.kd_loss import teacher_sampled
+    from pipelines.ops.kd_loss import teacher_sampled
 
     student, teacher = sample(8, shape=(1, 1))
     student, teacher = student.float(), teacher.float()
@@ -202,7 +202,7 @@ def test_sampled_soft_labels_are_unbiased():
 def test_renormalized_top_k_is_the_kl_to_the_teacher_restricted_to_its_top_k():
     """distill.topk_tail=false: the loss and gradient equal the dense forward KL to the teacher's
     distribution with everything outside its top k set to zero and the rest scaled to 1."""
-    from pipelines.distill import renormalized
+    from pipelines.training.batches import renormalized
 
     student, teacher = sample(4)
     k = 8
@@ -231,7 +231,7 @@ def test_the_loss_reads_nothing_on_the_host(teacher_kind, kd_weight, temperature
     without a branch on its count."""
     from helpers.host_reads import HostReads
 
-    from pipelines.kd_loss import teacher_sampled
+    from pipelines.ops.kd_loss import teacher_sampled
 
     student, teacher_logits = sample(6, shape=(2, 9))
     labels = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -1,18 +1,19 @@
 """The memory plan: 8B stages fit an H100 with headroom, overfull stages are refused by key."""
 
 import pytest
-
 from conftest import compose, run_script
-from pipelines import launch, memory_plan, validate
-from pipelines.errors import UserError
+
+from pipelines.core.errors import UserError
+from pipelines.launch import memory_plan, preflight
+from pipelines.launch import plan as plan_
 
 GB = 1e9
 
 
 def _plan(experiment, *overrides):
     cfg = compose("pipeline", [f"experiment={experiment}", *overrides])
-    stages = launch.pipeline_stages(cfg)
-    return cfg, memory_plan.plan(cfg, stages, validate.check(cfg, stages))
+    stages = plan_.pipeline_stages(cfg)
+    return cfg, memory_plan.plan(cfg, stages, preflight.check(cfg, stages))
 
 
 @pytest.mark.parametrize("experiment", ["llama31_8b_width_4b", "llama31_8b_depth_4b"])
@@ -75,8 +76,8 @@ def test_the_plan_matches_the_h200_measurement():
     allocated in training (global batch 4, distributed optimizer) and 3.16 GB above the resident
     state in the logits forward with top-64. (With megatron's unfused attention the same slice
     peaked at 80.1 GB and 26.4 GB.)"""
-    from pipelines import gpu_check
-    from pipelines import model as model_lib
+    from pipelines.model import build as model_lib
+    from pipelines.tools import gpu_check
 
     arch = model_lib.architecture({**compose("pipeline", []).model, **gpu_check.SLICE})
     train = memory_plan.training(arch, sequence=8192, micro_batch=1, microbatches=4, tensor=1, pipeline=1,
@@ -96,7 +97,7 @@ def test_the_local_specs_activation_count_is_what_autograd_keeps(cpu_runtime):
     import torch
     from helpers.kept import logits_and_kept_bytes
 
-    from pipelines import model as model_lib
+    from pipelines.model import build as model_lib
 
     arch = model_lib.architecture({**compose("pipeline", []).model, "hidden_size": 256, "num_layers": 4,
                                    "ffn_hidden_size": 768, "num_attention_heads": 4, "num_query_groups": 2,

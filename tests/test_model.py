@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from pipelines import model as model_lib
-from pipelines.errors import UserError
+from pipelines.core.errors import UserError
+from pipelines.model import build as model_lib
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -80,7 +80,7 @@ def test_validation_names_the_key():
 
 @pytest.mark.parametrize("groups_to_kernel", [True, False], ids=["grouped", "repeated"])
 def test_fused_attention_gives_megatrons_values_and_gradients(cpu_runtime, monkeypatch, groups_to_kernel):
-    """pipelines.attention (torch's fused kernel) against megatron's unfused DotProductAttention
+    """pipelines.ops.attention (torch's fused kernel) against megatron's unfused DotProductAttention
     with the causal mask, 6 query heads in 3 groups: the keys and values given to the kernel as
     groups (the CPU flash kernel, a GPU's flash kernel) or repeated per query head first (a GPU
     where flash cannot run). Repeating them in the wrong order (``repeat`` for
@@ -88,7 +88,7 @@ def test_fused_attention_gives_megatrons_values_and_gradients(cpu_runtime, monke
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from pipelines import attention
+    from pipelines.ops import attention
 
     asked = []
 
@@ -120,13 +120,13 @@ def test_fused_attention_gives_megatrons_values_and_gradients(cpu_runtime, monke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("angles_kind", ["megatron", "distinct_halves"])
 def test_rope_gives_megatrons_values_and_gradients(cpu_runtime, dtype, angles_kind):
-    """pipelines.rope (megatron's RoPE hook without TE) against megatron's unfused code: the same
+    """pipelines.ops.rope (megatron's RoPE hook without TE) against megatron's unfused code: the same
     values and gradients (a rounding apart), on a non-contiguous query slice as the QKV split gives;
     built models use it, and the angles' cos and sin are computed once per angle tensor. Angles
     whose two halves differ (megatron's repeat one half) check that each half takes its own."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from pipelines import rope
+    from pipelines.ops import rope
 
     arch = load("tiny")
     assert model_lib.transformer_config(arch, torch.float32).apply_rope_fusion   # installed, and set
@@ -157,12 +157,12 @@ def test_rope_gives_megatrons_values_and_gradients(cpu_runtime, dtype, angles_ki
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_is_megatrons_unfused_code_bit_for_bit_keeping_less(cpu_runtime, dtype):
-    """pipelines.swiglu (the local spec's activation module without megatron's compiled SwiGLU)
+    """pipelines.ops.swiglu (the local spec's activation module without megatron's compiled SwiGLU)
     against megatron's unfused MLP code on the same weights: identical logits and gradients, while
     the tensors kept for the backward pass take less memory (no silu(a) nor b + 0 kept)."""
     from helpers.kept import logits_and_kept_bytes
 
-    from pipelines.swiglu import SwiGLU
+    from pipelines.ops.swiglu import SwiGLU
 
     arch = load("tiny")
     config = model_lib.transformer_config(arch, dtype)

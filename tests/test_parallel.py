@@ -1,15 +1,16 @@
 """Tensor parallelism on CPU: a TP=1 checkpoint loads at TP=2 and gives the same logits."""
 
 import torch
-
 from conftest import import_cfg, make_hf_llama, run_torchrun
-from pipelines import checkpoint, convert
-from pipelines.model import forward_logits
+
+from pipelines.model import checkpoint
+from pipelines.model.build import forward_logits
+from pipelines.stages import import_
 
 
 def test_tp1_checkpoint_loads_at_tp2_with_same_logits(tmp_path, cpu_runtime):
     source = make_hf_llama(tmp_path / "hf", vocab_size=250)
-    convert.import_hf(import_cfg(source, tmp_path / "ckpt"))
+    import_.import_hf(import_cfg(source, tmp_path / "ckpt"))
     tokens = torch.randint(0, 250, (2, 48), generator=torch.Generator().manual_seed(3))
     torch.save(tokens, tmp_path / "tokens.pt")
     model, _ = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)

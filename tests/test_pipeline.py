@@ -13,10 +13,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
-from pipelines.artifacts import read_manifest
-from pipelines.stage import registry
+
+from pipelines.core.artifacts import read_manifest
+from pipelines.stages import registry
 
 SMALL = ["experiment=demo", "run.name=e2e", "correct.train_steps=30", "correct.eval_interval=15",
          "correct.save_interval=15", "correct.log_interval=10", "distill.train_steps=6",

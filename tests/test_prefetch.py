@@ -1,4 +1,4 @@
-"""The step batches built ahead in a background thread (pipelines.prefetch)."""
+"""The step batches built ahead in a background thread (pipelines.training.prefetch)."""
 
 import threading
 import time
@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from pipelines.errors import UserError
-from pipelines.prefetch import StepBatches
+from pipelines.core.errors import UserError
+from pipelines.training.prefetch import StepBatches
 
 
 class _Layout:

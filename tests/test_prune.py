@@ -2,12 +2,14 @@
 
 import pytest
 import torch
-
 from conftest import compose, export_cfg
-from pipelines import checkpoint, convert, stage
-from pipelines.errors import UserError
-from pipelines.model import forward_logits
-from pipelines.safetensors_stream import SafetensorsFolder
+
+from pipelines import stages
+from pipelines.core.errors import UserError
+from pipelines.hf.safetensors_stream import SafetensorsFolder
+from pipelines.model import checkpoint
+from pipelines.model.build import forward_logits
+from pipelines.stages import export
 
 COMMON = ["prune.calib_samples=16", "prune.eval_samples=8", "prune.sequence_length=64",
           "prune.batch_size=4"]
@@ -25,7 +27,7 @@ def tokens():
 def test_explicit_drop_layers_equals_model_without_them(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
     from transformers import LlamaForCausalLM
 
-    stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "depth", "depth", "prune.drop_layers=[1,2]"))
+    stages.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "depth", "depth", "prune.drop_layers=[1,2]"))
     model, arch = checkpoint.load_model(tmp_path / "depth", cpu_runtime)
     assert arch["num_layers"] == 2
     with torch.no_grad():
@@ -36,16 +38,16 @@ def test_explicit_drop_layers_equals_model_without_them(tmp_path, tiny_teacher, 
     with torch.no_grad():
         expected = reference(tokens(), use_cache=False).logits
     assert (ours - expected).abs().max().item() <= 1e-5
-    convert.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
+    export.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
     exported = LlamaForCausalLM.from_pretrained(tmp_path / "depth_hf")
     assert exported.config.num_hidden_layers == 2
 
 
 def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher, tiny_data,
                                                       cpu_runtime):
-    from pipelines.data import TokenWindows
+    from pipelines.data.corpus import TokenWindows
 
-    reports = [stage.run("prune", prune_cfg(trained_teacher, tiny_data, tmp_path / f"d{i}", "depth",
+    reports = [stages.run("prune", prune_cfg(trained_teacher, tiny_data, tmp_path / f"d{i}", "depth",
                                    "prune.target_num_layers=2", f"prune.criterion={criterion}"))["report"]
                for i, criterion in enumerate(["loss", "loss", "block_influence"])]
     assert reports[0]["importance"] == reports[1]["importance"]
@@ -58,7 +60,7 @@ def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
-    convert.export_hf(export_cfg(trained_teacher, tmp_path / "teacher_hf"))
+    export.export_hf(export_cfg(trained_teacher, tmp_path / "teacher_hf"))
     valid = list(TokenWindows(tiny_data, "valid", 64).batches(4, 8))
     losses = {}
     for first in range(3):
@@ -77,7 +79,7 @@ def test_depth_criteria_score_every_block_reproducibly(tmp_path, trained_teacher
 
 
 def test_width_to_the_same_shape_keeps_logits(tmp_path, tiny_teacher, tiny_data, cpu_runtime):
-    stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "same", "width",
+    stages.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "same", "width",
                         "prune.target.hidden_size=64", "prune.target.ffn_hidden_size=192",
                         "prune.target.num_attention_heads=4"))
     teacher, _ = checkpoint.load_model(tiny_teacher, cpu_runtime)
@@ -94,7 +96,7 @@ def test_width_prune_reuses_cached_scores(tmp_path, tiny_teacher, tiny_data):
 
     targets = ["prune.target.hidden_size=48", "prune.target.ffn_hidden_size=96",
                "prune.target.num_attention_heads=2", f"prune.scores_cache={tmp_path / 'scores'}"]
-    stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "w1", "width", *targets))
+    stages.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "w1", "width", *targets))
     scores_file = tmp_path / "scores" / "scores0.pth"
     scores = torch.load(scores_file, weights_only=False)
 
@@ -106,9 +108,9 @@ def test_width_prune_reuses_cached_scores(tmp_path, tiny_teacher, tiny_data):
         return -value if isinstance(value, torch.Tensor) else value
 
     torch.save(negate(scores), scores_file)
-    stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "w2", "width", *targets))
+    stages.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "w2", "width", *targets))
     for name in ("w1", "w2"):
-        convert.export_hf(export_cfg(tmp_path / name, tmp_path / f"{name}_hf"))
+        export.export_hf(export_cfg(tmp_path / name, tmp_path / f"{name}_hf"))
     first, second = SafetensorsFolder(tmp_path / "w1_hf"), SafetensorsFolder(tmp_path / "w2_hf")
     mlp = "model.layers.0.mlp.down_proj.weight"
     assert first.shape(mlp) == second.shape(mlp) and not torch.equal(first.get(mlp), second.get(mlp))
@@ -124,5 +126,5 @@ def test_width_prune_reuses_cached_scores(tmp_path, tiny_teacher, tiny_data):
 ])
 def test_bad_targets_name_the_key(tmp_path, tiny_teacher, tiny_data, mode, override, key):
     with pytest.raises(UserError, match=f"fix: {key}"):
-        stage.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "bad", mode, override))
+        stages.run("prune", prune_cfg(tiny_teacher, tiny_data, tmp_path / "bad", mode, override))
     assert not (tmp_path / "bad").exists()

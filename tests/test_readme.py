@@ -5,7 +5,6 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import REPO
 
 README = (REPO / "README.md").read_text()

@@ -4,10 +4,11 @@ import json
 import random
 
 import pytest
-
 from conftest import compose
-from pipelines import mmlu, stage
-from pipelines.report import CHANCE, macro_standard_error, mmlu_statistics
+
+from pipelines import stages
+from pipelines.evaluation import mmlu
+from pipelines.evaluation.recovery import macro_standard_error, mmlu_statistics
 
 
 def results(folder, name, accuracy, per_subject, subjects=57, seed=0, val_loss=3.0):
@@ -42,7 +43,7 @@ def test_a_teacher_at_chance_makes_recovery_not_measurable(tmp_path):
     run = tmp_path / "run"
     for name, seed in (("teacher", 0), ("pruned_depth", 1), ("distilled_depth", 2)):
         results(run, name, CHANCE, per_subject=2, seed=seed)
-    manifest = stage.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
+    manifest = stages.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
     assert manifest["pruned_depth"]["mmlu_at_chance"] is True and manifest["recovery"] is None
     assert "not measurable at this size" in manifest["recovery_note"]
     text = (run / "report.md").read_text()
@@ -55,7 +56,7 @@ def test_a_teacher_above_chance_gets_recovery_with_its_error(tmp_path):
     teacher = results(run, "teacher", 0.65, per_subject=20, seed=0)
     results(run, "pruned_depth", 0.30, per_subject=20, seed=1)
     distilled = results(run, "distilled_depth", 0.55, per_subject=20, seed=2)
-    manifest = stage.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
+    manifest = stages.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
     assert manifest["teacher"]["mmlu_at_chance"] is False and manifest["recovery_note"] is None
     assert manifest["recovery"] == pytest.approx(distilled["macro"] / teacher["macro"])
     assert 0.01 < manifest["recovery_se"] < 0.05  # about 0.85 · sqrt(0.015² + 0.014²)
@@ -82,7 +83,7 @@ def test_the_report_lists_the_search_candidates(tmp_path):
              "params": 225000, "params_modelopt": 226772, "exportable": True, "score": "val_loss", "val_loss": 4.1953,
              "chosen": False}]
     (run / "prune_search" / "prune_report.json").write_text(json.dumps({"target_params": 229779, "candidates": rows}))
-    manifest = stage.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
+    manifest = stages.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
     assert manifest["searches"]["search"]["candidates"] == rows
     text = (run / "report.md").read_text()
     assert "## Search: search (at most 229,779 parameters, val_loss)" in text

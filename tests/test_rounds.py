@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, compose
-from pipelines import experiment, launch, search
-from pipelines.artifacts import read_manifest
-from pipelines.distill import step_samples
-from pipelines.errors import UserError
-from pipelines.report import rounds_of, rounds_table
+
+from pipelines.core import experiment
+from pipelines.core.artifacts import read_manifest
+from pipelines.core.errors import UserError
+from pipelines.evaluation.recovery import rounds_of, rounds_table
+from pipelines.launch import plan, preflight, slurm
+from pipelines.pruning import search
+from pipelines.training.batches import step_samples
 
 TWO = "run.rounds=[{prune:{target_params:0.6},distill:{train_steps:30}},{prune:{target_params:0.3}}]"
 SEARCH = ["experiment=demo", "prune=search", "run.students=[search]", "prune.search.max_width_pruning=0.75",
@@ -32,7 +34,7 @@ def test_each_round_prunes_the_previous_rounds_student_on_the_samples_after_it()
     assert "distill.train_steps" not in second                 # the experiment's 200
     assert int(cfg.logits.samples) == 30 * 16 + 200 * 16       # the cache covers both rounds
     # a round's config: its own folders, its budget a fraction of the teacher
-    one = launch.compose_pipeline([*SEARCH, TWO, *runs[1].overrides])
+    one = preflight.compose_pipeline([*SEARCH, TWO, *runs[1].overrides])
     assert str(one.prune.output).endswith("prune_search_r2") and str(one.distill.output).endswith("distill_search_r2")
     assert str(one.distill.student) == str(one.prune.output)
     assert float(one.prune.target_params) == 0.3 and int(one.distill.sample_offset) == 480
@@ -45,16 +47,16 @@ def test_step_samples_start_at_the_offset():
 
 def test_the_pipeline_runs_each_round_after_the_one_before():
     cfg = compose("pipeline", [*SEARCH, TWO])
-    assert launch.pipeline_stages(cfg) == ["prepare", "import", "correct", "prune@1", "logits", "distill@1",
+    assert plan.pipeline_stages(cfg) == ["prepare", "import", "correct", "prune@1", "logits", "distill@1",
                                            "prune@2", "distill@2", "eval", "report", "export"]
-    assert launch.pipeline_stages(compose("pipeline", SEARCH))[3:6] == ["prune", "logits", "distill"]
-    scripts = launch.invocations("prune@2", cfg, ["experiment=demo", "prune=search"])
+    assert plan.pipeline_stages(compose("pipeline", SEARCH))[3:6] == ["prune", "logits", "distill"]
+    scripts = plan.invocations("prune@2", cfg, ["experiment=demo", "prune=search"])
     assert len(scripts) == 1 and "run.student=search_r2" in scripts[0] and "prune=search" in scripts[0]
 
 
 def test_slurm_chains_round_two_after_round_one(capsys):
     cfg = compose("pipeline", [*SEARCH, TWO, "cluster=slurm"])
-    launch.submit(launch.pipeline_stages(cfg), cfg, [*SEARCH, TWO, "cluster=slurm"], dry_run=True)
+    slurm.submit(plan.pipeline_stages(cfg), cfg, [*SEARCH, TWO, "cluster=slurm"], dry_run=True)
     out = capsys.readouterr().out
     assert "# ---- prune@2: sbatch --parsable --dependency=afterok:<distill@1 job>" in out
     assert "--job-name=pd-demo-prune-r2" in out
@@ -62,12 +64,12 @@ def test_slurm_chains_round_two_after_round_one(capsys):
 
 def test_a_bare_stage_runs_the_rounds_whose_previous_round_is_distilled(tmp_path, capsys):
     cfg = compose("pipeline", [*SEARCH, TWO, f"paths.runs={tmp_path}"])
-    assert [s[-1] for s in launch.invocations("prune", cfg, [])] == ["distill.sample_offset=0"]
+    assert [s[-1] for s in plan.invocations("prune", cfg, [])] == ["distill.sample_offset=0"]
     assert "search_r2 waits for" in capsys.readouterr().out
     (tmp_path / "demo" / "distill_search_r1").mkdir(parents=True)
     (tmp_path / "demo" / "distill_search_r1" / "manifest.json").write_text("{}")
-    assert len(launch.invocations("prune", cfg, [])) == 2
-    assert len(launch.invocations("distill", cfg, [])) == 1     # round 2's student is not pruned yet
+    assert len(plan.invocations("prune", cfg, [])) == 2
+    assert len(plan.invocations("distill", cfg, [])) == 1     # round 2's student is not pruned yet
     assert f"search_r2 waits for {tmp_path / 'demo' / 'prune_search_r2'}: make prune first" in capsys.readouterr().out
 
 
@@ -82,7 +84,7 @@ def test_bad_rounds_stop_before_any_compute_naming_run_rounds(rounds, words, tmp
     overrides = [*SEARCH, f"run.rounds={rounds}", f"paths.runs={tmp_path}"]
     cfg = compose("pipeline", overrides)
     with pytest.raises(UserError) as error:
-        launch.check_students(cfg, ["prune", "distill"], overrides)
+        preflight.check_students(cfg, ["prune", "distill"], overrides)
     assert words in str(error.value)
     # a round that grows the student is the budget's error; every other is the rounds'
     key = "prune.target_params" if "0.6" in words else "run.rounds"
@@ -94,7 +96,7 @@ def test_every_student_is_checked_not_only_the_first(tmp_path):
     overrides = ["experiment=demo", "prune.target.hidden_size=1000", f"paths.runs={tmp_path}"]
     cfg = compose("pipeline", overrides)
     with pytest.raises(UserError, match="target hidden_size=1000") as error:
-        launch.check_students(cfg, ["prune"], overrides)
+        preflight.check_students(cfg, ["prune"], overrides)
     assert error.value.key == "prune.target.hidden_size"
 
 
@@ -152,7 +154,7 @@ def test_a_round_is_refused_only_when_every_candidate_of_the_round_before_fails_
     def check(second):
         overrides = ["experiment=demo", "prune=search", "run.students=[search]", f"paths.runs={tmp_path}",
                      f"run.rounds=[{{prune:{{target_params:0.6}}}},{{prune:{{target_params:{second}}}}}]"]
-        return launch.check_students(compose("pipeline", overrides), ["prune", "distill"], overrides)
+        return preflight.check_students(compose("pipeline", overrides), ["prune", "distill"], overrides)
 
     with pytest.raises(UserError, match=r"^student search_r2 \(round 2, pruning search_r1\): no shape within") as error:
         check(0.3)

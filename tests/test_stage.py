@@ -6,9 +6,9 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from pipelines.artifacts import read_manifest, write_manifest
-from pipelines.errors import UserError
-from pipelines.stage import Stage, run, up_to_date
+from pipelines.core.artifacts import read_manifest, write_manifest
+from pipelines.core.errors import UserError
+from pipelines.stages.base import Stage, run, up_to_date
 
 
 def counting_stage(calls: list) -> Stage:

@@ -7,12 +7,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO, TINY_RUN
-from pipelines import launch, sweep
-from pipelines.artifacts import read_manifest
-from pipelines.distill import step_samples
-from pipelines.errors import UserError
+
+from pipelines.core.artifacts import read_manifest
+from pipelines.core.errors import UserError
+from pipelines.evaluation import sweep_results
+from pipelines.launch import sweep
+from pipelines.launch import sweep as sweep_
+from pipelines.training.batches import step_samples
 
 
 def test_sweep_overrides_are_hydras_multirun_syntax():
@@ -32,7 +34,7 @@ def test_sweep_overrides_are_hydras_multirun_syntax():
 
 
 def test_points_share_the_run_and_one_cache_per_setting(tmp_path):
-    cfg, fixed, shared, caches, points = launch.plan_sweep([
+    cfg, fixed, shared, caches, points = sweep_.plan_sweep([
         "experiment=demo", f"paths.runs={tmp_path}", "distill.kd_weight=1,0.5", "logits.k=16,64"])
     assert shared == ["prepare", "import", "correct", "prune"]
     assert sorted(int(one.logits.k) for _, one, _ in caches) == [16, 64]   # two caches for four points
@@ -48,7 +50,7 @@ def test_points_share_the_run_and_one_cache_per_setting(tmp_path):
         by_k.setdefault(int(one.logits.k), set()).add(cache)
     assert all(len(folders) == 1 for folders in by_k.values()) and by_k[16] != by_k[64]
     # fine-tuning points read no cache
-    *_, points = launch.plan_sweep(["experiment=demo", f"paths.runs={tmp_path}", "distill.teacher=none",
+    *_, points = sweep_.plan_sweep(["experiment=demo", f"paths.runs={tmp_path}", "distill.teacher=none",
                                     "distill.kd_weight=0", "distill.lr=1e-3,3e-3"])
     assert [cache for *_, cache in points] == [None, None]
 
@@ -64,20 +66,20 @@ def test_points_share_the_run_and_one_cache_per_setting(tmp_path):
 ])
 def test_a_bad_sweep_stops_before_any_compute_naming_the_key(override, key, tmp_path):
     with pytest.raises(UserError) as error:
-        launch.plan_sweep(["experiment=demo", f"paths.runs={tmp_path}", override])
+        sweep_.plan_sweep(["experiment=demo", f"paths.runs={tmp_path}", override])
     assert error.value.key == key, error.value
     assert not (tmp_path / "demo").exists()
 
 
 def test_a_sweep_needs_a_swept_key_and_one_round():
     with pytest.raises(UserError, match="at least one swept key"):
-        launch.plan_sweep(["experiment=demo", "distill.kd_weight=0.5"])
+        sweep_.plan_sweep(["experiment=demo", "distill.kd_weight=0.5"])
     with pytest.raises(UserError, match=r"\(fix: run.rounds\)"):
-        launch.plan_sweep(["experiment=demo", "distill.kd_weight=1,0.5", "run.rounds=[{prune:{target_num_layers:3}}]"])
+        sweep_.plan_sweep(["experiment=demo", "distill.kd_weight=1,0.5", "run.rounds=[{prune:{target_num_layers:3}}]"])
 
 
 def test_on_slurm_each_point_is_a_job_after_the_shared_ones(tmp_path, capsys):
-    launch.run_sweep(["experiment=demo", "cluster=slurm", "cluster.tasks_per_node=1", "cluster.gpus_per_node=0",
+    sweep_.run_sweep(["experiment=demo", "cluster=slurm", "cluster.tasks_per_node=1", "cluster.gpus_per_node=0",
                       f"paths.runs={tmp_path}", "distill.kd_weight=1,0.5"], True)
     out = capsys.readouterr().out
     heads = [line for line in out.splitlines() if line.startswith("# ---- ")]
@@ -102,18 +104,18 @@ def test_seeds_of_a_setting_are_averaged():
              "mmlu": None, "curve": []} for seed, loss in ((1, 3.0), (2, 3.2), (3, 3.4))]
     rows.append({**rows[0], "values": {"distill.kd_weight": "0.5", "distill.data_seed": "1"}, "val_loss": 2.0,
                  "distill_val_loss": 2.0})
-    table = sweep.compare(rows)
+    table = sweep_results.compare(rows)
     assert [(e["setting"], e["seeds"]) for e in table] == [("distill.kd_weight=0.5", 1), ("distill.kd_weight=1", 3)]
     same = [{**row, "values": {**row["values"], "distill.lr": "1e-3"}} for row in rows]
-    assert sweep.compare(same)[0]["setting"] == "distill.kd_weight=0.5"   # what every point shares is not shown
-    assert [e["setting"] for e in sweep.compare(rows[:3])] == ["(the run's)"]   # seeds alone: no key to show
+    assert sweep_results.compare(same)[0]["setting"] == "distill.kd_weight=0.5"   # what every point shares is not shown
+    assert [e["setting"] for e in sweep_results.compare(rows[:3])] == ["(the run's)"]   # seeds alone: no key to show
     assert table[1]["val_loss"] == pytest.approx(3.2) and table[1]["val_loss_sd"] == pytest.approx(0.2)
     assert table[0]["val_loss_sd"] is None
     assert table[1]["values"] == {"distill.kd_weight": "1"}   # every value of the setting, its seed aside
     curved = [{**row, "curve": [(0, 5.0), (3, row["val_loss"])] + ([(6, 1.0)] if row["point"] == "p1" else [])}
               for row in rows[:3]]
-    assert sweep.compare(curved)[0]["curve"] == [(0, 5.0), (3, pytest.approx(3.2))]   # steps every seed has
-    assert "| depth | distill.kd_weight=1 | 3 | 10 | 3.2000 ± 0.2000 |" in "\n".join(sweep.markdown(table))
+    assert sweep_results.compare(curved)[0]["curve"] == [(0, 5.0), (3, pytest.approx(3.2))]   # steps every seed has
+    assert "| depth | distill.kd_weight=1 | 3 | 10 | 3.2000 ± 0.2000 |" in "\n".join(sweep_results.markdown(table))
 
 
 def test_a_data_seed_reorders_the_same_samples():

@@ -14,7 +14,7 @@
 # the tool brings back: at most 8 files): one line per part in summary.txt (status, seconds, last
 # line), a log per benchmark, gpu-check's parts in one log, its result.json as gpu_check.json. The parts:
 #   env           GPU, driver, versions; whether torch's mixed-dtype GEMM (bf16 in, float32 out, as
-#                 apex's weight-gradient kernel) runs on this GPU: pipelines.runtime has no use for it yet
+#                 apex's weight-gradient kernel) runs on this GPU: pipelines.backend.distributed has no use for it yet
 #   tiny          gpu-check's tiny pipeline end to end in bf16 (every stage's GPU path)
 #   vs_random     bench/vs_transformers.py --random: #14's three ratios at SmolLM2-135M's shape
 #   distill_step  bench/distill_step.py --real: cache KD and online KD against a CE step

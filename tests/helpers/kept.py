@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines import model as model_lib
+from pipelines.model import build as model_lib
 
 
 def logits_and_kept_bytes(model, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:

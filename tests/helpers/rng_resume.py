@@ -13,8 +13,8 @@ import torch
 from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 
-from pipelines import runtime
-from pipelines.train_checkpoint import rng_state, set_rng_state
+from pipelines.backend import distributed
+from pipelines.training.train_checkpoint import rng_state, set_rng_state
 
 
 def draws() -> list[float]:
@@ -23,7 +23,7 @@ def draws() -> list[float]:
 
 def main() -> None:  # under a main guard: the checkpoint writer's helper process imports this file
     folder = sys.argv[1]
-    layout = runtime.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
+    layout = distributed.initialize(OmegaConf.create({"tensor": 1, "pipeline": 1}))
     torch.manual_seed(100 + layout.rank)
     np.random.seed(200 + layout.rank)
     random.seed(300 + layout.rank)
@@ -43,7 +43,7 @@ def main() -> None:  # under a main guard: the checkpoint writer's helper proces
     with open(os.path.join(folder, f"restored-{layout.rank}.txt"), "w") as handle:
         handle.write(f"{got[0]:.6f}\n")
     print(f"rank {layout.rank}: restored its own random state, first draw {got[0]:.6f}", flush=True)
-    runtime.shutdown()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from pipelines import runtime
-from pipelines.kd_loss import distill_loss, teacher_topk
+from pipelines.backend import distributed
+from pipelines.ops.kd_loss import distill_loss, teacher_topk
 
-layout = runtime.initialize(OmegaConf.create({"tensor": 2, "pipeline": 1}))
+layout = distributed.initialize(OmegaConf.create({"tensor": 2, "pipeline": 1}))
 from megatron.core import parallel_state  # noqa: E402
 
 generator = torch.Generator().manual_seed(0)
@@ -39,4 +39,4 @@ for name, make_teacher, kind in cases:
     assert torch.all(whole.grad[..., vocab:] == 0)
 dist.barrier()
 print(f"rank {layout.rank}: tp kd loss match", flush=True)
-runtime.shutdown()
+distributed.shutdown()

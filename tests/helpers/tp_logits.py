@@ -8,15 +8,16 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
-from pipelines import checkpoint, runtime
-from pipelines.model import forward_logits
+from pipelines.backend import distributed
+from pipelines.model import checkpoint
+from pipelines.model.build import forward_logits
 
 folder, tokens_path, output_path, tensor = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-layout = runtime.initialize(OmegaConf.create({"tensor": tensor, "pipeline": 1}))
+layout = distributed.initialize(OmegaConf.create({"tensor": tensor, "pipeline": 1}))
 model, arch = checkpoint.load_model(folder, layout)
 with torch.no_grad():
     logits = forward_logits(model.eval(), torch.load(tokens_path))
 if layout.is_main:
     torch.save(logits, output_path)
 print(f"rank {layout.rank}: tp={layout.tensor_parallel} dp={layout.data_parallel} ok", flush=True)
-runtime.shutdown()
+distributed.shutdown()

@@ -1,0 +1,1 @@
+"""The distributed runtime, kernels and their fallbacks, and the CPU shims under megatron-core."""

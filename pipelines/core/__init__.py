@@ -1,0 +1,1 @@
+"""Errors, artifacts (manifests, atomic writes) and experiment paths: what every layer uses."""

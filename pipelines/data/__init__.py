@@ -1,0 +1,1 @@
+"""Corpora, tokenizers and token windows, and the teacher-logits cache format."""

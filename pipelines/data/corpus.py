@@ -1,0 +1,173 @@
+"""Corpora, tokenizers and tokenized datasets, read by every stage that reads data.
+
+A corpus (Jane Austen's novels from Debian's ``r-cran-janeaustenr``, plain text or JSONL files,
+or a Hugging Face ``datasets`` dataset) is split into documents and tokenized with an
+end-of-document token appended (the prepare stage, :mod:`pipelines.stages.prepare`, writes them
+as megatron-core indexed datasets). :class:`TokenWindows` reads them back as fixed-length
+samples in a deterministic order, for calibration, teacher logits, distill and eval alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.core.errors import UserError, require
+
+AUSTEN_RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+
+
+def fetch_austen(cache: Path) -> Path:
+    """Download and unpack ``r-cran-janeaustenr`` (no root needed); return the Rdata prefix."""
+    prefix = cache / "janeaustenr" / AUSTEN_RDB
+    if not Path(str(prefix) + ".rdb").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            download = ["apt-get", "download", "r-cran-janeaustenr"]
+            result = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
+            if result.returncode != 0 and os.geteuid() == 0:  # a fresh machine has no apt lists
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                result = subprocess.run(download, cwd=tmp, capture_output=True, text=True)
+            debs = list(Path(tmp).glob("r-cran-janeaustenr*.deb"))
+            require(bool(debs), "could not download the Debian package r-cran-janeaustenr "
+                    f"({result.stderr.strip()[-200:]}); run 'apt-get update' first", "data.source")
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(cache / "janeaustenr")], check=True)
+    return prefix
+
+
+def austen_documents(prefix: Path) -> list[str]:
+    """Jane Austen's six novels as documents of consecutive paragraphs (about 1-2k characters)."""
+    import rdata
+
+    index = rdata.read_rds(str(prefix) + ".rdx")
+    blob = Path(str(prefix) + ".rdb").read_bytes()
+    documents = []
+    for name in sorted(index["variables"]):
+        offset, length = (int(x) for x in index["variables"][name])
+        raw = zlib.decompress(blob[offset + 4: offset + length])  # 4-byte length, then zlib
+        lines = rdata.conversion.convert(rdata.parser.parse_data(raw))
+        paragraphs = " ".join(str(line) if line else "\n" for line in lines).split("\n")
+        current = ""
+        for paragraph in (p.strip() for p in paragraphs):
+            if paragraph:
+                current = f"{current}\n{paragraph}" if current else paragraph
+            if len(current) >= 1500:
+                documents.append(current)
+                current = ""
+        if current:
+            documents.append(current)
+    return documents
+
+
+def read_documents(data_cfg, cache: Path) -> list[str]:
+    """The documents of the corpus that ``data_cfg.source`` names."""
+    source = data_cfg.source
+    if source == "austen":
+        return austen_documents(fetch_austen(cache))
+    if source in ("text", "jsonl"):
+        require(bool(data_cfg.files), "no input files given", "data.files")
+        documents = []
+        for file in data_cfg.files:
+            path = Path(str(file))
+            require(path.exists(), f"data file {path} does not exist", "data.files")
+            if source == "text":
+                documents += [d for d in path.read_text().split("\n\n") if d.strip()]
+            else:
+                for number, line in enumerate(path.read_text().splitlines(), start=1):
+                    if line.strip():
+                        record = json.loads(line)
+                        require(data_cfg.text_key in record, f"{path}:{number} has no "
+                                f"'{data_cfg.text_key}' field", "data.text_key")
+                        documents.append(record[data_cfg.text_key])
+        return documents
+    if source == "hf":
+        try:
+            import datasets
+        except ImportError:
+            raise UserError("data.source=hf needs the 'datasets' package: pip install datasets",
+                            "data.source") from None
+        dataset = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config, split=data_cfg.hf_split)
+        return [text for text in dataset[data_cfg.text_key] if text.strip()]
+    raise UserError(f"unknown data source {source!r} (austen, text, jsonl, hf)", "data.source")
+
+
+def train_tokenizer(documents: list[str], vocab_size: int, output: Path) -> Path:
+    """Train a byte-level BPE tokenizer on ``documents`` and save it as a Hugging Face folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(documents, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|bos|>",
+                                   eos_token="<|eos|>", pad_token="<|eos|>")
+    output.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(output)
+    return output
+
+
+_worker_tokenizer = None
+
+
+def init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    from transformers import AutoTokenizer
+
+    _worker_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _encode(document: str) -> np.ndarray:
+    ids = _worker_tokenizer(document, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids + [_worker_tokenizer.eos_token_id], dtype=np.int32)
+
+
+def is_valid(document: str, valid_fraction: float) -> bool:
+    """Deterministic split by document content, stable under reordering or added documents."""
+    digest = int.from_bytes(hashlib.sha256(document.encode()).digest()[:8], "little")
+    return digest / 2**64 < valid_fraction
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Fixed-length samples of ``sequence_length + 1`` tokens over one split, in file order.
+
+    Sample ``i`` is tokens ``[i*s, i*s + s + 1)`` of the split's concatenated documents (they
+    end with the end-of-document token), so the order is the same for every stage and run.
+    """
+
+    def __init__(self, folder: Path, split: str, sequence_length: int):
+        prefix = Path(folder) / split
+        require(Path(str(prefix) + ".bin").exists(), f"no tokenized {split} split in {folder}; "
+                "run the prepare stage first (make prepare)", "data.output")
+        self.tokens = np.memmap(str(prefix) + ".bin", dtype=np.int32, mode="r")
+        self.sequence_length = sequence_length
+        self.count = (len(self.tokens) - 1) // sequence_length
+        require(self.count > 0, f"{split} split has {len(self.tokens)} tokens, fewer than one "
+                f"sequence of {sequence_length + 1}", "data.sequence_length")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        start = index * self.sequence_length
+        return torch.from_numpy(np.array(self.tokens[start:start + self.sequence_length + 1],
+                                         dtype=np.int64))
+
+    def batches(self, batch_size: int, limit: int | None = None):
+        """Consecutive ``[b, s+1]`` batches of the first ``limit`` samples."""
+        total = min(self.count, limit or self.count)
+        for start in range(0, total, batch_size):
+            yield torch.stack([self[i] for i in range(start, min(start + batch_size, total))])
+
+

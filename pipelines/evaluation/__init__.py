@@ -1,0 +1,1 @@
+"""Scoring: MMLU, the corpus task, lm-evaluation-harness, recovery statistics and sweep results."""

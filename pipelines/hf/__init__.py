@@ -1,0 +1,1 @@
+"""Hugging Face interchange: the Llama weight map, safetensors streaming, GGUF and conversion."""

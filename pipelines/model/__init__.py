@@ -1,0 +1,1 @@
+"""The megatron-core GPT model: architecture, build, layer specs and checkpoints."""

@@ -1,0 +1,1 @@
+"""Tensor operations: the distillation losses, attention, RoPE, SwiGLU and the embedding gradient."""

@@ -1,0 +1,1 @@
+"""Structured pruning: depth, width (ModelOpt Minitron) and the architecture search."""

@@ -1,0 +1,196 @@
+"""``prune=search``: a student by parameter budget, width and depth searched together.
+
+ModelOpt's Minitron searcher (``mcore_minitron`` with a ``params`` constraint) ranks hidden
+channels, MLP neurons, heads and layers on calibration data, as width pruning does. It then
+grid-searches homogeneous shapes: for each searched hyper-parameter the largest
+``1 - max_{width,depth}_pruning`` share of its choices (multiples of a step, see
+:func:`divisors`). Of the shapes within ``prune.target_params`` it keeps the ``top_k`` largest
+and scores each (here: the validation loss on ``prune.eval_samples`` held-out sequences, or an
+MMLU slice), then prunes to the best. Depth is pruned by ModelOpt's layer ranking, so the
+dropped layers need not be contiguous.
+
+Only shapes transformers can load are chosen: :func:`divisors` keeps the hidden size a multiple
+of the head count, and a candidate that is not (heads searched too) scores ``-inf``.
+
+Before any compute, :func:`grid` enumerates the same shapes and :func:`counted` counts them as
+ModelOpt does (with the padded vocabulary, so a student's Hugging Face count is never above the
+budget), so the experiment check refuses a budget no shape meets and plans with the largest
+shape within it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from pipelines.core.errors import UserError, require
+from pipelines.evaluation.scoring import choose, mmlu_requests
+from pipelines.model import build as model_lib
+from pipelines.model import checkpoint
+
+SCORES = ("val_loss", "mmlu")                        # prune.search.score
+SEARCHABLE = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers")
+
+
+def counted(arch: dict) -> int:
+    """Parameters as ModelOpt counts them against the budget: with the padded vocabulary
+    (``model.make_vocab_size_divisible_by``), so never fewer than Hugging Face counts."""
+    return model_lib.count_parameters({**arch, "vocab_size": model_lib.padded_vocab_size(arch)})
+
+
+def budget(cfg, teacher: dict) -> int:
+    """``prune.target_params`` in parameters: a fraction (≤ 1) of the Hugging Face count of
+    ``prune.budget_of`` (the run's teacher in later rounds of ``run.rounds``; by default the
+    pruned ``teacher`` itself) or a count; shapes are held to it as :func:`counted` counts them."""
+    value = float(cfg.prune.target_params)
+    require(value > 0, f"prune.target_params={value} must be above 0", "prune.target_params")
+    total = model_lib.count_parameters(teacher)
+    whole = model_lib.count_parameters(budget_base(cfg, teacher))
+    wanted = int(value * whole) if value <= 1 else int(value)
+    require(wanted < total, f"prune.target_params={value} is {wanted:,} parameters, not below the "
+            f"{total:,} of the model it prunes", "prune.target_params")
+    return wanted
+
+
+def budget_base(cfg, teacher: dict) -> dict:
+    """The architecture a fractional budget is a fraction of: ``prune.budget_of``'s checkpoint,
+    ``model.*`` while that checkpoint is still to be made (the experiment check), or ``teacher``."""
+    of = cfg.prune.get("budget_of")
+    if not of:
+        return teacher
+
+    folder = Path(str(of))
+    if (folder / "model.yaml").exists():
+        return checkpoint.read_architecture(folder, "prune.budget_of")[0]
+    return model_lib.architecture(cfg.model)
+
+
+def divisors(teacher: dict, search) -> dict:
+    """The step of each width choice: the hidden size's is a multiple of the head count (near
+    hidden/16), so every hidden choice exports; the MLP's is the largest power of two ≤ ffn/16."""
+    hidden = search.get("hidden_size_divisor")
+    if hidden is None:
+        heads = teacher["num_attention_heads"]
+        hidden = heads * max(1, round(teacher["hidden_size"] / 16 / heads))
+    ffn = search.get("ffn_hidden_size_divisor")
+    if ffn is None:
+        ffn = 2 ** max(0, int(math.log2(max(1, teacher["ffn_hidden_size"] // 16))))
+    return {"hidden_size_divisor": int(hidden), "ffn_hidden_size_divisor": int(ffn),
+            "num_layers_divisor": int(search.get("num_layers_divisor") or 1)}
+
+
+def _choices(size: int, step: int) -> list[int]:
+    """ModelOpt's choices of a hyper-parameter of ``size`` with ``step``: its multiples, and itself."""
+    return sorted({k * step for k in range(1, size // step + 1)} | {size})
+
+
+def grid(teacher: dict, search) -> list[dict]:
+    """Every shape the searcher considers (before the budget), as ModelOpt builds its grid."""
+    from itertools import product
+
+    steps = divisors(teacher, search)
+    space = {"hidden_size": _choices(teacher["hidden_size"], steps["hidden_size_divisor"]),
+             "ffn_hidden_size": _choices(teacher["ffn_hidden_size"], steps["ffn_hidden_size_divisor"]),
+             "num_attention_heads": [h * teacher["num_query_groups"] for h in
+                                     range(1, teacher["num_attention_heads"] // teacher["num_query_groups"] + 1)],
+             "num_layers": _choices(teacher["num_layers"], steps["num_layers_divisor"])}
+    skip = set(search.get("hparams_to_skip") or [])
+    filtered = {}
+    for key, values in space.items():
+        if key in skip or len(values) < 2:
+            continue
+        share = float(search.max_depth_pruning if key == "num_layers" else search.max_width_pruning)
+        filtered[key] = sorted(values)[int((1 - share) * len(values)):]
+    keys = list(filtered)
+    return [{**teacher, **dict(zip(keys, values))} for values in product(*(filtered[k] for k in keys))]
+
+
+def within_budget(cfg, teacher: dict) -> list[dict]:
+    """The shapes of :func:`grid` within the budget, largest first; stops naming the key when none."""
+    check_settings(cfg)
+    wanted = budget(cfg, teacher)
+    shapes = grid(teacher, cfg.prune.search)
+    fitting = sorted((s for s in shapes if counted(s) <= wanted), key=counted, reverse=True)
+    if not fitting:
+        smallest = min(counted(s) for s in shapes)
+        raise UserError(f"no shape within prune.search.max_width_pruning={cfg.prune.search.max_width_pruning} and "
+                        f"max_depth_pruning={cfg.prune.search.max_depth_pruning} has at most {wanted:,} parameters "
+                        f"(the smallest has {smallest:,}); raise the budget or those limits (or prune in rounds)",
+                        "prune.target_params")
+    return fitting
+
+
+def check_settings(cfg) -> None:
+    """The ranges of ``prune.search``'s keys, and ``prune.target_params``'s sign."""
+    search = cfg.prune.search
+    require(str(search.score) in SCORES, f"unknown prune.search.score {search.score!r}; one of {SCORES}",
+            "prune.search.score")
+    require(int(search.top_k) >= 1, f"prune.search.top_k={search.top_k} must be at least 1", "prune.search.top_k")
+    for key in ("max_width_pruning", "max_depth_pruning"):
+        require(0 <= float(search[key]) < 1, f"prune.search.{key}={search[key]} must be in [0, 1)",
+                f"prune.search.{key}")
+    for key in ("hidden_size_divisor", "ffn_hidden_size_divisor", "num_layers_divisor", "mmlu_limit"):
+        if search.get(key) is not None:
+            require(int(search[key]) >= 1, f"prune.search.{key}={search[key]} must be at least 1",
+                    f"prune.search.{key}")
+    unknown = sorted(set(search.get("hparams_to_skip") or []) - set(SEARCHABLE))
+    require(not unknown, f"prune.search.hparams_to_skip names {unknown}; searchable: {SEARCHABLE}",
+            "prune.search.hparams_to_skip")
+
+
+def check(layout: dict) -> None:
+    """The layout rule of ``prune=search`` (its settings and budget are checked by
+    :func:`within_budget`, which plans the student)."""
+    require(int(layout["tensor"]) == 1, "the parameter search needs tensor parallel size 1 (a ModelOpt limit "
+            "of Minitron pruning); use pipeline parallelism for it", "run.stage_parallel.prune")
+
+
+def shape_of(config) -> dict:
+    """The searched hyper-parameters of a (dynamic) megatron model's current shape."""
+    return {"hidden_size": int(config.hidden_size), "ffn_hidden_size": int(config.ffn_hidden_size),
+            "num_attention_heads": int(config.num_attention_heads), "num_layers": int(config.num_layers)}
+
+
+def score_function(cfg, arch: dict, valid, layout, tokenizer_dir: Path):
+    """ModelOpt's ``score_func`` (higher is better) for the shape a candidate model has now:
+    minus the validation loss, or the accuracy on an MMLU slice; ``-inf`` when not exportable."""
+    search = cfg.prune.search
+    requests = None
+    if str(search.score) == "mmlu":
+        from omegaconf import OmegaConf
+
+
+        slice_cfg = OmegaConf.create({"shots": int(cfg.eval.shots), "limit": int(search.mmlu_limit),
+                                      "mmlu": OmegaConf.to_container(cfg.eval.mmlu)})
+        questions, requests, _ = mmlu_requests(slice_cfg, tokenizer_dir, int(cfg.eval.max_length))
+        answers = [q.answer for q in questions]
+
+    def score(model) -> float:
+        shape = {**arch, **shape_of(model.config)}
+        if not model_lib.exportable(shape):
+            return float("-inf")
+        if requests is None:
+            return -model_lib.lm_loss(model, valid(), arch["vocab_size"])
+
+        picks = choose(model, requests, int(cfg.eval.batch_tokens), arch["vocab_size"], layout)
+        return sum(p == a for p, a in zip(picks, answers)) / len(answers)
+
+    return score
+
+
+def candidates(state_file: Path, wanted: int, arch: dict, score: str) -> list[dict]:
+    """The scored candidates ModelOpt kept in its search state (``top_k`` largest within budget)."""
+    state = torch.load(state_file, weights_only=False)
+    kept = state["top_k_candidates_per_constraint"][float(wanted)]
+    best = max(kept, key=lambda c: c.score)
+    rows = []
+    for candidate in kept:
+        shape = {**arch, **candidate.ss_config}
+        value = candidate.score
+        rows.append({"architecture": {k: shape[k] for k in SEARCHABLE}, "params": model_lib.count_parameters(shape),
+                     "params_modelopt": int(candidate.params), "exportable": model_lib.exportable(shape),
+                     "score": score, score: (-value if score == "val_loss" else value)
+                     if math.isfinite(value) else None, "chosen": candidate is best})
+    return rows

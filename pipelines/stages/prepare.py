@@ -1,0 +1,75 @@
+"""The prepare stage: tokenize the experiment's corpus (``scripts/prepare.py``, ``make prepare``).
+
+A corpus (Jane Austen's novels from Debian's ``r-cran-janeaustenr``, plain text or JSONL files,
+or a Hugging Face ``datasets`` dataset) is split into documents, tokenized by worker processes
+with an end-of-document token appended, and written as megatron-core indexed datasets
+(``train.bin/.idx`` and ``valid.bin/.idx``) plus a manifest. :class:`TokenWindows` reads them
+back as fixed-length samples in a deterministic order, for calibration, teacher logits, distill
+and eval alike.
+
+The corpus readers, the tokenizer and :class:`~pipelines.data.corpus.TokenWindows` live in
+:mod:`pipelines.data.corpus`; this module is the stage: its inputs, its checks and its run.
+"""
+
+from __future__ import annotations
+
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.core.artifacts import config_hash
+from pipelines.core.errors import require
+from pipelines.data.corpus import _encode, init_worker, is_valid, read_documents, train_tokenizer
+from pipelines.stages.base import Stage
+from pipelines.stages.rules import data_ranges
+
+
+def prepare_inputs(cfg) -> dict:
+    return {"data": config_hash(dict(cfg.data)), "tokenizer": str(cfg.data.tokenizer)}
+
+
+def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
+    """Tokenize ``cfg.data`` into ``staging`` (train/valid indexed datasets); the manifest's fields."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    data_cfg = cfg.data
+    output = Path(str(data_cfg.output))
+    documents = read_documents(data_cfg, Path(str(cfg.paths.data)) / "cache")
+    require(len(documents) > 1, "the corpus has fewer than 2 documents", "data.source")
+    tokenizer_dir = Path(str(data_cfg.tokenizer))
+    if data_cfg.train_tokenizer_vocab:
+        tokenizer_dir = train_tokenizer(documents, int(data_cfg.train_tokenizer_vocab), staging / "tokenizer")
+    require((tokenizer_dir / "tokenizer_config.json").exists() or (tokenizer_dir / "tokenizer.json").exists(),
+            f"no tokenizer in {tokenizer_dir}", "data.tokenizer")
+    builders = {split: IndexedDatasetBuilder(str(staging / f"{split}.bin"), dtype=np.int32)
+                for split in ("train", "valid")}
+    counts = {"train": [0, 0], "valid": [0, 0]}
+    with Pool(int(data_cfg.workers), init_worker, (str(tokenizer_dir),)) as pool:
+        encoded = pool.imap(_encode, documents, chunksize=16)
+        for document, ids in tqdm(zip(documents, encoded), total=len(documents),
+                                  desc="[prepare] tokenizing", mininterval=2):
+            split = "valid" if is_valid(document, float(data_cfg.valid_fraction)) else "train"
+            builders[split].add_item(torch.from_numpy(ids))
+            builders[split].end_document()
+            counts[split][0] += 1
+            counts[split][1] += len(ids)
+    for split, builder in builders.items():
+        require(counts[split][0] > 0, f"the {split} split is empty", "data.valid_fraction")
+        builder.finalize(str(staging / f"{split}.idx"))
+    final_tokenizer = output / "tokenizer" if data_cfg.train_tokenizer_vocab else tokenizer_dir
+    fields = {"tokenizer": str(final_tokenizer), "documents": {s: c[0] for s, c in counts.items()},
+              "tokens": {s: c[1] for s, c in counts.items()}}
+    print(f"[prepare] {output}: tokens {fields['tokens']}, documents {fields['documents']}")
+    return fields
+
+
+def checks(cfg, arch, layout) -> None:
+
+    data_ranges(cfg.data)
+
+
+STAGE = Stage(name="prepare", output=lambda cfg: Path(str(cfg.data.output)), inputs=prepare_inputs, run=prepare,
+              checks=checks, runtime=None)

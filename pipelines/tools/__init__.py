@@ -1,0 +1,1 @@
+"""Operator tools: gpu-check."""

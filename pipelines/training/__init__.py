@@ -1,0 +1,1 @@
+"""The training loop: plan, batches, trainer, its checkpoints, metrics and preemption."""
