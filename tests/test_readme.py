@@ -1,4 +1,4 @@
-"""The README's commands: each one is run here or by .ci/run."""
+"""The commands in the README and docs/: each one is run here or by .ci/run."""
 
 import json
 import re
@@ -8,11 +8,14 @@ import pytest
 from conftest import REPO
 
 README = (REPO / "README.md").read_text()
+DOCS = sorted((REPO / "docs").rglob("*.md"))
 CI = (REPO / ".ci" / "run").read_text()
 
 
 def commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    """Every command in the README's and docs/'s bash blocks."""
+    text = "\n".join([README, *(page.read_text() for page in DOCS)])
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line]
 
