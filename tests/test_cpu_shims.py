@@ -4,7 +4,7 @@ from conftest import run_script
 
 PROBE = """
 import torch
-from pipelines import cpu_shims
+from pipelines.backend import cpu_shims
 original = (torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.type, torch.Tensor.cuda)
 torch.cuda.is_available = lambda: {available}
 applied = cpu_shims.apply()
@@ -32,7 +32,7 @@ def test_all_shims_without_cuda():
 def test_shimmed_behaviour_on_cpu():
     code = """
 import torch
-from pipelines import cpu_shims
+from pipelines.backend import cpu_shims
 cpu_shims.apply()
 assert torch.cuda.current_device() == "cpu"
 torch.cuda.synchronize()
@@ -53,7 +53,7 @@ def test_one_rank_collectives_are_local_copies():
     not, and the results are the collectives' own (megatron's bound copies are the shimmed ones)."""
     code = """
 import os, torch, torch.distributed as dist
-from pipelines import cpu_shims
+from pipelines.backend import cpu_shims
 cpu_shims.apply()
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PROBE_PORT", "29561"))
 dist.init_process_group("gloo", rank=0, world_size=1)

@@ -132,8 +132,7 @@ def initialize(parallel, seed: int = 1234, reuse_freed_memory: bool = True) -> L
     ``parallel`` is the ``parallel`` config group: ``tensor``, ``pipeline`` and ``context``
     sizes; the data-parallel size is what the world size leaves. ``reuse_freed_memory``: on CPU,
     keep freed memory in the heap (:func:`keep_freed_memory`); one-pass streaming stages (import,
-    export) say False, since retained blocks only raise their peak (1.12x -> 1.33x the checkpoint
-    in bench/import_memory.py).
+    export) say False, since retained blocks only raise their peak (``bench/import_memory.py``).
     """
     from megatron.core import parallel_state
 

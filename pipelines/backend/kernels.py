@@ -25,8 +25,7 @@ def fused_grad_clipping() -> bool:
       same ``[1]`` float32 tensor; megatron still reads the total once, after its all-reduce;
     - the scaling by the clip coefficient, ``local_multi_tensor_scale``, writes each gradient
       times the coefficient to a new tensor and copies it back (two passes and an allocation per
-      tensor). It becomes one in-place ``torch._foreach_mul_``: measured on CPU for that student,
-      107 -> 74 ms an optimizer step that clips (median of 10, alternating).
+      tensor). It becomes one in-place ``torch._foreach_mul_``.
 
     With TE or apex, megatron's own kernels stay. The training stages call it before building
     their optimizer. Returns whether both are in place.
@@ -77,10 +76,8 @@ def gradient_accumulation_fusion() -> str:
     before building the model (megatron refuses the flag at construction without a kernel).
     Returns which kernel runs: ``"apex"`` or ``"torch"``.
 
-    Measured on CPU (the 20-layer SmolLM2 student, 4x256 tokens a step, 30 alternating steps in
-    one process): 1.000x the step time without it; the pass it saves (about 1 ms a layer) is below
-    that machine's noise. It is on for the GPU, where that pass is a bf16 read and a float32
-    read-modify-write of every weight per micro-batch, memory-bound (not measured there yet).
+    On a GPU the pass it saves is a bf16 read and a float32 read-modify-write of every weight per
+    micro-batch, memory-bound.
     """
     from megatron.core.tensor_parallel import layers
 
@@ -125,8 +122,7 @@ def fused_torch_adam(optimizer) -> int:
     megatron builds ``torch.optim.AdamW`` with torch's default implementation: per parameter
     tensor, about six passes over it (``for`` loops on CPU, ``foreach`` lists on a GPU). The
     fused kernel (CPU and CUDA alike) updates parameter and moments in one pass and keeps the step
-    count on the parameter's device: measured on CPU for the 99M-parameter SmolLM2 student, 184 ->
-    75 ms an optimizer step. Same update up to float rounding. Called where the optimizer is built
+    count on the parameter's device. Same update up to float rounding. Called where the optimizer is built
     and again after a checkpoint is loaded (which puts back the saved step counts on the host).
     """
     adams = torch_adams(optimizer)
@@ -145,8 +141,7 @@ def keep_freed_memory() -> None:
 
     By default each large tensor is its own ``mmap`` and each free an ``munmap``, so every forward
     pass page-faults its activations in again, much of it kernel time. Raising the mmap and trim
-    thresholds keeps freed blocks for reuse: measured 13.5 s -> 9.2 s for 57 5-shot MMLU
-    questions, and a CE training step 3.26 s -> 1.47 s (bench/distill_step.py's student).
+    thresholds keeps freed blocks for reuse.
     """
     import ctypes
     import ctypes.util

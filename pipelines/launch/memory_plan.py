@@ -19,7 +19,7 @@ The model counts, per GPU (bytes):
     attention output, the fc1 output and the SwiGLU output;
   - local spec (CPU, GPU images without TE; torch's fused attention kernel):
     ``6h + (3H + 3G)·d/tp + 3f/tp``, counted on CPU from the tensors autograd keeps (unique
-    storages, 2026-11-30): each torch norm keeps its input and its normalised input, and the
+    storages): each torch norm keeps its input and its normalised input, and the
     linear after it the norm's output; the kernel keeps the rotated q and k and, through v, the
     whole QKV output, the output projection a reshaped copy of the attention output
     (:mod:`pipelines.ops.attention`); the SwiGLU (megatron's compiled one on a GPU,
@@ -179,7 +179,7 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     its float32 softmax, and torch's multinomial's buffers, counted as one float32 chunk on either
     device (on a GPU its normalised copy and prefix sums, read from its CUDA kernel, ``make
     gpu-check`` measures it; on CPU ``bench/memory_plan.py`` measures a fifth to a half of a
-    chunk above the softmax at its three sizes, 2026-11-30).
+    chunk above the softmax at its three sizes).
     Float32 logits at T = 1 are used as they are, without a float32 copy (:func:`float32_chunks`).
     """
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": data})

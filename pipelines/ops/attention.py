@@ -14,8 +14,7 @@ packed sequences, query-key layer scaling) goes through megatron's own forward.
 
 Grouped-query attention: the kernel is given the query groups' keys and values as they are
 (``enable_gqa``) only where the kernel that would run takes them. torch's CPU flash kernel does,
-and faster than with the keys repeated (SmolLM2's attention shape, 9 heads in 3 groups, batch 4 x
-256, float32: 16.9 against 18.7 ms forward and backward). On a GPU the flash kernel does (cuDNN's
+and faster than with the keys repeated. On a GPU the flash kernel does (cuDNN's
 too, on an H200, but torch's default order tries it after the math kernel except on Hopper and
 Blackwell with a recent cuDNN, so it is not counted on): where it cannot run (float32, a head
 dimension over 256, a GPU before Ampere, or flash turned off) torch would fall back, silently, to

@@ -205,7 +205,7 @@ class Trainer:
             self.batches = StepBatches(self._host_batches, self.step, plan.steps, self.layout)
         batches = self.batches.get(self.step)
         if not self.model.training:   # after evaluate(); setting it on every module each step costs the
-            self.model.train()        # host ~1.5 ms at 20 layers (where a small model's GPU step is host-bound)
+            self.model.train()        # a walk over every module: only after evaluate() turned it off
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         # the schedule ends with config.finalize_model_grads_func (set in __init__)
