@@ -103,7 +103,6 @@ def test_linear_layers_add_their_weight_gradients_into_the_ddp_buffer(tmp_path, 
     embedding its token rows (pipelines.ops.embedding), and the buffer holds what it holds without the
     fusion (a tied embedding's two gradients included)."""
     from pipelines.backend import kernels
-    from pipelines.stages import distill
     from pipelines.training import plan
     from pipelines.training import trainer as trainer_
 
@@ -121,7 +120,7 @@ def test_linear_layers_add_their_weight_gradients_into_the_ddp_buffer(tmp_path, 
     fused = trainer_.Trainer(plan.Plan(cfg, 1), layout)
     fused_metrics = fused.forward_backward().read()
     unfused_overrides = trainer_.training_overrides
-    monkeypatch.setattr(distill, "training_overrides",
+    monkeypatch.setattr(trainer_, "training_overrides",
                         lambda *a, **k: {**unfused_overrides(*a, **k), "gradient_accumulation_fusion": False})
     plain = trainer_.Trainer(plan.Plan(cfg, 1), layout)
     plain_metrics = plain.forward_backward().read()
