@@ -29,7 +29,7 @@ sequences, mean ± standard deviation over seeds). Last line: ``best_kd_val_loss
 ce_val_loss=<y> kd_sd=<s> ce_sd=<s> seeds=<n>``; the goal (issue #16): x below y by more than
 the larger deviation, n >= 3 (the one-seed label variants are not candidates).
 
-The study in the README ran before sampled labels were the default: its main sweep was top-64
+The study in docs/distillation.md ran before sampled labels were the default: its main sweep was top-64
 with the tail, and sampled labels were a variant (``logits.mode=sampled``); its k = 16 and 256
 and renormalised variants read the samples in order (no ``data_seed``).
 """
