@@ -32,7 +32,8 @@ def layer_spec(purpose: str = "train", config=None):
     require(purpose in SPECS, f"unknown layer spec purpose {purpose!r}; one of {SPECS}", "layer spec")
     if purpose == "host" or not kernels.transformer_engine_available():
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-        # used where the config's use_te_activation_func is on (pipelines.ops.swiglu.wanted)
+        # used where the config's use_te_activation_func is on (pipelines.ops.swiglu.wanted);
+        # ops.swiglu and ops.attention load megatron, as gpt_layer_specs does
         from pipelines.ops.swiglu import SwiGLU
 
         spec.submodules.mlp.submodules.activation_func = SwiGLU
