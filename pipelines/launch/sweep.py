@@ -162,7 +162,7 @@ def plan_sweep(overrides: list[str]):
     fixed, axes = split(overrides)
     cfg = compose_pipeline(fixed)
     check(cfg, axes)
-    points, caches = [], {}
+    planned, caches = [], {}
     for point in points(axes, fixed):
         extra = base_overrides(cfg, point)
         try:
@@ -174,19 +174,19 @@ def plan_sweep(overrides: list[str]):
             extra.append(f"logits.output={cache}")
             one = compose_pipeline([*fixed, *extra])
             caches.setdefault(cache, (one, [*fixed, *extra]))
-        points.append((point, one, [*fixed, *extra], cache))
+        planned.append((point, one, [*fixed, *extra], cache))
     shared = [s for s in pipeline_stages(cfg) if s in SHARED_STAGES]
     names = shared + ["logits"] * bool(caches) + ["distill", "eval"]
     students = check_students(cfg, names, fixed)
     preflight.check(cfg, [n for n in names if not get(n).per_student and n != "logits"], student=students[0]["student"])
-    for point, one, extra, _ in points:
+    for point, one, extra, _ in planned:
         try:
             check_students(one, ["distill", "eval"], extra)
         except UserError as error:
             raise UserError(f"sweep point {point.name}: {error.message}", error.key) from None
     for one, _ in caches.values():
         preflight.check(one, ["logits"], student=students[0]["student"])
-    return cfg, fixed, shared, [(folder, *value) for folder, value in caches.items()], points
+    return cfg, fixed, shared, [(folder, *value) for folder, value in caches.items()], planned
 
 
 def run_sweep(overrides: list[str], dry_run: bool) -> None:
