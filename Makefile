@@ -84,32 +84,9 @@ export: setup  ## export each distilled student to Hugging Face format
 gpu-check:  ## on a GPU node, first: environment, the tiny pipeline on one GPU, an 8B-width slice vs the memory plan
 	$(PYTHON) scripts/gpu_check.py $(ARGS)
 
-bench: setup  ## run the benchmarks (each prints its ratios on its last line)
+bench: setup  ## run every benchmark in full; records bench/results.json and renders docs/benchmarks.md
 	$(SMOLLM2)
-	$(PYTHON) bench/import_memory.py
-	$(PYTHON) bench/calibration_cost.py
-	$(PYTHON) bench/logits_cache.py
-	$(PYTHON) bench/eval_throughput.py
-	$(PYTHON) bench/lm_eval_agreement.py
-	$(PYTHON) bench/param_search.py
-	$(PYTHON) bench/param_search.py --search-args "prune.search.max_depth_pruning=0.5 prune.search.max_width_pruning=0.75"
-	$(PYTHON) bench/prune_rounds.py
-	$(PYTHON) bench/distill_step.py
-	$(PYTHON) bench/distill_step.py --real --repeats 3
-	$(PYTHON) bench/vs_transformers.py
-	$(PYTHON) bench/kd_vs_ce.py
-	$(PYTHON) bench/recipe_study.py
-	$(PYTHON) bench/memory_plan.py
-	$(PYTHON) bench/fault_injection.py
+	$(PYTHON) bench/run.py
 
-BENCHES := import_memory calibration_cost logits_cache eval_throughput lm_eval_agreement param_search prune_rounds distill_step vs_transformers kd_vs_ce recipe_study memory_plan fault_injection
-
-bench-quick: setup  ## every benchmark in its quick mode (CI: each must exit 0 and print its last line)
-	@set -e; for b in $(BENCHES); do \
-	  echo "== bench/$$b.py --quick"; \
-	  log=$$(mktemp); start=$$(date +%s); \
-	  $(PYTHON) bench/$$b.py --quick > $$log 2>&1 || { tail -n 40 $$log; echo "bench/$$b.py --quick failed"; exit 1; }; \
-	  grep -v -i warn $$log | tail -n 4; \
-	  echo "($$(( $$(date +%s) - start )) s)"; \
-	  tail -n 1 $$log | grep -q '=' || { echo "bench/$$b.py --quick printed no ratio line"; exit 1; }; \
-	done
+bench-quick: setup  ## every benchmark in its quick mode (CI: each must exit 0 and print its ratio line)
+	$(PYTHON) bench/run.py --quick
