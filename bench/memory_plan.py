@@ -85,7 +85,7 @@ def worker(stage: str, overrides: list[str]) -> dict:
         for _ in range(2):
             trainer.train_step()
     else:
-        from pipelines.stages import base as stages
+        from pipelines import stages
 
         base = _reset_peak()
         stages.run("logits", cfg)
@@ -163,10 +163,10 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides))))
         return
+    from pipelines import stages
     from pipelines.core.artifacts import read_manifest
     from pipelines.launch import memory_plan, preflight
     from pipelines.launch import plan as plan_
-    from pipelines.stages import base as stages
 
     if read_manifest(Path(args.data)) is None:  # the demo corpus, tokenized once
         stages.run("prepare", compose(["experiment=demo", f"data.output={args.data}"]))
