@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-slow demo demo-real pipeline prepare import correct prune logits distill eval report sweep export bench bench-quick gpu-check
+.PHONY: help setup test test-integration test-e2e test-all test-slow demo demo-real pipeline prepare import correct prune logits distill eval report sweep export bench bench-quick gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -27,11 +27,22 @@ $(SETUP_STAMP): requirements.txt pyproject.toml
 	.venv/bin/pip install -q --no-deps -e .
 	touch $@
 
-test: setup  ## run the default test tier (CPU; SLURM tests run when a cluster answers)
-	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=25
+PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider --durations=15
 
-test-slow: setup  ## run the slow tier too
-	$(PYTHON) -m pytest -q -p no:cacheprovider -m "slow or not slow"
+test: setup  ## the unit tier (tests/unit: minutes, no stage runs)
+	$(PYTEST) tests/unit
+
+test-integration: setup  ## the integration tier (tests/integration: stage runs, torchrun workers; SLURM when one answers)
+	$(PYTEST) tests/integration
+
+test-e2e: setup  ## the end-to-end tier (tests/e2e: on the demo run and its sweeps, built when missing)
+	$(PYTEST) tests/e2e
+
+test-all: setup  ## every tier, as CI runs them
+	$(PYTEST) tests
+
+test-slow: setup  ## every tier with the slow tests too
+	$(PYTEST) tests -m "slow or not slow"
 
 demo: setup  ## the whole tiny pipeline on CPU: data, teacher pre-training, prune x2, logits, distill x2, eval, report, export
 	$(MAKE) --no-print-directory pipeline EXP=demo CLUSTER=local

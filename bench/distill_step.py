@@ -136,9 +136,9 @@ def _mask_args(tokens):
 
 
 def prepare(folder: Path, args) -> list[str]:
-    from pipelines import stages
     from omegaconf import OmegaConf
 
+    from pipelines import stages
     from pipelines.hf.random_hf import write_random_hf
     from pipelines.stages import import_
 

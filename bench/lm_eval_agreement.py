@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO))
 
 def teacher(work: Path, quick: bool) -> tuple[Path, list[str]]:
     """The checkpoint to evaluate, and the overrides that place its run."""
-    from pipelines import stages
     from omegaconf import OmegaConf
 
+    from pipelines import stages
     from pipelines.hf.gguf import gguf_to_hf
     from pipelines.launch.preflight import compose_pipeline
     from pipelines.stages import import_

@@ -89,9 +89,9 @@ def compose(overrides: list[str]):
 def prepare(work: Path, args) -> list[str]:
     """Models, data and cache in ``work`` (each step skipped when already there); the overrides
     of our trainer."""
-    from pipelines import stages
     from omegaconf import OmegaConf
 
+    from pipelines import stages
     from pipelines.hf.gguf import gguf_to_hf
     from pipelines.stages import export, import_
 

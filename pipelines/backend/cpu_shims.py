@@ -11,7 +11,7 @@ applies where megatron's compiled SwiGLU is off, i.e. on CPU: a SwiGLU that keep
 megatron-core assumes CUDA in a handful of places that have nothing to do with the maths. On a
 machine without a GPU, :func:`apply` patches exactly those places so the *same* model, schedule,
 optimizer and checkpoint code runs on CPU with gloo. With CUDA available it does nothing, and
-``tests/test_cpu_shims.py`` checks that.
+``tests/unit/test_cpu_shims.py`` checks that.
 
 Each shim was found by running megatron-core and ModelOpt on CPU and is listed in
 :data:`SHIMS` with the megatron/ModelOpt call that needs it:

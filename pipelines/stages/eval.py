@@ -2,7 +2,7 @@
 
 ``eval.backend=native`` (the default) scores MMLU with our evaluator (:mod:`pipelines.evaluation.scoring`); ``lm_eval`` scores it
 (and any other task it knows) with lm-evaluation-harness on the checkpoint's Hugging Face export
-(:mod:`pipelines.evaluation.harness`), in one process. The two choose the same letters: ``tests/test_evaluate.py``
+(:mod:`pipelines.evaluation.harness`), in one process. The two choose the same letters: ``tests/integration/test_evaluate.py``
 and ``bench/lm_eval_agreement.py`` check it.
 
 Forward passes are batched by length (prompts sorted, right-padded; causal attention makes the

@@ -1,6 +1,6 @@
 """The distillation loss on a vocabulary split over 2 tensor-parallel ranks equals one rank's.
 
-    python -m torch.distributed.run --nproc-per-node=2 tests/helpers/tp_kd_loss.py
+    python -m torch.distributed.run --nproc-per-node=2 tests/workers/tp_kd_loss.py
 """
 
 import torch

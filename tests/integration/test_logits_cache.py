@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, child_env, compose, run_torchrun
+from helpers import REPO, child_env, compose, run_torchrun
 
 from pipelines import stages
 from pipelines.core.errors import UserError
@@ -157,7 +157,7 @@ def test_distill_refuses_a_cache_smaller_than_it_reads(tmp_path, tiny_teacher, t
 def test_another_run_with_the_same_teacher_content_reuses_the_shards(tmp_path, tiny_teacher, tiny_data, capsys):
     """A teacher imported again from the same Hugging Face folder, into another run, is the same
     teacher: its run links the first run's shards instead of recomputing them."""
-    from conftest import import_cfg
+    from helpers import import_cfg
 
     from pipelines.stages import import_
 

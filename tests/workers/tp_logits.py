@@ -1,6 +1,6 @@
 """Load a checkpoint at a tensor-parallel size and save the gathered logits (launched by torchrun).
 
-    python -m torch.distributed.run --nproc-per-node=2 tests/helpers/tp_logits.py CKPT TOKENS OUT TP
+    python -m torch.distributed.run --nproc-per-node=2 tests/workers/tp_logits.py CKPT TOKENS OUT TP
 """
 
 import sys

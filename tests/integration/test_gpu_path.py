@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose, import_cfg, import_hf_llama, make_hf_llama, run_script, run_torchrun
+from helpers import REPO, compose, import_cfg, import_hf_llama, make_hf_llama, run_script, run_torchrun
 from omegaconf import OmegaConf
 
 from pipelines.backend import distributed, kernels

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import compose, export_cfg
+from helpers import compose, export_cfg
 
 from pipelines import stages
 from pipelines.core.errors import UserError
 from pipelines.evaluation import mmlu
-from pipelines.stages.base import run as stage_run
+from pipelines.stages import run as stage_run
 
 SUBJECTS = "[astronomy,virology,high_school_physics]"
 

@@ -170,9 +170,9 @@ def test_online_teacher_in_bfloat16_with_padding_and_cross_entropy():
 
 
 def test_tensor_parallel_vocab_split_matches_one_rank():
-    from tests.conftest import REPO, run_torchrun
+    from helpers import REPO, run_torchrun
 
-    result = run_torchrun(2, str(REPO / "tests" / "helpers" / "tp_kd_loss.py"))
+    result = run_torchrun(2, str(REPO / "tests" / "workers" / "tp_kd_loss.py"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "tp kd loss match" in result.stdout
 

@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import compose
+from helpers import compose
 
 from pipelines import stages
 from pipelines.core.artifacts import read_manifest

@@ -1,15 +1,14 @@
 """The model configs: both go through the same builder and validation."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
+from helpers import REPO
 
 from pipelines.core.errors import UserError
 from pipelines.model import build as model_lib
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIGS = REPO / "configs" / "model"
 
 
 def load(name):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import export_cfg
+from helpers import export_cfg
 from test_prune import prune_cfg
 
 from pipelines import stages
@@ -108,7 +108,7 @@ def test_another_budget_reuses_the_importance_scores(searched, trained_teacher, 
     ("+run.stage_parallel.prune={tensor:2}", "run.stage_parallel.prune"),
 ])
 def test_bad_search_settings_name_the_key_before_any_compute(override, key, tmp_path, trained_teacher, tiny_data):
-    from conftest import compose
+    from helpers import compose
 
     from pipelines.launch import preflight
 

@@ -1,7 +1,7 @@
 """The memory plan: 8B stages fit an H100 with headroom, overfull stages are refused by key."""
 
 import pytest
-from conftest import compose, run_script
+from helpers import compose, run_script
 
 from pipelines.core.errors import UserError
 from pipelines.launch import memory_plan, preflight

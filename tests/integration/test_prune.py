@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import compose, export_cfg
+from helpers import compose, export_cfg
 
 from pipelines import stages
 from pipelines.core.errors import UserError

@@ -3,7 +3,7 @@
 import subprocess
 
 import pytest
-from conftest import REPO, compose, run_script
+from helpers import REPO, compose, run_script
 
 from pipelines.core.errors import UserError
 from pipelines.launch import plan, preflight

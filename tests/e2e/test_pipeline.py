@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from pipelines.core.artifacts import read_manifest
 from pipelines.stages import registry
@@ -43,8 +43,7 @@ def started(result) -> list[str]:
             if line.startswith("[") and re.search(r" scripts/\w+\.py( |$)", line)]
 
 
-@pytest.mark.skipif(not (REPO / "runs" / "demo" / "report.json").exists(), reason="needs `make demo` first")
-def test_a_second_make_demo_finds_every_stage_up_to_date():
+def test_a_second_make_demo_finds_every_stage_up_to_date(demo_run):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "PIPELINES_RUNS")}
     again = subprocess.run(["make", "-s", "pipeline", "EXP=demo", "CLUSTER=local"], cwd=REPO, capture_output=True,
                            text=True, timeout=900, env=env)

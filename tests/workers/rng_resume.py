@@ -1,7 +1,7 @@
 """Save every rank's random state through the trainer's checkpoint entry, scramble, restore, and
 check each rank draws what it drew before (launched by torchrun).
 
-    python -m torch.distributed.run --nproc-per-node=2 tests/helpers/rng_resume.py FOLDER
+    python -m torch.distributed.run --nproc-per-node=2 tests/workers/rng_resume.py FOLDER
 """
 
 import os

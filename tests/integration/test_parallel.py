@@ -1,7 +1,7 @@
 """Tensor parallelism on CPU: a TP=1 checkpoint loads at TP=2 and gives the same logits."""
 
 import torch
-from conftest import import_cfg, make_hf_llama, run_torchrun
+from helpers import import_cfg, make_hf_llama, run_torchrun
 
 from pipelines.model import checkpoint
 from pipelines.model.build import forward_logits
@@ -16,7 +16,7 @@ def test_tp1_checkpoint_loads_at_tp2_with_same_logits(tmp_path, cpu_runtime):
     model, _ = checkpoint.load_model(tmp_path / "ckpt", cpu_runtime)
     with torch.no_grad():
         reference = forward_logits(model.eval(), tokens)
-    result = run_torchrun(2, "tests/helpers/tp_logits.py", str(tmp_path / "ckpt"),
+    result = run_torchrun(2, "tests/workers/tp_logits.py", str(tmp_path / "ckpt"),
                           str(tmp_path / "tokens.pt"), str(tmp_path / "tp2.pt"), "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "tp=2 dp=1" in result.stdout

@@ -4,8 +4,7 @@ import json
 import re
 import subprocess
 
-import pytest
-from conftest import REPO
+from helpers import REPO
 
 README = (REPO / "README.md").read_text()
 DOCS = sorted((REPO / "docs").rglob("*.md"))
@@ -60,8 +59,7 @@ def test_slurm_dry_run_command():
     assert "[memory] predicted peak per GPU" in result.stdout
 
 
-@pytest.mark.skipif(not (REPO / "runs" / "demo" / "report.json").exists(), reason="needs `make demo` first")
-def test_commands_on_the_demo_run(tmp_path):
+def test_commands_on_the_demo_run(tmp_path, demo_run):
     """After `make demo` (CI runs it first), on a copy of its run: overrides rerun a stage (the
     changed config is detected), and import/export by hand round-trip."""
     import os
@@ -98,14 +96,10 @@ def test_commands_on_the_demo_run(tmp_path):
     assert (tmp_path / "exported" / "config.json").exists()
 
 
-README_SWEPT = REPO / "runs" / "demo" / "sweep"   # the first README sweep's points: distill.kd_weight=<w>,fixed-<hash>
-
-
-@pytest.mark.skipif(not any(README_SWEPT.glob("distill.kd_weight=1,fixed-*")),
-                    reason="needs the README's sweeps (.ci/run runs them)")
-def test_the_readme_sweeps_compare_their_points():
-    """.ci/run runs the README's two `make sweep` commands after `make demo`: the report compares
-    their points, at 20 steps of 16 x 128 tokens (other sweeps of the run may be there too)."""
+def test_the_documented_sweeps_compare_their_points(documented_sweep_points):
+    """docs/configuration.md's two `make sweep` commands (.ci/run runs them after `make demo`): the
+    report compares their points, at 20 steps of 16 x 128 tokens (other sweeps of the run may be
+    there too)."""
     table = json.loads((REPO / "runs" / "demo" / "report.json").read_text())["sweep"]
 
     def found(part: str, seeds: int) -> bool:

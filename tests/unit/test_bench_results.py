@@ -4,7 +4,7 @@ import importlib.util
 import json
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
 bench_run = importlib.util.module_from_spec(spec)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env, compose, import_cfg, import_hf_llama, make_hf_llama, run_script, run_torchrun
+from helpers import REPO, child_env, compose, import_cfg, import_hf_llama, make_hf_llama, run_script, run_torchrun
 
 from pipelines import stages
 from pipelines.core.errors import UserError
@@ -250,7 +250,7 @@ def test_changed_settings_never_throw_training_state_away(tmp_path, tiny_teacher
 
 def test_every_rank_restores_its_own_random_state(tmp_path):
     """megatron saves plain values from rank 0 only; the random states are one shard per rank."""
-    result = run_torchrun(2, str(REPO / "tests" / "helpers" / "rng_resume.py"), str(tmp_path / "state"))
+    result = run_torchrun(2, str(REPO / "tests" / "workers" / "rng_resume.py"), str(tmp_path / "state"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     firsts = [(tmp_path / "state" / f"restored-{rank}.txt").read_text() for rank in (0, 1)]
     assert firsts[0] != firsts[1]  # each rank came back (its file) to its own state, and they differ

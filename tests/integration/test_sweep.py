@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_RUN
+from helpers import REPO, TINY_RUN
 
 from pipelines.core.artifacts import read_manifest
 from pipelines.core.errors import UserError

@@ -1,6 +1,6 @@
 """The CPU shims are applied without CUDA, and none of them when CUDA is reported available."""
 
-from conftest import run_script
+from helpers import run_script
 
 PROBE = """
 import torch

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, compose
+from helpers import REPO, compose
 
 from pipelines.core import experiment
 from pipelines.core.artifacts import read_manifest

@@ -1,7 +1,7 @@
 """Bad values, tried as a new user would: one line naming the key, exit 2, no traceback, no compute."""
 
 import pytest
-from conftest import compose, run_script
+from helpers import compose, run_script
 
 from pipelines.core.errors import UserError
 from pipelines.launch import plan, preflight

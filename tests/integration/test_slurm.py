@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import run_script
+from helpers import run_script
 
 pytestmark = pytest.mark.slurm
 

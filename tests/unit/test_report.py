@@ -4,10 +4,11 @@ import json
 import random
 
 import pytest
-from conftest import compose
+from helpers import compose
 
 from pipelines import stages
 from pipelines.evaluation import mmlu
+from pipelines.evaluation.corpus_task import CHANCE
 from pipelines.evaluation.recovery import macro_standard_error, mmlu_statistics
 
 
