@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-integration test-e2e test-all test-slow demo demo-real pipeline prepare import correct prune logits distill eval report sweep export bench bench-quick gpu-check
+.PHONY: help setup test test-integration test-e2e test-all test-slow demo demo-real pipeline prepare import correct prune logits distill eval report sweep export bench bench-quick gpu-check clean-replaced
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -94,6 +94,9 @@ export: setup  ## export each distilled student to Hugging Face format
 
 gpu-check:  ## on a GPU node, first: environment, the tiny pipeline on one GPU, an 8B-width slice vs the memory plan
 	$(PYTHON) scripts/gpu_check.py $(ARGS)
+
+clean-replaced: setup  ## remove the old results FORCE=1 kept aside (.<name>.replaced-*) in the run and data folders
+	$(STAGE) clean-replaced $(OVERRIDES)
 
 bench: setup  ## run every benchmark in full; records bench/results.json and renders docs/benchmarks.md
 	$(SMOLLM2)

@@ -107,6 +107,15 @@ def launch_world_size() -> int:
     return 1
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it (torchrun, SLURM; 0 for a plain process), before
+    any process group exists."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    return int(env.get("SLURM_PROCID", 0)) if "SLURM_NTASKS" in env else 0
+
+
 def _launch_environment() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun, SLURM, or a plain single process."""
     env = os.environ

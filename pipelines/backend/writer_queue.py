@@ -23,18 +23,10 @@ import signal
 import sys
 import threading
 
-_PR_SET_PDEATHSIG = 1
+from pipelines.core.processes import die_with
+
 _manager = None    # kept: a collected manager shuts its server down
 _megatron_getter = None
-
-
-def _die_with(parent: int) -> None:
-    """The manager server's initializer: SIGKILL when ``parent`` dies."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:   # died before the request took effect
-        os._exit(0)
 
 
 def install() -> None:
@@ -60,7 +52,7 @@ def results_queue():
         from multiprocessing.managers import SyncManager
 
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))   # spawn, as megatron's own
-        manager.start(initializer=_die_with, initargs=(os.getpid(),))
+        manager.start(initializer=die_with, initargs=(os.getpid(), signal.SIGKILL))
         filesystem_async._results_queue = manager.Queue()
         _manager = manager
     return filesystem_async._results_queue

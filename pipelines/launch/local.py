@@ -6,10 +6,14 @@ starts no process.
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import subprocess
+from functools import partial
 
 from pipelines.core.experiment import REPO
+from pipelines.core.processes import die_with
 from pipelines.launch.plan import invocations, parse, python_executable, stage_processes
 from pipelines.launch.preflight import compose_pipeline
 from pipelines.stages import get
@@ -28,7 +32,8 @@ def run_local(stage: str, cfg, overrides: list[str]) -> None:
         else:
             command = [python_executable(cfg), *arguments]
         print(f"[{stage}] {shlex.join(command)}", flush=True)
-        result = subprocess.run(command, cwd=REPO)
+        # the stage dies with this launcher: killed, it leaves nothing running that still writes
+        result = subprocess.run(command, cwd=REPO, preexec_fn=partial(die_with, os.getpid(), signal.SIGTERM))
         if result.returncode != 0:
             raise SystemExit(result.returncode)
 

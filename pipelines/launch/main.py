@@ -19,6 +19,10 @@ the job, which then skips the finished stages and resumes the interrupted one.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+from pipelines.core.artifacts import replaced_folders
 from pipelines.core.errors import UserError, require
 from pipelines.launch import memory_plan, preflight
 from pipelines.launch.cli import quiet_known_noise
@@ -39,11 +43,21 @@ def runs_on_gpus(cfg) -> bool:
     return torch.cuda.is_available()
 
 
+def clean_replaced(cfg) -> None:
+    """``make clean-replaced``: remove the old results that ``FORCE=1`` kept aside in the run folder and
+    the data folder, naming each (nothing else is touched)."""
+    folders = replaced_folders([Path(str(cfg.run.dir)), Path(str(cfg.paths.data))])
+    for folder in folders:
+        print(f"[clean-replaced] removing {folder}", flush=True)
+        shutil.rmtree(folder)
+    print(f"[clean-replaced] {len(folders)} kept-aside result(s) removed", flush=True)
+
+
 def main(argv: list[str]) -> None:
     """``stage.py STAGE[,STAGE...]|pipeline [--dry-run] [hydra overrides]``."""
 
     quiet_known_noise()
-    usage = "usage: scripts/stage.py STAGE|pipeline [--dry-run] [key=value ...]"
+    usage = "usage: scripts/stage.py STAGE|pipeline|sweep|clean-replaced [--dry-run] [key=value ...]"
     if not argv or argv[0].startswith("-"):
         raise UserError(usage, "STAGE")
     stage, rest = argv[0], argv[1:]
@@ -53,6 +67,9 @@ def main(argv: list[str]) -> None:
         run_sweep(overrides, dry_run)
         return
     cfg = compose_pipeline(overrides)
+    if stage == "clean-replaced":
+        clean_replaced(cfg)
+        return
     stages = pipeline_stages(cfg) if stage == "pipeline" else stage.split(",")
     names = list(dict.fromkeys(parse(spec)[0] for spec in stages))  # an unknown name stops here
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +41,16 @@ import torch
 from omegaconf import OmegaConf
 
 from pipelines.backend import distributed
-from pipelines.core.artifacts import read_manifest, staged_folder, write_json, write_manifest
+from pipelines.core.artifacts import (
+    aside_path,
+    output_lock,
+    read_manifest,
+    replace_folder,
+    staged_folder,
+    staging_path,
+    write_json,
+    write_manifest,
+)
 from pipelines.core.errors import UserError
 from pipelines.model import checkpoint
 
@@ -87,10 +96,16 @@ class Stage:
     distributed: bool = False      # runs one process per GPU (torchrun / srun)
     model_parallel_only: bool = False   # as many processes as its model-parallel layout, no more
     each: Callable[[Any], list] | None = None   # one config per item (eval.model=all: every model)
+    output_key: str | None = None  # the config key of its output, when not <name>.output
 
     @property
     def script(self) -> str:
         return f"scripts/{self.name}.py"
+
+    @property
+    def key(self) -> str:
+        """The config key that names the output folder (what a user changes to move it)."""
+        return self.output_key or f"{self.name}.output"
 
 
 def layout_sizes(layout) -> dict | None:
@@ -107,7 +122,12 @@ def run_all(stage: Stage, cfg) -> list[dict]:
 
 
 def run(stage: Stage, cfg) -> dict:
-    """Run ``stage`` on ``cfg`` unless its output is up to date; returns its manifest."""
+    """Run ``stage`` on ``cfg`` unless its output is up to date; returns its manifest.
+
+    Before any compute it refuses an output folder the stage did not write and an input inside
+    the output (:func:`refuse_foreign`), finishes a replace that a crash interrupted, and takes the
+    output's lock (:func:`pipelines.core.artifacts.output_lock`) for the rest of the run.
+    """
     output, done = _finished(stage, cfg)
     inputs = stage.inputs(cfg)
     stamp = portable(inputs, cfg)
@@ -115,8 +135,21 @@ def run(stage: Stage, cfg) -> dict:
     if not force and _same_inputs(done, inputs, stamp):
         print(skip_line(stage, output), flush=True)
         return done
-    if not stage.replaces and not force:
-        _refuse_other(stage, output, done, Path(str(stage.origin(cfg))).resolve() if stage.origin else None, cfg)
+    if inputs is None:   # writes named files into its output, replaces no folder (the report)
+        return _run(stage, cfg, output, inputs, stamp, done, force)
+    refuse_foreign(stage, output, cfg)
+    main_process = distributed.launch_rank() == 0
+    lock = output_lock(output, stage.key) if main_process else nullcontext()
+    with lock:
+        finished = _finish_interrupted_replace(stage, output, inputs, stamp, force, main_process)
+        if finished is not None:
+            return finished
+        if not stage.replaces and not force:
+            _refuse_other(stage, output, done, Path(str(stage.origin(cfg))).resolve() if stage.origin else None, cfg)
+        return _run(stage, cfg, output, inputs, stamp, done, force)
+
+
+def _run(stage: Stage, cfg, output: Path, inputs: dict | None, stamp, done: dict | None, force: bool) -> dict:
     layout = stage.runtime(cfg) if stage.runtime else None
     is_main = layout is None or layout.is_main
     barrier = _barrier if layout is not None else None
@@ -138,7 +171,8 @@ def run(stage: Stage, cfg) -> dict:
             if stage.resume.finished:
                 stage.resume.finished(cfg, output)
     else:
-        with staged_folder(output, is_main, barrier) as folder:
+        with staged_folder(output, is_main, barrier, keep_old=force,
+                           kept=lambda aside: _say_kept(stage, aside)) as folder:
             fields = stage.run(cfg, layout, folder, inputs)
             manifest = _manifest(stage, stamp, fields, cfg)
             if is_main:
@@ -146,6 +180,81 @@ def run(stage: Stage, cfg) -> dict:
     if barrier:
         barrier()
     return manifest
+
+
+def _say_kept(stage: Stage, aside: Path) -> None:
+    print(f"[{stage.name}] force=true: the previous result is kept in {aside} "
+          "(make clean-replaced removes such folders)", flush=True)
+
+
+def owns(stage: Stage, output: Path) -> bool:
+    """Whether ``output`` is ``stage``'s to replace: absent, an empty folder, or a folder holding
+    this stage's own manifest (or, for a resumable stage, its stamp)."""
+    if not output.exists():
+        return True
+    if not output.is_dir():
+        return False
+    if not any(output.iterdir()):
+        return True
+    try:
+        manifest = read_manifest(output)
+    except ValueError:   # a torn manifest of ours is still ours: it names this stage
+        manifest = {"stage": stage.name} if f'"stage": "{stage.name}"' in (output / "manifest.json").read_text() else None
+    if manifest is not None and manifest.get("stage") == stage.name:
+        return True
+    return stage.resume is not None and (output / stage.resume.stamp).exists()
+
+
+def refuse_foreign(stage: Stage, output: Path, cfg) -> None:
+    """Stop, naming the key, before a stage could remove what it did not write: an output folder
+    that holds something else (whatever ``force`` says), or an input of its section inside it."""
+    key = stage.key
+    if not owns(stage, output):
+        what = sorted(p.name for p in output.iterdir())[:4] if output.is_dir() else ["a file"]
+        raise UserError(f"{key} {output} holds what the {stage.name} stage did not write "
+                        f"({', '.join(what)}{', ...' if output.is_dir() and len(what) == 4 else ''}); it never "
+                        "removes it, force=true included: choose another output folder, or move those files", key)
+    real = output.resolve()
+    for name, path in _section_paths(cfg, key.split(".")[0]):
+        if path == real or real in path.parents:
+            raise UserError(f"{name}: {path} is inside the output folder {output}, which the {stage.name} stage "
+                            f"replaces: choose another {key}, or keep inputs elsewhere", key)
+
+
+def _section_paths(cfg, section: str) -> list[tuple[str, Path]]:
+    """The existing paths named by ``cfg[section]``'s keys (but its output), by key."""
+    values = OmegaConf.select(cfg, section, default=None) if OmegaConf.is_config(cfg) else None
+    if not OmegaConf.is_dict(values):
+        return []
+    found = []
+    for name in values:
+        if name == "output":
+            continue
+        value = OmegaConf.select(values, str(name), default=None, throw_on_resolution_failure=False)
+        items = list(value) if OmegaConf.is_list(value) else [value]
+        for item in items:
+            if isinstance(item, str) and item and "://" not in item and Path(item).expanduser().exists():
+                found.append((f"{section}.{name}", Path(item).expanduser().resolve()))
+    return found
+
+
+def _finish_interrupted_replace(stage: Stage, output: Path, inputs: dict, stamp, force: bool,
+                                main_process: bool) -> dict | None:
+    """A staging folder holding a complete result of these inputs is finished work that a crash
+    kept from its rename: put it in place instead of computing it again."""
+    staging = staging_path(output)
+    if force or stage.resume is not None or not staging.is_dir():
+        return None
+    try:
+        pending = read_manifest(staging)
+    except ValueError:
+        return None
+    if not _same_inputs(pending, inputs, stamp):
+        return None
+    if main_process:
+        replace_folder(staging, output)
+        print(f"[{stage.name}] {output}: the result an interrupted run finished is now in place", flush=True)
+    return pending
 
 
 def up_to_date(stage: Stage, cfg) -> Path | None:
@@ -264,11 +373,12 @@ def _open_in_place(stage: Stage, output: Path, inputs: dict, real: dict, done: d
                         "force=true (FORCE=1) to start over: the old state is moved aside, not deleted", key)
     if not is_main:
         return
-    if stale and policy.on_change == "refuse":  # a finished run redone, or force: keep the old state
-        aside = output.with_name(f".{output.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    if stale and (policy.on_change == "refuse" or force):  # a finished run redone, or force: keep it
+        aside = aside_path(output)
         os.replace(output, aside)
-        print(f"[{stage.name}] the previous state is kept in {aside}", flush=True)
-    elif stale:
+        print(f"[{stage.name}] the previous state is kept in {aside} (make clean-replaced removes such folders)",
+              flush=True)
+    elif stale:   # recomputable partial work of other inputs, in a folder of this stage's own
         shutil.rmtree(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     (output / "manifest.json").unlink(missing_ok=True)

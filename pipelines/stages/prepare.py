@@ -72,4 +72,4 @@ def checks(cfg, arch, layout) -> None:
 
 
 STAGE = Stage(name="prepare", output=lambda cfg: Path(str(cfg.data.output)), inputs=prepare_inputs, run=prepare,
-              checks=checks, runtime=None)
+              checks=checks, runtime=None, output_key="data.output")
