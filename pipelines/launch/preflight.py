@@ -20,7 +20,7 @@ from pipelines.model import build as model_lib
 from pipelines.model import checkpoint
 from pipelines.pruning.search import within_budget
 from pipelines.stages import get, registry
-from pipelines.stages.rules import TRAINING, layout_fits, positive, student_architecture
+from pipelines.stages.rules import TRAINING, layout_fits, positive, positive_whole, student_architecture
 
 
 def check(cfg, stages: list[str], source: dict | None = None, student: dict | None = None) -> dict:
@@ -35,8 +35,15 @@ def check(cfg, stages: list[str], source: dict | None = None, student: dict | No
     student = student or student_architecture(cfg, source)
     checked = {"teacher": teacher, "source": source, "student": student, "layouts": {}}
     for key in ("tensor", "pipeline", "context"):
-        positive(int(cfg.parallel.get(key, 1)), f"parallel.{key}", 1, inclusive=True)
-    positive(float(cfg.parallel.get("timeout_minutes", 30)), "parallel.timeout_minutes")
+        positive_whole(cfg.parallel.get(key, 1), f"parallel.{key}", 1, inclusive=True)
+    positive(cfg.parallel.get("timeout_minutes", 30), "parallel.timeout_minutes")
+    cluster = cfg.cluster
+    if cluster.get("gpus_per_node") is not None:   # first: tasks_per_node follows it
+        positive_whole(cluster.gpus_per_node, "cluster.gpus_per_node", inclusive=True)
+    for key in ("processes", "nodes", "tasks_per_node", "cpus_per_task") if str(cluster.kind) == "slurm" \
+            else ("processes",):
+        if cluster.get(key) is not None:
+            positive_whole(cluster[key], f"cluster.{key}", 1, inclusive=True)
     # training sections first: other sections interpolate their keys (logits.temperature)
     for stage in sorted(stages, key=lambda name: name not in TRAINING):
         layout = None

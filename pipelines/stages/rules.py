@@ -8,6 +8,8 @@ acts on one imports it from here.
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import OmegaConf
 
 from pipelines.backend.distributed import require_no_context_parallel
@@ -60,7 +62,7 @@ def student_architecture(cfg, teacher: dict) -> dict:
         else:
             require(prune.target_num_layers is not None, "depth pruning needs drop_layers or "
                     "target_num_layers", "prune.target_num_layers")
-            student["num_layers"] = int(prune.target_num_layers)
+            student["num_layers"] = whole(prune.target_num_layers, "prune.target_num_layers")
         require(0 < student["num_layers"] < teacher["num_layers"], "the student must keep between 1 "
                 f"and {teacher['num_layers'] - 1} layers", "prune.target_num_layers")
     elif prune.mode == "search":  # the largest shape within the budget: the search may choose a smaller one
@@ -70,7 +72,7 @@ def student_architecture(cfg, teacher: dict) -> dict:
         for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
             value = prune.target.get(key)
             if value is not None:
-                require(0 < int(value) <= teacher[key], f"target {key}={value} must be between 1 and the "
+                require(0 < whole(value, f"prune.target.{key}") <= teacher[key], f"target {key}={value} must be between 1 and the "
                         f"teacher's {teacher[key]}", f"prune.target.{key}")
                 student[key] = int(value)
     return student
@@ -92,9 +94,34 @@ def layout_fits(cfg, stage: str, arch: dict, what: str) -> tuple[int, dict]:
     return world // (tensor * pipeline * context), layout
 
 
+def whole(value, key: str) -> int:
+    """``value`` as an integer; a fraction, a word, a boolean or an infinity is refused by ``key``
+    (``int()`` would truncate ``64.9`` to 64 or fail with a traceback)."""
+    ok = not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
+    require(ok, f"{key}={value!r} must be a whole number", key)
+    return int(value)
+
+
+def real(value, key: str) -> float:
+    """``value`` as a finite float; a word, a boolean, an infinity or NaN is refused by ``key``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    require(ok, f"{key}={value!r} must be a finite number", key)
+    return float(value)
+
+
 def positive(value, key: str, minimum: float = 0.0, inclusive: bool = False) -> None:
-    ok = value >= minimum if inclusive else value > minimum
-    require(ok, f"{key}={value} must be {'at least' if inclusive else 'above'} {minimum:g}", key)
+    """A finite number above ``minimum`` (at least it, ``inclusive``)."""
+    _beyond(real(value, key), key, minimum, inclusive)
+
+
+def positive_whole(value, key: str, minimum: int = 0, inclusive: bool = False) -> None:
+    """A whole number above ``minimum`` (at least it, ``inclusive``)."""
+    _beyond(whole(value, key), key, minimum, inclusive)
+
+
+def _beyond(number, key: str, minimum: float, inclusive: bool) -> None:
+    ok = number >= minimum if inclusive else number > minimum
+    require(ok, f"{key}={number} must be {'at least' if inclusive else 'above'} {minimum:g}", key)
 
 
 def _one_of(value, options: tuple, key: str) -> None:
@@ -103,67 +130,67 @@ def _one_of(value, options: tuple, key: str) -> None:
 
 def training_ranges(d, section: str) -> None:
     """Numeric ranges of a training section (``distill``, ``correct``), before any compute."""
-    positive(float(d.lr), f"{section}.lr")
-    positive(float(d.min_lr), f"{section}.min_lr", inclusive=True)
+    positive(d.lr, f"{section}.lr")
+    positive(d.min_lr, f"{section}.min_lr", inclusive=True)
     require(float(d.min_lr) <= float(d.lr), f"{section}.min_lr={d.min_lr} is above {section}.lr={d.lr}",
             f"{section}.min_lr")
-    positive(float(d.weight_decay), f"{section}.weight_decay", inclusive=True)
+    positive(d.weight_decay, f"{section}.weight_decay", inclusive=True)
     for beta in ("adam_beta1", "adam_beta2"):
-        require(0.0 < float(d[beta]) < 1.0, f"{section}.{beta}={d[beta]} must be in (0, 1)", f"{section}.{beta}")
-    positive(float(d.clip_grad), f"{section}.clip_grad")
+        require(0.0 < real(d[beta], f"{section}.{beta}") < 1.0, f"{section}.{beta}={d[beta]} must be in (0, 1)", f"{section}.{beta}")
+    positive(d.clip_grad, f"{section}.clip_grad")
     for key in ("train_steps", "micro_batch_size", "global_batch_size", "sequence_length", "chunk_tokens",
                 "eval_samples", "keep_checkpoints", "log_interval"):
-        positive(int(d[key]), f"{section}.{key}", 1, inclusive=True)
+        positive_whole(d[key], f"{section}.{key}", 1, inclusive=True)
     for key in ("save_interval", "eval_interval", "warmup_steps"):
-        positive(int(d[key]), f"{section}.{key}", inclusive=True)
+        positive_whole(d[key], f"{section}.{key}", inclusive=True)
     require(int(d.warmup_steps) < int(d.train_steps), f"{section}.warmup_steps={d.warmup_steps} must be "
             f"below train_steps={d.train_steps}", f"{section}.warmup_steps")
     require(isinstance(d.keep_final_checkpoint, bool), f"{section}.keep_final_checkpoint="
             f"{d.keep_final_checkpoint!r}; true or false", f"{section}.keep_final_checkpoint")
     _one_of(d.dtype, DTYPES, f"{section}.dtype")
     _one_of(d.recompute, RECOMPUTE, f"{section}.recompute")
-    require(0.0 <= float(d.kd_weight) <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",
+    require(0.0 <= real(d.kd_weight, f"{section}.kd_weight") <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",
             f"{section}.kd_weight")
-    positive(float(d.temperature), f"{section}.temperature")
+    positive(d.temperature, f"{section}.temperature")
     _one_of(d.teacher, TEACHERS, f"{section}.teacher")
     _one_of(d.divergence, DIVERGENCES, f"{section}.divergence")
-    require(0.0 < float(d.jsd_beta) < 1.0, f"{section}.jsd_beta={d.jsd_beta} must be in (0, 1)",
+    require(0.0 < real(d.jsd_beta, f"{section}.jsd_beta") < 1.0, f"{section}.jsd_beta={d.jsd_beta} must be in (0, 1)",
             f"{section}.jsd_beta")
-    positive(int(d.eval_topk), f"{section}.eval_topk", 1, inclusive=True)
-    positive(int(d.seed), f"{section}.seed", inclusive=True)
-    positive(int(d.get("sample_offset") or 0), f"{section}.sample_offset", inclusive=True)
+    positive_whole(d.eval_topk, f"{section}.eval_topk", 1, inclusive=True)
+    positive_whole(d.seed, f"{section}.seed", inclusive=True)
+    positive_whole(d.get("sample_offset") or 0, f"{section}.sample_offset", inclusive=True)
     if d.get("data_seed") is not None:
-        positive(int(d.data_seed), f"{section}.data_seed", inclusive=True)
+        positive_whole(d.data_seed, f"{section}.data_seed", inclusive=True)
 
 
 def data_ranges(data) -> None:
     """The corpus section, before tokenizing."""
     _one_of(data.source, DATA_SOURCES, "data.source")
-    require(0.0 < float(data.valid_fraction) < 1.0, f"data.valid_fraction={data.valid_fraction} must be in "
+    require(0.0 < real(data.valid_fraction, "data.valid_fraction") < 1.0, f"data.valid_fraction={data.valid_fraction} must be in "
             "(0, 1)", "data.valid_fraction")
-    positive(int(data.workers), "data.workers", 1, inclusive=True)
+    positive_whole(data.workers, "data.workers", 1, inclusive=True)
     if data.train_tokenizer_vocab is not None:
-        positive(int(data.train_tokenizer_vocab), "data.train_tokenizer_vocab", 257, inclusive=True)
+        positive_whole(data.train_tokenizer_vocab, "data.train_tokenizer_vocab", 257, inclusive=True)
 
 
 def section_ranges(cfg, stage: str, teacher: dict) -> None:
     """Numeric ranges of the other stages' sections (also called by the logits stage itself)."""
     if stage == "logits":
         logits = cfg.logits
-        require(1 <= int(logits.k) <= teacher["vocab_size"], f"logits.k={logits.k} must be between 1 and the "
+        require(1 <= whole(logits.k, "logits.k") <= teacher["vocab_size"], f"logits.k={logits.k} must be between 1 and the "
                 f"vocabulary ({teacher['vocab_size']})", "logits.k")
         for key in ("samples_per_shard", "batch_size", "chunk_tokens", "sequence_length"):
-            positive(int(logits[key]), f"logits.{key}", 1, inclusive=True)
+            positive_whole(logits[key], f"logits.{key}", 1, inclusive=True)
         if logits.samples is not None:
-            positive(int(logits.samples), "logits.samples", 1, inclusive=True)
-        positive(float(logits.temperature), "logits.temperature")
+            positive_whole(logits.samples, "logits.samples", 1, inclusive=True)
+        positive(logits.temperature, "logits.temperature")
         _one_of(logits.mode, LOGITS_MODES, "logits.mode")
         _one_of(logits.value_dtype, VALUE_DTYPES, "logits.value_dtype")
-        positive(int(logits.seed), "logits.seed", inclusive=True)
+        positive_whole(logits.seed, "logits.seed", inclusive=True)
     if stage == "prune":
         prune = cfg.prune
         for key in ("calib_samples", "eval_samples", "batch_size", "sequence_length"):
-            positive(int(prune[key]), f"prune.{key}", 1, inclusive=True)
+            positive_whole(prune[key], f"prune.{key}", 1, inclusive=True)
         _one_of(prune.mode, PRUNE_MODES, "prune.mode")
         if prune.mode == "depth" and not prune.get("drop_layers"):
             _one_of(prune.criterion, DEPTH_CRITERIA, "prune.criterion")
@@ -171,17 +198,17 @@ def section_ranges(cfg, stage: str, teacher: dict) -> None:
         _one_of(cfg.eval.mmlu.source, MMLU_SOURCES, "eval.mmlu.source")
         _one_of(cfg.eval.backend, EVAL_BACKENDS, "eval.backend")
         for key in ("batch_size", "max_shard_bytes"):
-            positive(int(cfg.eval.lm_eval[key]), f"eval.lm_eval.{key}", 1, inclusive=True)
+            positive_whole(cfg.eval.lm_eval[key], f"eval.lm_eval.{key}", 1, inclusive=True)
         for key in ("shots", "val_samples"):
-            positive(int(cfg.eval[key]), f"eval.{key}", inclusive=True)
+            positive_whole(cfg.eval[key], f"eval.{key}", inclusive=True)
         for key in ("batch_tokens", "max_length", "batch_size", "sequence_length"):
-            positive(int(cfg.eval[key]), f"eval.{key}", 1, inclusive=True)
+            positive_whole(cfg.eval[key], f"eval.{key}", 1, inclusive=True)
         corpus = cfg.eval.corpus
         for key in ("questions", "context_tokens", "continuation_tokens"):
-            positive(int(corpus[key]), f"eval.corpus.{key}", 1, inclusive=True)
-        positive(int(corpus.seed), "eval.corpus.seed", inclusive=True)
+            positive_whole(corpus[key], f"eval.corpus.{key}", 1, inclusive=True)
+        positive_whole(corpus.seed, "eval.corpus.seed", inclusive=True)
         if cfg.eval.get("limit") is not None:
-            positive(int(cfg.eval.limit), "eval.limit", 1, inclusive=True)
+            positive_whole(cfg.eval.limit, "eval.limit", 1, inclusive=True)
 
 
 def prune_rules(cfg, teacher: dict, layout: dict) -> dict:

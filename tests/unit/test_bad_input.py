@@ -35,6 +35,17 @@ BAD = [  # (override, the key the error must name)
     ("eval.batch_tokens=0", "eval.batch_tokens"),
     ("eval.backend=mystery", "eval.backend"),
     ("parallel.context=2", "parallel.context"),
+    # kinds: a fraction where a whole number is wanted (int() truncated it), words, infinities, zeros
+    ("logits.k=64.9", "logits.k"),
+    ("distill.train_steps=200.7", "distill.train_steps"),
+    ("distill.train_steps=many", "distill.train_steps"),
+    ("distill.lr=inf", "distill.lr"),
+    ("distill.adam_beta1=nan", "distill.adam_beta1"),
+    ("distill.kd_weight=half", "distill.kd_weight"),
+    ("prune.target_num_layers=2.5", "prune.target_num_layers"),
+    ("data.valid_fraction=some", "data.valid_fraction"),
+    ("parallel.tensor=1.5", "parallel.tensor"),
+    ("cluster.processes=0", "cluster.processes"),
 ]
 
 
@@ -170,3 +181,13 @@ def test_a_path_that_does_not_exist_is_named_by_the_stage(stage, override, key, 
                         "run.random_teacher=false", override)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"(fix: {key}" in result.stderr and "/nonexistent/" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, key", [("cluster.nodes=0", "cluster.nodes"),
+                                           ("cluster.gpus_per_node=-1", "cluster.gpus_per_node"),
+                                           ("cluster.cpus_per_task=0", "cluster.cpus_per_task"),
+                                           ("cluster.tasks_per_node=2.5", "cluster.tasks_per_node")])
+def test_zeros_and_fractions_in_the_cluster_keys_are_refused_by_name(override, key):
+    cfg = compose("pipeline", ["experiment=llama31_8b_width_4b", "cluster=slurm", override])
+    with pytest.raises(UserError, match=rf"\(fix: {key}\)"):
+        preflight.check(cfg, plan.pipeline_stages(cfg))
