@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.core.artifacts import read_manifest, sha256_file
 from pipelines.core.errors import UserError, require
 
 AUSTEN_RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata"
@@ -171,3 +172,24 @@ class TokenWindows(torch.utils.data.Dataset):
             yield torch.stack([self[i] for i in range(start, min(start + batch_size, total))])
 
 
+def tokenizer_hash(folder: Path) -> str | None:
+    """The SHA-256 of a checkpoint's ``tokenizer/tokenizer.json`` (None: it has none)."""
+    path = Path(folder) / "tokenizer" / "tokenizer.json"
+    return sha256_file(path) if path.exists() else None
+
+
+def check_tokenized_for(data: Path, model: Path, vocab_size: int, key: str) -> None:
+    """Refuse data that ``model`` cannot read: tokenized by another tokenizer than the model's (its
+    ids would mean other tokens), or holding token ids beyond its vocabulary (an index error, on a
+    GPU a device-side assert). Data or a model not there yet (an experiment checked before it runs)
+    and data prepared before these were recorded pass."""
+    manifest = read_manifest(data) if Path(data).is_dir() else None
+    if manifest is None or not Path(model).is_dir():
+        return
+    theirs, ours = manifest.get("tokenizer_sha256"), tokenizer_hash(model)
+    require(theirs is None or ours is None or theirs == ours,
+            f"the data in {data} was tokenized with another tokenizer than {model}'s (tokenizer.json differs): "
+            f"prepare it with the model's tokenizer (data.tokenizer={Path(model) / 'tokenizer'})", key)
+    top = manifest.get("max_token_id")
+    require(top is None or int(top) < int(vocab_size), f"the data in {data} holds token id {top}, beyond "
+            f"{model}'s vocabulary of {vocab_size}: prepare it with the model's tokenizer", key)

@@ -133,7 +133,7 @@ def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_paral
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from pipelines.ops.swiglu import wanted as swiglu_wanted   # loads megatron, as the import above
+    from pipelines.ops.swiglu import wanted as swiglu_wanted  # loads megatron, as the import above
 
     on_gpu = torch.device(device).type == "cuda"
     fused = gpu_fusions(on_gpu)

@@ -23,7 +23,7 @@ import torch
 from pipelines.core.artifacts import config_hash, read_manifest, sha256_file, write_json
 from pipelines.core.errors import require
 from pipelines.core.experiment import teacher
-from pipelines.data.corpus import TokenWindows
+from pipelines.data.corpus import TokenWindows, check_tokenized_for
 from pipelines.evaluation import harness
 from pipelines.evaluation.scoring import load_questions, mmlu_summary, run_corpus_task, run_mmlu
 from pipelines.hf import convert
@@ -75,6 +75,8 @@ def eval_inputs(cfg) -> dict:
 
 
 def checks(cfg, arch, layout) -> None:
+    check_tokenized_for(Path(str(cfg.data.output)), Path(str(cfg.eval.checkpoint)), arch["vocab_size"],
+                        "data.tokenizer")
 
     section_ranges(cfg, "eval", arch)
     if str(cfg.eval.backend) == "lm_eval":

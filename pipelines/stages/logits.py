@@ -24,7 +24,7 @@ import torch
 
 from pipelines.core.artifacts import read_manifest, sha256_file
 from pipelines.core.errors import require
-from pipelines.data.corpus import TokenWindows
+from pipelines.data.corpus import TokenWindows, check_tokenized_for
 from pipelines.data.logits_cache import CACHE_STAGES, Layout, cache_manifest, finished_shards, shard_name, write_shard
 from pipelines.model import checkpoint
 from pipelines.model.build import local_logits
@@ -107,6 +107,7 @@ def logits_inputs(cfg) -> dict:
 
 def checks(cfg, arch, layout) -> None:
     rules.section_ranges(cfg, "logits", arch)
+    check_tokenized_for(Path(str(cfg.data.output)), Path(str(cfg.logits.teacher)), arch["vocab_size"], "data.tokenizer")
     if layout is not None:
         require(int(layout["pipeline"]) == 1, "the teacher-logits stage runs with pipeline parallel size 1",
                 "run.stage_parallel.logits / parallel.pipeline")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.core.artifacts import config_hash
+from pipelines.core.artifacts import config_hash, sha256_file
 from pipelines.core.errors import require
 from pipelines.data.corpus import _encode, init_worker, is_valid, read_documents, train_tokenizer
 from pipelines.stages.base import Stage
@@ -27,7 +27,12 @@ from pipelines.stages.rules import data_ranges
 
 
 def prepare_inputs(cfg) -> dict:
-    return {"data": config_hash(dict(cfg.data)), "tokenizer": str(cfg.data.tokenizer)}
+    """The data section, and the content of the corpus files it names (an edited file reruns)."""
+    inputs = {"data": config_hash(dict(cfg.data)), "tokenizer": str(cfg.data.tokenizer)}
+    files = [Path(str(f)) for f in (cfg.data.get("files") or [])]
+    if files:   # a missing one is named by read_documents
+        inputs["files"] = {str(f): sha256_file(f) if f.is_file() else None for f in files}
+    return inputs
 
 
 def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
@@ -47,12 +52,14 @@ def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
     builders = {split: IndexedDatasetBuilder(str(staging / f"{split}.bin"), dtype=np.int32)
                 for split in ("train", "valid")}
     counts = {"train": [0, 0], "valid": [0, 0]}
+    top = -1
     with Pool(int(data_cfg.workers), init_worker, (str(tokenizer_dir),)) as pool:
         encoded = pool.imap(_encode, documents, chunksize=16)
         for document, ids in tqdm(zip(documents, encoded), total=len(documents),
                                   desc="[prepare] tokenizing", mininterval=2):
             split = "valid" if is_valid(document, float(data_cfg.valid_fraction)) else "train"
             builders[split].add_item(torch.from_numpy(ids))
+            top = max(top, int(ids.max()) if len(ids) else -1)
             builders[split].end_document()
             counts[split][0] += 1
             counts[split][1] += len(ids)
@@ -60,8 +67,10 @@ def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
         require(counts[split][0] > 0, f"the {split} split is empty", "data.valid_fraction")
         builder.finalize(str(staging / f"{split}.idx"))
     final_tokenizer = output / "tokenizer" if data_cfg.train_tokenizer_vocab else tokenizer_dir
+    used = (staging / "tokenizer" if data_cfg.train_tokenizer_vocab else tokenizer_dir) / "tokenizer.json"
     fields = {"tokenizer": str(final_tokenizer), "documents": {s: c[0] for s, c in counts.items()},
-              "tokens": {s: c[1] for s, c in counts.items()}}
+              "tokens": {s: c[1] for s, c in counts.items()}, "max_token_id": top,
+              "tokenizer_sha256": sha256_file(used) if used.exists() else None}
     print(f"[prepare] {output}: tokens {fields['tokens']}, documents {fields['documents']}")
     return fields
 

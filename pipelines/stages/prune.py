@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pipelines.core.artifacts import config_hash, read_manifest, write_json
-from pipelines.data.corpus import TokenWindows
+from pipelines.data.corpus import TokenWindows, check_tokenized_for
 from pipelines.model import build as model_lib
 from pipelines.model import checkpoint
 from pipelines.pruning.methods import depth_scores, drop_layers, search_prune, width_prune
@@ -30,7 +30,9 @@ def prune_inputs(cfg) -> dict:
 
 
 def checks(cfg, arch, layout) -> dict:
-    """Every rule of the prune section (:func:`pipelines.stages.rules.prune_rules`)."""
+    """Every rule of the prune section (:func:`pipelines.stages.rules.prune_rules`), and the
+    calibration data's tokenizer against the source's."""
+    check_tokenized_for(Path(str(cfg.data.output)), Path(str(cfg.prune.source)), arch["vocab_size"], "data.tokenizer")
     return rules.prune_rules(cfg, arch, layout)
 
 

@@ -155,7 +155,7 @@ def attention_paths(arch: dict, device, sequence: int = SLICE_SEQUENCE, check_se
     from megatron.core.transformer.enums import AttnMaskType
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pipelines.ops import attention   # loads megatron, as the imports above
+    from pipelines.ops import attention  # loads megatron, as the imports above
 
     heads, groups, size = arch["num_attention_heads"], arch["num_query_groups"], arch["kv_channels"]
     fused_only = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]

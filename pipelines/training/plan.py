@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from pipelines.core.artifacts import read_manifest, sha256_file
+from pipelines.core.artifacts import read_manifest
 from pipelines.core.errors import require
-from pipelines.data.corpus import TokenWindows
+from pipelines.data.corpus import TokenWindows, check_tokenized_for, tokenizer_hash
 from pipelines.data.logits_cache import LogitsCache
 from pipelines.model import checkpoint
 
@@ -24,10 +24,6 @@ NOT_RESULT_KEYS = ("output", "cache", "log_interval", "verify_cache", "chunk_tok
                    "eval_interval", "eval_samples", "eval_topk", "keep_checkpoints", "keep_final_checkpoint",
                    "recompute")
 
-
-def tokenizer_hash(folder: Path) -> str | None:
-    path = Path(folder) / "tokenizer" / "tokenizer.json"
-    return sha256_file(path) if path.exists() else None
 
 
 class Plan:
@@ -56,6 +52,7 @@ class Plan:
         self.order = None   # position -> sample, within this run's own samples
         if d.get("data_seed") is not None:
             self.order = np.random.default_rng(int(d.data_seed)).permutation(self.steps * self.global_batch)
+        check_tokenized_for(self.data, self.student, self.arch["vocab_size"], "data.tokenizer")
         self.windows = TokenWindows(self.data, "train", self.sequence_length)
         self.valid = TokenWindows(self.data, "valid", self.sequence_length)
         self.samples = len(self.windows)

@@ -45,3 +45,33 @@ def test_missing_file_names_the_key(tmp_path):
                                    f"data.output={tmp_path / 'out'}", f"paths.data={tmp_path}"])
     with pytest.raises(UserError, match="fix: data.files"):
         stages.run("prepare", cfg)
+
+
+def test_an_edited_corpus_file_reruns_prepare(tmp_path, capsys):
+    """Prepare's inputs hold the corpus files' content: an edit (or a truncation) reruns it."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"the letter {i} was her walk and his sister." for i in range(120)))
+    args = ["data.source=text", f"data.files=[{corpus}]", "data.name=edited", "data.train_tokenizer_vocab=300",
+            f"data.output={tmp_path / 'out'}", f"paths.data={tmp_path}"]
+    first = stages.run("prepare", compose("pipeline", args))
+    corpus.write_text(corpus.read_text()[: len(corpus.read_text()) // 2])       # truncated by hand
+    capsys.readouterr()
+    second = stages.run("prepare", compose("pipeline", args))
+    assert "up to date" not in capsys.readouterr().out
+    assert second["tokens"]["train"] + second["tokens"]["valid"] < first["tokens"]["train"] + first["tokens"]["valid"]
+
+
+def test_data_of_another_tokenizer_is_refused_before_compute(tiny_data, tiny_teacher, tmp_path):
+    """Data tokenized with another BPE of the same size: the teacher would read other tokens."""
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("\n\n".join(f"zebra quartz {i} jumps over vexed wizards, boxing nymphs." for i in range(200)))
+    other = tmp_path / "other_tokens"
+    stages.run("prepare", compose("pipeline", ["data.source=text", f"data.files=[{corpus}]", "data.name=other",
+                                               "data.train_tokenizer_vocab=300", f"data.output={other}",
+                                               f"paths.data={tmp_path}"]))
+    assert read_manifest(other)["tokenizer_sha256"] != read_manifest(tiny_data)["tokenizer_sha256"]
+    cfg = compose("pipeline", ["model=tiny", "model.vocab_size=300", f"paths.runs={tmp_path / 'runs'}",
+                               f"data.output={other}", f"logits.teacher={tiny_teacher}", "logits.samples=4"])
+    with pytest.raises(UserError, match=r"tokenized with another tokenizer.*fix: data.tokenizer"):
+        stages.run("logits", cfg)
+    assert not (tmp_path / "runs" / "default" / "logits" / "manifest.json").exists()

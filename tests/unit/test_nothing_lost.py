@@ -155,3 +155,19 @@ def test_clean_replaced_removes_only_kept_aside_results(tmp_path):
     assert "1 kept-aside result(s) removed" in result.stdout
     assert not (runs / "demo" / ".prune_depth.replaced-20261203-1-1").exists()
     assert (runs / "demo" / ".mine.replaced-notes" / "a.txt").read_text() == "mine"
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_refused(tmp_path):
+    from pipelines.core.artifacts import write_manifest
+    from pipelines.data.corpus import check_tokenized_for
+
+    data, model = tmp_path / "data", tmp_path / "model"
+    (model / "tokenizer").mkdir(parents=True)
+    (model / "tokenizer" / "tokenizer.json").write_text("{}")
+    data.mkdir()
+    write_manifest(data, {"stage": "prepare", "max_token_id": 49151,
+                          "tokenizer_sha256": artifacts.sha256_file(model / "tokenizer" / "tokenizer.json")})
+    with pytest.raises(UserError, match=r"token id 49151, beyond .* vocabulary of 32000.*fix: data.tokenizer"):
+        check_tokenized_for(data, model, 32000, "data.tokenizer")
+    check_tokenized_for(data, model, 49152, "data.tokenizer")      # fits
+    check_tokenized_for(tmp_path / "not_yet", model, 32000, "data.tokenizer")   # before prepare: nothing to check
