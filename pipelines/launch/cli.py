@@ -14,6 +14,7 @@ import warnings
 from typing import Any, Callable
 
 from pipelines import stages
+from pipelines.training import preemption
 from pipelines.core.errors import UserError
 
 # Messages megatron-core, ModelOpt and torch print on every CPU run; they are expected there.
@@ -50,6 +51,7 @@ def run_cli(function: Callable[[Any], Any], cfg: Any) -> Any:
 
 
 def run_stage(name: str, cfg) -> Any:
-    """A stage script's body: run the stage ``name`` (:func:`pipelines.stages.run_all`) on ``cfg``."""
-
+    """A stage script's body: run the stage ``name`` (:func:`pipelines.stages.run_all`) on ``cfg``;
+    SLURM's USR1 makes it exit 75 for requeue (:func:`pipelines.training.preemption.install_default`)."""
+    preemption.install_default()
     return run_cli(lambda c: stages.run_all(name, c), cfg)

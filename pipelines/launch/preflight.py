@@ -10,6 +10,7 @@ will have.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipelines.core import experiment
@@ -23,12 +24,19 @@ from pipelines.stages import get, registry
 from pipelines.stages.rules import TRAINING, layout_fits, positive, positive_whole, student_architecture
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")   # a folder name that stays in the runs folder
+
+
 def check(cfg, stages: list[str], source: dict | None = None, student: dict | None = None) -> dict:
     """Validate ``stages`` of the experiment with each stage's own checks (:class:`pipelines.stages.base.Stage`),
     on ``model.*`` and the layouts planned; returns the architectures and layouts checked.
     ``source``: the architecture prune starts from when it is not the teacher (a later round);
     ``student``: the student's, when another config planned it (default: ``cfg.prune`` of ``source``)."""
 
+    name = str(cfg.run.name)
+    require(RUN_NAME.fullmatch(name) is not None, f"run.name={name!r}: a run name is letters, digits and "
+            "'.', '_' or '-', not starting with '.' (it names a folder under the runs folder, and SLURM jobs)",
+            "run.name")
     declared = registry()
     teacher = model_lib.architecture(cfg.model)
     source = source or teacher

@@ -46,7 +46,7 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
     lines += [f"#SBATCH {flag}" for flag in c.extra_sbatch or []]
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(REPO))}",
               "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false",
-              f"export PD_REQUEUE_MARKER={log_dir}/.requeue-$SLURM_JOB_ID",
+              f"export PD_REQUEUE_MARKER={shlex.quote(str(log_dir))}/.requeue-$SLURM_JOB_ID",
               "rm -f \"$PD_REQUEUE_MARKER\""]
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in (c.env or {}).items()]
     container = []
@@ -69,7 +69,10 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
               "  child=0",
               f"  if [ $rc -eq {REQUEUE_EXIT} ] || [ -e \"$PD_REQUEUE_MARKER\" ]; then",
               "    rm -f \"$PD_REQUEUE_MARKER\"",
-              "    echo \"[slurm] requeueing job $SLURM_JOB_ID\"; scontrol requeue $SLURM_JOB_ID; exit 0",
+              "    echo \"[slurm] requeueing job $SLURM_JOB_ID\"",
+              "    # a failed requeue must not read as success: afterok dependents would start",
+              "    scontrol requeue $SLURM_JOB_ID && exit 0",
+              f"    echo \"[slurm] scontrol requeue failed; the job ends with status {REQUEUE_EXIT}\"; exit {REQUEUE_EXIT}",
               "  fi",
               "  [ $rc -eq 0 ] || exit $rc",
               "}",

@@ -17,6 +17,17 @@ REQUEUE_EXIT = 75
 _flag = {"set": False}
 
 
+def install_default() -> None:
+    """Every stage process's first handler: on SIGUSR1, stop and exit 75 for requeue. A stage that
+    keeps partial work (logits, distill) replaces it with :func:`install`; any other one loses only
+    its staging folder, which the requeued run clears (the stages finished before it skip)."""
+    def handler(signum, frame):
+        print("[preemption] SIGUSR1: this stage keeps no partial work; exiting for requeue", flush=True)
+        leave_for_requeue()
+
+    signal.signal(signal.SIGUSR1, handler)
+
+
 def install() -> None:
     def handler(signum, frame):
         _flag["set"] = True

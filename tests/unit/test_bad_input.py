@@ -191,3 +191,12 @@ def test_zeros_and_fractions_in_the_cluster_keys_are_refused_by_name(override, k
     cfg = compose("pipeline", ["experiment=llama31_8b_width_4b", "cluster=slurm", override])
     with pytest.raises(UserError, match=rf"\(fix: {key}\)"):
         preflight.check(cfg, plan.pipeline_stages(cfg))
+
+
+@pytest.mark.parametrize("name", ["", "..", "../elsewhere", "a/b", "$(touch pwned)", "with space", ".hidden"])
+def test_a_run_name_that_escapes_the_runs_folder_or_the_shell_is_refused(name, tmp_path):
+    cfg = compose("pipeline", ["experiment=demo", f"paths.runs={tmp_path}"])
+    cfg.run.name = name
+    with pytest.raises(UserError, match=r"\(fix: run.name\)"):
+        preflight.check(cfg, plan.pipeline_stages(cfg))
+    assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / "pwned").exists()
