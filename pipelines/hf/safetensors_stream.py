@@ -110,6 +110,12 @@ class SafetensorsFolder:
         return buffer.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path,
                   max_shard_bytes: int = 4 << 30) -> dict:
     """Write ``(name, tensor)`` pairs as safetensors shards plus an index; return the index."""
@@ -131,6 +137,9 @@ def write_sharded(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path,
     for number, shard in enumerate(shards, start=1):
         file_name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
         save_file(shard, str(folder / file_name), metadata={"format": "pt"})
+        # safetensors writes through a private temporary file (mode 0600): give it the mode any
+        # other file written here gets, so a serving engine under another user can read it
+        os.chmod(folder / file_name, 0o666 & ~_umask())
         weight_map.update({name: file_name for name in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     if count > 1:

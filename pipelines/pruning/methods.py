@@ -121,6 +121,8 @@ def minitron(model, arch, constraints: dict, divisors: dict, calib_batches, scor
     from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
     register_rmsnorm_for_modelopt()
+    for saved in Path(scores_path).parent.glob(Path(scores_path).stem + "*" + Path(scores_path).suffix):
+        search.load_search_state(saved)   # a shared cache that could run code stops here, by name
 
     def forward_loop(module):
         with torch.no_grad():

@@ -180,9 +180,27 @@ def score_function(cfg, arch: dict, valid, layout, tokenizer_dir: Path):
     return score
 
 
+def load_search_state(path: Path) -> dict:
+    """ModelOpt's pruning state (importance scores, scored candidates) read so that it cannot run
+    code: tensors, plain containers and ModelOpt's ``CandidateSubnet`` only. A shared score cache
+    holding anything else is refused, before ModelOpt (which reads it with ``weights_only=False``)."""
+    import pickle
+
+    from modelopt.torch.prune.plugins.mcore_minitron import CandidateSubnet
+
+    try:
+        with torch.serialization.safe_globals([CandidateSubnet]):
+            return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"the pruning score cache {path} holds more than scores and candidates ({first}); it is "
+                        "not read: remove it to recompute the scores, or point at a cache this pipeline wrote",
+                        "prune.scores_cache") from None
+
+
 def candidates(state_file: Path, wanted: int, arch: dict, score: str) -> list[dict]:
     """The scored candidates ModelOpt kept in its search state (``top_k`` largest within budget)."""
-    state = torch.load(state_file, weights_only=False)
+    state = load_search_state(state_file)
     kept = state["top_k_candidates_per_constraint"][float(wanted)]
     best = max(kept, key=lambda c: c.score)
     rows = []

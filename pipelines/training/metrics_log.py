@@ -26,8 +26,7 @@ class Logger:
             return
         folder.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # drop lines past the checkpoint we resumed from
-            lines = [line for line in self.path.read_text().splitlines()
-                     if line and json.loads(line)["step"] <= resume_step]
+            lines = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in lines))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -58,3 +57,11 @@ class Logger:
         print(f"[{self.tag}] step {step}/{self.total} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
               f"ce {metrics['ce']:.4f} lr {metrics['lr']:.2e} {rate:,.0f} tokens/s "
               f"data wait {metrics.get('data_wait_s', 0.0):.3f} s ETA {eta / 60:.1f} min", flush=True)
+
+
+def _step(line: str) -> float:
+    """A metrics line's step; a torn line (a crash mid-write) counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

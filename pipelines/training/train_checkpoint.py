@@ -15,7 +15,6 @@ is refused by name, and a checkpoint removed by hand falls back to the newest on
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from pipelines.backend import kernels
-from pipelines.core.artifacts import sha256_file, write_json
+from pipelines.core.artifacts import replace_folder, sha256_file, write_json
 from pipelines.core.errors import require
 
 CHECKSUMS = "checksums.json"  # a training checkpoint's files and their sha256
@@ -128,10 +127,9 @@ class TrainingCheckpoints:
         checksums = self._checksums(staging)
         if self.layout.is_main:
             write_json(staging / CHECKSUMS, checksums)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            replace_folder(staging, final)
             write_json(folder / "latest.json", {"checkpoint": name, "step": self.trainer.step})
-            kept = sorted(p for p in folder.glob("step-*") if p.is_dir())
+            kept = sorted((p for p in folder.glob("step-*") if p.is_dir()), key=_step)
             for old in kept[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
@@ -170,7 +168,7 @@ class TrainingCheckpoints:
             return False
         name = json.loads(latest.read_text())["checkpoint"]
         if not (folder / name).is_dir():  # removed by hand (e.g. corrupted): the newest one left
-            kept = sorted(p.name for p in folder.glob("step-*") if p.is_dir())
+            kept = [p.name for p in sorted((p for p in folder.glob("step-*") if p.is_dir()), key=_step)]
             require(kept, f"{latest} names {name}, which is gone, and no other checkpoint is left; "
                     "remove the folder to start over", f"{self.section}.output")
             name = kept[-1]
@@ -198,3 +196,8 @@ class TrainingCheckpoints:
         if "rng" in state:
             set_rng_state(state["rng"])
         return True
+
+
+def _step(path: Path) -> int:
+    """``step-0001200`` -> 1200: checkpoints in step order (a name sort breaks past six digits)."""
+    return int(path.name.split("-", 1)[1])

@@ -171,3 +171,63 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused(tmp_path):
         check_tokenized_for(data, model, 32000, "data.tokenizer")
     check_tokenized_for(data, model, 49152, "data.tokenizer")      # fits
     check_tokenized_for(tmp_path / "not_yet", model, 32000, "data.tokenizer")   # before prepare: nothing to check
+
+
+class _RunsCode:
+    """What a malicious score cache could hold: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_score_cache_that_could_run_code_is_refused_unread(tmp_path):
+    import torch
+    from modelopt.torch.prune.plugins.mcore_minitron import CandidateSubnet
+
+    from pipelines.pruning.search import load_search_state
+
+    good = tmp_path / "scores0.pth"
+    torch.save({"layer_scores": {1: 0.5}, "top_k_candidates_per_constraint": {
+        100.0: [CandidateSubnet({"hidden_size": 64}, 99.0, 3.5)]}}, good)
+    state = load_search_state(good)
+    assert state["top_k_candidates_per_constraint"][100.0][0].ss_config == {"hidden_size": 64}
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad" / "scores0.pth"
+    bad.parent.mkdir()
+    torch.save({"layer_scores": _RunsCode(marker)}, bad)
+    with pytest.raises(UserError, match=r"holds more than scores.*fix: prune.scores_cache"):
+        load_search_state(bad)
+    assert not marker.exists()
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path):
+    from pipelines.training.metrics_log import Logger
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 4, "loss": 1.0}\n{"step": 5, "loss": 0.9}\n{"step": 6, "loss": 0.8}\n{"step": 7, "lo')
+    Logger(tmp_path, True, resume_step=5, total_steps=10, tokens_per_step=1, tag="distill")
+    assert metrics.read_text() == '{"step": 4, "loss": 1.0}\n{"step": 5, "loss": 0.9}\n'
+
+
+def test_training_checkpoints_are_kept_in_step_order_past_six_digits(tmp_path):
+    from pipelines.training.train_checkpoint import _step
+
+    names = ["step-999999", "step-1000000", "step-000200"]
+    assert [p.name for p in sorted((tmp_path / n for n in names), key=_step)] == \
+        ["step-000200", "step-999999", "step-1000000"]
+
+
+def test_exported_weights_get_the_usual_file_mode(tmp_path):
+    import torch
+
+    from pipelines.hf.safetensors_stream import write_sharded
+
+    mask = os.umask(0o022)
+    try:
+        write_sharded(iter([("w", torch.zeros(4))]), tmp_path)
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
