@@ -14,8 +14,8 @@ import warnings
 from typing import Any, Callable
 
 from pipelines import stages
-from pipelines.training import preemption
 from pipelines.core.errors import UserError
+from pipelines.training import preemption
 
 # Messages megatron-core, ModelOpt and torch print on every CPU run; they are expected there.
 KNOWN_NOISE = (

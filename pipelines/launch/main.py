@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
     if stage == "sweep":
         run_sweep(overrides, dry_run)
         return
-    cfg = compose_pipeline(overrides)
+    cfg = compose_pipeline(overrides, check_keys=True)
     if stage == "clean-replaced":
         clean_replaced(cfg)
         return

@@ -10,8 +10,12 @@ will have.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
 from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
 
 from pipelines.core import experiment
 from pipelines.core.errors import UserError, require
@@ -22,7 +26,6 @@ from pipelines.model import checkpoint
 from pipelines.pruning.search import within_budget
 from pipelines.stages import get, registry
 from pipelines.stages.rules import TRAINING, layout_fits, positive, positive_whole, student_architecture
-
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")   # a folder name that stays in the runs folder
 
@@ -72,14 +75,23 @@ def check(cfg, stages: list[str], source: dict | None = None, student: dict | No
     return checked
 
 
-def compose_pipeline(overrides: list[str]):
-    """``configs/pipeline.yaml`` with ``overrides``; a missing experiment or group option is one line."""
+def compose_pipeline(overrides: list[str], check_keys: bool = False):
+    """``configs/pipeline.yaml`` with ``overrides``; a missing experiment or group option is one line.
+    ``check_keys``: also refuse a key the experiment file sets that no config group defines (the
+    launcher's first composition of a command)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     try:
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            return compose("pipeline", overrides=overrides)
+            full = compose("pipeline", overrides=overrides, return_hydra_config=True)
+            choices = {group: option for group, option in full.hydra.runtime.choices.items()
+                       if not group.startswith("hydra") and "/" not in group and option is not None}
+            if check_keys and choices.get("experiment"):
+                _refuse_unknown_keys(full, choices)
+            with open_dict(full):
+                del full["hydra"]   # what compose returns without return_hydra_config
+            return full
     except MissingConfigException as error:
         missing = str(getattr(error, "missing_cfg_file", "") or "")
         group, _, name = missing.rpartition("/")
@@ -87,7 +99,55 @@ def compose_pipeline(overrides: list[str]):
         key = "EXP (experiment=...)" if group == "experiment" else group or "the config overrides"
         raise UserError(f"no {group or 'config'} {name!r} in configs/{group}/; one of: {options}", key) from None
     except ConfigCompositionException as error:
-        raise UserError(f"bad override: {str(error).splitlines()[0]}", "ARGS") from None
+        first = str(error).splitlines()[0]
+        unknown = re.search(r"Could not override '([^']+)'", first)
+        raise UserError(f"bad override: {first}", unknown.group(1) if unknown else "ARGS") from None
+
+
+OPEN_SECTIONS = ("run.stage_parallel", "cluster.env")   # free-form: any key may be set there
+
+
+def _keys(node, prefix: str = "") -> set[str]:
+    found = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            found.add(path)
+            if not path.startswith(OPEN_SECTIONS):
+                found |= _keys(value, path)
+    return found
+
+
+def _refuse_unknown_keys(full, choices: dict) -> None:
+    """An experiment file sets only keys the config groups define: a typo (``train_step: 20`` beside
+    ``train_steps``) would compose as a new key and change nothing (an override's typo Hydra
+    refuses itself)."""
+    known = _known_keys(tuple(sorted((g, str(o)) for g, o in choices.items() if g not in ("experiment", "prune"))))
+    ours = {key for key in _keys(OmegaConf.to_container(full, resolve=False)) if not key.startswith("hydra")}
+    unknown = sorted(key for key in ours - known if key.rpartition(".")[0] in known or "." not in key)
+    if unknown:
+        key = unknown[0]
+        parent, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(leaf, siblings, n=1)
+        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        raise UserError(f"unknown key {key} in configs/experiment/{choices['experiment']}.yaml: no config "
+                        f"group defines it, so it would change nothing{hint}", key)
+
+
+@functools.lru_cache(maxsize=16)
+def _known_keys(groups: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """The keys of the pipeline with these group choices, under every prune group (an experiment
+    sets each student's prune keys)."""
+    from hydra import compose
+
+    from pipelines.stages.rules import PRUNE_MODES
+
+    known: set[str] = set()
+    for prune in PRUNE_MODES:
+        reference = compose("pipeline", overrides=[*(f"{g}={o}" for g, o in groups), f"prune={prune}"])
+        known |= _keys(OmegaConf.to_container(reference, resolve=False))
+    return frozenset(known)
 
 
 def check_students(cfg, names: list[str], overrides: list[str]) -> list[dict]:

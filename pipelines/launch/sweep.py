@@ -160,7 +160,7 @@ def plan_sweep(overrides: list[str]):
     ``[(point, config, overrides)]``."""
 
     fixed, axes = split(overrides)
-    cfg = compose_pipeline(fixed)
+    cfg = compose_pipeline(fixed, check_keys=True)
     check(cfg, axes)
     planned, caches = [], {}
     for point in points(axes, fixed):

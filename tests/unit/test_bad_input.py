@@ -200,3 +200,19 @@ def test_a_run_name_that_escapes_the_runs_folder_or_the_shell_is_refused(name, t
     with pytest.raises(UserError, match=r"\(fix: run.name\)"):
         preflight.check(cfg, plan.pipeline_stages(cfg))
     assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / "pwned").exists()
+
+
+def test_a_typo_key_in_an_experiment_file_is_refused_with_the_closest_key(tmp_path, monkeypatch):
+    """``train_step: 20`` beside ``train_steps`` composed as a new key and changed nothing."""
+    import shutil
+
+    from helpers import REPO
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (tmp_path / "configs" / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: tiny\nrun:\n  name: typo\ndistill:\n  train_step: 20\n")
+    monkeypatch.setattr(preflight, "REPO", tmp_path)
+    with pytest.raises(UserError, match=r"unknown key distill.train_step .*did you mean distill.train_steps\?"):
+        preflight.compose_pipeline(["experiment=typo"], check_keys=True)
+    for shipped in ("demo", "smollm2_135m", "llama31_8b_width_4b", "llama31_8b_depth_4b", "llama31_8b_search_4b"):
+        preflight.compose_pipeline([f"experiment={shipped}"], check_keys=True)     # every shipped one passes
