@@ -35,6 +35,18 @@ from pipelines.core.errors import require
 # the checkout this package runs from: its configs/ and scripts/
 REPO = Path(__file__).resolve().parents[2]
 
+
+def require_this_checkout(here: Path | None = None) -> None:
+    """Stop when the command runs in another checkout of this project than the one Python imports
+    ``pipelines`` from (two clones sharing one environment): it would run that one's code and
+    write into that one's runs."""
+    here = (here or Path.cwd()).resolve()
+    other = (here / "pipelines" / "__init__.py").exists() and (here / "configs" / "pipeline.yaml").exists()
+    require(here == REPO or not other, f"this is the checkout {here}, but Python imports pipelines from {REPO} "
+            "(one environment shared by two clones): the command would run that code and write under "
+            f"{REPO}; use this checkout's own environment (make setup here), or run from {REPO}",
+            "the Python environment")
+
 MODELS = ("teacher", "pruned", "distilled")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipelines.core.artifacts import replaced_folders
 from pipelines.core.errors import UserError, require
+from pipelines.core.experiment import require_this_checkout
 from pipelines.launch import memory_plan, preflight
 from pipelines.launch.cli import quiet_known_noise
 from pipelines.launch.local import run_local
@@ -57,6 +58,7 @@ def main(argv: list[str]) -> None:
     """``stage.py STAGE[,STAGE...]|pipeline [--dry-run] [hydra overrides]``."""
 
     quiet_known_noise()
+    require_this_checkout()
     usage = "usage: scripts/stage.py STAGE|pipeline|sweep|clean-replaced [--dry-run] [key=value ...]"
     if not argv or argv[0].startswith("-"):
         raise UserError(usage, "STAGE")

@@ -216,3 +216,21 @@ def test_a_typo_key_in_an_experiment_file_is_refused_with_the_closest_key(tmp_pa
         preflight.compose_pipeline(["experiment=typo"], check_keys=True)
     for shipped in ("demo", "smollm2_135m", "llama31_8b_width_4b", "llama31_8b_depth_4b", "llama31_8b_search_4b"):
         preflight.compose_pipeline([f"experiment={shipped}"], check_keys=True)     # every shipped one passes
+
+
+def test_a_second_checkout_sharing_this_environment_is_refused(tmp_path):
+    """Two clones, one venv: run from the other one, the launcher would run this checkout's code
+    and write into this checkout's runs/."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    other = tmp_path / "other-clone"
+    shutil.copytree(REPO / "configs", other / "configs")
+    shutil.copytree(REPO / "pipelines", other / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "stage.py"), "report", "experiment=demo"],
+                            cwd=other, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "(fix: the Python environment)" in result.stderr, result.stderr[-2000:]
+    assert not (other / "runs").exists()
