@@ -65,11 +65,23 @@ def fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def read_json(path: Path, key: str) -> Any:
+    """A JSON file a user or a crash may have broken: invalid JSON is one error naming the file and
+    ``key``, not a traceback."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as error:   # JSONDecodeError, or bytes that are not text
+        where = f" at line {error.lineno} column {error.colno}" if hasattr(error, "lineno") else ""
+        raise UserError(f"{path} is not valid JSON{where} (torn by a crash, or edited)", key) from None
+
+
 def read_manifest(folder: Path) -> dict | None:
+    """A folder's manifest (None: the folder is not finished). A torn one names the folder: move
+    it aside to redo the stage that wrote it."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    return read_json(path, f"move {Path(folder)} aside to redo its stage")
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

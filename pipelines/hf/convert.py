@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipelines.backend import distributed
-from pipelines.core.artifacts import read_manifest, sha256_file
+from pipelines.core.artifacts import read_json, read_manifest, sha256_file
 from pipelines.core.errors import UserError, require
 from pipelines.hf import llama_map
 from pipelines.hf.random_hf import write_random_hf
@@ -122,7 +122,7 @@ def import_checkpoint(cfg, layout, staging: Path, inputs: dict) -> dict:
     if unset:
         raise RuntimeError(f"import left parameters unset: {sorted(unset)}")
 
-    hf = json.loads((source / "config.json").read_text())
+    hf = read_json(source / "config.json", "import.source")
     token_ids = {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     fields = {"source": str(source.resolve()), "config": arch, "dtype": checkpoint.dtype_name(dtype),
               "parameters": model_lib.count_parameters(arch)}

@@ -10,12 +10,12 @@ padded with zeros to the padded vocabulary, and the padding is dropped again on 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from pipelines.core.artifacts import read_json
 from pipelines.core.errors import UserError, require
 from pipelines.model.build import padded_vocab_size
 
@@ -32,7 +32,11 @@ def read_config(folder: Path, make_vocab_size_divisible_by: int = 128, key: str 
     config_path = folder / "config.json"
     require(config_path.exists(), f"{folder} has no config.json (not a Hugging Face model folder)",
             key)
-    hf = json.loads(config_path.read_text())
+    hf = read_json(config_path, key)
+    require(isinstance(hf, dict), f"{config_path} holds no JSON object", key)
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if k not in hf]
+    require(not missing, f"{config_path} has no {', '.join(missing)} (a truncated or foreign config)", key)
     model_type = hf.get("model_type")
     require(model_type in SUPPORTED_MODEL_TYPES, f"{config_path}: model_type {model_type!r} is not "
             f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})", key)

@@ -16,7 +16,8 @@ from typing import Iterator
 
 import torch
 
-from pipelines.core.errors import UserError
+from pipelines.core.artifacts import read_json
+from pipelines.core.errors import UserError, require
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -55,7 +56,9 @@ class SafetensorsFolder:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            listed = read_json(index, key)
+            weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
+            require(isinstance(weight_map, dict), f"{index} has no weight_map", key)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(path.name for path in self.folder.glob("*.safetensors"))

@@ -80,7 +80,7 @@ def compose_pipeline(overrides: list[str], check_keys: bool = False):
     ``check_keys``: also refuse a key the experiment file sets that no config group defines (the
     launcher's first composition of a command)."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     try:
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
@@ -98,6 +98,9 @@ def compose_pipeline(overrides: list[str], check_keys: bool = False):
         options = ", ".join(getattr(error, "options", None) or [])
         key = "EXP (experiment=...)" if group == "experiment" else group or "the config overrides"
         raise UserError(f"no {group or 'config'} {name!r} in configs/{group}/; one of: {options}", key) from None
+    except OverrideParseException as error:
+        raise UserError(f"bad override syntax: {str(error).splitlines()[0]} (Hydra's override grammar)",
+                        "ARGS") from None
     except ConfigCompositionException as error:
         first = str(error).splitlines()[0]
         unknown = re.search(r"Could not override '([^']+)'", first)

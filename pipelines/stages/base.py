@@ -198,7 +198,7 @@ def owns(stage: Stage, output: Path) -> bool:
         return True
     try:
         manifest = read_manifest(output)
-    except ValueError:   # a torn manifest of ours is still ours: it names this stage
+    except UserError:   # a torn manifest of ours is still ours: it names this stage
         manifest = {"stage": stage.name} if f'"stage": "{stage.name}"' in (output / "manifest.json").read_text() else None
     if manifest is not None and manifest.get("stage") == stage.name:
         return True
@@ -247,7 +247,7 @@ def _finish_interrupted_replace(stage: Stage, output: Path, inputs: dict, stamp,
         return None
     try:
         pending = read_manifest(staging)
-    except ValueError:
+    except UserError:   # torn: debris, which the staged run clears
         return None
     if not _same_inputs(pending, inputs, stamp):
         return None

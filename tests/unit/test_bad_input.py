@@ -234,3 +234,33 @@ def test_a_second_checkout_sharing_this_environment_is_refused(tmp_path):
                             cwd=other, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "(fix: the Python environment)" in result.stderr, result.stderr[-2000:]
     assert not (other / "runs").exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"model_type": "llama", "hidden_size": 64, "num_hid', "config.json is not valid JSON at line 1"),
+    ('{"model_type": "llama", "hidden_size": 64, "vocab_size": 300}', "has no intermediate_size, num_hidden_layers"),
+])
+def test_a_broken_hugging_face_config_is_one_line(config, message, tmp_path):
+    source = tmp_path / "hf"
+    source.mkdir()
+    (source / "config.json").write_text(config)
+    result = run_script("scripts/import.py", f"import.source={source}", f"import.output={tmp_path / 'out'}")
+    assert result.returncode == 2 and message in result.stderr and "(fix: import.source)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_torn_manifest_is_one_line_naming_its_folder(tmp_path):
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "manifest.json").write_text('{"stage": "prune", "written_at": "2026-')
+    result = run_script("scripts/stage.py", "distill", "experiment=demo", f"paths.runs={tmp_path / 'runs'}",
+                        f"distill.student={student}")
+    assert result.returncode == 2 and "manifest.json is not valid JSON" in result.stderr, result.stderr[-2000:]
+    assert f"(fix: move {student} aside to redo its stage)" in result.stderr and "Traceback" not in result.stderr
+    assert (student / "manifest.json").read_text() == '{"stage": "prune", "written_at": "2026-'
+
+
+def test_an_override_with_bad_syntax_is_one_line():
+    result = run_script("scripts/stage.py", "distill", "experiment=demo", "distill.lr=[1,")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "(fix: ARGS)" in result.stderr
