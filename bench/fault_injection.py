@@ -24,7 +24,19 @@ Two more faults, once each:
 - a corrupted cache shard and a corrupted training checkpoint: each must be refused, named,
   before it is read.
 
-Last line: ``kills=<n> resumed=<n> identical=<true|false>`` (goal: n >= 20, identical true).
+Three more, on the finished faulty run:
+
+- kills inside the replace window: a stage rerun with ``force=true`` is held between moving its
+  old result aside and renaming its new one in (``PIPELINES_FAULT_REPLACE_PAUSE``) and killed
+  there; the next plain run must put the finished result in place without computing it again,
+  and every artifact must still equal the reference;
+- the launcher killed alone (``kill -9`` of ``scripts/stage.py``, not its process group): the stage
+  it started must die with it;
+- two runs of one stage at once on one folder: one must be refused, naming the other's lock, and
+  the other must finish.
+
+Last line: ``kills=<n> resumed=<n> identical=<true|false> replace_kills=<n> concurrent=<refused|mixed>``
+(goal: kills >= 20, identical true, replace_kills >= 5, concurrent refused).
 """
 
 from __future__ import annotations
@@ -125,7 +137,11 @@ def artifacts(run: Path) -> dict:
     for shard in sorted(logits.glob("shard-*.bin")):
         found[f"logits/{shard.name}"] = sha256_file(shard)
     for model_yaml in sorted(run.glob("*/model.yaml")):
+        if model_yaml.parent.name.startswith("."):   # old results kept aside (force=true)
+            continue
         found[f"{model_yaml.parent.name}/weights"] = content_digest(model_yaml.parent)
+    for exported in sorted(run.glob("export_*/*.safetensors")):
+        found[f"{exported.parent.name}/{exported.name}"] = sha256_file(exported)
     for result in sorted(run.glob("eval/*/manifest.json")):
         manifest = json.loads(result.read_text())
         found[f"eval/{result.parent.name}"] = {k: manifest.get(k) for k in ("mmlu_macro", "mmlu_micro", "val_loss")}
@@ -169,6 +185,93 @@ def corruption(runs: Path) -> str:
     return f"corrupt_checkpoint_refused={checkpoint_named} corrupt_shard_refused={shard_named}"
 
 
+# (stage spec, its output in the run) for the kills inside the replace window: each staged stage
+# (stage, its output in the run) for the kills inside the replace window: the staged stages the
+# run has (prepare is left out: its output is the repository's shared data folder)
+REPLACED_STAGES = [("import", "import"), ("prune", "prune_depth"), ("prune", "prune_width"),
+                   ("export", "export_depth"), ("export", "export_width")]
+
+
+def replace_kills(runs: Path) -> tuple[int, list[str]]:
+    """Rerun staged stages with force=true, kill each inside its replace window, rerun plainly."""
+    kills, problems = 0, []
+    run = runs / "fault"
+    for stage, folder in REPLACED_STAGES:
+        output = run / folder
+        if not output.exists():   # --quick: no export
+            continue
+        extra = ["force=true"] + ([f"prune={folder.split('_')[1]}"] if stage in ("prune", "export") else [])
+        env = {**os.environ, "PIPELINES_FAULT_REPLACE_PAUSE": "30"}
+        process = subprocess.Popen(_one_stage(runs, stage, extra), cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        deadline = time.time() + 600
+        while process.poll() is None and time.time() < deadline and not any(
+                output.parent.glob(f".{output.name}.replaced-*")):
+            time.sleep(0.05)
+        if process.poll() is not None:
+            problems.append(f"{stage}: ended before its replace ({process.returncode})")
+            continue
+        time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        kills += 1
+        if output.exists():
+            problems.append(f"{stage}: {output} still there after the kill: not inside the window")
+        again = subprocess.run(_one_stage(runs, stage, extra[1:]), cwd=REPO, capture_output=True, text=True)
+        if again.returncode != 0 or "the result an interrupted run finished is now in place" not in again.stdout:
+            problems.append(f"{stage}: the rerun did not finish the replace: {again.stdout[-500:]}{again.stderr[-500:]}")
+    return kills, problems
+
+
+def _one_stage(runs: Path, stage: str, extra: list[str]) -> list[str]:
+    """One stage's own script (no launcher between: the kill lands on the stage's process)."""
+    return [sys.executable, f"scripts/{stage}.py", "experiment=demo", "run.name=fault", f"paths.runs={runs}",
+            "logits.reuse_from=null", *SHORT, *extra]
+
+
+def launcher_kill(runs: Path) -> bool:
+    """``kill -9`` of the launcher alone, while the stage it started works: the stage must die too."""
+    process = subprocess.Popen(command(runs, "correct", ["force=true", "correct.train_steps=100000"]), cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = None
+    deadline = time.time() + 300
+    while child is None and time.time() < deadline and process.poll() is None:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        child = int(children[0]) if children else None
+        time.sleep(0.1)
+    time.sleep(5)                     # into its work
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    for _ in range(100):
+        if not Path(f"/proc/{child}").exists() or "zombie" in _state(child):
+            return True
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "gone"
+
+
+def concurrent(runs: Path) -> str:
+    """Two runs of one stage at once on one output: one refused by the other's lock, one finished."""
+    extra = ["force=true", "prune=width"]
+    first = subprocess.Popen(_one_stage(runs, "prune", extra), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = runs / "fault" / ".prune_width.lock"
+    deadline = time.time() + 300
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)              # the first holds the lock once it is past its skip check
+    second = subprocess.run(_one_stage(runs, "prune", extra), cwd=REPO, capture_output=True, text=True)
+    out, err = first.communicate()
+    refused = second.returncode == 2 and "is being written by another run" in second.stderr
+    return "refused" if refused and first.returncode == 0 else "mixed"
+
+
 def _flip(path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -205,11 +308,25 @@ def main() -> None:
         faults = [corruption(faulty), disk_full(faulty)]
         for line in faults:
             print(line, flush=True)
-        identical = not differing and len(expected) > 0
+        # after the faults above (a replaced student would change distill's inputs): the stages
+        # killed in their replace window must still hold the reference's weights
+        in_window, problems = replace_kills(faulty)
+        after = artifacts(faulty / "fault")
+        replaced = [key for key in expected if key.split("/")[0] in {folder for _, folder in REPLACED_STAGES}]
+        changed = sorted(k for k in replaced if expected.get(k) != after.get(k))
+        print(f"replace window: {in_window} kills; problems: {problems or 'none'}; differing after: "
+              f"{changed or 'none'}", flush=True)
+        identical = not differing and not changed and not problems and len(expected) > 0
+        # last: these leave the faulty run changed (a correction restarted and killed; prune redone)
+        together = concurrent(faulty)
+        print(f"two runs of prune at once: {together}", flush=True)
+        orphan_free = launcher_kill(faulty)
+        print(f"launcher killed alone: its stage died too = {orphan_free}", flush=True)
     handled = all(p.endswith("True") for line in faults for p in line.split()
                   if p.split("=")[0] != "complete_looking") and "complete_looking=False" in faults[1]
-    print(f"kills={kills} resumed={resumed} identical={str(identical).lower()}")
-    if not (identical and handled):
+    print(f"kills={kills} resumed={resumed} identical={str(identical).lower()} replace_kills={in_window} "
+          f"concurrent={together}")
+    if not (identical and handled and orphan_free and together == "refused"):
         raise SystemExit(1)
 
 

@@ -77,8 +77,9 @@ BENCHMARKS = (
               says="the best KD setting below CE by more than the larger seed deviation"),
     Benchmark("memory_plan", "memory_plan", goal="plan_max_rel_error <= 0.15 and worst_8b_stage_gb < 80",
               says="the memory plan within 15% of measured peaks; every 8B stage below 80 GB"),
-    Benchmark("fault_injection", "fault_injection", goal="kills >= 20 and identical == True",
-              says="at least 20 kills, every resumed artifact identical"),
+    Benchmark("fault_injection", "fault_injection",
+              goal="kills >= 20 and identical == True and replace_kills >= 5 and concurrent == 'refused'",
+              says="at least 20 kills and 5 inside a replace, every artifact identical; a second run refused"),
 )
 
 
