@@ -176,13 +176,21 @@ def _describe(holder: dict | None) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}{job}, since {holder.get('since')}"
 
 
+def _stale(other: dict, ours: dict) -> bool:
+    if ours["slurm_job"] and other.get("slurm_job") == ours["slurm_job"]:
+        return True
+    return other.get("host") == ours["host"] and not alive(int(other.get("pid", 0)))
+
+
 @contextmanager
 def output_lock(folder: Path, key: str) -> Iterator[None]:
     """Hold ``folder``'s lock (``.<name>.lock`` beside it) while the block writes it.
 
     The lock is a file created with ``O_EXCL`` (atomic on local and network file systems alike),
-    naming the host, pid and SLURM job that hold it. A lock whose process is gone from this host is
-    stale and taken over; one held elsewhere is named in a :class:`UserError` for ``key``.
+    naming the host, pid and SLURM job that hold it. A lock is stale, and taken over, when its
+    process is gone from this host, or when it names this process's own SLURM job (a requeued job
+    keeps its id: the lock is its killed earlier run's, on whichever node that ran); any other is
+    named in a :class:`UserError` for ``key``.
     """
     lock = lock_path(folder)
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +203,7 @@ def output_lock(folder: Path, key: str) -> Iterator[None]:
                 other = json.loads(lock.read_text())
             except (OSError, ValueError):
                 other = None
-            if attempt == 0 and other and other.get("host") == holder["host"] and not alive(int(other["pid"])):
+            if attempt == 0 and other and _stale(other, holder):
                 try:   # stale: its process is gone; move it out of the way atomically, then retry
                     os.replace(lock, lock.with_name(f"{lock.name}.stale-{os.getpid()}"))
                     lock.with_name(f"{lock.name}.stale-{os.getpid()}").unlink()

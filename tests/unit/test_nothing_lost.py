@@ -231,3 +231,17 @@ def test_exported_weights_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_earlier_lock(tmp_path, monkeypatch):
+    """Killed at the time limit on one node and requeued on another, a job finds its own lock (same
+    job id, another host): that is its earlier run's, not a second run's."""
+    output = tmp_path / "out"
+    lock_path(output).write_text(json.dumps({"host": "node-a", "pid": 1, "slurm_job": "4242", "since": "earlier"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    calls = []
+    run(toy(calls), config(output))
+    assert len(calls) == 1 and not lock_path(output).exists()
+    lock_path(output).write_text(json.dumps({"host": "node-a", "pid": 1, "slurm_job": "4243", "since": "earlier"}))
+    with pytest.raises(UserError, match="being written by another run"):
+        run(toy(calls), config(output, version="v2"))
