@@ -1,12 +1,11 @@
-"""CPU shims for megatron-core 0.16 and ModelOpt 0.43: the only place the project bends them for want
-of a GPU. (Five bends apply on every device without TE or apex, each beside what it serves:
-torch's fused attention kernel in place of megatron's scores, :mod:`pipelines.ops.attention`; RoPE in
-a few passes in megatron's fused-RoPE hook, :mod:`pipelines.ops.rope`; gradient clipping in fused
-passes, its norm on the device, :func:`pipelines.backend.kernels.fused_grad_clipping`; torch's fused Adam kernel,
-:func:`pipelines.backend.kernels.fused_torch_adam`; and the weight-gradient GEMM of gradient-accumulation
-fusion on torch's ``addmm_``, :func:`pipelines.backend.kernels.gradient_accumulation_fusion`. A sixth
-applies where megatron's compiled SwiGLU is off, i.e. on CPU: a SwiGLU that keeps only its input,
-:mod:`pipelines.ops.swiglu`.)
+"""CPU shims for megatron-core 0.16 and ModelOpt 0.43: where the project bends them because there is
+no GPU, and only then.
+
+These are not the project's only changes to megatron's behaviour: on any device without TE or
+apex, :mod:`pipelines.backend.kernels` puts torch's fused kernels where megatron would loop in
+Python (gradient clipping, Adam, the weight-gradient GEMM), and :mod:`pipelines.ops` replaces
+megatron modules of the local spec (attention, RoPE, SwiGLU, the embedding's gradient). Those
+run on GPUs too and are tested against megatron's own code; what is here runs on CPU alone.
 
 megatron-core assumes CUDA in a handful of places that have nothing to do with the maths. On a
 machine without a GPU, :func:`apply` patches exactly those places so the *same* model, schedule,
