@@ -33,6 +33,7 @@ from pipelines.launch.preflight import check_students, compose_pipeline
 from pipelines.launch.slurm import submit
 from pipelines.launch.sweep import run_sweep
 from pipelines.stages import get
+from pipelines.stages.rules import lists
 
 
 def runs_on_gpus(cfg) -> bool:
@@ -69,6 +70,7 @@ def main(argv: list[str]) -> None:
         run_sweep(overrides, dry_run)
         return
     cfg = compose_pipeline(overrides, check_keys=True)
+    lists(cfg)   # before the students are read from run.students
     if stage == "clean-replaced":
         clean_replaced(cfg)
         return

@@ -25,7 +25,7 @@ from pipelines.model import build as model_lib
 from pipelines.model import checkpoint
 from pipelines.pruning.search import within_budget
 from pipelines.stages import get, registry
-from pipelines.stages.rules import TRAINING, layout_fits, positive, positive_whole, student_architecture
+from pipelines.stages.rules import TRAINING, layout_fits, lists, positive, positive_whole, student_architecture
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")   # a folder name that stays in the runs folder
 
@@ -40,6 +40,7 @@ def check(cfg, stages: list[str], source: dict | None = None, student: dict | No
     require(RUN_NAME.fullmatch(name) is not None, f"run.name={name!r}: a run name is letters, digits and "
             "'.', '_' or '-', not starting with '.' (it names a folder under the runs folder, and SLURM jobs)",
             "run.name")
+    lists(cfg)
     declared = registry()
     teacher = model_lib.architecture(cfg.model)
     source = source or teacher

@@ -36,6 +36,7 @@ from pipelines.launch.plan import pipeline_stages
 from pipelines.launch.preflight import check_students, compose_pipeline
 from pipelines.launch.slurm import sbatch_script, submit_jobs
 from pipelines.stages import get
+from pipelines.stages.rules import lists
 
 SECTIONS = ("distill", "logits")     # what a point may change
 PATHS = ("distill.student", "distill.output", "distill.cache", "distill.teacher_checkpoint", "logits.output",
@@ -161,6 +162,7 @@ def plan_sweep(overrides: list[str]):
 
     fixed, axes = split(overrides)
     cfg = compose_pipeline(fixed, check_keys=True)
+    lists(cfg)
     check(cfg, axes)
     planned, caches = [], {}
     for point in points(axes, fixed):

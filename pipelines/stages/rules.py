@@ -128,6 +128,19 @@ def _one_of(value, options: tuple, key: str) -> None:
     require(str(value) in options, f"{key}={value!r}; one of {', '.join(options)}", key)
 
 
+# keys whose value is a list: a word there (data.files=book.txt) would be read letter by letter
+LIST_KEYS = ("data.files", "run.students", "run.rounds", "eval.lm_eval.tasks", "eval.mmlu.subjects",
+             "prune.drop_layers", "prune.search.hparams_to_skip")
+
+
+def lists(cfg) -> None:
+    """Every list key holds a list (or is unset)."""
+    for key in LIST_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        require(value is None or OmegaConf.is_list(value), f"{key}={value!r} must be a list, as {key}=[{value}]",
+                key)
+
+
 def training_ranges(d, section: str) -> None:
     """Numeric ranges of a training section (``distill``, ``correct``), before any compute."""
     positive(d.lr, f"{section}.lr")
@@ -165,6 +178,9 @@ def training_ranges(d, section: str) -> None:
 
 def data_ranges(data) -> None:
     """The corpus section, before tokenizing."""
+    files = data.get("files")
+    require(files is None or OmegaConf.is_list(files), f"data.files={files!r} must be a list, as "
+            f"data.files=[{files}]", "data.files")
     _one_of(data.source, DATA_SOURCES, "data.source")
     require(0.0 < real(data.valid_fraction, "data.valid_fraction") < 1.0, f"data.valid_fraction={data.valid_fraction} must be in "
             "(0, 1)", "data.valid_fraction")

@@ -46,6 +46,10 @@ BAD = [  # (override, the key the error must name)
     ("data.valid_fraction=some", "data.valid_fraction"),
     ("parallel.tensor=1.5", "parallel.tensor"),
     ("cluster.processes=0", "cluster.processes"),
+    # a word where a list is wanted
+    ("data.files=book.txt", "data.files"),
+    ("run.students=depth", "run.students"),
+    ("eval.mmlu.subjects=astronomy", "eval.mmlu.subjects"),
 ]
 
 
@@ -70,6 +74,7 @@ def test_bad_harness_settings_name_their_key(overrides):
     (["distill", "experiment=nonexistent"], "error: no experiment 'nonexistent' in configs/experiment/; one of: demo"),
     (["prune", "experiment=demo", "prune=foo"], "error: no prune 'foo' in configs/prune/; one of: depth, search, width"),
     (["distill", "experiment=demo", "distill.no_such_key=1"], "error: bad override"),
+    (["prune", "experiment=demo", "run.students=depth"], "error: run.students='depth' must be a list"),
 ])
 def test_the_stage_runner_prints_one_line_and_exits_2(args, message):
     result = run_script("scripts/stage.py", *args)
