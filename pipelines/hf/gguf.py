@@ -39,6 +39,8 @@ def gguf_to_hf(cfg) -> Path:
     if (output / "config.json").exists():
         print(f"[gguf_to_hf] {output} exists; nothing to do")
         return output
+    require(not output.exists() or (output.is_dir() and not any(output.iterdir())), f"{output} exists and holds "
+            "other files, which this tool never removes; choose another output", "output")
     loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
     require(loaded.config.model_type == "llama", f"{file} is a {loaded.config.model_type} model, "
             "not llama", "source")

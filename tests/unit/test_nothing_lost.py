@@ -245,3 +245,16 @@ def test_a_requeued_slurm_job_takes_over_its_own_earlier_lock(tmp_path, monkeypa
     lock_path(output).write_text(json.dumps({"host": "node-a", "pid": 1, "slurm_job": "4243", "since": "earlier"}))
     with pytest.raises(UserError, match="being written by another run"):
         run(toy(calls), config(output, version="v2"))
+
+
+def test_gguf_to_hf_never_replaces_a_folder_of_other_files(tmp_path):
+    from pipelines.hf.gguf import gguf_to_hf
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds other files") as error:
+        gguf_to_hf(OmegaConf.create({"source": str(fake), "output": str(output)}))
+    assert error.value.key == "output" and (output / "notes.txt").read_text() == "mine"
