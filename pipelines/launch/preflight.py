@@ -28,6 +28,7 @@ from pipelines.stages import get, registry
 from pipelines.stages.rules import TRAINING, layout_fits, lists, positive, positive_whole, student_architecture
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")   # a folder name that stays in the runs folder
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.,:-]+")            # a partition, account, QOS or job-name prefix
 
 
 def check(cfg, stages: list[str], source: dict | None = None, student: dict | None = None) -> dict:
@@ -50,6 +51,10 @@ def check(cfg, stages: list[str], source: dict | None = None, student: dict | No
         positive_whole(cfg.parallel.get(key, 1), f"parallel.{key}", 1, inclusive=True)
     positive(cfg.parallel.get("timeout_minutes", 30), "parallel.timeout_minutes")
     cluster = cfg.cluster
+    for key in ("partition", "account", "qos", "job_prefix") if str(cluster.kind) == "slurm" else ():
+        value = cluster.get(key)   # written into #SBATCH lines: a name, not shell
+        require(value is None or SLURM_NAME.fullmatch(str(value)) is not None, f"cluster.{key}={value!r}: "
+                "letters, digits and '.', '_', '-', ',' or ':' only (it goes into the batch script)", f"cluster.{key}")
     if cluster.get("gpus_per_node") is not None:   # first: tasks_per_node follows it
         positive_whole(cluster.gpus_per_node, "cluster.gpus_per_node", inclusive=True)
     for key in ("processes", "nodes", "tasks_per_node", "cpus_per_task") if str(cluster.kind) == "slurm" \

@@ -191,7 +191,9 @@ def test_a_path_that_does_not_exist_is_named_by_the_stage(stage, override, key, 
 @pytest.mark.parametrize("override, key", [("cluster.nodes=0", "cluster.nodes"),
                                            ("cluster.gpus_per_node=-1", "cluster.gpus_per_node"),
                                            ("cluster.cpus_per_task=0", "cluster.cpus_per_task"),
-                                           ("cluster.tasks_per_node=2.5", "cluster.tasks_per_node")])
+                                           ("cluster.tasks_per_node=2.5", "cluster.tasks_per_node"),
+                                           ("cluster.partition='gpu;rm -rf x'", "cluster.partition"),
+                                           ("cluster.job_prefix='$(id)'", "cluster.job_prefix")])
 def test_zeros_and_fractions_in_the_cluster_keys_are_refused_by_name(override, key):
     cfg = compose("pipeline", ["experiment=llama31_8b_width_4b", "cluster=slurm", override])
     with pytest.raises(UserError, match=rf"\(fix: {key}\)"):
