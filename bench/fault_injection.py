@@ -305,13 +305,15 @@ def main() -> None:
         expected, got = artifacts(reference / "fault"), artifacts(faulty / "fault")
         differing = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
         print(f"compared {len(expected)} artifacts; differing: {differing or 'none'}", flush=True)
+        # the replace window on a copy of the finished run: the faults below break the run (a
+        # corrupted checkpoint, a removed cache), and a replaced student would change their inputs
+        window = root / "window"
+        shutil.copytree(faulty, window, symlinks=True)
         faults = [corruption(faulty), disk_full(faulty)]
         for line in faults:
             print(line, flush=True)
-        # after the faults above (a replaced student would change distill's inputs): the stages
-        # killed in their replace window must still hold the reference's weights
-        in_window, problems = replace_kills(faulty)
-        after = artifacts(faulty / "fault")
+        in_window, problems = replace_kills(window)
+        after = artifacts(window / "fault")
         replaced = [key for key in expected if key.split("/")[0] in {folder for _, folder in REPLACED_STAGES}]
         changed = sorted(k for k in replaced if expected.get(k) != after.get(k))
         print(f"replace window: {in_window} kills; problems: {problems or 'none'}; differing after: "
