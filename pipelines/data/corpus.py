@@ -129,7 +129,7 @@ def init_worker(tokenizer_dir: str) -> None:
     _worker_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def _encode(document: str) -> np.ndarray:
+def encode_document(document: str) -> np.ndarray:
     ids = _worker_tokenizer(document, add_special_tokens=False)["input_ids"]
     return np.asarray(ids + [_worker_tokenizer.eos_token_id], dtype=np.int32)
 

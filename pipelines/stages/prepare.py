@@ -21,7 +21,7 @@ import torch
 
 from pipelines.core.artifacts import config_hash, sha256_file
 from pipelines.core.errors import require
-from pipelines.data.corpus import _encode, init_worker, is_valid, read_documents, train_tokenizer
+from pipelines.data.corpus import encode_document, init_worker, is_valid, read_documents, train_tokenizer
 from pipelines.stages.base import Stage
 from pipelines.stages.rules import data_ranges
 
@@ -54,7 +54,7 @@ def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
     counts = {"train": [0, 0], "valid": [0, 0]}
     top = -1
     with Pool(int(data_cfg.workers), init_worker, (str(tokenizer_dir),)) as pool:
-        encoded = pool.imap(_encode, documents, chunksize=16)
+        encoded = pool.imap(encode_document, documents, chunksize=16)
         for document, ids in tqdm(zip(documents, encoded), total=len(documents),
                                   desc="[prepare] tokenizing", mininterval=2):
             split = "valid" if is_valid(document, float(data_cfg.valid_fraction)) else "train"
