@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-integration test-e2e test-all test-slow demo demo-real pipeline prepare import correct prune logits distill eval report sweep export bench bench-quick gpu-check clean-replaced
+.PHONY: help setup test test-integration test-e2e test-all test-slow demo demo-real pipeline prepare import correct prune logits distill quantize eval report sweep export bench bench-quick gpu-check clean-replaced
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -79,6 +79,9 @@ logits: setup  ## cache the teacher's top-k soft labels (shared by all students)
 
 distill: setup  ## distill each student from the cached logits (or online: ARGS=distill.teacher=online)
 	$(STAGE) distill $(OVERRIDES)
+
+quantize: setup  ## quantize each distilled student with ModelOpt (quantize.formats: FP8, INT4-AWQ, ...), exported for vLLM / TensorRT-LLM
+	$(STAGE) quantize $(OVERRIDES)
 
 eval: setup  ## MMLU and validation loss of every finished model in the run, then the report
 	$(STAGE) eval,report $(OVERRIDES)

@@ -10,7 +10,7 @@ inputs are interpolations resolved here, from the manifests the earlier stages w
 The resolvers are registered when :mod:`pipelines` is imported:
 
 - ``${teacher:RUN_DIR}``: ``correct/`` if a finished one exists, else ``import/``;
-- ``${model_path:MODEL,RUN_DIR,STUDENT}``: ``teacher``, ``pruned``, ``distilled`` or a path;
+- ``${model_path:MODEL,RUN_DIR,STUDENT}``: ``teacher``, ``pruned``, ``distilled``, ``quantized_<format>`` or a path;
 - ``${model_label:MODEL,STUDENT}``: the name results and the report use for it;
 - ``${mul:A,B}``: A × B;
 - ``${distill_reads:STEPS,BATCH,ROUNDS}``: the samples distillation reads, over every round.
@@ -66,6 +66,8 @@ def model_path(model: str, run_dir: str, student: str) -> str:
         return str(Path(run_dir) / f"prune_{student}")
     if model == "distilled":
         return str(Path(run_dir) / f"distill_{student}")
+    if model.startswith("quantized_"):   # quantized_<format>: the quantize stage's export of the student
+        return str(Path(run_dir) / f"quantize_{student}" / model[len("quantized_"):])
     return str(model)
 
 
@@ -74,6 +76,8 @@ def model_label(model: str, student: str) -> str:
         return "teacher"
     if model in ("pruned", "distilled"):
         return f"{model}_{student}"
+    if model.startswith("quantized_"):
+        return f"distilled_{student}_{model[len('quantized_'):]}"
     return Path(str(model)).name
 
 

@@ -92,7 +92,8 @@ def rounds_table(base: str, chain: list[str], report: dict) -> list[str]:
 
 
 def summarize(entries: dict) -> dict:
-    students = sorted({name.split("_", 1)[1] for name in entries if name.startswith(("pruned_", "distilled_"))},
+    students = sorted({name.split("_", 1)[1] for name, entry in entries.items()
+                       if name.startswith(("pruned_", "distilled_")) and not entry.get("quantized")},
                       key=_student_order)
     teacher = entries.get("teacher", {})
     report = dict(entries)
@@ -156,13 +157,44 @@ def _fmt(value, pattern):
     return "–" if value is None else format(value, pattern)
 
 
+def quantized_of(report: dict, student: str) -> list[str]:
+    """The entries of ``student``'s quantized exports, by format."""
+    return sorted(name for name, entry in report.items()
+                  if isinstance(entry, dict) and (entry.get("quantized") or {}).get("student") == student)
+
+
+def quantization_lines(report: dict) -> list[str]:
+    """Each quantized export beside its unquantized student: bytes, and what quantization cost."""
+    rows = []
+    for student in report["students"]:
+        base = report.get(f"distilled_{student}") or {}
+        for name in quantized_of(report, student):
+            entry, q = report[name], report[name]["quantized"]
+            loss = entry.get("val_loss")
+            delta = _fmt(None if None in (loss, base.get("val_loss")) else loss - base["val_loss"], "+.4f")
+            corpus = _fmt(None if None in (entry.get("corpus"), base.get("corpus")) else
+                          entry["corpus"] - base["corpus"], "+.4f")
+            group = f", groups of {q['group_size']}" if q.get("group_size") else ""
+            rows.append(f"| {name} | {q['quant_algo']}{group} | {q['bytes'] / 1e6:,.2f} MB | {delta} | {corpus} "
+                        f"| {q['export_logit_drift']:.1e} |")
+    if not rows:
+        return []
+    return ["", "## Quantized students (make quantize)", "",
+            "Each is ModelOpt's unified Hugging Face export (vLLM, TensorRT-LLM and SGLang load it), scored "
+            "fake-quantized from its own files. Weight bytes are the safetensors files; the last column is how "
+            "far the export read back is from the calibrated fake-quantized model (mean |Δ logit|).", "",
+            "| model | format | weights | Δ validation loss | Δ corpus task | export check |",
+            "|---|---|---:|---:|---:|---:|", *rows]
+
+
 def markdown(report: dict, name: str) -> str:
     teacher = report.get("teacher", {})
     lines = [f"# Recovery report: {name}", "",
              "| model | parameters | MMLU (macro) ± s.e. | MMLU / teacher | corpus task ± s.e. | corpus / teacher "
              "| validation loss |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    order = ["teacher"] + [f"{kind}_{s}" for s in report["students"] for kind in ("pruned", "distilled")]
+    order = ["teacher"] + [m for s in report["students"] for m in (f"pruned_{s}", f"distilled_{s}",
+                                                                    *quantized_of(report, s))]
     notes = {"mmlu": report.get("recovery_note"), "corpus": report.get("corpus_recovery_note")}
     for model in order:
         entry = report.get(model)
@@ -211,6 +243,7 @@ def markdown(report: dict, name: str) -> str:
                   "subjects by size; that score here: " + ", ".join(weighted) + "."]
     for base, chain in rounds_of(report["students"]).items():
         lines += rounds_table(base, chain, report)
+    lines += quantization_lines(report)
     for student, found in (report.get("searches") or {}).items():
         lines += search_table(student, found)
     return "\n".join(lines) + "\n"

@@ -19,7 +19,8 @@ from pipelines.stages.rules import processes, stage_parallel
 def pipeline_stages(cfg) -> list[str]:
     """The stages ``make pipeline`` runs, in order (``correct`` only when enabled); with several
     rounds, each round's prune follows the previous round's distill (``prune@2``)."""
-    stages = [s for s in registry() if s != "correct" or bool(cfg.correct.enabled)]
+    stages = [s for s in registry() if (s != "correct" or bool(cfg.correct.enabled))
+              and (s != "quantize" or len(cfg.quantize.formats) > 0)]
     count = len(experiment.rounds(cfg))
     if count < 2:
         return stages
@@ -60,7 +61,8 @@ def invocations(spec: str, cfg, overrides: list[str], quiet: bool = False) -> li
     for student in runs:
         # a later round's input: the round before's distilled student, or this round's earlier stage
         needed = {"prune": f"distill_{student.previous}", "distill": f"prune_{student.name}",
-                  "export": f"distill_{student.name}"}[stage]
+                  "export": f"distill_{student.name}",
+                  "quantize": f"distill_{student.name}"}[stage]
         if only is None and student.previous and not (run_dir / needed / "manifest.json").exists():
             if not quiet:
                 print(f"[{stage}] {student.name} waits for {run_dir / needed}: make {needed.split('_')[0]} first, "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.core.artifacts import config_hash, read_manifest, sha256_file, write_json
+from pipelines.core.artifacts import config_hash, read_json, read_manifest, sha256_file, write_json
 from pipelines.core.errors import require
 from pipelines.core.experiment import teacher
 from pipelines.data.corpus import TokenWindows, check_tokenized_for
@@ -43,11 +43,31 @@ def models_in_run(run_dir: Path) -> list[tuple[str, str]]:
         for folder in sorted(run_dir.glob(f"{prefix}*")):
             if read_manifest(folder) and (folder / "model.yaml").exists():
                 found.append((model, folder.name[len(prefix):]))
+    for folder in sorted(run_dir.glob("quantize_*")):
+        manifest = read_manifest(folder)
+        for fmt in (manifest or {}).get("formats", []):
+            found.append((f"quantized_{fmt}", folder.name[len("quantize_"):]))
     return found
 
 
+def quantized(folder: Path) -> bool:
+    """A quantize stage export (ModelOpt's unified Hugging Face layout), not an engine checkpoint."""
+    return (folder / "hf_quant_config.json").exists()
+
+
+def architecture_folder(cfg) -> Path:
+    """Where ``eval.checkpoint``'s architecture is read: itself, or for a quantized export the
+    student it was made from (the quantize stage's manifest names it)."""
+    folder = Path(str(cfg.eval.checkpoint))
+    if quantized(folder):
+        require(read_manifest(folder.parent) is not None, f"{folder} is not in a finished quantize folder",
+                "eval.checkpoint")
+        return Path(read_json(folder.parent / "quantize_report.json", "eval.checkpoint")["source"])
+    return folder
+
+
 def each_model(cfg) -> list:
-    """``eval.model=all``: one config per finished model of the run (teacher, pruned, distilled)."""
+    """``eval.model=all``: one config per finished model of the run (teacher, pruned, distilled, quantized)."""
     if str(cfg.eval.model) != "all":
         return [cfg]
     from omegaconf import OmegaConf
@@ -66,10 +86,11 @@ def each_model(cfg) -> list:
 def eval_inputs(cfg) -> dict:
     e = cfg.eval
     folder = Path(str(e.checkpoint))
-    checkpoint.read_architecture(folder, "eval.checkpoint")
+    checkpoint.read_architecture(architecture_folder(cfg), "eval.checkpoint")
     require((folder / "tokenizer").is_dir(), f"checkpoint {folder} has no tokenizer/ folder", "eval.checkpoint")
-    return {"checkpoint": str(folder.resolve()), "checkpoint_written_at": read_manifest(folder).get("written_at"),
-            "checkpoint_manifest_sha256": sha256_file(folder / "manifest.json"),
+    made = folder.parent if quantized(folder) else folder
+    return {"checkpoint": str(folder.resolve()), "checkpoint_written_at": read_manifest(made).get("written_at"),
+            "checkpoint_manifest_sha256": sha256_file(made / "manifest.json"),
             "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name")}),
             "data": str(Path(str(cfg.data.output)).resolve())}
 
@@ -79,6 +100,11 @@ def checks(cfg, arch, layout) -> None:
                         "data.tokenizer")
 
     section_ranges(cfg, "eval", arch)
+    if quantized(Path(str(cfg.eval.checkpoint))):
+        require(str(cfg.eval.backend) == "native", "a quantized export is scored by eval.backend=native "
+                "(fake-quantized from its files)", "eval.backend")
+        require(layout is None or int(layout["tensor"]) == 1, "a quantized export is scored at tensor parallel "
+                "size 1", "run.stage_parallel.eval")
     if str(cfg.eval.backend) == "lm_eval":
         require(importlib.util.find_spec("lm_eval") is not None, "eval.backend=lm_eval needs lm-evaluation-harness "
                 "(pip install lm-eval)", "eval.backend")
@@ -131,6 +157,18 @@ def run_harness(cfg, layout, staging: Path, loaded) -> dict:
     return found
 
 
+class HFLogits(torch.nn.Module):
+    """A Hugging Face causal LM called as the scorers call an engine model: ``(tokens, positions,
+    mask)`` to logits ``[b, s, vocab]`` (tensor parallel size 1)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, position_ids=None, attention_mask=None):
+        return self.model(input_ids=tokens).logits
+
+
 def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     """Evaluate ``eval.checkpoint`` into ``staging/results.json``; the manifest's fields."""
     e = cfg.eval
@@ -138,12 +176,23 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     loaded = load_questions(e) if bool(e.mmlu.enabled) else None   # read (and so checked) first
     harness_backend = str(e.backend) == "lm_eval"
     harness_mmlu = harness_backend and "mmlu" in [str(t) for t in e.lm_eval.tasks]   # else ours scores MMLU
-    model, arch = checkpoint.load_model(folder, layout, dtype=layout.compute_dtype)
+    if quantized(folder):
+        from pipelines.quantization.load import load_fake_quantized
+
+        arch, _ = checkpoint.read_architecture(architecture_folder(cfg), "eval.checkpoint")
+        model = HFLogits(load_fake_quantized(folder, layout.compute_dtype, layout.device)[0])
+    else:
+        model, arch = checkpoint.load_model(folder, layout, dtype=layout.compute_dtype)
     model.eval()
     name = str(e.get("name") or folder.name)
     results = {"name": name, "checkpoint": str(folder), "params": count_parameters(arch), "backend": str(e.backend),
                "architecture": {k: arch[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size",
                                                       "num_attention_heads", "num_query_groups")}}
+    if quantized(folder):
+        made = read_json(folder.parent / "quantize_report.json", "eval.checkpoint")["formats"][folder.name]
+        results["quantization"] = {"format": folder.name, "student": folder.parent.name[len("quantize_"):],
+                                   **{k: made[k] for k in ("quant_algo", "weight_bits", "group_size", "bytes",
+                                                           "export_logit_drift")}}
     if int(e.val_samples) > 0:
         valid = TokenWindows(Path(str(cfg.data.output)), "valid", int(e.sequence_length))
         batches = map(layout.place, valid.batches(int(e.batch_size), int(e.val_samples)))
@@ -181,5 +230,5 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
 
 
 STAGE = Stage(name="eval", output=lambda cfg: Path(str(cfg.eval.output)), inputs=eval_inputs, run=run,
-              checks=checks, source=lambda cfg: Path(str(cfg.eval.checkpoint)), distributed=True,
+              checks=checks, source=architecture_folder, distributed=True,
               each=each_model)

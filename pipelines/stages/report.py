@@ -39,6 +39,8 @@ def collect(run_dir: Path) -> tuple[dict, dict, dict]:
                          "mmlu": mmlu.get("macro"), "mmlu_micro": mmlu.get("micro"),
                          "mmlu_questions": mmlu.get("questions"), "checkpoint": result["checkpoint"],
                          **mmlu_statistics(mmlu), **corpus_statistics(result.get("corpus"))}
+        if result.get("quantization"):
+            entries[name]["quantized"] = result["quantization"]
         subjects[name] = mmlu.get("subjects", {})
     for folder in sorted(run_dir.glob("distill_*")):
         metrics = folder / "train" / "metrics.jsonl"
