@@ -83,8 +83,8 @@ distill: setup  ## distill each student from the cached logits (or online: ARGS=
 quantize: setup  ## quantize each distilled student with ModelOpt (quantize.formats: FP8, INT4-AWQ, ...), exported for vLLM / TensorRT-LLM
 	$(STAGE) quantize $(OVERRIDES)
 
-eval: setup  ## MMLU and validation loss of every finished model in the run, then the report
-	$(STAGE) eval,report $(OVERRIDES)
+eval: setup  ## MMLU and validation loss of every finished model in the run, their speed and memory, then the report
+	$(STAGE) eval,speed,report $(OVERRIDES)
 
 report: setup  ## write runs/<name>/report.{md,json,png}
 	$(STAGE) report $(OVERRIDES)

@@ -20,7 +20,8 @@ def pipeline_stages(cfg) -> list[str]:
     """The stages ``make pipeline`` runs, in order (``correct`` only when enabled); with several
     rounds, each round's prune follows the previous round's distill (``prune@2``)."""
     stages = [s for s in registry() if (s != "correct" or bool(cfg.correct.enabled))
-              and (s != "quantize" or len(cfg.quantize.formats) > 0)]
+              and (s != "quantize" or len(cfg.quantize.formats) > 0)
+              and (s != "speed" or bool(cfg.eval.speed.enabled))]
     count = len(experiment.rounds(cfg))
     if count < 2:
         return stages

@@ -148,6 +148,10 @@ def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], che
     # the reference is the fake-quantized model after that step
     reference = copy.deepcopy(model)
     requantize_resmooth_fused_llm_layers(reference)
+    with torch.no_grad():   # the norms that took AWQ / SmoothQuant scales are shipped in export_dtype too
+        for name, parameter in reference.named_parameters():
+            if "norm" in name:
+                parameter.copy_(parameter.to(export_dtype))
     with torch.no_grad():
         quantized = reference(check).logits
     del reference

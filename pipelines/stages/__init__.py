@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.core.errors import UserError
-from pipelines.stages import base, correct, distill, export, import_, logits, prepare, prune, quantize, report
+from pipelines.stages import base, correct, distill, export, import_, logits, prepare, prune, quantize, report, speed
 from pipelines.stages import eval as evaluation
 from pipelines.stages.base import Stage
 
@@ -19,7 +19,7 @@ from pipelines.stages.base import Stage
 def registry() -> dict[str, Stage]:
     """Every stage, by name, in pipeline order."""
     ordered = (prepare.STAGE, import_.STAGE, correct.STAGE, prune.STAGE, logits.STAGE, distill.STAGE,
-               quantize.STAGE, evaluation.STAGE, report.STAGE, export.STAGE)
+               quantize.STAGE, evaluation.STAGE, speed.STAGE, report.STAGE, export.STAGE)
     return {stage.name: stage for stage in ordered}
 
 

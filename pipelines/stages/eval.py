@@ -91,7 +91,7 @@ def eval_inputs(cfg) -> dict:
     made = folder.parent if quantized(folder) else folder
     return {"checkpoint": str(folder.resolve()), "checkpoint_written_at": read_manifest(made).get("written_at"),
             "checkpoint_manifest_sha256": sha256_file(made / "manifest.json"),
-            "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name")}),
+            "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name", "speed")}),
             "data": str(Path(str(cfg.data.output)).resolve())}
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipelines.core.artifacts import write_json
 from pipelines.core.errors import require
-from pipelines.evaluation import sweep_results
+from pipelines.evaluation import deploy, sweep_results
 from pipelines.evaluation.recovery import corpus_statistics, markdown, mmlu_statistics, plot, summarize
 from pipelines.stages.base import Stage
 
@@ -77,6 +77,14 @@ def run(cfg, layout=None, output: Path | None = None, inputs=None) -> dict:
         text = markdown(report, str(cfg.run.name))
         plot(report, subjects, curves, output / "report.png", str(cfg.run.name))
         written.append(output / "report.png")
+        speed_path = Path(str(cfg.eval.speed.output)) / "results.json"
+        if speed_path.exists():   # the speed stage's figures, with quality beside them
+            speed = json.loads(speed_path.read_text())
+            quality = {n: e.get("val_loss") for n, e in entries.items()}
+            report["speed"] = speed
+            text += "\n".join(deploy.speed_lines(speed, quality)) + "\n"
+            deploy.plot(speed, quality, output / "report_speed.png", str(cfg.run.name))
+            written.append(output / "report_speed.png")
     else:
         text = f"# Recovery report: {cfg.run.name}\n\nNo model of the run itself is evaluated (make eval).\n"
     if points:

@@ -54,7 +54,8 @@ def test_pipeline_dry_run_prints_chained_sbatch_scripts():
     result = run_script("scripts/stage.py", "pipeline", "experiment=llama31_8b_width_4b", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    stages = ["prepare", "import", "correct", "prune", "logits", "distill", "eval", "report", "export"]
+    stages = ["prepare", "import", "correct", "prune", "logits", "distill", "quantize", "eval", "speed", "report",
+              "export"]
     assert [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("# ----")] == stages
     assert out.count("--dependency=afterok:") == len(stages) - 1
     assert "#SBATCH --signal=B:USR1@300" in out and "#SBATCH --requeue" in out
@@ -64,7 +65,7 @@ def test_pipeline_dry_run_prints_chained_sbatch_scripts():
 
 def test_make_help_lists_the_targets():
     out = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True).stdout
-    for target in ("setup", "test", "demo", "import", "correct", "prune", "logits", "distill", "eval",
+    for target in ("setup", "test", "demo", "import", "correct", "prune", "logits", "distill", "quantize", "eval",
                    "export", "pipeline"):
         assert f"\n{target} " in "\n" + out, target
 
