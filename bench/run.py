@@ -75,6 +75,8 @@ BENCHMARKS = (
               says="distillation below fine-tuning in held-out loss"),
     Benchmark("recipe_study", "recipe_study", goal="ce_val_loss - best_kd_val_loss > max(kd_sd, ce_sd)",
               says="the best KD setting below CE by more than the larger seed deviation"),
+    Benchmark("student_speed", "student_speed", says="decode speed of the depth and width students at equal "
+              "parameters against the teacher (no goal: which way it falls)"),
     Benchmark("memory_plan", "memory_plan", goal="plan_max_rel_error <= 0.15 and worst_8b_stage_gb < 80",
               says="the memory plan within 15% of measured peaks; every 8B stage below 80 GB"),
     Benchmark("fault_injection", "fault_injection",

@@ -1,4 +1,4 @@
-"""Inference speed and memory of Hugging Face models through transformers ``generate``.
+"""Inference speed and memory of Hugging Face models through transformers.
 
 :func:`measure` times every model on the same prompts in one process, the models' order
 alternating between repeats (after a warm-up of each), with SDPA attention, greedy decoding and
@@ -6,8 +6,8 @@ the same settings for all:
 
 - **prefill tokens/s**: one forward pass over a ``prompt_length`` prompt at batch 1;
 - **time to first token**: ``generate`` of one new token at batch 1;
-- **decode tokens/s** at batch 1 and at ``batch``: the tokens after the first over the time
-  after the first, ``batch * (n - 1) / (t(n) - t(1))``;
+- **decode tokens/s** at batch 1 and at ``batch``: ``decode_tokens`` greedy steps with the KV
+  cache after the prompt's prefill (which is not in that time), ``batch * n / t``;
 - **memory**: the weights' bytes plus the KV cache at ``context`` tokens and ``batch``
   sequences (both in the serving dtype), and on a GPU what the batched decode allocated beyond
   the weights (its KV cache and activations), measured.
@@ -44,25 +44,36 @@ def _timed(function, device) -> float:
     return time.perf_counter() - started
 
 
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int, device) -> float:
+    """Seconds for ``new_tokens`` greedy decode steps after a prefill of ``prompt`` (KV cache on;
+    the prefill itself is not timed)."""
+    out = model(prompt, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def steps():
+        nonlocal cache, token
+        for _ in range(new_tokens):
+            step = model(token, past_key_values=cache, use_cache=True)
+            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+
+    return _timed(steps, device)
+
+
 def one_round(model, prompt: torch.Tensor, batch: int, new_tokens: int, device) -> dict:
     """One timing of each figure for ``model``."""
     from transformers import GenerationConfig
 
-    def generate(inputs, count):
-        config = GenerationConfig(max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None)
-        model.generate(inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
-
+    config = GenerationConfig(max_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)
     wide = prompt.expand(batch, -1).contiguous()
     with torch.inference_mode():
         prefill = _timed(lambda: model(prompt), device)
-        first = _timed(lambda: generate(prompt, 1), device)
-        one = _timed(lambda: generate(prompt, new_tokens), device)
-        first_wide = _timed(lambda: generate(wide, 1), device)
-        many = _timed(lambda: generate(wide, new_tokens), device)
+        first = _timed(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                              generation_config=config), device)
+        one = decode_seconds(model, prompt, new_tokens, device)
+        many = decode_seconds(model, wide, new_tokens, device)
     return {"prefill_tokens_per_s": prompt.shape[1] / prefill, "ttft_s": first,
-            "decode_tokens_per_s_batch1": (new_tokens - 1) / max(one - first, 1e-9),
-            f"decode_tokens_per_s_batch{batch}": batch * (new_tokens - 1) / max(many - first_wide, 1e-9)}
+            "decode_tokens_per_s_batch1": new_tokens / one,
+            f"decode_tokens_per_s_batch{batch}": batch * new_tokens / many}
 
 
 def summary(values: list[float]) -> dict:
