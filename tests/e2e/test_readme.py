@@ -55,7 +55,7 @@ def test_slurm_dry_run_command():
     result = subprocess.run(["make", "-s", "pipeline", "EXP=llama31_8b_width_4b", "CLUSTER=slurm", "DRY_RUN=1"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("#!/bin/bash") == 9
+    assert result.stdout.count("#!/bin/bash") == 11   # quantize and speed too
     assert "[memory] predicted peak per GPU" in result.stdout
 
 
