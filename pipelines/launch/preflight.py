@@ -71,7 +71,7 @@ def check(cfg, stages: list[str], source: dict | None = None, student: dict | No
                       "context": int(planned.get("context", 1)), "data": data_parallel}
             checked["layouts"][stage] = {**planned, "data": data_parallel}
         if declared[stage].checks:
-            declared[stage].checks(cfg, source if stage == "prune" else teacher, layout)
+            declared[stage].checks(cfg, {"prune": source, "quantize": student}.get(stage, teacher), layout)
         if stage == "distill":
             layout_fits(cfg, stage, teacher, "online teacher")
             require(int(cfg.logits.sequence_length) == int(cfg.distill.sequence_length),

@@ -54,12 +54,14 @@ def test_bad_formats_name_the_key(formats, gpu, message):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("quantize.formats=[int3]", "quantize.formats"), ("quantize.calib_samples=0", "quantize.calib_samples"),
+    ("quantize.formats=[int3]", "quantize.formats"),
+    ("prune=width quantize.group_size=64", "quantize.group_size"),   # the width student's hidden size is 48
+    ("quantize.calib_samples=0", "quantize.calib_samples"),
     ("quantize.export_dtype=int8", "quantize.export_dtype"), ("quantize.group_size=7", "quantize.group_size"),
     ("eval.speed.backend=vllm", "eval.speed.backend"), ("eval.speed.repeats=0", "eval.speed.repeats"),
     ("eval.speed.prompt_length=5000", "eval.speed.prompt_length")])
 def test_bad_deploy_settings_stop_before_compute(override, key):
-    cfg = compose("pipeline", ["experiment=demo", override])
+    cfg = compose("pipeline", ["experiment=demo", *override.split()])
     with pytest.raises(UserError, match=rf"\(fix: {key}"):
         preflight.check(cfg, plan.pipeline_stages(cfg))
 
