@@ -63,7 +63,7 @@ def speed_lines(speed: dict, quality: dict) -> list[str]:
     teacher = models.get("teacher") or {}
     base = _median(teacher, "decode_tokens_per_s_batch1")
     lines = ["", "## Speed and memory (make eval: the speed stage)", "",
-             f"Measured on {speed['device']} ({speed['compute_dtype']}) with transformers `generate` (SDPA, greedy): "
+             f"Measured on {speed['device']} ({speed['compute_dtype']}) with transformers (SDPA, greedy; decode as KV-cache steps): "
              f"prompt {speed['prompt_length']} tokens, {speed['decode_tokens']} new tokens, median (min–max) of "
              f"{speed['repeats']} repeats, models alternating. Memory: weights plus KV cache at {speed['context']} "
              f"tokens x {batch} sequences, in {speed['memory_dtype']}. A pruned student has its distilled "

@@ -167,6 +167,13 @@ def export_checkpoint(cfg, layout, staging: Path, inputs: dict) -> dict:
     return fields
 
 
+def export_to(source: Path, output: Path, layout, max_shard_bytes: int = 4 * 2**30) -> dict:
+    """:func:`export_checkpoint` of ``source`` into the existing folder ``output``, outside the
+    export stage (a stage's scratch copy: the harness's, quantize's and speed's input)."""
+    section = {"source": str(source), "output": str(output), "max_shard_bytes": int(max_shard_bytes)}
+    return export_checkpoint(OmegaConf.create({"export": section}), layout, output, {})
+
+
 def hub_snapshot(repo_id: str) -> str:
     """Download (or find in the local Hugging Face cache) the files import needs of a Hub model."""
     from huggingface_hub import snapshot_download

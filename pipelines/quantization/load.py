@@ -23,6 +23,13 @@ FP8_MAX = 448.0   # largest float8_e4m3fn
 INT8_MAX = 127.0
 
 
+def is_scale(key: str) -> bool:
+    """A scale the export stores beside a quantized weight (``weight_scale``, ``weight_scale_2``,
+    ``input_scale``, ``pre_quant_scale``, ...): float32, and not a parameter of the model."""
+    last = key.rsplit(".", 1)[-1]
+    return last.endswith("scale") or last.endswith("scale_2")
+
+
 def quant_config(folder: Path) -> dict:
     """The ``quantization`` section of ``hf_quant_config.json`` (``quant_algo``, ``group_size``, ...)."""
     path = folder / "hf_quant_config.json"
@@ -122,7 +129,7 @@ def load_fake_quantized(folder: Path, dtype: torch.dtype = torch.float32, device
         hooks[prefix] = QuantizedInput(pre.float() if pre is not None else None, input_bits(algo),
                                        tensors.get(f"{prefix}.input_scale"))
     for key, value in tensors.items():
-        if key.rsplit(".", 1)[-1] in ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"):
+        if is_scale(key):
             continue
         state.setdefault(key, value)
     if bool(config.get("tie_word_embeddings")) and "lm_head.weight" not in state:

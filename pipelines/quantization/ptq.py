@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipelines.core.errors import require
+from pipelines.quantization.load import is_scale, load_fake_quantized
 
 # quantize.formats entry -> (ModelOpt config name, needs a GPU, the weight bits serving engines store)
 FORMATS = {
@@ -100,8 +101,8 @@ def store_unquantized_as(folder: Path, dtype: torch.dtype) -> None:
 
     for path in sorted(folder.glob("*.safetensors")):
         tensors = load_file(path)
-        changed = {k: (v.to(dtype) if v.dtype == torch.float32 and not k.rsplit(".", 1)[-1].endswith("scale")
-                       and not k.endswith("scale_2") else v) for k, v in tensors.items()}
+        changed = {k: (v.to(dtype) if v.dtype == torch.float32 and not is_scale(k) else v)
+                   for k, v in tensors.items()}
         save_file(changed, path, metadata={"format": "pt"})
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
@@ -126,8 +127,6 @@ def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], che
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
-
-    from pipelines.quantization.load import load_fake_quantized, read_tensors
 
     started = time.perf_counter()
     # what stays unquantized is shipped in export_dtype: round it so now, so that the calibrated
@@ -179,7 +178,6 @@ def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], che
     return {"format": fmt, "quant_algo": algo, "weight_bits": FORMATS[fmt][2],
             "group_size": group if FORMATS[fmt][2] == 4 else None,
             "bytes": sum(p.stat().st_size for p in files),
-            "tensors": len(read_tensors(output)),
             "calibration_tokens": sum(int(b.numel()) for b in calibration),
             "logit_error": error, "export_logit_error": exported_error, "export_logit_drift": drift,
             "quant_config": json.loads((output / "hf_quant_config.json").read_text())["quantization"],

@@ -126,15 +126,10 @@ def run_harness(cfg, layout, staging: Path, loaded) -> dict:
     """``eval.backend=lm_eval``: lm-evaluation-harness on the checkpoint's Hugging Face export
     (written to ``staging/hf`` and removed after, unless ``eval.lm_eval.keep_hf``); ``"mmlu"`` in
     ``eval.lm_eval.tasks`` is ``eval.mmlu``'s questions as local tasks (:mod:`pipelines.evaluation.harness`)."""
-    from omegaconf import OmegaConf
-
-
     e, h = cfg.eval, cfg.eval.lm_eval
     folder, hf = Path(str(e.checkpoint)), staging / "hf"
     hf.mkdir()
-    convert.export_checkpoint(OmegaConf.create({"export": {"source": str(folder), "output": str(hf),
-                                                           "max_shard_bytes": int(h.max_shard_bytes)}}),
-                              layout, hf, {})
+    convert.export_to(folder, hf, layout, int(h.max_shard_bytes))
     tasks = [str(t) for t in h.tasks]
     local = "mmlu" in tasks   # checks() made sure eval.mmlu is enabled then
     if local:

@@ -19,13 +19,11 @@ from omegaconf import OmegaConf
 from pipelines.core.artifacts import config_hash, read_manifest, sha256_file, write_json
 from pipelines.core.errors import require
 from pipelines.data.corpus import TokenWindows, check_tokenized_for
-from pipelines.hf.convert import SINGLE_PROCESS, copy_tokenizer, export_checkpoint
+from pipelines.hf.convert import SINGLE_PROCESS, copy_tokenizer, export_to
 from pipelines.model.checkpoint import DTYPES, read_architecture
 from pipelines.quantization.ptq import FORMATS, check_formats, group_size, quantize_export
 from pipelines.stages.base import Stage
 from pipelines.stages.rules import positive_whole
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def source(cfg) -> Path:
@@ -58,10 +56,8 @@ def checks(cfg, arch, layout) -> None:
                 "quantize.sequence_length")
     if arch is not None and any(FORMATS[str(f)][2] == 4 for f in q.formats):
         group_size(q.group_size, arch)
-    folder = source(cfg)
-    if (folder / "model.yaml").exists():
-        check_tokenized_for(Path(str(cfg.data.output)), folder, read_architecture(folder, "quantize.source")[0]
-                            ["vocab_size"], "data.tokenizer")
+    if arch is not None and (source(cfg) / "tokenizer").is_dir():   # once the student exists
+        check_tokenized_for(Path(str(cfg.data.output)), source(cfg), arch["vocab_size"], "data.tokenizer")
 
 
 def calibration(cfg) -> tuple[list, object]:
@@ -86,8 +82,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     started = time.perf_counter()
     hf = staging / "_hf"
     hf.mkdir()
-    export_checkpoint(OmegaConf.create({"export": {"source": str(folder), "output": str(hf),
-                                                   "max_shard_bytes": 4 * 2**30}}), layout, hf, {})
+    export_to(folder, hf, layout)
     batches, check = calibration(cfg)
     print(f"[quantize] {folder.name}: {len(formats)} formats, calibrating on {sum(b.numel() for b in batches):,} "
           f"tokens of the training data", flush=True)
@@ -96,9 +91,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         out = staging / fmt
         found = quantize_export(hf, fmt, batches, check, out, DTYPES[str(q.export_dtype)], layout.device,
                                 layout.compute_dtype, group_size(q.group_size, arch) if FORMATS[fmt][2] == 4 else 128)
-        for name in TOKENIZER_FILES:
-            if (hf / name).exists() and not (out / name).exists():
-                shutil.copy2(hf / name, out / name)
+        copy_tokenizer(hf, out)   # the Hugging Face tokenizer files, beside the weights
         copy_tokenizer(folder / "tokenizer", out / "tokenizer")   # what eval's tokenizer checks read
         report["formats"][fmt] = found
         print(f"[quantize] {folder.name} {fmt} ({found['quant_algo']}): {found['bytes'] / 1e6:.2f} MB of weights, "

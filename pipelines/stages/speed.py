@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 from pipelines.core.artifacts import config_hash, read_json, sha256_file, write_json
 from pipelines.core.errors import require
 from pipelines.core.experiment import model_label, model_path
-from pipelines.evaluation.speed import kv_cache_bytes, measure
-from pipelines.hf.convert import SINGLE_PROCESS, export_checkpoint
+from pipelines.evaluation.speed import BYTES, kv_cache_bytes, measure
+from pipelines.hf.convert import SINGLE_PROCESS, export_to
 from pipelines.model.build import count_parameters
 from pipelines.model.checkpoint import DTYPES, read_architecture
 from pipelines.stages.base import Stage
@@ -79,7 +79,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
 
     s = cfg.eval.speed
     serving = DTYPES[str(s.dtype)]
-    element = {"float32": 4}.get(str(s.dtype), 2)
+    element = BYTES[serving]
     loaded, results = {}, {}
     for name, folder in timed_models(cfg).items():
         if (folder / "hf_quant_config.json").exists():
@@ -91,8 +91,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
             arch, _ = read_architecture(folder, "eval.checkpoint")
             hf = staging / "hf" / name
             hf.mkdir(parents=True)
-            export_checkpoint(OmegaConf.create({"export": {"source": str(folder), "output": str(hf),
-                                                           "max_shard_bytes": 4 * 2**30}}), layout, hf, {})
+            export_to(folder, hf, layout)
             loaded[name] = load_hf(hf, layout.compute_dtype, layout.device)
             weights = count_parameters(arch) * element
             results[name] = {}
