@@ -17,6 +17,14 @@ def dense_kl(student, teacher, temperature, mask=None):
     return (per_token * mask).sum() / mask.sum()
 
 
+def assert_same_loss_and_gradient(loss, leaf, reference, reference_leaf, value_tol=1e-5, atol=1e-6, rtol=1e-5):
+    """``loss`` equals ``reference`` in value, and in its gradient on ``leaf`` against ``reference_leaf``'s."""
+    assert abs(loss.item() - reference.item()) <= value_tol
+    loss.backward()
+    reference.backward()
+    torch.testing.assert_close(leaf.grad, reference_leaf.grad, atol=atol, rtol=rtol)
+
+
 def sample(seed=0, shape=(3, 7)):
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, V, generator=generator, dtype=torch.float64) * 2,
@@ -30,10 +38,7 @@ def test_full_vocab_equals_dense_kl_with_gradients(temperature):
     loss = sparse_kl_loss(student, *teacher_topk(teacher, V, temperature), temperature=temperature)
     reference_student = student.detach().clone().requires_grad_(True)
     reference = dense_kl(reference_student, teacher, temperature)
-    assert abs(loss.item() - reference.item()) <= 1e-5
-    loss.backward()
-    reference.backward()
-    torch.testing.assert_close(student.grad, reference_student.grad, atol=1e-6, rtol=1e-5)
+    assert_same_loss_and_gradient(loss, student, reference, reference_student)
 
 
 def test_chunked_equals_unchunked_and_tail_bucket_counts():
@@ -123,10 +128,7 @@ def test_dense_teacher_equals_full_topk(kind):
     dense, _, _ = distill_loss(dense_student, teacher=teacher, divergence=kind, temperature=1.5)
     topk, _, _ = distill_loss(topk_student, teacher=teacher_topk(teacher, V, 1.5), divergence=kind,
                               temperature=1.5)
-    assert abs(dense.item() - topk.item()) <= 1e-5
-    dense.backward()
-    topk.backward()
-    torch.testing.assert_close(dense_student.grad, topk_student.grad, atol=1e-6, rtol=1e-5)
+    assert_same_loss_and_gradient(dense, dense_student, topk, topk_student)
 
 
 def test_mix_with_cross_entropy_and_padding_columns_ignored():
@@ -216,10 +218,7 @@ def test_renormalized_top_k_is_the_kl_to_the_teacher_restricted_to_its_top_k():
     reference_student = student.detach().clone().requires_grad_(True)
     log_q = torch.log_softmax(reference_student, -1)
     reference = (p * (torch.where(p > 0, p.log(), torch.zeros_like(p)) - log_q)).sum(-1).mean()
-    assert abs(loss.item() - reference.item()) <= 1e-6
-    loss.backward()
-    reference.backward()
-    torch.testing.assert_close(student.grad, reference_student.grad, atol=1e-7, rtol=1e-5)
+    assert_same_loss_and_gradient(loss, student, reference, reference_student, value_tol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("teacher_kind, kd_weight, temperature, divergence", [
