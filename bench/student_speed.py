@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipelines.backend import distributed  # noqa: E402
 from pipelines.evaluation.speed import measure  # noqa: E402
 from pipelines.hf import llama_map  # noqa: E402
 from pipelines.model import build  # noqa: E402
@@ -50,7 +51,8 @@ def main(argv: list[str]) -> int:
               f"{arch['ffn_hidden_size']}: {params[name] / 1e6:.1f} M parameters", flush=True)
     settings = OmegaConf.create({"prompt_length": 64 if args.quick else 128, "decode_tokens": 8 if args.quick else 32,
                                  "batch": 8, "repeats": 2 if args.quick else 5})
-    found = measure(models, settings, "cpu", torch.float32, log=lambda line: print(line, flush=True))
+    host = distributed.Layout(0, 1, 0, 1, 1, 1, 1, torch.device("cpu"))   # one process on this host's CPU
+    found = measure(models, settings, host, log=lambda line: print(line, flush=True))
     decode = {n: f["decode_tokens_per_s_batch1"]["median"] for n, f in found.items()}
     for name, figures in found.items():
         spread = figures["decode_tokens_per_s_batch1"]

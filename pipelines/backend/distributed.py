@@ -63,6 +63,11 @@ class Layout:
         """
         return map_tensors(self._place_tensor, data)
 
+    def place_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module``'s parameters and buffers on this process's device (a model loaded on the host,
+        such as a Hugging Face one; megatron models are built on their device)."""
+        return module.to(self.device)
+
     def _place_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device == self.device:
             return tensor

@@ -80,14 +80,16 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def measure(models: dict, settings, device, dtype: torch.dtype, log=print) -> dict:
-    """``{name: {figure: {median, min, max, n}}}`` for ``{name: loaded model}`` (see the module)."""
+def measure(models: dict, settings, layout, log=print) -> dict:
+    """``{name: {figure: {median, min, max, n}}}`` for ``{name: loaded model}`` on ``layout``'s device
+    (see the module)."""
+    device = layout.device
     prompt_length, batch = int(settings.prompt_length), int(settings.batch)
     new_tokens, repeats = int(settings.decode_tokens), int(settings.repeats)
     generator = torch.Generator().manual_seed(0)
     names = list(models)
     vocab = min(m.config.vocab_size for m in models.values())
-    prompt = torch.randint(0, vocab, (1, prompt_length), generator=generator).to(device)
+    prompt = layout.place(torch.randint(0, vocab, (1, prompt_length), generator=generator))
     for name in names:   # warm-up: kernels chosen, caches allocated
         one_round(models[name], prompt, batch, new_tokens, device)
     rounds: dict[str, list[dict]] = {name: [] for name in names}

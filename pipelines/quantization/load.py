@@ -106,8 +106,9 @@ class QuantizedInput(torch.nn.Module):
         return self.quantizer(x) if self.quantizer is not None else x
 
 
-def load_fake_quantized(folder: Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """``(LlamaForCausalLM, quant_algo)`` computing what the exported checkpoint ``folder`` computes."""
+def load_fake_quantized(folder: Path, dtype: torch.dtype = torch.float32, layout=None):
+    """``(LlamaForCausalLM, quant_algo)`` computing what the exported checkpoint ``folder`` computes,
+    on ``layout``'s device (on the host without one)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     settings = quant_config(folder)
@@ -145,4 +146,4 @@ def load_fake_quantized(folder: Path, dtype: torch.dtype = torch.float32, device
         linear = model.get_submodule(prefix)
         linear.add_module("quantized_input", quantize_input)
         linear.register_forward_pre_hook(lambda module, args: (module.quantized_input(args[0]), *args[1:]))
-    return model.to(device).eval(), algo
+    return (layout.place_module(model) if layout is not None else model).eval(), algo

@@ -85,12 +85,12 @@ def modelopt_config(fmt: str, group: int) -> dict:
     return config
 
 
-def load_hf(folder: Path, dtype: torch.dtype, device):
+def load_hf(folder: Path, dtype: torch.dtype, layout):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     model.config.architectures = ["LlamaForCausalLM"]
-    return model.to(device).eval()
+    return layout.place_module(model).eval()
 
 
 def store_unquantized_as(folder: Path, dtype: torch.dtype) -> None:
@@ -117,32 +117,33 @@ def mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], check: torch.Tensor,
-                    output: Path, export_dtype: torch.dtype, device, compute_dtype=torch.float32,
-                    group: int = 128) -> dict:
+                    output: Path, export_dtype: torch.dtype, layout, group: int = 128) -> dict:
     """Quantize the Hugging Face model ``hf_dir`` to ``fmt`` and export it into ``output``.
 
     ``calibration``: token batches ``[b, s]`` for the quantizers' ranges (and AWQ's search);
-    ``check``: a token batch the export is compared on. Returns the format's report.
+    ``check``: a token batch the export is compared on; ``layout``: the runtime's (device and
+    compute dtype). Returns the format's report.
     """
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     started = time.perf_counter()
+    compute_dtype = layout.compute_dtype
     # what stays unquantized is shipped in export_dtype: round it so now, so that the calibrated
     # model, the check's reference and the unquantized baseline are the model the export holds
-    model = load_hf(hf_dir, export_dtype, device).to(compute_dtype)
+    model = load_hf(hf_dir, export_dtype, layout).to(compute_dtype)
     model.config.dtype = compute_dtype
     # loading in bfloat16 also rounded RoPE's inverse frequencies, which engines keep in float32
-    model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(device)
-    check = check.to(device)
+    model.model.rotary_emb = layout.place_module(type(model.model.rotary_emb)(model.config))
+    check = layout.place(check)
     with torch.no_grad():
         unquantized = model(check).logits
 
     def forward_loop(module):
         with torch.no_grad():
             for batch in calibration:
-                module(batch.to(device))
+                module(layout.place(batch))
 
     mtq.quantize(model, modelopt_config(fmt, group), forward_loop)
     # the export shares one input scale among layers that read the same input (q/k/v, gate/up) and
@@ -162,7 +163,7 @@ def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], che
     export_hf_checkpoint(model, dtype=compute_dtype, export_dir=output)
     del model
     store_unquantized_as(output, export_dtype)
-    loaded, algo = load_fake_quantized(output, compute_dtype, device)
+    loaded, algo = load_fake_quantized(output, compute_dtype, layout)
     with torch.no_grad():
         exported = loaded(check).logits
     error, drift = mean_abs(quantized, unquantized), mean_abs(exported, quantized)

@@ -175,7 +175,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         from pipelines.quantization.load import load_fake_quantized
 
         arch, _ = checkpoint.read_architecture(architecture_folder(cfg), "eval.checkpoint")
-        model = HFLogits(load_fake_quantized(folder, layout.compute_dtype, layout.device)[0])
+        model = HFLogits(load_fake_quantized(folder, layout.compute_dtype, layout)[0])
     else:
         model, arch = checkpoint.load_model(folder, layout, dtype=layout.compute_dtype)
     model.eval()

@@ -89,8 +89,8 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     report = {"source": str(folder.resolve()), "architecture": arch, "formats": {}}
     for fmt in formats:
         out = staging / fmt
-        found = quantize_export(hf, fmt, batches, check, out, DTYPES[str(q.export_dtype)], layout.device,
-                                layout.compute_dtype, group_size(q.group_size, arch) if FORMATS[fmt][2] == 4 else 128)
+        found = quantize_export(hf, fmt, batches, check, out, DTYPES[str(q.export_dtype)], layout,
+                                group_size(q.group_size, arch) if FORMATS[fmt][2] == 4 else 128)
         copy_tokenizer(hf, out)   # the Hugging Face tokenizer files, beside the weights
         copy_tokenizer(folder / "tokenizer", out / "tokenizer")   # what eval's tokenizer checks read
         report["formats"][fmt] = found

@@ -92,7 +92,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
             hf = staging / "hf" / name
             hf.mkdir(parents=True)
             export_to(folder, hf, layout)
-            loaded[name] = load_hf(hf, layout.compute_dtype, layout.device)
+            loaded[name] = load_hf(hf, layout.compute_dtype, layout)
             weights = count_parameters(arch) * element
             results[name] = {}
         kv = kv_cache_bytes(arch, int(s.context), int(s.batch), element)
@@ -100,7 +100,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
                               "memory_bytes": weights + kv})
     print(f"[speed] timing {', '.join(loaded)} on {layout.device} ({layout.compute_dtype}), prompt "
           f"{s.prompt_length}, {s.decode_tokens} new tokens, batch 1 and {s.batch}, {s.repeats} repeats", flush=True)
-    for name, figures in measure(loaded, s, layout.device, layout.compute_dtype).items():
+    for name, figures in measure(loaded, s, layout).items():
         results[name]["speed"] = figures
     del loaded
     shutil.rmtree(staging / "hf", ignore_errors=True)

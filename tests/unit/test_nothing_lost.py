@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, run_script
+from helpers import run_script
 from omegaconf import OmegaConf
 
 from pipelines.core import artifacts

@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import compose, make_hf_llama
 
+from pipelines.backend import distributed
 from pipelines.core.errors import UserError
 from pipelines.evaluation.deploy import pareto
 from pipelines.evaluation.speed import kv_cache_bytes
@@ -12,6 +13,7 @@ from pipelines.launch import plan, preflight
 from pipelines.quantization.load import load_fake_quantized, read_tensors
 from pipelines.quantization.ptq import check_formats, group_size, quantize_export
 
+HOST = distributed.Layout(0, 1, 0, 1, 1, 1, 1, torch.device("cpu"))
 ARCH = {"hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16, "ffn_hidden_size": 160}
 
 
@@ -21,7 +23,7 @@ def test_export_read_back_matches_the_fake_quantized_model(tmp_path, fmt):
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randint(0, 300, (4, 32), generator=generator) for _ in range(2)]
     check = torch.randint(0, 300, (2, 32), generator=generator)
-    found = quantize_export(hf, fmt, calibration, check, tmp_path / fmt, torch.bfloat16, "cpu",
+    found = quantize_export(hf, fmt, calibration, check, tmp_path / fmt, torch.bfloat16, HOST,
                             group=group_size("auto", {**ARCH, "ffn_hidden_size": 192}))
     # the stage refuses an export further than a tenth of the quantization's own change (int8 and FP8: rounding flips)
     assert found["logit_error"] > 1e-3
