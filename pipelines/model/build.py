@@ -160,7 +160,7 @@ def transformer_config(arch: Mapping[str, Any], dtype: torch.dtype, tensor_paral
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
         **fused,
-        apply_rope_fusion=rope.install(),   # without TE: pipelines.ops.rope's few-pass RoPE
+        apply_rope_fusion=rope.install(),   # TE's fused RoPE; without TE pipelines.ops.rope's few-pass one
         gradient_accumulation_fusion=False,
         # Pipeline send/recv of a batched p2p op hangs or mismatches on gloo; measured exact without.
         batch_p2p_sync=on_gpu,
@@ -212,6 +212,8 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str
         position_embedding_type="rope",
         rotary_base=arch["rotary_base"],
     )
+    if not initialize:
+        mark_tensor_parallel_weights(model)
     # The local spec's norms are built in float32 whatever params_dtype says (TE's follow it):
     # one dtype for every weight, as megatron's Float16Module gives (RoPE's inv_freq is no buffer).
     model.to(dtype=config.params_dtype)
@@ -224,6 +226,31 @@ def build(arch: Mapping[str, Any], config, initialize: bool = True, purpose: str
 
         fuse_gradient(model.embedding.word_embeddings)
     return model
+
+
+def mark_tensor_parallel_weights(model) -> int:
+    """Give each tensor-parallel weight megatron's ``tensor_model_parallel`` attributes where its
+    layer left them off; returns how many it marked.
+
+    megatron's local-spec layers (``ColumnParallelLinear``, ``RowParallelLinear``,
+    ``VocabParallelEmbedding``) set them only inside their weight initialisation, which a model
+    built to be loaded skips (``perform_initialization=False``). Without them every rank but TP
+    rank 0 counts its shard of those weights as a copy of rank 0's: the gradient norm (clipping,
+    the logged ``grad_norm``) left out all but one shard, ``1/√tp`` of the true norm at even shards,
+    and so clipped too little. ``make cluster-check``'s comparison across TP sizes found it."""
+    from megatron.core.tensor_parallel import layers
+
+    dims = {layers.ColumnParallelLinear: 0, layers.RowParallelLinear: 1, layers.VocabParallelEmbedding: 0}
+    marked = 0
+    for module in model.modules():
+        dim = next((d for kind, d in dims.items() if isinstance(module, kind)), None)
+        weight = getattr(module, "weight", None)
+        if dim is None or not isinstance(weight, torch.nn.Parameter):
+            continue
+        if not getattr(weight, "tensor_model_parallel", False):
+            layers.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+            marked += 1
+    return marked
 
 
 class _BatchFirst(torch.autograd.Function):
