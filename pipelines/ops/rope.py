@@ -23,13 +23,14 @@ _ANGLES: list[tuple] = []   # (freqs, dtype, halves): the few angle tensors in u
 
 def install() -> bool:
     """Give megatron this RoPE where TE's fused one is absent (before a model config is built, which
-    checks it is there); returns whether it is in place, i.e. whether to set ``apply_rope_fusion``
-    (with TE, whose fused RoPE no run here has exercised, the config keeps megatron's unfused code)."""
+    checks it is there); returns whether a fused RoPE is in place, i.e. whether to set
+    ``apply_rope_fusion``: this one, or TE's kernel where TE is installed (Megatron-LM's default,
+    ``--no-rope-fusion`` off; only a GPU with TE runs it)."""
     from megatron.core.models.common.embeddings import rope_utils
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = apply_rotary_pos_emb
-    return rope_utils.fused_apply_rotary_pos_emb is apply_rotary_pos_emb
+    return rope_utils.fused_apply_rotary_pos_emb is not None
 
 
 def _halves(freqs: torch.Tensor, dtype: torch.dtype):

@@ -31,6 +31,7 @@ the batches (:mod:`~pipelines.training.batches`) and the trainer (:mod:`~pipelin
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import time
@@ -72,17 +73,46 @@ def run(cfg, layout, output: Path, inputs: dict, section: str = "distill") -> di
     logger = Logger(train_folder, layout.is_main, trainer.step, plan.steps,
                     plan.global_batch * plan.sequence_length, section)
     trainer.prepare_eval()
-    eval_interval, save_interval = int(d.eval_interval), int(d.save_interval)
-    log_interval = int(d.log_interval)
     if trainer.step == 0:
         first = trainer.evaluate()
         logger.log(0, first, "eval")
         if layout.is_main:
             print(f"[{section}] step 0 {_format(first)}", flush=True)
     metrics, started = {}, time.perf_counter()
+    collect = int(d.gc_interval)
+    if collect:   # Megatron-LM's manual GC: every rank collects at the same step, none mid-collective
+        gc.disable()
+    try:
+        metrics = _train(trainer, plan, d, layout, logger, section, collect)
+    finally:
+        if collect:
+            gc.enable()
+    seconds = time.perf_counter() - started
+    if trainer.batches is not None:
+        trainer.batches.close()
+    final = trainer.evaluate()
+    trainer.checkpoints.save()
+    _write_final_model(trainer, plan, output, layout)
+    fields = {"teacher": plan.teacher_kind, "steps": plan.steps,
+              "tokens": plan.steps * plan.global_batch * plan.sequence_length,
+              "final": {**{k: v for k, v in metrics.items() if k != "skipped"}, **final},
+              "train_seconds_this_run": seconds, "parameters": count_parameters(plan.arch)}
+    if layout.is_main:
+        fields["content"] = checkpoint.content_digest(output)
+        print(f"[{section}] {output}: {_format(final)}", flush=True)
+    return fields
+
+
+def _train(trainer, plan, d, layout, logger, section: str, collect: int) -> dict:
+    """The training loop: steps, validation, checkpoints and preemption; the last step's metrics."""
+    eval_interval, save_interval = int(d.eval_interval), int(d.save_interval)
+    log_interval = int(d.log_interval)
+    metrics = {}
     while trainer.step < plan.steps:
         metrics = trainer.train_step()
         step = trainer.step
+        if collect and step % collect == 0:
+            gc.collect()
         logger.log(step, metrics)
         if step % log_interval == 0 or step == plan.steps:
             logger.progress(step, metrics)
@@ -101,20 +131,7 @@ def run(cfg, layout, output: Path, inputs: dict, section: str = "distill") -> di
                 print(f"[{section}] preempted: checkpoint at step {step}; exiting for requeue", flush=True)
             torch.distributed.barrier()
             preemption.leave_for_requeue()
-    seconds = time.perf_counter() - started
-    if trainer.batches is not None:
-        trainer.batches.close()
-    final = trainer.evaluate()
-    trainer.checkpoints.save()
-    _write_final_model(trainer, plan, output, layout)
-    fields = {"teacher": plan.teacher_kind, "steps": plan.steps,
-              "tokens": plan.steps * plan.global_batch * plan.sequence_length,
-              "final": {**{k: v for k, v in metrics.items() if k != "skipped"}, **final},
-              "train_seconds_this_run": seconds, "parameters": count_parameters(plan.arch)}
-    if layout.is_main:
-        fields["content"] = checkpoint.content_digest(output)
-        print(f"[{section}] {output}: {_format(final)}", flush=True)
-    return fields
+    return metrics
 
 
 def _format(metrics: dict) -> str:
@@ -128,6 +145,7 @@ def _write_final_model(trainer: Trainer, plan: Plan, output: Path, layout) -> No
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     torch.distributed.barrier()
+    trainer.sync_parameters()
     checkpoint.save_weights(trainer.model.module, staging)
     torch.distributed.barrier()
     if layout.is_main:

@@ -162,6 +162,10 @@ def training_ranges(d, section: str) -> None:
             f"{d.keep_final_checkpoint!r}; true or false", f"{section}.keep_final_checkpoint")
     _one_of(d.dtype, DTYPES, f"{section}.dtype")
     _one_of(d.recompute, RECOMPUTE, f"{section}.recompute")
+    _one_of(d.grad_reduce_dtype, ("float32", "bfloat16"), f"{section}.grad_reduce_dtype")
+    require(isinstance(d.overlap_grad_reduce, bool), f"{section}.overlap_grad_reduce={d.overlap_grad_reduce!r}; "
+            "true or false", f"{section}.overlap_grad_reduce")
+    positive_whole(d.gc_interval, f"{section}.gc_interval", inclusive=True)
     require(0.0 <= real(d.kd_weight, f"{section}.kd_weight") <= 1.0, f"{section}.kd_weight={d.kd_weight} must be in [0, 1]",
             f"{section}.kd_weight")
     positive(d.temperature, f"{section}.temperature")

@@ -2,7 +2,8 @@
 
 Layout under ``<output>/train/checkpoints/``::
 
-    step-NNNNNN/         model, optimizer (reshardable over data-parallel sizes), scheduler, step
+    step-NNNNNN/         model, optimizer (reshardable over data-parallel sizes; saved and loaded
+                         fully parallel over the data-parallel ranks), scheduler, step
                          (= data position), every rank's random state, and checksums.json (the
                          sha256 of each file, computed by all ranks, checked before a load)
     latest.json          name and step of the newest complete checkpoint
@@ -75,7 +76,31 @@ class TrainingCheckpoints:
                                                                metadata=OPTIMIZER_METADATA),
                 "scheduler": self.trainer.scheduler.state_dict(), "step": self.trainer.step,
                 "adam_steps": self._adam_steps(), "world_size": self.layout.world_size,
-                "rng": rng_state(self.layout)}
+                "model_parallel": self._model_parallel(), "rng": rng_state(self.layout)}
+
+    def _save_strategy(self):
+        """megatron's fully parallel save, as Megatron-LM's loop uses it: the tensors replicated over
+        data-parallel ranks (the weights) are split among them, so every rank writes its share
+        instead of data-parallel rank 0 writing them all."""
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
+                                                parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+    def _load_strategy(self, checkpoint: Path):
+        """The fully parallel load: each data-parallel rank reads a share of the replicated tensors
+        and the ranks exchange them, instead of every rank reading every file."""
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+        return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(checkpoint)),
+                                                parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+    def _model_parallel(self) -> dict:
+        return {"tensor": self.layout.tensor_parallel, "pipeline": self.layout.pipeline_parallel}
 
     def _torch_adams(self) -> list:
         return kernels.torch_adams(self.trainer.optimizer)
@@ -112,6 +137,7 @@ class TrainingCheckpoints:
         """Save the training state under ``folder/step-NNNNNN`` and point ``latest`` at it."""
         from megatron.core import dist_checkpointing
 
+        self.trainer.sync_parameters()
         folder = self.folder
         name = f"step-{self.trainer.step:06d}"
         final, staging = folder / name, folder / f".{name}.incomplete"
@@ -122,7 +148,7 @@ class TrainingCheckpoints:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         torch.distributed.barrier()
-        dist_checkpointing.save(self._state(loading=False), str(staging))
+        dist_checkpointing.save(self._state(loading=False), str(staging), self._save_strategy())
         torch.distributed.barrier()
         checksums = self._checksums(staging)
         if self.layout.is_main:
@@ -175,13 +201,23 @@ class TrainingCheckpoints:
         self._verify(folder / name)
         self._prime_torch_adam_state()
         request = self._state(loading=True)
-        saved_world = dist_checkpointing.load_common_state_dict(str(folder / name)).get("world_size")
+        common = dist_checkpointing.load_common_state_dict(str(folder / name))
+        saved = common.get("model_parallel")   # None: written before the layout was recorded
+        # the dp_reshardable optimizer state reshards over data-parallel sizes only: another TP or
+        # PP fails deep inside megatron's load, so stop here with the way out
+        require(saved is None or saved == self._model_parallel(), f"{folder / name} was saved at "
+                f"TP={saved and saved['tensor']} PP={saved and saved['pipeline']}; this run is "
+                f"TP={self.layout.tensor_parallel} PP={self.layout.pipeline_parallel}, and its optimizer state "
+                "reshards over data-parallel sizes only. Resume at the saved layout (a smaller micro-batch or "
+                f"{self.section}.recompute=selective if memory was short), or FORCE=1 to train again from the "
+                "start (the old result is kept aside)", f"run.stage_parallel.{self.section} / parallel.tensor")
+        saved_world = common.get("world_size")
         if saved_world != self.layout.world_size:  # resharded: the saved ranks' random states do not map
             del request["rng"]
             if self.layout.is_main:
                 print(f"[{self.section}] resuming on {self.layout.world_size} processes (saved on "
                       f"{saved_world}): random states start fresh", flush=True)
-        state = dist_checkpointing.load(request, str(folder / name))
+        state = dist_checkpointing.load(request, str(folder / name), self._load_strategy(folder / name))
         with torch.no_grad():  # copies into parameters and their optimizer shards, not differentiable
             result = self.trainer.model.module.load_state_dict(state["model"], strict=False)
             self.trainer.optimizer.load_state_dict(state["optimizer"])

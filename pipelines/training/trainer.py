@@ -33,6 +33,13 @@ from pipelines.training.train_checkpoint import TrainingCheckpoints
 # ----------------------------------------------------------------------------- training
 
 
+def gradient_reduce_dtype(section, dtype: torch.dtype) -> torch.dtype:
+    """The DDP gradient buffer's and data-parallel reduction's dtype: float32, or with
+    ``grad_reduce_dtype=bfloat16`` the bf16 parameters' own (half the buffer and the traffic, the
+    sum rounded to bf16)."""
+    return dtype if str(section.grad_reduce_dtype) == "bfloat16" else torch.float32
+
+
 def training_dtype(name: str, layout) -> torch.dtype:
     """``distill.dtype`` (checked by :func:`pipelines.stages.rules.training_ranges`): ``auto`` is the
     layout's compute dtype (bf16 on GPU, float32 on CPU); ``bfloat16`` keeps bf16 parameters with
@@ -101,11 +108,16 @@ class Trainer:
         # pipeline stages, and norm gradients under sequence parallelism.
         model.config.finalize_model_grads_func = finalize_model_grads
         self.distributed_optimizer = bool(d.distributed_optimizer)
+        overlap = bool(d.overlap_grad_reduce) and layout.data_parallel > 1
         self.model = DistributedDataParallel(
             config=model.config, module=model,
             ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                grad_reduce_in_fp32=gradient_reduce_dtype(d, self.dtype) == torch.float32,
+                overlap_grad_reduce=overlap, overlap_param_gather=overlap and self.distributed_optimizer,
                 use_distributed_optimizer=self.distributed_optimizer))
+        if overlap:   # as Megatron-LM's loop: micro-batches but the last accumulate without a reduction
+            model.config.no_sync_func = self.model.no_sync
+            model.config.grad_sync_func = self.model.start_grad_sync
         kernels.fused_grad_clipping()   # without TE or apex, megatron's clipping loops per tensor (its norm syncs)
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=float(d.lr), min_lr=float(d.min_lr), weight_decay=float(d.weight_decay),
@@ -252,10 +264,19 @@ class Trainer:
                     chunk_tokens=int(d.chunk_tokens))
         del teacher
 
+    def sync_parameters(self) -> None:
+        """With ``overlap_param_gather`` the optimizer step leaves each rank's copy of the other
+        ranks' parameter shards stale until the next training forward gathers them bucket by bucket;
+        gather them all now (before a validation pass, a checkpoint or the final weights), as
+        Megatron-LM does around its evaluation and saves."""
+        if self.model.use_forward_hook:
+            self.model.start_param_sync(force_sync=True)
+
     def evaluate(self) -> dict:
         """Validation LM loss (``val_loss``) and KL to the teacher (``val_kl``) on fixed tokens."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        self.sync_parameters()
         has_teacher = self.eval_batches[0]["teacher"] is not None
         self.model.eval()
         with torch.no_grad():

@@ -72,6 +72,26 @@ def test_kill_9_after_a_checkpoint_resumes_bit_identically(tmp_path, tiny_teache
     assert "up to date; skipping" in again.stdout
 
 
+def test_a_resume_at_another_tensor_parallel_size_stops_before_loading(tmp_path, tiny_teacher, tiny_data,
+                                                                       full_cache, monkeypatch):
+    """The dp_reshardable optimizer state reshards over data-parallel sizes only: a checkpoint saved
+    at one TP and loaded at another would fail inside megatron; it stops first, naming the layout."""
+    from pipelines.training.plan import Plan
+    from pipelines.training.trainer import Trainer
+
+    cfg = compose("pipeline", distill_args(tiny_teacher, tiny_data, tmp_path / "out", **{"distill.cache": full_cache}))
+    trainer = Trainer(Plan(cfg, 1), _layout())
+    trainer.checkpoints.folder.mkdir(parents=True)
+    trainer.train_step()
+    trainer.checkpoints.save()
+    assert trainer.checkpoints.load() and trainer.step == 1
+    trainer.batches.close()   # the same layout resumes
+    monkeypatch.setattr(trainer.checkpoints, "_model_parallel", lambda: {"tensor": 2, "pipeline": 1})
+    with pytest.raises(UserError, match=r"saved at TP=1 PP=1; this run is TP=1.*reshards over data-parallel "
+                       r"sizes only.*\(fix: run.stage_parallel.distill / parallel.tensor\)"):
+        trainer.checkpoints.load()
+
+
 def test_cache_with_full_vocabulary_equals_online_teacher(tmp_path, tiny_teacher, trained_teacher,
                                                           tiny_data, full_cache):
     from pipelines.training.plan import Plan
@@ -160,6 +180,34 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_teacher, tiny_data,
     # Adam's first steps (about lr·sign(g)) amplify that: exact for the first two steps, close after
     tolerances = [1e-5, 1e-5, 1e-3] if layout == "parallel.tensor=2" else [1e-5] * 3
     assert all(abs(x - y) <= t for x, y, t in zip(a, b, tolerances)), (a, b)
+
+
+def test_overlapped_reduction_and_gather_change_nothing(tmp_path, tiny_teacher, tiny_data, full_cache):
+    """DP=2 with the distributed optimizer: megatron's overlapped gradient reduce-scatter and
+    parameter all-gather (distill.overlap_grad_reduce) give the same losses, validation losses and
+    final weights as the synchronous ones, and the manual GC changes nothing. The validation passes
+    and the saves fall right after optimizer steps, where a rank's copy of the other rank's
+    parameter shard is stale until gathered (Trainer.sync_parameters): without that gather the
+    validation loss and the final weights differ."""
+    steps = {"distill.train_steps": 4, "distill.cache": full_cache, "distill.save_interval": 2,
+             "distill.eval_interval": 3, "distill.log_interval": 1, "distill.keep_checkpoints": 3}
+    runs = {}
+    for name, overlap, collect in (("sync", "false", 0), ("overlap", "true", 2)):
+        result = run_torchrun(2, "scripts/distill.py", *distill_args(tiny_teacher, tiny_data, tmp_path / name, **steps),
+                              f"distill.overlap_grad_reduce={overlap}", f"distill.gc_interval={collect}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [json.loads(x) for x in (tmp_path / name / "train" / "metrics.jsonl").read_text().splitlines()]
+        saved = tmp_path / name / "train" / "checkpoints" / "step-000002"   # right after a step
+        runs[name] = ([x["loss"] for x in lines if x["kind"] == "train"],
+                      [x["val_loss"] for x in lines if x["kind"] == "eval"], final_weights(tmp_path / name),
+                      {p.relative_to(saved): p.read_bytes() for p in sorted(saved.rglob("*.distcp"))})
+    (loss_a, val_a, weights_a, saved_a), (loss_b, val_b, weights_b, saved_b) = runs["sync"], runs["overlap"]
+    assert len(loss_a) == 4 and len(val_a) == 3 and saved_a
+    assert loss_a == loss_b and val_a == val_b, (loss_a, loss_b, val_a, val_b)
+    for key, value in weights_a.items():
+        assert torch.equal(value, weights_b[key]), key
+    assert saved_a.keys() == saved_b.keys()
+    assert all(saved_a[key] == saved_b[key] for key in saved_a), "the step-2 checkpoint differs"
 
 
 def test_bad_input_is_refused_before_compute(tmp_path, tiny_teacher, trained_teacher, tiny_data, full_cache):
