@@ -9,7 +9,8 @@ onto the device with :meth:`Layout.place` (the one place a batch crosses to the 
 
 **Tested versions.** megatron-core and ModelOpt change their internals between releases (the
 CPU shims, the layer specs, ModelOpt's Minitron plugin). :func:`check_versions` stops at start
-when the installed ones are not the tested ones, unless ``PIPELINES_ALLOW_UNTESTED_VERSIONS=1``.
+when the installed or the imported ones are not the tested ones, or transformer-engine is outside
+megatron-core's declared range, unless ``PIPELINES_ALLOW_UNTESTED_VERSIONS=1``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from pipelines.core.errors import UserError, require
 
 # The versions this code was tested with (requirements.txt and the Dockerfile pin the same).
 TESTED_VERSIONS = {"megatron-core": "0.16.1", "nvidia-modelopt": "0.43.0"}
+# transformer-engine, where installed (GPU images): the range megatron-core 0.16.1 declares in its
+# pyproject.toml (``transformer-engine>=2.9,<2.12``, its ``dev`` extra)
+TRANSFORMER_ENGINE = ("2.9", "2.12")
 
 
 @dataclass(frozen=True)
@@ -255,12 +259,24 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def check_versions() -> None:
-    """Stop when megatron-core or ModelOpt is not the tested version (see :data:`TESTED_VERSIONS`)."""
+def check_versions() -> dict:
+    """Stop when megatron-core or ModelOpt is not the tested version (see :data:`TESTED_VERSIONS`),
+    as installed (package metadata) or as imported (the module's own version: a source checkout
+    earlier on ``sys.path``, as NGC images carry one of Megatron-LM, shadows the installed
+    package), or when transformer-engine is installed outside the range the tested megatron-core
+    declares (:data:`TRANSFORMER_ENGINE`). Returns ``{package: (version, path)}`` of what is imported."""
     from importlib.metadata import PackageNotFoundError, version
 
+    import megatron.core
+    import modelopt
+
+    imported = {"megatron-core": (megatron.core.__version__, os.path.dirname(megatron.core.__file__)),
+                "nvidia-modelopt": (modelopt.__version__, os.path.dirname(modelopt.__file__))}
+    te = transformer_engine_version()
+    if te is not None:
+        imported["transformer-engine"] = te
     if os.environ.get("PIPELINES_ALLOW_UNTESTED_VERSIONS", "0") == "1":
-        return
+        return imported
     wrong = []
     for package, tested in TESTED_VERSIONS.items():
         try:
@@ -269,10 +285,45 @@ def check_versions() -> None:
             installed = "not installed"
         if installed != tested:
             wrong.append(f"{package} {installed} (tested: {tested})")
+        elif imported[package][0] != tested:
+            wrong.append(f"{package} {tested} is installed but {imported[package][0]} is imported from "
+                         f"{imported[package][1]} (earlier on sys.path / PYTHONPATH)")
+    if te is not None and not _in_range(te[0], TRANSFORMER_ENGINE):
+        wrong.append(f"transformer-engine {te[0]} at {te[1]} (megatron-core {TESTED_VERSIONS['megatron-core']} "
+                     f"declares {TRANSFORMER_ENGINE[0]} <= version < {TRANSFORMER_ENGINE[1]})")
     if wrong:
-        raise UserError("untested library versions: " + ", ".join(wrong) + "; install the tested ones "
+        raise UserError("untested library versions: " + "; ".join(wrong) + ". Install the tested ones "
                         "(pip install " + " ".join(f"{p}=={v}" for p, v in TESTED_VERSIONS.items())
-                        + ") or set PIPELINES_ALLOW_UNTESTED_VERSIONS=1 at your own risk",
-                        "the Python environment")
+                        + "; the Dockerfile's image has them) or set PIPELINES_ALLOW_UNTESTED_VERSIONS=1 "
+                        "at your own risk", "the Python environment")
+    return imported
+
+
+def transformer_engine_version() -> tuple[str, str] | None:
+    """``(version, path)`` of the installed transformer-engine (None: absent). Read from its
+    package metadata and its location without importing it (its import loads CUDA libraries)."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    spec = importlib.util.find_spec("transformer_engine")
+    if spec is None:
+        return None
+    for name in ("transformer-engine", "transformer_engine", "transformer-engine-cu12", "transformer-engine-cu13"):
+        try:
+            return version(name), os.path.dirname(spec.origin or "") or str(spec.submodule_search_locations)
+        except PackageNotFoundError:
+            continue
+    return "unknown", str(spec.origin)
+
+
+def _in_range(found: str, bounds: tuple[str, str]) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        # a local or dev build (2.10.0+abc123, 2.11.0.dev0) counts as its release
+        release = Version(Version(found).base_version)
+    except InvalidVersion:
+        return False
+    return Version(bounds[0]) <= release < Version(bounds[1])
 
 

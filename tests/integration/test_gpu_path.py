@@ -135,6 +135,29 @@ def test_untested_library_versions_stop_with_the_tested_ones_named(monkeypatch):
     distributed.check_versions()
 
 
+def test_a_shadowing_import_and_a_transformer_engine_out_of_range_are_refused(monkeypatch):
+    """The installed metadata can say 0.16.1 while Python imports another megatron.core (an NGC
+    image's source checkout on PYTHONPATH); transformer-engine must sit in the range megatron-core
+    declares (2.7, in the NeMo 25.09 image the Dockerfile once used, does not)."""
+    import megatron.core
+
+    monkeypatch.delenv("PIPELINES_ALLOW_UNTESTED_VERSIONS", raising=False)
+    imported = distributed.check_versions()
+    assert imported["megatron-core"] == ("0.16.1", str(Path(megatron.core.__file__).parent))
+    monkeypatch.setattr(megatron.core, "__version__", "0.14.0")
+    with pytest.raises(UserError, match=r"megatron-core 0\.16\.1 is installed but 0\.14\.0 is imported from"):
+        distributed.check_versions()
+    monkeypatch.undo()
+    monkeypatch.delenv("PIPELINES_ALLOW_UNTESTED_VERSIONS", raising=False)
+    for found, refused in (("2.7.0", True), ("2.9.0", False), ("2.11.0+abc", False), ("2.12.0", True)):
+        monkeypatch.setattr(distributed, "transformer_engine_version", lambda: (found, "/opt/te"))
+        if refused:
+            with pytest.raises(UserError, match=rf"transformer-engine {re.escape(found)} at /opt/te"):
+                distributed.check_versions()
+        else:
+            assert distributed.check_versions()["transformer-engine"] == (found, "/opt/te")
+
+
 def _cache(folder):
     from pipelines.data.logits_cache import LogitsCache
 
