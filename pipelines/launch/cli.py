@@ -22,7 +22,6 @@ KNOWN_NOISE = (
     r".*Transformer Engine and Apex are not installed.*",
     r".*Apex is not installed.*",
     r".*full scope is deprecated.*",
-    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
     r".*deprecating ShardedTensor.*",
     r".*`load_state_dict` is deprecated.*",
     r".*all_gather_into_tensor.*is deprecated.*",
@@ -52,6 +51,9 @@ def run_cli(function: Callable[[Any], Any], cfg: Any) -> Any:
 
 def run_stage(name: str, cfg) -> Any:
     """A stage script's body: run the stage ``name`` (:func:`pipelines.stages.run_all`) on ``cfg``;
-    SLURM's USR1 makes it exit 75 for requeue (:func:`pipelines.training.preemption.install_default`)."""
+    SLURM's USR1 makes it exit 75 for requeue (:func:`pipelines.training.preemption.install_default`).
+    ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (unless set) before CUDA starts, as Megatron-LM requires for
+    tensor parallelism on Hopper."""
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     preemption.install_default()
     return run_cli(lambda c: stages.run_all(name, c), cfg)

@@ -87,7 +87,11 @@ def _parallel(cfg, stage: str) -> list[str]:
 
 
 def python_executable(cfg) -> str:
-    return str(cfg.cluster.get("python") or sys.executable)
+    """``cluster.python``; unset, the image's ``python`` in a container (the submitting host's
+    interpreter is not there), else the interpreter that submits."""
+    if cfg.cluster.get("python"):
+        return str(cfg.cluster.python)
+    return "python" if cfg.cluster.get("container_image") else sys.executable
 
 
 def stage_processes(stage: str, cfg) -> tuple[int, int]:

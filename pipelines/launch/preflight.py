@@ -55,6 +55,9 @@ def check(cfg, stages: list[str], source: dict | None = None, student: dict | No
         value = cluster.get(key)   # written into #SBATCH lines: a name, not shell
         require(value is None or SLURM_NAME.fullmatch(str(value)) is not None, f"cluster.{key}={value!r}: "
                 "letters, digits and '.', '_', '-', ',' or ':' only (it goes into the batch script)", f"cluster.{key}")
+    if str(cluster.kind) == "slurm" and cluster.get("mem") is not None:
+        require(re.fullmatch(r"\d+[KMGT]?", str(cluster.mem)) is not None, f"cluster.mem={cluster.mem!r}: "
+                "a size as sbatch --mem takes it, e.g. 0 (all of the node's memory), 256G or 512000M", "cluster.mem")
     if cluster.get("gpus_per_node") is not None:   # first: tasks_per_node follows it
         positive_whole(cluster.gpus_per_node, "cluster.gpus_per_node", inclusive=True)
     for key in ("processes", "nodes", "tasks_per_node", "cpus_per_task") if str(cluster.kind) == "slurm" \

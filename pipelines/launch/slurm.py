@@ -40,6 +40,8 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
              f"#SBATCH --signal=B:USR1@{int(c.signal_seconds)}", "#SBATCH --requeue"]
     if int(c.gpus_per_node) > 0:
         lines.append(f"#SBATCH --gpus-per-node={min(int(c.gpus_per_node), tasks)}")
+    if c.get("mem") is not None:
+        lines.append(f"#SBATCH --mem={c.mem}")
     for key in ("partition", "account", "qos"):
         if c.get(key):
             lines.append(f"#SBATCH --{key}={c[key]}")
@@ -48,12 +50,13 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
               "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false",
               f"export PD_REQUEUE_MARKER={shlex.quote(str(log_dir))}/.requeue-$SLURM_JOB_ID",
               "rm -f \"$PD_REQUEUE_MARKER\""]
+    # Megatron-LM refuses TP>1 on Hopper without it: one hardware queue keeps each layer's
+    # tensor-parallel collectives in issue order ahead of the next GEMM
+    lines.append("export CUDA_DEVICE_MAX_CONNECTIONS=1")
+    # this checkout's code, whatever the environment (or the image) has installed as pipelines
+    lines.append(f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}")
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in (c.env or {}).items()]
-    container = []
-    if c.get("container_image"):
-        container.append(f"--container-image={c.container_image}")
-        if c.get("container_mounts"):
-            container.append(f"--container-mounts={c.container_mounts}")
+    container = container_flags(cfg)
     lines += ["",
               FREE_PORT,
               "# USR1 before the time limit: ask the running step to checkpoint and exit (status 75)",
@@ -78,11 +81,28 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
               "}",
               f"echo \"[slurm] {stage}: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST\""]
     for (name, one, extra), (step_nodes, step_tasks) in zip(steps, sizes):
+        # SLURM >= 22.05 does not pass sbatch's --cpus-per-task on to srun: without it every rank of
+        # a step may share one core with its batch prefetch thread
         srun = ["srun", "--kill-on-bad-exit=1", f"--ntasks-per-node={step_tasks}", f"--nodes={step_nodes}",
-                *container]
+                f"--cpus-per-task={int(c.cpus_per_task)}", *container]
         for arguments in invocations(name, one, extra):
             lines.append("step " + shlex.join([*srun, python_executable(cfg), *arguments]))
     return "\n".join(lines) + "\n"
+
+
+def container_flags(cfg) -> list[str]:
+    """pyxis's ``srun`` flags with ``cluster.container_image``: the image, the repository mounted at
+    its own path (the batch script's paths, the run and data folders under it, mean the same inside)
+    with ``cluster.container_mounts`` beside it, the repository as the working folder, and one named
+    container that every step of the job reuses instead of unpacking the image again."""
+    c = cfg.cluster
+    if not c.get("container_image"):
+        return []
+    mounts = [m for m in str(c.get("container_mounts") or "").split(",") if m]
+    if not any(m.split(":")[0].rstrip("/") == str(REPO) for m in mounts):
+        mounts.insert(0, f"{REPO}:{REPO}")
+    return [f"--container-image={c.container_image}", f"--container-mounts={','.join(mounts)}",
+            f"--container-workdir={REPO}", f"--container-name={c.job_prefix}-{cfg.run.name}"]
 
 
 def submit(stages: list[str], cfg, overrides: list[str], dry_run: bool = False) -> list[str]:
