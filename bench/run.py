@@ -79,6 +79,9 @@ BENCHMARKS = (
               "parameters against the teacher (no goal: which way it falls)"),
     Benchmark("memory_plan", "memory_plan", goal="plan_max_rel_error <= 0.15 and worst_8b_stage_gb < 80",
               says="the memory plan within 15% of measured peaks; every 8B stage below 80 GB"),
+    Benchmark("time_plan", "time_plan", goal="distill_mfu >= 0.50",
+              says="the shipped 8B distill layout predicted at MFU 0.50 or more on H100 (memory margin 10%: "
+              "starred in its table)"),
     Benchmark("fault_injection", "fault_injection",
               goal="kills >= 20 and identical == True and replace_kills >= 5 and concurrent == 'refused'",
               says="at least 20 kills and 5 inside a replace, every artifact identical; a second run refused"),

@@ -25,7 +25,7 @@ from pathlib import Path
 from pipelines.core.artifacts import replaced_folders
 from pipelines.core.errors import UserError, require
 from pipelines.core.experiment import require_this_checkout
-from pipelines.launch import memory_plan, preflight
+from pipelines.launch import memory_plan, preflight, time_plan
 from pipelines.launch.cli import quiet_known_noise
 from pipelines.launch.local import run_local
 from pipelines.launch.plan import parse, pipeline_stages
@@ -89,6 +89,12 @@ def main(argv: list[str]) -> None:
             for estimate in estimates:
                 print(f"[memory]   {estimate.line()}", flush=True)
         memory_plan.check(cfg, estimates)
+        timed = time_plan.plan(cfg, names, {**checked, "students": [s["student"] for s in students]})
+        if timed:
+            print(f"[time] predicted on {time_plan.cluster_gpu(cfg).name} (cluster.gpu={cfg.cluster.gpu}; "
+                  "pipelines/launch/time_plan.py):", flush=True)
+            for line in time_plan.job_lines(timed):
+                print(f"[time]   {line}", flush=True)
     if str(cfg.cluster.kind) == "slurm":
         submit(stages, cfg, overrides, dry_run)
         return

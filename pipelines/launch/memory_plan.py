@@ -8,7 +8,8 @@ The model counts, per GPU (bytes):
 
 - **weights** of the worst pipeline stage (layers / pp, split over tp; the embedding and output
   rows / tp on the first and last stage);
-- **gradients**: megatron DDP's float32 gradient buffer (``grad_reduce_in_fp32``), 4 B/param;
+- **gradients**: megatron DDP's gradient buffer, float32 (4 B/param) or, with
+  ``grad_reduce_dtype=bfloat16``, bf16 (2 B/param);
 - **optimizer**: Adam moments (8 B/param) and, for bf16 parameters, float32 master weights (4 B),
   divided over data-parallel ranks by the distributed optimizer;
 - **activations** kept for the backward pass, per layer and token (elements, ``a`` bytes each;
@@ -128,7 +129,7 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
              data: int, element_bytes: int, distributed_optimizer: bool, recompute: str = "none",
              fused: bool = True, sequence_parallel: bool = False, chunk_tokens: int = 4096,
              teacher: dict | None = None, cache_k: int = 0, gpu: bool = True, stage: str = "distill",
-             temperature: float = 1.0) -> Estimate:
+             temperature: float = 1.0, gradient_bytes: int = 4) -> Estimate:
     """Peak bytes per GPU of a training step (distill, correct); ``recompute`` is one of :data:`RECOMPUTE`."""
     estimate = Estimate(stage, {"tensor": tensor, "pipeline": pipeline, "data": data})
     parts = estimate.parts
@@ -136,7 +137,7 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
     tokens = sequence * micro_batch
     vocab = model_lib.padded_vocab_size(arch) // tensor
     parts["weights"] = params * element_bytes
-    parts["gradients"] = params * 4
+    parts["gradients"] = params * gradient_bytes
     optimizer = params * (8 + (4 if element_bytes < 4 else 0))
     parts["optimizer"] = optimizer / (data if distributed_optimizer else 1)
     layers = arch["num_layers"] // pipeline
@@ -224,7 +225,8 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
                 recompute=str(section.recompute), fused=fused, sequence_parallel=tensor > 1,
                 chunk_tokens=int(section.chunk_tokens), teacher=teacher if online else None,
                 cache_k=int(cfg.logits.k) if stage == "distill" and str(section.teacher) == "cache" else 0,
-                stage=stage, temperature=float(section.get("temperature", 1.0))))
+                stage=stage, temperature=float(section.get("temperature", 1.0)),
+                gradient_bytes=2 if str(section.grad_reduce_dtype) == "bfloat16" else 4))
         elif stage == "logits":
             estimates.append(forward(teacher, sequence=int(cfg.logits.sequence_length),
                                      batch=int(cfg.logits.batch_size), tensor=tensor, element_bytes=2,
