@@ -12,7 +12,7 @@ SETUP_STAMP := .venv/.setup-done
 STAGE = $(PYTHON) scripts/stage.py
 OVERRIDES = experiment=$(EXP) cluster=$(CLUSTER) $(if $(FORCE),force=true) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
-.PHONY: help setup test test-integration test-e2e test-all test-slow demo demo-real pipeline prepare import correct prune logits distill quantize eval report sweep export bench bench-quick gpu-check clean-replaced
+.PHONY: help setup test test-integration test-e2e test-all test-slow demo demo-real pipeline prepare import correct prune logits distill quantize eval report sweep export bench bench-quick gpu-check cluster-check clean-replaced
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -97,6 +97,10 @@ export: setup  ## export each distilled student to Hugging Face format
 
 gpu-check:  ## on a GPU node, first: environment, the tiny pipeline on one GPU, an 8B-width slice vs the memory plan
 	$(PYTHON) scripts/gpu_check.py $(ARGS)
+
+cluster-check:  ## on a new cluster, first (CLUSTER=slurm): one job, TP=8/2/1 on one node against each other and the plans
+	$(STAGE) prepare experiment=demo cluster=local $(ARGS)
+	$(PYTHON) scripts/cluster_check.py cluster=$(CLUSTER) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
 clean-replaced: setup  ## remove the old results FORCE=1 kept aside (.<name>.replaced-*) in the run and data folders
 	$(STAGE) clean-replaced $(OVERRIDES)
