@@ -40,22 +40,12 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
              f"#SBATCH --signal=B:USR1@{int(c.signal_seconds)}", "#SBATCH --requeue"]
     if int(c.gpus_per_node) > 0:
         lines.append(f"#SBATCH --gpus-per-node={min(int(c.gpus_per_node), tasks)}")
-    if c.get("mem") is not None:
-        lines.append(f"#SBATCH --mem={c.mem}")
-    for key in ("partition", "account", "qos"):
-        if c.get(key):
-            lines.append(f"#SBATCH --{key}={c[key]}")
-    lines += [f"#SBATCH {flag}" for flag in c.extra_sbatch or []]
+    lines += cluster_directives(c)
     lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(REPO))}",
               "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false",
               f"export PD_REQUEUE_MARKER={shlex.quote(str(log_dir))}/.requeue-$SLURM_JOB_ID",
               "rm -f \"$PD_REQUEUE_MARKER\""]
-    # Megatron-LM refuses TP>1 on Hopper without it: one hardware queue keeps each layer's
-    # tensor-parallel collectives in issue order ahead of the next GEMM
-    lines.append("export CUDA_DEVICE_MAX_CONNECTIONS=1")
-    # this checkout's code, whatever the environment (or the image) has installed as pipelines
-    lines.append(f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}")
-    lines += [f"export {key}={shlex.quote(str(value))}" for key, value in (c.env or {}).items()]
+    lines += job_environment(c)
     container = container_flags(cfg)
     lines += ["",
               FREE_PORT,
@@ -88,6 +78,24 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
         for arguments in invocations(name, one, extra):
             lines.append("step " + shlex.join([*srun, python_executable(cfg), *arguments]))
     return "\n".join(lines) + "\n"
+
+
+def cluster_directives(c) -> list[str]:
+    """The ``#SBATCH`` lines every job takes from ``cluster``: host memory, partition, account,
+    QOS and the extra flags."""
+    lines = [f"#SBATCH --mem={c.mem}"] if c.get("mem") is not None else []
+    lines += [f"#SBATCH --{key}={c[key]}" for key in ("partition", "account", "qos") if c.get(key)]
+    return lines + [f"#SBATCH {flag}" for flag in c.extra_sbatch or []]
+
+
+def job_environment(c) -> list[str]:
+    """The exports every job's script makes, ``cluster.env`` last (it may override them)."""
+    return [# Megatron-LM refuses TP>1 on Hopper without it: one hardware queue keeps each layer's
+            # tensor-parallel collectives in issue order ahead of the next GEMM
+            "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+            # this checkout's code, whatever the environment (or the image) has installed as pipelines
+            f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+            *(f"export {key}={shlex.quote(str(value))}" for key, value in (c.env or {}).items())]
 
 
 def container_flags(cfg) -> list[str]:

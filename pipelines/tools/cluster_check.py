@@ -56,14 +56,15 @@ def _shape(name: str, cfg) -> dict:
     return model if name == "demo" else {**model, **SHAPE}
 
 
-def make_model(folder: Path, shape: dict) -> Path:
-    """A random Llama of ``shape``, imported (reused when already there)."""
+def make_model(folder: Path, shape: dict, name: str = "model") -> Path:
+    """A random bf16 Llama of ``shape`` in ``folder/<name>_hf``, imported as ``folder/<name>``
+    (reused when already there)."""
     from omegaconf import OmegaConf
 
     from pipelines.hf.random_hf import write_random_hf
     from pipelines.stages import import_
 
-    hf, checkpoint = folder / "model_hf", folder / "model"
+    hf, checkpoint = folder / f"{name}_hf", folder / name
     if not (checkpoint / "manifest.json").exists():
         if not (hf / "config.json").exists():
             write_random_hf(OmegaConf.create({"output": str(hf), "seed": 0, "dtype": "bfloat16", "model": shape}))
@@ -181,7 +182,7 @@ def compare(folder: Path, timed: bool) -> tuple[list[str], bool]:
 def batch_script(cfg, overrides: list[str], shape: str = "8b") -> str:
     """The one job: the model, the three layouts, the comparison (``cluster=slurm``)."""
     from pipelines.launch.plan import python_executable
-    from pipelines.launch.slurm import container_flags
+    from pipelines.launch.slurm import cluster_directives, container_flags, job_environment
 
     c = cfg.cluster
     tasks = int(c.gpus_per_node)
@@ -195,16 +196,9 @@ def batch_script(cfg, overrides: list[str], shape: str = "8b") -> str:
              f"#SBATCH --ntasks-per-node={tasks}", f"#SBATCH --gpus-per-node={tasks}",
              f"#SBATCH --cpus-per-task={int(c.cpus_per_task)}", "#SBATCH --time=00:30:00",
              f"#SBATCH --output={folder}/cluster-check-%j.out"]
-    if c.get("mem") is not None:
-        lines.append(f"#SBATCH --mem={c.mem}")
-    for key in ("partition", "account", "qos"):
-        if c.get(key):
-            lines.append(f"#SBATCH --{key}={c[key]}")
-    lines += [f"#SBATCH {flag}" for flag in c.extra_sbatch or []]
+    lines += cluster_directives(c)
     lines += ["", "set -euo pipefail", f"cd {shlex.quote(str(REPO))}",
-              "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false CUDA_DEVICE_MAX_CONNECTIONS=1",
-              f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]
-    lines += [f"export {key}={shlex.quote(str(value))}" for key, value in (c.env or {}).items()]
+              "export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false", *job_environment(c)]
     lines += ["export MASTER_PORT=$((20000 + RANDOM % 40000))"]
     container = container_flags(cfg)
     one = ["srun", "--ntasks=1", f"--cpus-per-task={int(c.cpus_per_task)}", *container, python, script]

@@ -32,12 +32,11 @@ from pathlib import Path
 from pipelines.backend import distributed, kernels
 from pipelines.core.errors import UserError
 from pipelines.core.experiment import REPO
-from pipelines.hf.random_hf import write_random_hf
 from pipelines.launch import memory_plan
 from pipelines.model import build as model_lib
 from pipelines.model.build import local_logits
 from pipelines.ops.kd_loss import teacher_sampled, teacher_topk
-from pipelines.stages import import_
+from pipelines.tools.cluster_check import make_model
 from pipelines.training.plan import Plan
 from pipelines.training.trainer import Trainer
 
@@ -92,19 +91,13 @@ def real_slice(folder: Path, data: Path) -> dict:
     """A few distill steps of a 2-layer slice at Llama-3.1-8B's width, sequence 8192."""
     import torch
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
 
     repo = REPO
     with initialize_config_dir(str(repo / "configs"), version_base="1.3"):
         base = compose("pipeline")
     model = slice_model(base.model)
-    hf, checkpoint = folder / "slice_hf", folder / "slice"
-    if not (checkpoint / "manifest.json").exists():
-        if not (hf / "config.json").exists():
-            write_random_hf(OmegaConf.create({"output": str(hf), "seed": 0, "dtype": "bfloat16", "model": model}))
-        import_.import_hf(OmegaConf.create({"source": str(hf), "output": str(checkpoint),
-                                            "make_vocab_size_divisible_by": 128}))
+    checkpoint = make_model(folder, model, "slice")
     overrides = [f"data.output={data}", f"distill.student={checkpoint}", "distill.teacher=none",
                  "distill.kd_weight=0", f"distill.output={folder / 'slice_out'}",
                  f"distill.sequence_length={SLICE_SEQUENCE}", "distill.micro_batch_size=1",
