@@ -99,7 +99,7 @@ gpu-check:  ## on a GPU node, first: environment, the tiny pipeline on one GPU, 
 	$(PYTHON) scripts/gpu_check.py $(ARGS)
 
 cluster-check:  ## on a new cluster, first (CLUSTER=slurm): one job, TP=8/2/1 on one node against each other and the plans
-	$(STAGE) prepare experiment=demo cluster=local $(ARGS)
+	$(if $(DRY_RUN),,$(STAGE) prepare experiment=demo cluster=local $(ARGS))
 	$(PYTHON) scripts/cluster_check.py cluster=$(CLUSTER) $(ARGS) $(if $(DRY_RUN),--dry-run)
 
 clean-replaced: setup  ## remove the old results FORCE=1 kept aside (.<name>.replaced-*) in the run and data folders

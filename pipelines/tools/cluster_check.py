@@ -234,12 +234,16 @@ def main(argv: list[str]) -> None:
         if "--dry-run" in options:
             print(script, end="")
             return
+        import shutil
         import subprocess
 
+        require(shutil.which("sbatch") is not None, "no sbatch on this machine: run make cluster-check "
+                "on the cluster's login node (DRY_RUN=1 prints the job here)", "CLUSTER")
         folder.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
         if done.returncode:
-            raise UserError(f"sbatch refused the cluster-check job: {done.stderr.strip()}", "cluster")
+            why = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit {done.returncode}"]
+            raise UserError(f"sbatch refused the cluster-check job: {why[-1].strip()}", "cluster")
         print(f"[cluster-check] job {done.stdout.strip()}; its table and verdict in {folder}/cluster-check-"
               f"{done.stdout.strip()}.out", flush=True)
     elif part == "model":

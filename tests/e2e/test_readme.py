@@ -33,6 +33,8 @@ HAND_COMMANDS = [  # in order: import, then export what was imported
 RUN_HERE = {
     "make pipeline EXP=llama31_8b_width_4b CLUSTER=slurm DRY_RUN=1",
     "make gpu-check PYTHON=python",
+    "make cluster-check CLUSTER=slurm",
+    "make cluster-check CLUSTER=slurm DRY_RUN=1",
     'make prune EXP=demo ARGS="prune.calib_samples=32"',
     'make distill EXP=demo ARGS="distill.train_steps=20 distill.kd_weight=0.5 distill.divergence=reverse_kl"',
     'make eval EXP=demo ARGS="eval.backend=lm_eval eval.model=teacher"',
@@ -49,6 +51,31 @@ def test_gpu_check_command_fails_clearly_without_a_gpu():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "error: no GPU on this machine" in result.stderr
+
+
+def test_cluster_check_commands(tmp_path):
+    """The dry run prints the one job (model, TP=8/2/1, compare) and writes nothing; the submission,
+    where sbatch is missing or the cluster has no 8-GPU node (here: CI's one-node SLURM), fails in
+    one line saying why. On a GPU cluster it submits, and the job is cancelled again."""
+    import os
+
+    env = {**os.environ, "PIPELINES_RUNS": str(tmp_path / "runs")}
+    dry = subprocess.run(["make", "-s", "cluster-check", "CLUSTER=slurm", "DRY_RUN=1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert dry.stdout.startswith("#!/bin/bash") and dry.stdout.count("\nsrun ") == 5
+    assert not (tmp_path / "runs").exists()
+    sent = subprocess.run(["make", "-s", "cluster-check", "CLUSTER=slurm"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
+    if sent.returncode == 0:   # a cluster with 8-GPU nodes took it: this test does not run it
+        job = sent.stdout.split("[cluster-check] job ")[1].split(";")[0]
+        subprocess.run(["scancel", job], check=True)
+        return
+    assert "Traceback" not in sent.stderr, sent.stderr[-3000:]
+    error = [line for line in sent.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and ("no sbatch on this machine" in error[0] or "sbatch refused" in error[0]), \
+        sent.stderr[-2000:]
+    assert "(fix: CLUSTER)" in error[0] or "(fix: cluster)" in error[0]
 
 
 def test_slurm_dry_run_command():
