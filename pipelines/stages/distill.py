@@ -38,10 +38,13 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from pipelines.backend import distributed
 from pipelines.model import checkpoint
 from pipelines.model.build import count_parameters
+from pipelines.quantization import qad
+from pipelines.quantization.qad import FakeQuantization
 from pipelines.stages.base import Resume, Stage
 from pipelines.stages.rules import training_rules
 from pipelines.training import preemption
@@ -62,7 +65,7 @@ def run(cfg, layout, output: Path, inputs: dict, section: str = "distill") -> di
     d = cfg[section]
     plan = _plan(cfg, section)
     preemption.install()
-    trainer = Trainer(plan, layout)
+    trainer = Trainer(plan, layout, FakeQuantization.from_config(cfg, plan, layout))
     if layout.is_main:
         trainer.checkpoints.folder.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
@@ -96,7 +99,8 @@ def run(cfg, layout, output: Path, inputs: dict, section: str = "distill") -> di
     fields = {"teacher": plan.teacher_kind, "steps": plan.steps,
               "tokens": plan.steps * plan.global_batch * plan.sequence_length,
               "final": {**{k: v for k, v in metrics.items() if k != "skipped"}, **final},
-              "train_seconds_this_run": seconds, "parameters": count_parameters(plan.arch)}
+              "train_seconds_this_run": seconds, "parameters": count_parameters(plan.arch),
+              "quantize": trainer.fake_quantization.fmt if trainer.fake_quantization else None}
     if layout.is_main:
         fields["content"] = checkpoint.content_digest(output)
         print(f"[{section}] {output}: {_format(final)}", flush=True)
@@ -146,7 +150,10 @@ def _write_final_model(trainer: Trainer, plan: Plan, output: Path, layout) -> No
         staging.mkdir(parents=True)
     torch.distributed.barrier()
     trainer.sync_parameters()
-    checkpoint.save_weights(trainer.model.module, staging)
+    model = trainer.model.module
+    if trainer.fake_quantization is not None:   # the trained function, without the quantizers
+        model = trainer.fake_quantization.plain_model(model, plan.arch, trainer.dtype)
+    checkpoint.save_weights(model, staging)
     torch.distributed.barrier()
     if layout.is_main:
         shutil.rmtree(output / "weights", ignore_errors=True)
@@ -176,6 +183,8 @@ def training_stage(section: str) -> Stage:
     def checks(cfg, arch, layout) -> None:
 
         training_rules(cfg, section, layout)
+        # before a SLURM submission the job's GPU is not here; the trainer checks the device it got
+        qad.check(cfg, section, torch.cuda.is_available() or OmegaConf.select(cfg, "cluster.kind") == "slurm")
 
     return Stage(name=section, output=lambda cfg: Path(str(cfg[section].output)),
                  inputs=lambda cfg: _plan(cfg, section).inputs,

@@ -88,7 +88,10 @@ class DeviceMetrics:
 
 
 class Trainer:
-    def __init__(self, plan: Plan, layout):
+    def __init__(self, plan: Plan, layout, fake_quantization=None):
+        """``fake_quantization``: an object whose ``apply(model)`` puts quantizers on the student
+        before its DDP and optimizer are built (``distill.quantize``,
+        :class:`pipelines.quantization.qad.FakeQuantization`), or None."""
         from megatron.core import parallel_state
         from megatron.core.distributed import (
             DistributedDataParallel,
@@ -103,6 +106,9 @@ class Trainer:
         self.dtype = training_dtype(str(d.dtype), layout)
         overrides = training_overrides(layout, str(d.recompute))
         model, self.arch = checkpoint.load_model(plan.student, layout, dtype=self.dtype, **overrides)
+        self.fake_quantization = fake_quantization
+        if fake_quantization is not None:
+            fake_quantization.apply(model)
         # megatron's own loop sets this: after the backward passes the schedule reduces gradients
         # over data-parallel ranks, all-reduces tied embedding gradients between the first and last
         # pipeline stages, and norm gradients under sequence parallelism.

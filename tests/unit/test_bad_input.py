@@ -35,6 +35,10 @@ BAD = [  # (override, the key the error must name)
     ("eval.batch_tokens=0", "eval.batch_tokens"),
     ("eval.backend=mystery", "eval.backend"),
     ("parallel.context=2", "parallel.context"),
+    ("distill.quantize=fp9", "distill.quantize"),
+    ("distill.quantize=nvfp4", "distill.quantize"),      # GPU only
+    ("distill.quantize=[fp8]", "distill.quantize"),      # one format, not a list
+    ("correct.quantize=fp8", "correct.quantize"),        # the teacher is not trained quantized
     # kinds: a fraction where a whole number is wanted (int() truncated it), words, infinities, zeros
     ("logits.k=64.9", "logits.k"),
     ("distill.train_steps=200.7", "distill.train_steps"),
