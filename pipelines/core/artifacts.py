@@ -26,11 +26,15 @@ MANIFEST = "manifest.json"
 REPLACED = ".replaced-"   # in the name of an old result kept aside: .<name>.replaced-<time>-<pid>
 
 
-def sha256_file(path: Path, chunk_bytes: int = 16 << 20) -> str:
+def sha256_file(path: Path, chunk_bytes: int = 16 << 20, sync: bool = False) -> str:
+    """The file's sha256; ``sync``: also make its contents durable (fsync), for files another
+    library wrote, hashed once they are complete."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
+        if sync:
+            os.fsync(handle.fileno())
     return digest.hexdigest()
 
 

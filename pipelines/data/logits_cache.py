@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.core.artifacts import read_manifest, sha256_file
+from pipelines.core.artifacts import fsync_folder, read_manifest, sha256_file
 from pipelines.core.errors import UserError, require
 
 
@@ -126,7 +126,8 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(folder: Path, index: int, samples: list[bytes], first: int | None = None) -> str:
-    """Write one shard atomically, then its checksum file (also atomic); return the sha256.
+    """Write one shard atomically, then its checksum file (also atomic), both fsynced with their
+    folder; return the sha256.
 
     ``first``: the index of the shard's first sample (recorded with the checksum)."""
     path = folder / shard_name(index)
@@ -142,8 +143,12 @@ def write_shard(folder: Path, index: int, samples: list[bytes], first: int | Non
     first = 0 if first is None else first
     sidecar = folder / f"shard-{index:05d}.sha256"
     temporary = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
-    temporary.write_text(f"{digest.hexdigest()} {first} {first + len(samples)}")
+    with open(temporary, "w") as handle:
+        handle.write(f"{digest.hexdigest()} {first} {first + len(samples)}")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, sidecar)
+    fsync_folder(folder)   # both renames durable: a shard is never listed without its checksum
     return digest.hexdigest()
 
 

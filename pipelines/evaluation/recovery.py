@@ -175,14 +175,16 @@ def quantization_lines(report: dict) -> list[str]:
             corpus = _fmt(None if None in (entry.get("corpus"), base.get("corpus")) else
                           entry["corpus"] - base["corpus"], "+.4f")
             group = f", groups of {q['group_size']}" if q.get("group_size") else ""
-            rows.append(f"| {name} | {q['quant_algo']}{group} | {q['bytes'] / 1e6:,.2f} MB | {delta} | {corpus} "
+            rows.append(f"| {name} | {q['quant_algo']}{group}, {q.get('method', 'PTQ')} | {q['bytes'] / 1e6:,.2f} MB | {delta} | {corpus} "
                         f"| {q['export_logit_drift']:.1e} |")
     if not rows:
         return []
     return ["", "## Quantized students (make quantize)", "",
             "Each is ModelOpt's unified Hugging Face export (vLLM, TensorRT-LLM and SGLang load it), scored "
             "fake-quantized from its own files. Weight bytes are the safetensors files; the last column is how "
-            "far the export read back is from the calibrated fake-quantized model (mean |Δ logit|).", "",
+            "far the export read back is from the calibrated fake-quantized model (mean |Δ logit|). PTQ: the "
+            "distilled student quantized after training; QAD: a student distilled fake-quantized in that "
+            "format (distill.quantize), then quantized the same way.", "",
             "| model | format | weights | Δ validation loss | Δ corpus task | export check |",
             "|---|---|---:|---:|---:|---:|", *rows]
 

@@ -13,7 +13,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from pipelines.core.errors import UserError
+from pipelines.core.errors import UserError, require
 from pipelines.core.experiment import REPO
 from pipelines.launch.plan import invocations, python_executable, stage_processes
 from pipelines.training.preemption import REQUEUE_EXIT
@@ -32,7 +32,7 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
     steps = steps or [(stage, cfg, overrides)]
     sizes = [stage_processes(name, one) for name, one, _ in steps]
     nodes, tasks = max(n for n, _ in sizes), max(t for _, t in sizes)
-    log_dir = Path(str(cfg.run.dir)).resolve() / "slurm"
+    log_dir = directive_path(Path(str(cfg.run.dir)).resolve() / "slurm")
     lines = ["#!/bin/bash", f"#SBATCH --job-name={c.job_prefix}-{cfg.run.name}-{stage.replace('@', '-r')}",
              f"#SBATCH --nodes={nodes}", f"#SBATCH --ntasks-per-node={tasks}",
              f"#SBATCH --cpus-per-task={int(c.cpus_per_task)}", f"#SBATCH --time={c.time}",
@@ -78,6 +78,15 @@ def sbatch_script(stage: str, cfg, overrides: list[str], steps: list[tuple] | No
         for arguments in invocations(name, one, extra):
             lines.append("step " + shlex.join([*srun, python_executable(cfg), *arguments]))
     return "\n".join(lines) + "\n"
+
+
+def directive_path(path: Path, key: str = "paths.runs") -> Path:
+    """``path`` for an ``#SBATCH`` line, which is not a shell line: no quoting reaches sbatch
+    intact everywhere, so a path with a space, a quote or a shell character is refused by name."""
+    bad = sorted({c for c in str(path) if c.isspace() or c in "\"'`$;&|<>*?"})
+    require(not bad, f"{path} holds {''.join(bad)!r}, which an #SBATCH line cannot carry: put the runs "
+            "folder at a path without them", key)
+    return path
 
 
 def cluster_directives(c) -> list[str]:

@@ -187,7 +187,8 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         made = read_json(folder.parent / "quantize_report.json", "eval.checkpoint")["formats"][folder.name]
         results["quantization"] = {"format": folder.name, "student": folder.parent.name[len("quantize_"):],
                                    **{k: made[k] for k in ("quant_algo", "weight_bits", "group_size", "bytes",
-                                                           "export_logit_drift")}}
+                                                           "export_logit_drift")},
+                                   "method": made.get("method", "PTQ")}
     if int(e.val_samples) > 0:
         valid = TokenWindows(Path(str(cfg.data.output)), "valid", int(e.sequence_length))
         batches = map(layout.place, valid.batches(int(e.batch_size), int(e.val_samples)))

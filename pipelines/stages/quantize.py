@@ -87,14 +87,17 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     print(f"[quantize] {folder.name}: {len(formats)} formats, calibrating on {sum(b.numel() for b in batches):,} "
           f"tokens of the training data", flush=True)
     report = {"source": str(folder.resolve()), "architecture": arch, "formats": {}}
+    trained = (read_manifest(folder) or {}).get("quantize")   # distill.quantize: trained fake-quantized
     for fmt in formats:
         out = staging / fmt
         found = quantize_export(hf, fmt, batches, check, out, DTYPES[str(q.export_dtype)], layout,
                                 group_size(q.group_size, arch) if FORMATS[fmt][2] == 4 else 128)
         copy_tokenizer(hf, out)   # the Hugging Face tokenizer files, beside the weights
         copy_tokenizer(folder / "tokenizer", out / "tokenizer")   # what eval's tokenizer checks read
+        found["method"] = "QAD" if trained == fmt else "PTQ" + (f" (trained QAD {trained})" if trained else "")
         report["formats"][fmt] = found
-        print(f"[quantize] {folder.name} {fmt} ({found['quant_algo']}): {found['bytes'] / 1e6:.2f} MB of weights, "
+        print(f"[quantize] {folder.name} {fmt} ({found['quant_algo']}, {found['method']}): "
+              f"{found['bytes'] / 1e6:.2f} MB of weights, "
               f"mean |logit change| {found['logit_error']:.4f}, export read back within "
               f"{found['export_logit_drift']:.2g} ({found['seconds']:.1f} s)", flush=True)
     report["unquantized_bytes"] = sum(p.stat().st_size for p in hf.glob("*.safetensors"))

@@ -182,13 +182,13 @@ def compare(folder: Path, timed: bool) -> tuple[list[str], bool]:
 def batch_script(cfg, overrides: list[str], shape: str = "8b") -> str:
     """The one job: the model, the three layouts, the comparison (``cluster=slurm``)."""
     from pipelines.launch.plan import python_executable
-    from pipelines.launch.slurm import cluster_directives, container_flags, job_environment
+    from pipelines.launch.slurm import cluster_directives, container_flags, directive_path, job_environment
 
     c = cfg.cluster
     tasks = int(c.gpus_per_node)
     require(tasks >= max(TENSOR_SIZES), f"cluster.gpus_per_node={tasks}: the check runs TP=8 on one node",
             "cluster.gpus_per_node")
-    folder = Path(str(cfg.paths.runs)).resolve() / "cluster_check"
+    folder = directive_path(Path(str(cfg.paths.runs)).resolve() / "cluster_check")
     python = python_executable(cfg)
     script = "scripts/cluster_check.py"
     common = [f"--shape={shape}", *overrides]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipelines.backend import kernels
-from pipelines.core.artifacts import replace_folder, sha256_file, write_json
+from pipelines.core.artifacts import fsync_folder, replace_folder, sha256_file, write_json
 from pipelines.core.errors import require
 
 CHECKSUMS = "checksums.json"  # a training checkpoint's files and their sha256
@@ -161,9 +161,13 @@ class TrainingCheckpoints:
         torch.distributed.barrier()
 
     def _checksums(self, folder: Path) -> dict:
-        """sha256 of every file of a training checkpoint, the files split over the ranks."""
+        """sha256 of every file of a training checkpoint, the files split over the ranks; each
+        rank also makes its files and their folders durable (megatron's writers do not fsync), so
+        ``latest`` never points at a checkpoint a power loss could tear."""
         names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-        mine = {name: sha256_file(folder / name) for name in names[self.layout.rank::self.layout.world_size]}
+        mine = {name: sha256_file(folder / name, sync=True) for name in names[self.layout.rank::self.layout.world_size]}
+        for parent in sorted({(folder / name).parent for name in mine}):
+            fsync_folder(parent)
         every: list = [None] * self.layout.world_size
         torch.distributed.all_gather_object(every, mine)
         return {name: digest for part in every for name, digest in part.items()}

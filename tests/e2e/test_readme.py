@@ -26,6 +26,8 @@ def test_every_readme_command_is_run_somewhere():
         assert covered, f"README command not run by .ci/run or this test: {command}"
 
 
+QAD_COMMAND = ('make distill EXP=demo ARGS="distill.quantize=fp8 distill.output=runs/demo/distill_depth_qad '
+               'run.students=[depth]"')
 HAND_COMMANDS = [  # in order: import, then export what was imported
     ".venv/bin/python scripts/import.py import.source=runs/demo/export_depth import.output=/tmp/reimported",
     ".venv/bin/python scripts/export.py export.source=/tmp/reimported export.output=/tmp/exported",
@@ -39,6 +41,7 @@ RUN_HERE = {
     'make distill EXP=demo ARGS="distill.train_steps=20 distill.kd_weight=0.5 distill.divergence=reverse_kl"',
     'make eval EXP=demo ARGS="eval.backend=lm_eval eval.model=teacher"',
     'make prune EXP=demo ARGS="prune=search prune.target_params=0.7 run.students=[search]"',
+    QAD_COMMAND,
     *HAND_COMMANDS,
 }
 
@@ -115,6 +118,11 @@ def test_commands_on_the_demo_run(tmp_path, demo_run):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     searched = json.loads((tmp_path / "runs" / "demo" / "prune_search" / "manifest.json").read_text())
     assert searched["parameters"] <= searched["report"]["target_params"] < searched["report"]["params_before"]
+    result = subprocess.run(["bash", "-c", QAD_COMMAND.replace("runs/demo", f"{tmp_path}/runs/demo")], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    qad = json.loads((tmp_path / "runs" / "demo" / "distill_depth_qad" / "manifest.json").read_text())
+    assert qad["quantize"] == "fp8" and (tmp_path / "runs" / "demo" / "distill_depth_qad" / "weights").is_dir()
     for command in HAND_COMMANDS:
         command = command.replace("/tmp/", f"{tmp_path}/")
         result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -275,3 +275,19 @@ def test_an_override_with_bad_syntax_is_one_line():
     result = run_script("scripts/stage.py", "distill", "experiment=demo", "distill.lr=[1,")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and "(fix: ARGS)" in result.stderr
+
+
+@pytest.mark.parametrize("runs", ["with space", 'quote"d'])
+def test_a_runs_folder_an_sbatch_line_cannot_carry_is_refused_by_name(tmp_path, runs):
+    """``#SBATCH --output=<runs>/...`` is not a shell line: no quoting reaches sbatch intact everywhere."""
+    folder = tmp_path / runs
+    result = run_script("scripts/stage.py", "prepare", "experiment=demo", "cluster=slurm", f"paths.runs='{folder}'",
+                        "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "an #SBATCH line cannot carry" in result.stderr and "(fix: paths.runs)" in result.stderr
+    assert not folder.exists()
+    cfg = compose("pipeline", ["experiment=demo", "cluster=slurm", f"paths.runs='{folder}'"])
+    from pipelines.tools import cluster_check
+
+    with pytest.raises(UserError, match=r"\(fix: paths.runs\)"):
+        cluster_check.batch_script(cfg, [])

@@ -90,3 +90,21 @@ def test_the_report_lists_the_search_candidates(tmp_path):
     assert "## Search: search (at most 229,779 parameters, val_loss)" in text
     assert "| 3 | 64 | 104 | 4 | 226,000 | 4.0528 | chosen |" in text
     assert "| 4 | 52 | 128 | 4 | 225,000 | 4.1953 |  |" in text
+
+
+def test_quantized_rows_say_ptq_or_qad_and_what_each_cost():
+    from pipelines.evaluation.recovery import quantization_lines
+
+    made = {"quant_algo": "FP8", "group_size": None, "bytes": 2_000_000, "export_logit_drift": 0.01}
+    report = {"students": ["depth", "depth_qad"],
+              "distilled_depth": {"val_loss": 3.0, "corpus": 0.5},
+              "distilled_depth_qad": {"val_loss": 3.1, "corpus": 0.5},
+              "quantized_fp8_depth": {"val_loss": 3.2, "corpus": 0.45,
+                                      "quantized": {**made, "student": "depth", "method": "PTQ"}},
+              "quantized_fp8_depth_qad": {"val_loss": 3.15, "corpus": 0.5,
+                                          "quantized": {**made, "student": "depth_qad", "method": "QAD"}}}
+    rows = [line for line in quantization_lines(report) if line.startswith("| quantized_")]
+    assert rows == ["| quantized_fp8_depth | FP8, PTQ | 2.00 MB | +0.2000 | -0.0500 | 1.0e-02 |",
+                    "| quantized_fp8_depth_qad | FP8, QAD | 2.00 MB | +0.0500 | +0.0000 | 1.0e-02 |"]
+    del report["quantized_fp8_depth"]["quantized"]["method"]   # a report made before QAD existed: PTQ
+    assert "FP8, PTQ" in quantization_lines(report)[-2]
