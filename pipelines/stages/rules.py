@@ -18,6 +18,7 @@ from pipelines.data.logits_cache import Layout
 from pipelines.model import build as model_lib
 from pipelines.ops.kd_loss import DIVERGENCES
 from pipelines.pruning.search import check, within_budget
+from pipelines.training import intermediate
 
 # the options of the enumerated keys (each module that acts on one imports it from here)
 DTYPES = ("auto", "float32", "bfloat16")            # distill.dtype / correct.dtype
@@ -258,6 +259,7 @@ def training_rules(cfg, section: str, layout: dict | None) -> None:
     data-parallel size it runs with."""
     d = cfg[section]
     training_ranges(d, section)
+    intermediate.check_config(d, section, int(cfg.parallel.pipeline))
     require((str(d.teacher) == "none") == (float(d.kd_weight) == 0.0),
             f"{section}.teacher={d.teacher} with kd_weight={d.kd_weight}: a teacher needs kd_weight > 0 "
             f"and kd_weight 0 needs {section}.teacher=none", f"{section}.kd_weight / {section}.teacher")

@@ -16,6 +16,7 @@ from pipelines.core.errors import require
 from pipelines.data.corpus import TokenWindows, check_tokenized_for, tokenizer_hash
 from pipelines.data.logits_cache import LogitsCache
 from pipelines.model import checkpoint
+from pipelines.training import intermediate
 
 # Keys that do not change the trained weights: changing one never restarts or blocks a resume
 # (e.g. a smaller chunk_tokens after an out-of-memory error, a save_interval on requeue). The
@@ -23,6 +24,9 @@ from pipelines.model import checkpoint
 NOT_RESULT_KEYS = ("output", "cache", "log_interval", "verify_cache", "chunk_tokens", "save_interval",
                    "eval_interval", "eval_samples", "eval_topk", "keep_checkpoints", "keep_final_checkpoint",
                    "recompute")
+# Keys added after runs were stamped: at these values (off) they stay out of the stamp, so a run
+# finished or interrupted before they existed is still up to date, or resumes.
+LEFT_OUT_WHEN_OFF = {"quantize": None, "intermediate": []}
 
 
 
@@ -90,10 +94,14 @@ class Plan:
             ours, theirs = tokenizer_hash(self.student), tokenizer_hash(self.teacher_path)
             require(ours == theirs, f"teacher tokenizer ({self.teacher_path}/tokenizer) differs from the "
                     f"student's ({self.student}/tokenizer)", f"{self.section}.teacher_checkpoint")
+        self.intermediate = []
+        if d.get("intermediate"):   # checked as config by pipelines.stages.rules (teacher online, PP 1)
+            self.intermediate = intermediate.pairs(d, section, self.student, self.arch, self.teacher_arch)
         settings = OmegaConf.to_container(d, resolve=True)
         self.inputs = {"student": str(self.student.resolve()),
                        "student_written_at": read_manifest(self.student).get("written_at"),
                        "teacher": str(self.teacher_path.resolve()) if self.teacher_path else None,
                        "cache": self.cache.manifest.get("written_at") if self.cache else None,
                        "data_inputs": data_inputs,
-                       "settings": {k: v for k, v in settings.items() if k not in NOT_RESULT_KEYS}}
+                       "settings": {k: v for k, v in settings.items() if k not in NOT_RESULT_KEYS
+                                    and not (k in LEFT_OUT_WHEN_OFF and v == LEFT_OUT_WHEN_OFF[k])}}

@@ -19,6 +19,7 @@ from pipelines.core.errors import require
 from pipelines.model import checkpoint
 from pipelines.model.build import causal_mask, local_logits, padded_vocab_size, position_ids
 from pipelines.ops.kd_loss import distill_loss, teacher_topk
+from pipelines.training import intermediate
 from pipelines.training.batches import host_batch, make_batch, step_samples
 from pipelines.training.plan import Plan
 from pipelines.training.prefetch import StepBatches
@@ -141,6 +142,14 @@ class Trainer:
             self.teacher, _ = checkpoint.load_model(plan.teacher_path, layout, dtype=self.dtype,
                                                     **training_overrides(layout, trained=False))
             self.teacher.eval().requires_grad_(False)
+        # distill.intermediate: the chosen layers' outputs of both models, for the hidden-state terms
+        self.pairs = plan.intermediate
+        self.hidden = self.teacher_hidden = None
+        if self.pairs:
+            self.hidden = intermediate.HiddenStates(model, [p.student for p in self.pairs])
+            self.teacher_hidden = intermediate.HiddenStates(self.teacher, [p.teacher for p in self.pairs])
+        self.metric_names = ("loss", "kd", "ce", "hidden") if self.pairs else ("loss", "kd", "ce")
+        self.sequence_parallel = bool(model.config.sequence_parallel)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -176,9 +185,18 @@ class Trainer:
         rank = torch.distributed.get_rank(self.tp_group)
         return padded[..., rank * local:(rank + 1) * local]
 
-    def _loss(self, batch, teacher, kd_weight, output):
+    def _loss(self, batch, teacher, kd_weight, hidden, output):
         loss, kd, ce = self.loss(output, batch["labels"], teacher, kd_weight=kd_weight)
-        return loss, {"loss": loss.detach().clone(), "kd": kd, "ce": ce}
+        metrics = {"loss": None, "kd": kd, "ce": ce}
+        if self.pairs:
+            metrics["hidden"] = torch.zeros((), device=output.device)
+        if hidden is not None:
+            loss = loss + hidden
+            metrics["hidden"] = hidden.detach().clone()
+            if self.sequence_parallel:   # each rank's term covers its tokens: their sum is the term
+                torch.distributed.all_reduce(metrics["hidden"], group=self.tp_group)
+        metrics["loss"] = loss.detach().clone()
+        return loss, metrics
 
     def _forward_step(self, data_iterator, model, kd_weight=None):
         batch = next(data_iterator)
@@ -187,17 +205,23 @@ class Trainer:
         teacher = batch["teacher"]
         if teacher is None and self.teacher is not None:
             teacher = self._teacher_logits(tokens)
+        hidden = None
+        if self.pairs:   # both forwards ran: the hooks hold this micro-batch's states
+            student_states, teacher_states = self.hidden.take(), self.teacher_hidden.take()
+            if kd_weight is None:   # training; validation scores the logits (its teacher is cached top-k)
+                hidden = intermediate.hidden_loss(self.pairs, student_states, teacher_states,
+                                                  self.layout.tensor_parallel if self.sequence_parallel else 1)
         weight = self.plan.kd_weight if kd_weight is None else kd_weight
-        return output, partial(self._loss, batch, teacher, weight)
+        return output, partial(self._loss, batch, teacher, weight, hidden)
 
     def _reduce(self, losses: list[dict], count: int) -> "DeviceMetrics":
         """Mean of the micro-batch metrics over micro-batches and data-parallel ranks (all ranks),
         on the device: read on the host (one synchronisation) when the step's work is queued."""
-        names = ("loss", "kd", "ce")
+        names = self.metric_names
         if self.last_stage and losses:
             values = torch.stack([torch.stack([m[k] for k in names]) for m in losses]).double().sum(0) / count
         else:
-            values = torch.zeros(3, dtype=torch.float64, device=self.layout.device)
+            values = torch.zeros(len(names), dtype=torch.float64, device=self.layout.device)
         torch.distributed.all_reduce(values, group=self.dp_group)
         values /= self.layout.data_parallel
         torch.distributed.all_reduce(values, group=self.pp_group)

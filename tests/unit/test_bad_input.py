@@ -39,6 +39,9 @@ BAD = [  # (override, the key the error must name)
     ("distill.quantize=nvfp4", "distill.quantize"),      # GPU only
     ("distill.quantize=[fp8]", "distill.quantize"),      # one format, not a list
     ("correct.quantize=fp8", "correct.quantize"),        # the teacher is not trained quantized
+    # hidden-state losses: the online teacher only, and well-formed pairs
+    ("distill.intermediate=[{student:0,teacher:0}]", "distill.intermediate"),   # with the cache
+    ("distill.intermediate=cosine", "distill.intermediate"),
     # kinds: a fraction where a whole number is wanted (int() truncated it), words, infinities, zeros
     ("logits.k=64.9", "logits.k"),
     ("distill.train_steps=200.7", "distill.train_steps"),
@@ -291,3 +294,24 @@ def test_a_runs_folder_an_sbatch_line_cannot_carry_is_refused_by_name(tmp_path, 
 
     with pytest.raises(UserError, match=r"\(fix: paths.runs\)"):
         cluster_check.batch_script(cfg, [])
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{student:0,teacher:0,loss:l1}", "loss='l1'"),
+    ("{student:-1,teacher:0}", "must be a layer number"),
+    ("{student:0,teacher:0,weight:0}", "must be a number above 0"),
+    ("{student:0,teacher:0,scale:2}", "unknown keys ['scale']"),
+    ("{student:0.5,teacher:0}", "must be a layer number"),
+])
+def test_a_malformed_hidden_state_pair_is_refused_by_name(entry, message):
+    cfg = compose("pipeline", ["experiment=demo", "distill.teacher=online", f"distill.intermediate=[{entry}]"])
+    with pytest.raises(UserError, match=r"\(fix: distill.intermediate\)") as error:
+        preflight.check(cfg, plan.pipeline_stages(cfg))
+    assert message in str(error.value)
+
+
+def test_hidden_state_pairs_need_one_pipeline_stage():
+    cfg = compose("pipeline", ["experiment=demo", "distill.teacher=online", "parallel.pipeline=2", "cluster.processes=2",
+                               "distill.intermediate=[{student:0,teacher:0}]"])
+    with pytest.raises(UserError, match=r"parallel.pipeline=1 \(fix: distill.intermediate\)"):
+        preflight.check(cfg, ["distill"])
