@@ -80,14 +80,16 @@ def main(argv: list[str]) -> int:
                 stage("quantize", [*common, f"quantize.source={work / source}", f"quantize.output={quantized}",
                                    f"quantize.formats=[{fmt}]"])
                 losses[f"{short}_{kind}"] = val_loss(common, quantized / fmt, work / f"eval_{short}_{kind}")
-            losses[f"qad_{short}_unquantized"] = val_loss(common, work / f"qad_{short}", work / f"eval_qad_{short}")
+            if not args.quick:   # the QAD student before its quantization, for the table
+                losses[f"qad_{short}_unquantized"] = val_loss(common, work / f"qad_{short}", work / f"eval_qad_{short}")
     print(f"\n{args.student} student of {run}, validation loss (nats), equal student tokens:")
     print(f"  unquantized, plain distillation           {losses['plain']:.4f}")
     for short, fmt in FORMATS.items():
         print(f"  {fmt:8s} PTQ of the plain student          {losses[f'{short}_ptq']:.4f} "
               f"({losses[f'{short}_ptq'] - losses['plain']:+.4f})")
         print(f"  {fmt:8s} QAD student, quantized            {losses[f'{short}_qad']:.4f} "
-              f"({losses[f'{short}_qad'] - losses['plain']:+.4f}); unquantized {losses[f'qad_{short}_unquantized']:.4f}")
+              f"({losses[f'{short}_qad'] - losses['plain']:+.4f})"
+              + (f"; unquantized {losses[f'qad_{short}_unquantized']:.4f}" if not args.quick else ""))
     print(" ".join(f"{short}_{kind}_delta={losses[f'{short}_{kind}'] - losses['plain']:.4f}"
                    for short in FORMATS for kind in ("ptq", "qad")))
     return 0
