@@ -26,8 +26,11 @@ def test_every_readme_command_is_run_somewhere():
         assert covered, f"README command not run by .ci/run or this test: {command}"
 
 
-QAD_COMMAND = ('make distill EXP=demo ARGS="distill.quantize=fp8 distill.output=runs/demo/distill_depth_qad '
-               'run.students=[depth]"')
+QAD_COMMAND = ('make distill EXP=demo ARGS="distill.quantize=fp8 distill.train_steps=20 '
+               'distill.output=runs/demo/distill_depth_qad run.students=[depth]"')
+HIDDEN_COMMAND = ('make distill EXP=demo ARGS="distill.teacher=online distill.train_steps=20 '
+                  'distill.intermediate=[{student:0,teacher:null},{student:1,teacher:null}] '
+                  'distill.output=runs/demo/distill_depth_hidden run.students=[depth]"')
 HAND_COMMANDS = [  # in order: import, then export what was imported
     ".venv/bin/python scripts/import.py import.source=runs/demo/export_depth import.output=/tmp/reimported",
     ".venv/bin/python scripts/export.py export.source=/tmp/reimported export.output=/tmp/exported",
@@ -42,6 +45,7 @@ RUN_HERE = {
     'make eval EXP=demo ARGS="eval.backend=lm_eval eval.model=teacher"',
     'make prune EXP=demo ARGS="prune=search prune.target_params=0.7 run.students=[search]"',
     QAD_COMMAND,
+    HIDDEN_COMMAND,
     *HAND_COMMANDS,
 }
 
@@ -118,11 +122,14 @@ def test_commands_on_the_demo_run(tmp_path, demo_run):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     searched = json.loads((tmp_path / "runs" / "demo" / "prune_search" / "manifest.json").read_text())
     assert searched["parameters"] <= searched["report"]["target_params"] < searched["report"]["params_before"]
-    result = subprocess.run(["bash", "-c", QAD_COMMAND.replace("runs/demo", f"{tmp_path}/runs/demo")], cwd=REPO,
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for command in (QAD_COMMAND, HIDDEN_COMMAND):   # docs/deploy.md's and docs/distillation.md's
+        result = subprocess.run(["bash", "-c", command.replace("runs/demo", f"{tmp_path}/runs/demo")], cwd=REPO,
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     qad = json.loads((tmp_path / "runs" / "demo" / "distill_depth_qad" / "manifest.json").read_text())
     assert qad["quantize"] == "fp8" and (tmp_path / "runs" / "demo" / "distill_depth_qad" / "weights").is_dir()
+    hidden = (tmp_path / "runs" / "demo" / "distill_depth_hidden" / "train" / "metrics.jsonl").read_text()
+    assert '"hidden"' in hidden
     for command in HAND_COMMANDS:
         command = command.replace("/tmp/", f"{tmp_path}/")
         result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300,
