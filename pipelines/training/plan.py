@@ -29,6 +29,13 @@ NOT_RESULT_KEYS = ("output", "cache", "log_interval", "verify_cache", "chunk_tok
 LEFT_OUT_WHEN_OFF = {"quantize": None, "intermediate": []}
 
 
+def result_settings(d) -> dict:
+    """The section's keys that change the trained weights, as its stamp records them."""
+    settings = OmegaConf.to_container(d, resolve=True)
+    return {k: v for k, v in settings.items() if k not in NOT_RESULT_KEYS
+            and not (k in LEFT_OUT_WHEN_OFF and v == LEFT_OUT_WHEN_OFF[k])}
+
+
 
 class Plan:
     """What a training stage reads, checked before any compute: paths, sizes, the teacher's
@@ -97,11 +104,9 @@ class Plan:
         self.intermediate = []
         if d.get("intermediate"):   # checked as config by pipelines.stages.rules (teacher online, PP 1)
             self.intermediate = intermediate.pairs(d, section, self.student, self.arch, self.teacher_arch)
-        settings = OmegaConf.to_container(d, resolve=True)
         self.inputs = {"student": str(self.student.resolve()),
                        "student_written_at": read_manifest(self.student).get("written_at"),
                        "teacher": str(self.teacher_path.resolve()) if self.teacher_path else None,
                        "cache": self.cache.manifest.get("written_at") if self.cache else None,
                        "data_inputs": data_inputs,
-                       "settings": {k: v for k, v in settings.items() if k not in NOT_RESULT_KEYS
-                                    and not (k in LEFT_OUT_WHEN_OFF and v == LEFT_OUT_WHEN_OFF[k])}}
+                       "settings": result_settings(d)}

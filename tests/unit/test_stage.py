@@ -91,3 +91,19 @@ def test_a_moved_run_replaces_its_own_older_result_of_a_hand_named_output(tmp_pa
     other = dataclasses.replace(stage, origin=lambda cfg: f"{cfg.run.dir}/distill_width")
     with pytest.raises(UserError, match="already holds a different toy result"):
         run(other, config(tmp_path / "moved", tmp_path / "data3"))
+
+
+def test_distill_keys_added_later_stay_out_of_the_stamp_while_off():
+    """distill.quantize and distill.intermediate came after runs were stamped: at their off values
+    a run stamped without them is still up to date; set, they are part of the stamp."""
+    from helpers import compose
+
+    from pipelines.training.plan import result_settings
+
+    d = compose("pipeline", ["experiment=demo"]).distill
+    assert "quantize" not in result_settings(d) and "intermediate" not in result_settings(d)
+    assert "train_steps" in result_settings(d) and "output" not in result_settings(d)
+    d = compose("pipeline", ["experiment=demo", "distill.quantize=fp8", "distill.teacher=online",
+                             "distill.intermediate=[{student:0,teacher:0}]"]).distill
+    assert result_settings(d)["quantize"] == "fp8"
+    assert result_settings(d)["intermediate"] == [{"student": 0, "teacher": 0}]
