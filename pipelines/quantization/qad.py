@@ -95,7 +95,7 @@ class FakeQuantization:
         missing = [k for k in missing if not k.endswith("_extra_state")]
         require(not missing and not unexpected, f"the quantization-aware student's weights do not fit its "
                 f"architecture: missing {missing[:4]}, unexpected {unexpected[:4]}", "distill.quantize")
-        return plain.to(layout.device)
+        return layout.place_module(plain)
 
     @staticmethod
     def fold(model) -> None:
