@@ -49,14 +49,16 @@ def check(cfg, section: str, on_gpu: bool) -> str | None:
 class FakeQuantization:
     """ModelOpt's fake quantization in ``fmt`` on a megatron-core student (see the module doc)."""
 
-    def __init__(self, fmt: str, arch, calibration: list[torch.Tensor], layout):
-        self.fmt, self.layout, self.calibration = fmt, layout, calibration
-        self.group = group_size("auto", arch, "distill.quantize") if FORMATS[fmt][2] == 4 and fmt != "nvfp4" else 128
+    def __init__(self, fmt: str, calibration: list[torch.Tensor], layout, group: int = 128):
+        """``group``: the INT4 block size (:func:`~pipelines.quantization.ptq.group_size`)."""
+        self.fmt, self.layout, self.calibration, self.group = fmt, layout, calibration, group
 
     @classmethod
     def from_config(cls, cfg, plan, layout) -> "FakeQuantization | None":
         """From ``distill.quantize`` (null: None), calibrating on ``quantize.calib_samples``
-        training sequences of the run's sequence length, ``quantize.batch_size`` at a time."""
+        training sequences of the run's sequence length, ``quantize.batch_size`` at a time, with
+        the quantize stage's INT4 blocks (``quantize.group_size``), so that the export later
+        quantizes as the student trained."""
         fmt = check(cfg, plan.section, layout.device.type == "cuda")
         if fmt is None:
             return None
@@ -65,7 +67,8 @@ class FakeQuantization:
                 f"{plan.sequence_length} tokens, fewer than quantize.calib_samples={samples}",
                 "quantize.calib_samples")
         batches = [b[:, :-1] for b in plan.windows.batches(batch, samples)]
-        return cls(fmt, plan.arch, batches, layout)
+        group = group_size(cfg.quantize.group_size, plan.arch) if FORMATS[fmt][2] == 4 else 128
+        return cls(fmt, batches, layout, group)
 
     def apply(self, model) -> None:
         """Insert and calibrate the quantizers (the model in place)."""

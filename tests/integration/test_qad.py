@@ -17,6 +17,7 @@ QAD = {"distill.kd_weight": 0.7, "quantize.calib_samples": 8, "quantize.batch_si
 def test_awq_calibration_then_plain_gives_back_the_model(cpu_runtime):
     """AWQ scales the weights by 1/s and the inputs by s; folding the scales back (fold) restores
     the function the model computed before it was quantized."""
+    from pipelines.quantization.ptq import group_size
     from pipelines.quantization.qad import FakeQuantization
 
     arch = model_lib.architecture({**compose("pipeline", ["experiment=demo"]).model})
@@ -24,7 +25,8 @@ def test_awq_calibration_then_plain_gives_back_the_model(cpu_runtime):
     model = model_lib.build(arch, model_lib.transformer_config(arch, torch.float32)).eval()
     tokens = torch.randint(0, arch["vocab_size"], (2, 32))
     before = model_lib.local_logits(model, tokens).detach()
-    fake = FakeQuantization("int4_awq", arch, [torch.randint(0, arch["vocab_size"], (4, 32))], cpu_runtime)
+    fake = FakeQuantization("int4_awq", [torch.randint(0, arch["vocab_size"], (4, 32))], cpu_runtime,
+                            group_size("auto", arch))
     fake.apply(model)
     quantized = model_lib.local_logits(model, tokens).detach()
     scales = [m.input_quantizer._pre_quant_scale for m in model.modules() if hasattr(m, "input_quantizer")
