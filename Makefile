@@ -44,7 +44,7 @@ test-all: setup  ## every tier, as CI runs them
 test-slow: setup  ## every tier with the slow tests too
 	$(PYTEST) tests -m "slow or not slow"
 
-demo: setup  ## the whole tiny pipeline on CPU: data, teacher pre-training, prune x2, logits, distill x2, eval, report, export
+demo: setup  ## the whole tiny pipeline on CPU: data, teacher pre-training, logits, prune x2, distill x2, eval, report, export
 	$(MAKE) --no-print-directory pipeline EXP=demo CLUSTER=local
 	$(PYTHON) -c "import transformers as t; [print(f'[demo] runs/demo/export_{s} loads in transformers:', sum(p.numel() for p in t.AutoModelForCausalLM.from_pretrained('runs/demo/export_' + s).parameters()), 'parameters') for s in ('depth', 'width')]"
 	@cat runs/demo/report.md
@@ -59,7 +59,7 @@ demo-real: setup  ## a real pretrained model on CPU: SmolLM2-135M (PyPI llm-smol
 	$(MAKE) --no-print-directory pipeline EXP=smollm2_135m CLUSTER=local
 	@cat runs/smollm2_135m/report.md
 
-pipeline: setup  ## every stage in order: prepare, import, correct (if enabled), prune, logits, distill, eval, report, export
+pipeline: setup  ## every stage in order: prepare, import, correct (if enabled), logits, prune, distill, eval, report, export
 	$(STAGE) pipeline $(OVERRIDES)
 
 prepare: setup  ## tokenize the experiment's corpus (data=...)

@@ -48,7 +48,71 @@ def corpus_statistics(corpus: dict | None) -> dict:
             "corpus_questions": corpus.get("questions")}
 
 
+def ranked_table(student: str, found: dict) -> list[str]:
+    """A search by deployment targets (:mod:`pipelines.stages.candidates`): every candidate's shape,
+    size, latency, memory and losses, the chosen one marked."""
+    targets, rows = found["targets"], found["candidates"]
+    wanted = [f"at most {targets['params']:,} parameters" if targets.get("params") else None,
+              f"decode in at most {targets['latency_ms']} ms" if targets.get("latency_ms") is not None else None,
+              f"at most {targets['memory_gb']} GB" if targets.get("memory_gb") is not None else None]
+    latency = found.get("latency")
+    steps = next((r["distill_tokens"] for r in rows if "distill_tokens" in r), None)
+    lines = ["", f"## Search: {student} ({', '.join(w for w in wanted if w)}; ranked by "
+             f"{'the loss after a short distillation' if found['ranked_by'] == 'val_loss_distilled' else 'the loss after pruning'})",
+             ""]
+    if latency:
+        lines.append(f"Latency: ms per decode step at batch {latency['settings']['batch']} after "
+                     f"{latency['settings']['context']} tokens on {latency['device']}, "
+                     + ("each shape timed whole." if latency["method"] == "whole" else
+                        f"modelled from per-layer timings (largest error on {len(latency['check'])} whole-model "
+                        f"timings: {100 * latency['max_error']:.1f}%)."))
+    memory = found.get("memory") or {}
+    lines.append(f"Memory: weights in {memory.get('format')} plus the KV cache at {memory.get('context')} tokens x "
+                 f"{memory.get('batch')}." + (f" Short distillation: {steps:,} tokens per candidate." if steps else ""))
+    lines += ["", "| layers | hidden | MLP | heads | parameters | latency ms | memory GB | loss after pruning | "
+              "loss after short KD | |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        shape = row["architecture"]
+        mark = "chosen" if row["chosen"] else ("best after pruning" if row.get("chosen_after_pruning") else "")
+        lines.append(f"| {shape['num_layers']} | {shape['hidden_size']} | {shape['ffn_hidden_size']} | "
+                     f"{shape['num_attention_heads']} | {row['params']:,} | {_fmt(row.get('latency_ms'), '.3f')} | "
+                     f"{row['memory_bytes'] / 1e9:.3f} | {row['val_loss_pruned']:.4f} | "
+                     f"{_fmt(row.get('val_loss_distilled'), '.4f')} | {mark} |")
+    return lines
+
+
+def search_plot(searches: dict, path) -> None:
+    """Loss against latency (or parameters, without a latency target) of every ranked search's candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(searches), figsize=(6 * len(searches), 4), squeeze=False)
+    for axis, (student, found) in zip(axes[0], searches.items()):
+        rows = found["candidates"]
+        timed = all(r.get("latency_ms") is not None for r in rows)
+        xs = [r["latency_ms"] if timed else r["params"] / 1e6 for r in rows]
+        axis.scatter(xs, [r["val_loss_pruned"] for r in rows], marker="x", label="after pruning")
+        if any("val_loss_distilled" in r for r in rows):
+            axis.scatter(xs, [r.get("val_loss_distilled") for r in rows], marker="o", label="after short KD")
+        for x, row in zip(xs, rows):
+            if row["chosen"]:
+                axis.annotate("chosen", (x, row.get("val_loss_distilled", row["val_loss_pruned"])))
+        if timed and found["targets"].get("latency_ms") is not None:
+            axis.axvline(float(found["targets"]["latency_ms"]), linestyle="--", color="grey", label="target")
+        axis.set_xlabel("ms per decode step" if timed else "parameters (M)")
+        axis.set_ylabel("held-out loss")
+        axis.set_title(f"search: {student}")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def search_table(student: str, found: dict) -> list[str]:
+    if found.get("ranked_by"):
+        return ranked_table(student, found)
     score = found["candidates"][0]["score"]   # val_loss | mmlu, the key of each row's value
     lines = ["", f"## Search: {student} (at most {found['target_params']:,} parameters, {score})", "",
              f"| layers | hidden | MLP | heads | parameters | {score} | |", "|---:|---:|---:|---:|---:|---:|---|"]

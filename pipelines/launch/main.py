@@ -3,7 +3,7 @@
 A stage (:class:`pipelines.stages.base.Stage`, by name) is one or more runs of ``scripts/<name>.py``:
 per-student stages (``prune``, ``distill``, ``export``) run once per ``run.students`` entry with
 ``prune=<student>``, and once per round of ``run.rounds`` (``prune@2``: round 2 only; ``pipeline``
-runs prune@1, logits, distill@1, prune@2, distill@2, ...; a bare ``prune`` runs the rounds whose
+runs logits, prune@1, distill@1, prune@2, distill@2, ...; a bare ``prune`` runs the rounds whose
 previous round is distilled and says which wait). Locally, stages that
 use the parallel runtime run under ``torchrun`` when ``cluster.processes`` > 1. On SLURM
 (``cluster=slurm``) each stage is one ``sbatch`` job whose steps ``srun`` one task per GPU (the

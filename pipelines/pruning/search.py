@@ -29,6 +29,7 @@ from pipelines.core.errors import UserError, require
 from pipelines.evaluation.scoring import choose, mmlu_requests
 from pipelines.model import build as model_lib
 from pipelines.model import checkpoint
+from pipelines.pruning.targets import MEMORY_FORMATS, memory_bytes
 
 SCORES = ("val_loss", "mmlu")                        # prune.search.score
 SEARCHABLE = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers")
@@ -40,10 +41,13 @@ def counted(arch: dict) -> int:
     return model_lib.count_parameters({**arch, "vocab_size": model_lib.padded_vocab_size(arch)})
 
 
-def budget(cfg, teacher: dict) -> int:
+def budget(cfg, teacher: dict) -> int | None:
     """``prune.target_params`` in parameters: a fraction (≤ 1) of the Hugging Face count of
     ``prune.budget_of`` (the run's teacher in later rounds of ``run.rounds``; by default the
-    pruned ``teacher`` itself) or a count; shapes are held to it as :func:`counted` counts them."""
+    pruned ``teacher`` itself) or a count; shapes are held to it as :func:`counted` counts them.
+    None when unset (a latency or memory target then bounds the search)."""
+    if cfg.prune.get("target_params") is None:
+        return None
     value = float(cfg.prune.target_params)
     require(value > 0, f"prune.target_params={value} must be above 0", "prune.target_params")
     total = model_lib.count_parameters(teacher)
@@ -108,23 +112,102 @@ def grid(teacher: dict, search) -> list[dict]:
 
 
 def within_budget(cfg, teacher: dict) -> list[dict]:
-    """The shapes of :func:`grid` within the budget, largest first; stops naming the key when none."""
+    """The shapes of :func:`grid` within the parameter budget and the memory target, largest
+    first; stops naming the key when none. (The latency target is timed by the prune stage.)"""
     check_settings(cfg)
     wanted = budget(cfg, teacher)
-    shapes = grid(teacher, cfg.prune.search)
-    fitting = sorted((s for s in shapes if counted(s) <= wanted), key=counted, reverse=True)
-    if not fitting:
-        smallest = min(counted(s) for s in shapes)
-        raise UserError(f"no shape within prune.search.max_width_pruning={cfg.prune.search.max_width_pruning} and "
-                        f"max_depth_pruning={cfg.prune.search.max_depth_pruning} has at most {wanted:,} parameters "
-                        f"(the smallest has {smallest:,}); raise the budget or those limits (or prune in rounds)",
-                        "prune.target_params")
-    return fitting
+    unpruned = {k: teacher[k] for k in SEARCHABLE}
+    shapes = [s for s in grid(teacher, cfg.prune.search)
+              if exportable_shape(s) and {k: s[k] for k in SEARCHABLE} != unpruned]
+    limits = f"prune.search.max_width_pruning={cfg.prune.search.max_width_pruning} and " \
+             f"max_depth_pruning={cfg.prune.search.max_depth_pruning}"
+    if wanted is not None:
+        fitting = [s for s in shapes if counted(s) <= wanted]
+        if not fitting:
+            smallest = min(counted(s) for s in shapes)
+            raise UserError(f"no shape within {limits} has at most {wanted:,} parameters (the smallest has "
+                            f"{smallest:,}); raise the budget or those limits (or prune in rounds)",
+                            "prune.target_params")
+        shapes = fitting
+    memory_gb = cfg.prune.get("target_memory_gb")
+    if memory_gb is not None:
+        sizes = {id(s): memory_bytes(s, cfg.prune.memory, int4_group(cfg, s)) / 1e9 for s in shapes}
+        fitting = [s for s in shapes if sizes[id(s)] <= float(memory_gb)]
+        require(fitting, f"no shape within {limits}{' and the parameter budget' if wanted else ''} fits "
+                f"{float(memory_gb)} GB in {cfg.prune.memory.format} with a {cfg.prune.memory.context}-token KV "
+                f"cache (the smallest needs {min(sizes.values()):.3f} GB); raise it or the search limits",
+                "prune.target_memory_gb")
+        shapes = fitting
+    return sorted(shapes, key=counted, reverse=True)
+
+
+def exportable_shape(shape: dict) -> bool:
+    """Whether a grid shape can be a student at all (transformers loads it)."""
+    return model_lib.exportable(shape)
+
+
+def int4_group(cfg, shape: dict) -> int | None:
+    """The INT4 block of ``shape`` as ``make quantize`` would pick it, for int4 memory targets."""
+    if str(cfg.prune.memory.format) != "int4":
+        return None
+    from pipelines.quantization.ptq import group_size
+
+    return group_size(cfg.quantize.group_size, shape)
+
+
+def ranked(cfg) -> bool:
+    """Whether ``prune=search`` picks among candidates as ordinary runs (a latency or memory target,
+    or ranking by a short distillation) rather than inside ModelOpt's params-only searcher."""
+    return cfg.prune.mode == "search" and (cfg.prune.get("target_latency") is not None
+                                           or cfg.prune.get("target_memory_gb") is not None
+                                           or int(cfg.prune.search.get("distill_steps") or 0) > 0)
+
+
+def check_ranked(cfg, teacher: dict, layout: dict | None) -> list[dict]:
+    """The rules of a :func:`ranked` search before compute; returns the shapes within the parameter
+    and memory limits (largest first)."""
+    shapes = within_budget(cfg, teacher)
+    prune, s = cfg.prune, cfg.prune.search
+    if prune.get("target_latency") is not None:
+        speed = cfg.eval.speed
+        require(str(speed.backend) == "transformers", f"prune.target_latency is timed through transformers, and "
+                f"eval.speed.backend={speed.backend} is refused here", "prune.target_latency")
+        if layout is not None:
+            require(int(layout["pipeline"]) == 1, "prune.target_latency times shapes on one device: run the "
+                    "prune stage with pipeline parallel size 1", "prune.target_latency")
+    else:   # without timing the candidates are known now
+        require(int(s.top_k) <= len(shapes), f"prune.search.top_k={s.top_k} is more than the {len(shapes)} "
+                "shapes within the targets", "prune.search.top_k")
+    if int(s.distill_steps) > 0:
+        d = cfg.distill
+        require(str(d.teacher) in ("cache", "online"), f"ranking by a short distillation needs a teacher: "
+                f"distill.teacher={d.teacher}", "prune.search.distill_steps")
+        require(str(s.score) == "val_loss", "ranking by a short distillation compares held-out losses: "
+                "prune.search.score must be val_loss", "prune.search.score")
+    return shapes
 
 
 def check_settings(cfg) -> None:
     """The ranges of ``prune.search``'s keys, and ``prune.target_params``'s sign."""
     search = cfg.prune.search
+    require(cfg.prune.get("target_params") is not None or ranked(cfg), "prune=search needs a target: "
+            "prune.target_params, prune.target_latency or prune.target_memory_gb", "prune.target_params")
+    for key in ("target_latency", "target_memory_gb"):
+        if cfg.prune.get(key) is not None:
+            require(float(cfg.prune[key]) > 0, f"prune.{key}={cfg.prune[key]} must be above 0", f"prune.{key}")
+    require(str(cfg.prune.memory.format) in MEMORY_FORMATS, f"prune.memory.format={cfg.prune.memory.format} "
+            f"is not one of {MEMORY_FORMATS}", "prune.memory.format")
+    for section, keys in (("memory", ("context", "batch")),
+                          ("latency", ("batch", "context", "decode_tokens", "repeats", "whole_limit", "check_shapes"))):
+        for key in keys:
+            value = cfg.prune[section][key]
+            require(isinstance(value, int) and value >= 1, f"prune.{section}.{key}={value} must be a whole number, "
+                    "at least 1", f"prune.{section}.{key}")
+    require(float(cfg.prune.latency.max_error) > 0, f"prune.latency.max_error={cfg.prune.latency.max_error} must be "
+            "above 0", "prune.latency.max_error")
+    steps = search.get("distill_steps") or 0
+    require(isinstance(steps, int) and steps >= 0, f"prune.search.distill_steps={steps} must be a whole number, "
+            "0 or more", "prune.search.distill_steps")
     require(str(search.score) in SCORES, f"unknown prune.search.score {search.score!r}; one of {SCORES}",
             "prune.search.score")
     require(int(search.top_k) >= 1, f"prune.search.top_k={search.top_k} must be at least 1", "prune.search.top_k")

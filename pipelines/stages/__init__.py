@@ -18,7 +18,7 @@ from pipelines.stages.base import Stage
 
 def registry() -> dict[str, Stage]:
     """Every stage, by name, in pipeline order."""
-    ordered = (prepare.STAGE, import_.STAGE, correct.STAGE, prune.STAGE, logits.STAGE, distill.STAGE,
+    ordered = (prepare.STAGE, import_.STAGE, correct.STAGE, logits.STAGE, prune.STAGE, distill.STAGE,
                quantize.STAGE, evaluation.STAGE, speed.STAGE, report.STAGE, export.STAGE)
     return {stage.name: stage for stage in ordered}
 

@@ -17,16 +17,32 @@ from pipelines.data.corpus import TokenWindows, check_tokenized_for
 from pipelines.model import build as model_lib
 from pipelines.model import checkpoint
 from pipelines.pruning.methods import depth_scores, drop_layers, search_prune, width_prune
-from pipelines.stages import rules
+from pipelines.pruning import search
+from pipelines.stages import candidates, distill, rules
 from pipelines.stages.base import Stage
 
 
 def prune_inputs(cfg) -> dict:
     source = Path(str(cfg.prune.source))
     checkpoint.read_architecture(source, "prune.source")
-    return {"source": read_manifest(source).get("written_at"), "source_path": str(source.resolve()),
-            "prune": config_hash(OmegaConf.to_container(cfg.prune)),
-            "data": str(cfg.data.output), "calib_samples": int(cfg.prune.calib_samples)}
+    found = {"source": read_manifest(source).get("written_at"), "source_path": str(source.resolve()),
+             "prune": config_hash(OmegaConf.to_container(cfg.prune)),
+             "data": str(cfg.data.output), "calib_samples": int(cfg.prune.calib_samples)}
+    if search.ranked(cfg) and int(cfg.prune.search.distill_steps) > 0:   # the ranking runs' settings and cache
+        settings = {k: v for k, v in OmegaConf.to_container(cfg.distill, resolve=True).items()
+                    if k not in ("student", "output", "cache")}
+        cache = read_manifest(Path(str(cfg.distill.cache))) if str(cfg.distill.teacher) == "cache" else None
+        found["ranking"] = {"distill": config_hash(settings), "cache": (cache or {}).get("written_at")}
+    return found
+
+
+def calibration_cache(cfg, inputs: dict) -> Path:
+    """The importance scores' folder: ``prune.scores_cache``, or one keyed by teacher and data beside the output."""
+    calibration = config_hash({"teacher": inputs["source"], "path": inputs["source_path"], "data": inputs["data"],
+                               "calib_samples": inputs["calib_samples"],
+                               "sequence_length": int(cfg.prune.sequence_length)})
+    output = Path(str(cfg.prune.output))
+    return Path(str(cfg.prune.scores_cache)) if cfg.prune.scores_cache else output.parent / f".minitron_scores-{calibration}"
 
 
 def checks(cfg, arch, layout) -> dict:
@@ -38,6 +54,8 @@ def checks(cfg, arch, layout) -> dict:
 
 def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     """Prune ``prune.source`` into ``staging``; returns the manifest's fields (with the report)."""
+    if search.ranked(cfg):   # candidates as ordinary runs (pipelines.stages.candidates)
+        return candidates.run(cfg, layout, staging, calibration_cache(cfg, inputs), STAGE, distill.STAGE)
     source, output = Path(str(cfg.prune.source)), Path(str(cfg.prune.output))
     arch, _ = checkpoint.read_architecture(source, "prune.source")
     sequence_length = int(cfg.prune.sequence_length)
@@ -74,11 +92,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         pruned, new_arch = drop_layers(model, arch, drop, layout)
         report["removed"] = {"layers": drop}
     else:
-        calibration = config_hash({"teacher": inputs["source"], "path": inputs["source_path"],
-                                   "data": inputs["data"], "calib_samples": inputs["calib_samples"],
-                                   "sequence_length": sequence_length})
-        cache = (Path(str(cfg.prune.scores_cache)) if cfg.prune.scores_cache
-                 else output.parent / f".minitron_scores-{calibration}")
+        cache = calibration_cache(cfg, inputs)
         if cfg.prune.mode == "search":
             pruned, new_arch, found = search_prune(cfg, model, arch, calib, valid, cache, layout, source / "tokenizer")
             report.update(found)

@@ -24,7 +24,7 @@ from pathlib import Path
 from pipelines.core.artifacts import write_json
 from pipelines.core.errors import require
 from pipelines.evaluation import deploy, sweep_results
-from pipelines.evaluation.recovery import corpus_statistics, markdown, mmlu_statistics, plot, summarize
+from pipelines.evaluation.recovery import corpus_statistics, markdown, mmlu_statistics, plot, search_plot, summarize
 from pipelines.stages.base import Stage
 
 
@@ -56,8 +56,9 @@ def searches(run_dir: Path) -> dict:
     for path in sorted(run_dir.glob("prune_*/prune_report.json")):
         pruned = json.loads(path.read_text())
         if pruned.get("candidates"):
-            found[path.parent.name[len("prune_"):]] = {"target_params": pruned["target_params"],
-                                                       "candidates": pruned["candidates"]}
+            found[path.parent.name[len("prune_"):]] = {
+                key: pruned[key] for key in ("target_params", "targets", "ranked_by", "candidates", "latency",
+                                             "memory") if key in pruned}
     return found
 
 
@@ -87,6 +88,10 @@ def run(cfg, layout=None, output: Path | None = None, inputs=None) -> dict:
             written.append(output / "report_speed.png")
     else:
         text = f"# Recovery report: {cfg.run.name}\n\nNo model of the run itself is evaluated (make eval).\n"
+    ranked = {student: found for student, found in report["searches"].items() if found.get("ranked_by")}
+    if ranked:
+        search_plot(ranked, output / "report_search.png")
+        written.append(output / "report_search.png")
     if points:
         report["sweep"] = sweep_results.compare(points)
         text += "\n".join(sweep_results.markdown(report["sweep"])) + "\n"

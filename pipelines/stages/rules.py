@@ -17,7 +17,7 @@ from pipelines.core.errors import require
 from pipelines.data.logits_cache import Layout
 from pipelines.model import build as model_lib
 from pipelines.ops.kd_loss import DIVERGENCES
-from pipelines.pruning.search import check, within_budget
+from pipelines.pruning.search import check, check_ranked, ranked, within_budget
 from pipelines.training import intermediate
 
 # the options of the enumerated keys (each module that acts on one imports it from here)
@@ -70,7 +70,7 @@ def student_architecture(cfg, teacher: dict) -> dict:
 
         student = within_budget(cfg, teacher)[0]
     else:
-        for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers"):
             value = prune.target.get(key)
             if value is not None:
                 require(0 < whole(value, f"prune.target.{key}") <= teacher[key], f"target {key}={value} must be between 1 and the "
@@ -245,9 +245,12 @@ def prune_rules(cfg, teacher: dict, layout: dict) -> dict:
                 f"divisible by num_query_groups={teacher['num_query_groups']}",
                 "prune.target.num_attention_heads")
         model_lib.check_exportable(student, "prune.target.hidden_size / prune.target.num_attention_heads")
+        require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not divisible by "
+                "the pipeline parallel size", "prune.target.num_layers")
     elif cfg.prune.mode == "search":
-
         check(layout)
+        if ranked(cfg):
+            check_ranked(cfg, teacher, layout)
     else:
         require(student["num_layers"] % int(layout["pipeline"]) == 0, "the student's layers are not "
                 "divisible by the pipeline parallel size", "prune.target_num_layers")

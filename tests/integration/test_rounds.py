@@ -47,10 +47,10 @@ def test_step_samples_start_at_the_offset():
 
 def test_the_pipeline_runs_each_round_after_the_one_before():
     cfg = compose("pipeline", [*SEARCH, TWO])
-    assert plan.pipeline_stages(cfg) == ["prepare", "import", "correct", "prune@1", "logits", "distill@1",
+    assert plan.pipeline_stages(cfg) == ["prepare", "import", "correct", "logits", "prune@1", "distill@1",
                                            "prune@2", "distill@2", "quantize", "eval", "speed",
                                            "report", "export"]
-    assert plan.pipeline_stages(compose("pipeline", SEARCH))[3:6] == ["prune", "logits", "distill"]
+    assert plan.pipeline_stages(compose("pipeline", SEARCH))[3:6] == ["logits", "prune", "distill"]
     scripts = plan.invocations("prune@2", cfg, ["experiment=demo", "prune=search"])
     assert len(scripts) == 1 and "run.student=search_r2" in scripts[0] and "prune=search" in scripts[0]
 

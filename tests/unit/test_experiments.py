@@ -60,7 +60,7 @@ def test_pipeline_dry_run_prints_chained_sbatch_scripts():
     result = run_script("scripts/stage.py", "pipeline", "experiment=llama31_8b_width_4b", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    stages = ["prepare", "import", "correct", "prune", "logits", "distill", "quantize", "eval", "speed", "report",
+    stages = ["prepare", "import", "correct", "logits", "prune", "distill", "quantize", "eval", "speed", "report",
               "export"]
     assert [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("# ----")] == stages
     assert out.count("--dependency=afterok:") == len(stages) - 1

@@ -11,6 +11,8 @@ from pipelines.evaluation.deploy import pareto
 from pipelines.evaluation.speed import kv_cache_bytes
 from pipelines.launch import plan, preflight
 from pipelines.quantization.load import load_fake_quantized, read_tensors
+from pipelines.hf.llama_map import read_config
+from pipelines.pruning.targets import weight_bytes
 from pipelines.quantization.ptq import check_formats, group_size, quantize_export
 
 HOST = distributed.Layout(0, 1, 0, 1, 1, 1, 1, torch.device("cpu"))
@@ -34,6 +36,12 @@ def test_export_read_back_matches_the_fake_quantized_model(tmp_path, fmt):
     assert tensors["model.norm.weight"].dtype == torch.bfloat16   # quantize.export_dtype
     model, algo = load_fake_quantized(tmp_path / fmt)
     assert algo == found["quant_algo"]
+    if fmt in ("fp8", "int4_awq"):   # prune.target_memory_gb counts exactly what the export stores
+        arch = read_config(hf)
+        group = group_size("auto", arch) if fmt == "int4_awq" else None
+        stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert weight_bytes(arch, fmt.removesuffix("_awq"), group) == stored_bytes
+        assert weight_bytes(arch, "bf16") == 2 * sum(t.numel() for t in read_tensors(hf).values())
     with torch.no_grad():
         assert torch.isfinite(model(check).logits).all()
 
