@@ -82,6 +82,11 @@ BENCHMARKS = (
     Benchmark("hidden_state_kd", "hidden_state_kd", ("--steps", "20"),
               says="cosine terms at a depth student's source layers against logits-only online KD and the cached "
               "default, 3 seeds of 20 steps (no goal: which way it falls)"),
+    Benchmark("latency_search", "latency_search",
+              goal="chosen_ms <= 1.05 * target_ms and "
+                   "chosen_val_loss <= min(after_prune_rank_val_loss, depth_val_loss, width_val_loss)",
+              says="the student searched under the depth student's decode latency meets it (5%) and, ranked by a "
+              "short distillation, is no worse than the after-pruning ranking or the hand-written students"),
     Benchmark("memory_plan", "memory_plan", goal="plan_max_rel_error <= 0.15 and worst_8b_stage_gb < 80",
               says="the memory plan within 15% of measured peaks; every 8B stage below 80 GB"),
     Benchmark("time_plan", "time_plan", goal="distill_mfu >= 0.50",

@@ -155,10 +155,32 @@ def int4_group(cfg, shape: dict) -> int | None:
     return group_size(cfg.quantize.group_size, shape)
 
 
+def latency_target(cfg) -> bool:
+    """Whether the search has a latency target (``prune.target_latency`` or ``prune.latency.reference``)."""
+    return cfg.prune.get("target_latency") is not None or bool(cfg.prune.latency.get("reference"))
+
+
+def reference_shape(cfg, teacher: dict) -> dict | None:
+    """``prune.latency.reference``: the source with those architecture keys changed, or None."""
+    changes = cfg.prune.latency.get("reference")
+    if not changes:
+        return None
+    from omegaconf import OmegaConf
+
+    changes = OmegaConf.to_container(changes) if not isinstance(changes, dict) else changes
+    require(isinstance(changes, dict) and set(changes) <= set(SEARCHABLE) and all(
+        isinstance(v, int) and 0 < v <= teacher[k] for k, v in changes.items()),
+        f"prune.latency.reference={changes} must change some of {SEARCHABLE} to whole numbers within the source's",
+        "prune.latency.reference")
+    require(cfg.prune.get("target_latency") is None, "prune.latency.reference and prune.target_latency both set: "
+            "the reference's timing is the target", "prune.latency.reference")
+    return {**teacher, **changes}
+
+
 def ranked(cfg) -> bool:
     """Whether ``prune=search`` picks among candidates as ordinary runs (a latency or memory target,
     or ranking by a short distillation) rather than inside ModelOpt's params-only searcher."""
-    return cfg.prune.mode == "search" and (cfg.prune.get("target_latency") is not None
+    return cfg.prune.mode == "search" and (latency_target(cfg)
                                            or cfg.prune.get("target_memory_gb") is not None
                                            or int(cfg.prune.search.get("distill_steps") or 0) > 0)
 
@@ -168,12 +190,13 @@ def check_ranked(cfg, teacher: dict, layout: dict | None) -> list[dict]:
     and memory limits (largest first)."""
     shapes = within_budget(cfg, teacher)
     prune, s = cfg.prune, cfg.prune.search
-    if prune.get("target_latency") is not None:
+    if latency_target(cfg):
+        reference_shape(cfg, teacher)
         speed = cfg.eval.speed
         require(str(speed.backend) == "transformers", f"prune.target_latency is timed through transformers, and "
                 f"eval.speed.backend={speed.backend} is refused here", "prune.target_latency")
         if layout is not None:
-            require(int(layout["pipeline"]) == 1, "prune.target_latency times shapes on one device: run the "
+            require(int(layout["pipeline"]) == 1, "a latency target times shapes on one device: run the "
                     "prune stage with pipeline parallel size 1", "prune.target_latency")
     else:   # without timing the candidates are known now
         require(int(s.top_k) <= len(shapes), f"prune.search.top_k={s.top_k} is more than the {len(shapes)} "

@@ -170,15 +170,17 @@ def shape_name(shape: dict) -> str:
     return "h{}_f{}_a{}_l{}".format(*width_key(shape), int(shape["num_layers"]))
 
 
-def latencies(shapes: list[dict], latency, layout, folder: Path, log=print) -> dict:
+def latencies(shapes: list[dict], latency, layout, folder: Path, log=print, reference: dict | None = None) -> dict:
     """``{"ms": {shape name: ms}, "method": whole | parts, "check": [...], "max_error": e}`` for
     ``shapes``, timed here (see the module), or read from ``folder/latency.json`` when it holds
-    the same shapes timed with the same settings on the same kind of device."""
+    the same shapes timed with the same settings on the same kind of device. With ``reference``
+    (a shape), ``reference_ms`` is its time: the median of three whole timings, before the grid's."""
     device = torch.cuda.get_device_name(layout.device) if layout.device.type == "cuda" else "cpu"
     settings = {k: latency[k] for k in ("batch", "context", "decode_tokens", "repeats", "whole_limit",
                                        "check_shapes")}
     key = config_hash({"device": device, "dtype": str(layout.compute_dtype), "settings": settings,
-                       "shapes": sorted(shape_name(s) for s in shapes)})
+                       "shapes": sorted(shape_name(s) for s in shapes),
+                       "reference": shape_name(reference) if reference else None})
     saved = folder / "latency.json"
     if saved.exists():
         found = read_json(saved, "prune.candidates")
@@ -187,6 +189,10 @@ def latencies(shapes: list[dict], latency, layout, folder: Path, log=print) -> d
             return found
     log(f"[prune] latency on {device}: decode at batch {latency.batch} after {latency.context} tokens, "
         f"{len(shapes)} shapes", flush=True)
+    reference_ms = None
+    if reference is not None:
+        reference_ms = statistics.median(time_shape(reference, latency, layout) for _ in range(3))
+        log(f"[prune] latency of the reference {shape_name(reference)}: {reference_ms:.3f} ms: the target", flush=True)
     if len(shapes) <= int(latency.whole_limit):
         timed = {}
         for number, shape in enumerate(shapes, 1):
@@ -205,7 +211,7 @@ def latencies(shapes: list[dict], latency, layout, folder: Path, log=print) -> d
                 f"({100 * check[-1]['error']:.1f}%)", flush=True)
         found = {"method": "parts", "ms": {shape_name(s): model(s) for s in shapes}, "check": check,
                  "max_error": max(c["error"] for c in check), "parts": model.parts}
-    found.update(key=key, device=device, settings=settings)
+    found.update(key=key, device=device, settings=settings, reference_ms=reference_ms)
     write_json(saved, found)
     return found
 

@@ -89,17 +89,19 @@ def run(cfg, layout, staging: Path, scores: Path, prune_stage, distill_stage) ->
     cache_ready(cfg)
     place = folder(cfg)
     prune, s = cfg.prune, cfg.prune.search
-    latency = None
-    if prune.get("target_latency") is not None:
-        latency = targets.latencies(shapes, prune.latency, layout, place)
+    latency, target_ms = None, prune.get("target_latency")
+    if search.latency_target(cfg):
+        reference = search.reference_shape(cfg, teacher)
+        latency = targets.latencies(shapes, prune.latency, layout, place, reference=reference)
         targets.check_part_model(latency, float(prune.latency.max_error))
-        meeting = [x for x in shapes if latency["ms"][targets.shape_name(x)] <= float(prune.target_latency)]
+        key = "prune.target_latency" if reference is None else "prune.latency.reference"
+        target_ms = float(target_ms) if reference is None else latency["reference_ms"]
+        meeting = [x for x in shapes if latency["ms"][targets.shape_name(x)] <= target_ms]
         fastest = min(latency["ms"].values())
-        require(meeting, f"no shape within the limits decodes in {float(prune.target_latency)} ms (the fastest: "
-                f"{fastest:.3f} ms on {latency['device']}); raise prune.target_latency or the search limits",
-                "prune.target_latency")
+        require(meeting, f"no shape within the limits decodes in {target_ms:.3f} ms (the fastest: {fastest:.3f} ms "
+                f"on {latency['device']}); raise {key} or the search limits", key)
         require(int(s.top_k) <= len(meeting), f"prune.search.top_k={s.top_k} is more than the {len(meeting)} shapes "
-                f"that meet prune.target_latency={prune.target_latency}", "prune.search.top_k")
+                f"that decode in {target_ms:.3f} ms ({key})", "prune.search.top_k")
         shapes = meeting
     chosen_shapes = shapes[:int(s.top_k)]
     steps = int(s.distill_steps)
@@ -143,7 +145,9 @@ def run(cfg, layout, staging: Path, scores: Path, prune_stage, distill_stage) ->
               "params_after": model_lib.count_parameters(arch), "val_loss_pruned": best["val_loss_pruned"],
               "removed": {k: teacher[k] - arch[k] for k in search.SEARCHABLE},
               "importance": {"scores_cache": str(scores)}, "ranked_by": by, "candidates": rows,
-              "targets": {"params": search.budget(cfg, teacher), "latency_ms": prune.get("target_latency"),
+              "targets": {"params": search.budget(cfg, teacher), "latency_ms": target_ms,
+                          "latency_reference": OmegaConf.to_container(prune.latency.reference)
+                          if prune.latency.get("reference") else None,
                           "memory_gb": prune.get("target_memory_gb")},
               "latency": None if latency is None else {k: latency[k] for k in ("method", "device", "settings",
                                                                                  "check", "max_error")},
