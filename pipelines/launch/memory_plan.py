@@ -203,6 +203,15 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     return estimate
 
 
+def ranking_candidate(cfg, source: dict, layout: dict) -> dict | None:
+    """The largest shape a search by targets may distill in the prune stage (``prune.search.distill_steps``), or None."""
+    from pipelines.pruning import search
+
+    if not (search.ranked(cfg) and int(cfg.prune.search.distill_steps) > 0):
+        return None
+    return search.check_ranked(cfg, source, layout)[0]
+
+
 def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
     """Estimates for the GPU stages of an experiment on its cluster (bf16, TE spec)."""
     fused = True  # the cluster image has TE (without it: torch's attention kernel)
@@ -237,6 +246,19 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
             estimates.append(forward(teacher, sequence=int(cfg.prune.sequence_length),
                                      batch=int(cfg.prune.batch_size), tensor=tensor, element_bytes=2,
                                      stage=stage, data=data))
+            ranking = ranking_candidate(cfg, checked.get("source") or teacher, layout)
+            if ranking is not None:   # each candidate's short distillation, in the prune stage's layout
+                section = cfg.distill
+                estimates.append(training(
+                    ranking, sequence=int(section.sequence_length), micro_batch=int(section.micro_batch_size),
+                    microbatches=int(section.global_batch_size) // int(section.micro_batch_size), tensor=tensor,
+                    pipeline=pipeline, data=1, element_bytes=2, distributed_optimizer=bool(section.distributed_optimizer),
+                    recompute=str(cfg.prune.search.get("distill_recompute") or section.recompute), fused=fused,
+                    sequence_parallel=tensor > 1, chunk_tokens=int(section.chunk_tokens),
+                    teacher=teacher if str(section.teacher) == "online" else None,
+                    cache_k=int(cfg.logits.k) if str(section.teacher) == "cache" else 0, stage="prune ranking",
+                    temperature=float(section.get("temperature", 1.0)),
+                    gradient_bytes=2 if str(section.grad_reduce_dtype) == "bfloat16" else 4))
         elif stage == "eval":
             tokens = int(cfg.eval.batch_tokens)
             length = min(int(cfg.eval.max_length), tokens)
@@ -256,6 +278,7 @@ def check(cfg, estimates: list[Estimate]) -> None:
                  "correct": "correct.micro_batch_size / correct.recompute / parallel.tensor",
                  "logits": "logits.batch_size / run.stage_parallel.logits",
                  "prune": "prune.batch_size / run.stage_parallel.prune",
+                 "prune ranking": "prune.search.distill_recompute / run.stage_parallel.prune (its pipeline size)",
                  "eval": "eval.batch_tokens / run.stage_parallel.eval"}
         raise UserError(f"{stage} is predicted to need {estimate.total / 1e9:.1f} GB per GPU, more than "
                         f"cluster.gpu_memory_gb={limit / 1e9:.0f} ({estimate.line().strip()})", fixes[stage])

@@ -20,9 +20,11 @@ from omegaconf import OmegaConf, open_dict
 from pipelines.core import experiment
 from pipelines.core.errors import UserError, require
 from pipelines.core.experiment import REPO
+from pipelines.launch import time_plan
 from pipelines.launch.plan import without_prune
 from pipelines.model import build as model_lib
 from pipelines.model import checkpoint
+from pipelines.pruning import search
 from pipelines.pruning.search import within_budget
 from pipelines.stages import get, registry
 from pipelines.stages.rules import TRAINING, layout_fits, lists, positive, positive_whole, student_architecture
@@ -116,7 +118,7 @@ def compose_pipeline(overrides: list[str], check_keys: bool = False):
         raise UserError(f"bad override: {first}", unknown.group(1) if unknown else "ARGS") from None
 
 
-OPEN_SECTIONS = ("run.stage_parallel", "cluster.env")   # free-form: any key may be set there
+OPEN_SECTIONS = ("run.stage_parallel", "cluster.env", "prune.latency.reference")   # free-form: any key may be set there
 
 
 def _keys(node, prefix: str = "") -> set[str]:
@@ -198,6 +200,10 @@ def check_students(cfg, names: list[str], overrides: list[str]) -> list[dict]:
                   "search chooses its largest candidate; it is checked again when that round is distilled",
                   flush=True)
         planned[student.name] = checked[-1]["student"]
+        gpu = time_plan.cluster_gpu(one)
+        if "prune" in stages and gpu is not None and search.ranked(one) and search.latency_target(one):
+            for line in time_plan.latency_lines(one, checked[-1]["source"], gpu):
+                print(f"[time] {student.name}: {line}", flush=True)
         if str(one.prune.mode) == "search":
 
             candidates = within_budget(one, checked[-1]["source"])[:int(one.prune.search.top_k)]

@@ -304,3 +304,46 @@ def job_lines(estimates: list[StepTime]) -> list[str]:
     lines.append(f"job: {sum(e.wall_hours for e in estimates):.2f} h wall, {hours:.1f} GPU-hours "
                  "(compute only: loading, checkpoints and queueing not counted)")
     return lines
+
+
+def decode_ms(arch: dict, gpu: GPU, batch: int, context: int) -> float:
+    """A decode step's milliseconds when it is bound by memory, as at small batches: every bf16
+    weight and the KV cache at ``context`` tokens for ``batch`` sequences read once, at
+    :data:`MEMORY_EFFICIENCY` of HBM. Kernel launches and the arithmetic are not counted, so a
+    measured step is slower: the figure is a floor."""
+    from pipelines.evaluation.speed import kv_cache_bytes
+
+    moved = 2 * model_lib.count_parameters(arch) + kv_cache_bytes(arch, context, batch, 2)
+    return 1000 * moved / (gpu.hbm * MEMORY_EFFICIENCY)
+
+
+def latency_lines(cfg, source: dict, gpu: GPU) -> list[str]:
+    """Before compute, for a search with a latency target: each shape's floor (:func:`decode_ms`)
+    on ``gpu`` against the target; refused when even the floors of every shape are above an
+    absolute target (no shape can meet it). A reference target (``prune.latency.reference``) is
+    compared by the same model, which only predicts: the prune stage measures."""
+    from pipelines.core.errors import require
+    from pipelines.pruning import search
+
+    batch, context = int(cfg.prune.latency.batch), int(cfg.prune.latency.context)
+    shapes = search.within_budget(cfg, source)
+    reference = search.reference_shape(cfg, source)
+    floors = [decode_ms(s, gpu, batch, context) for s in shapes]
+    if reference is None:
+        target = float(cfg.prune.target_latency)
+        require(min(floors) <= target, f"prune.target_latency={target} ms: no shape within the limits can decode that "
+                f"fast on {gpu.name} (the fastest reads its weights and KV cache in {min(floors):.3f} ms at best)",
+                "prune.target_latency")
+        what = f"{target} ms"
+    else:
+        target = decode_ms(reference, gpu, batch, context)
+        what = f"the reference's {target:.3f} ms (predicted)"
+    meeting = sum(f <= target for f in floors)
+    top_k = int(cfg.prune.search.top_k)
+    lines = [f"prune latency on {gpu.name} at batch {batch} after {context} tokens (HBM-bound floor): {meeting} of "
+             f"{len(shapes)} shapes within {what}; top_k={top_k} are distilled"
+             + (f" {int(cfg.prune.search.distill_steps)} steps each" if int(cfg.prune.search.distill_steps) else "")]
+    if meeting < top_k:
+        lines.append(f"prune: predicted fewer shapes ({meeting}) than prune.search.top_k={top_k}; the stage measures "
+                     "and stops naming the key if so")
+    return lines

@@ -187,17 +187,19 @@ def ranked(cfg) -> bool:
 
 def check_ranked(cfg, teacher: dict, layout: dict | None) -> list[dict]:
     """The rules of a :func:`ranked` search before compute; returns the shapes within the parameter
-    and memory limits (largest first)."""
+    and memory limits (largest first) whose layers split over ``layout``'s pipeline stages."""
     shapes = within_budget(cfg, teacher)
     prune, s = cfg.prune, cfg.prune.search
+    stages = int(layout["pipeline"]) if layout is not None else 1
+    if stages > 1:   # each candidate is pruned and distilled with the prune stage's layout
+        shapes = [x for x in shapes if x["num_layers"] % stages == 0]
+        require(shapes, f"no shape within the targets has a layer count divisible by the prune stage's pipeline "
+                f"size {stages}; set prune.search.num_layers_divisor={stages}", "prune.search.num_layers_divisor")
     if latency_target(cfg):
         reference_shape(cfg, teacher)
         speed = cfg.eval.speed
-        require(str(speed.backend) == "transformers", f"prune.target_latency is timed through transformers, and "
+        require(str(speed.backend) == "transformers", f"a latency target is timed through transformers, and "
                 f"eval.speed.backend={speed.backend} is refused here", "prune.target_latency")
-        if layout is not None:
-            require(int(layout["pipeline"]) == 1, "a latency target times shapes on one device: run the "
-                    "prune stage with pipeline parallel size 1", "prune.target_latency")
     else:   # without timing the candidates are known now
         require(int(s.top_k) <= len(shapes), f"prune.search.top_k={s.top_k} is more than the {len(shapes)} "
                 "shapes within the targets", "prune.search.top_k")
@@ -228,6 +230,9 @@ def check_settings(cfg) -> None:
                     "at least 1", f"prune.{section}.{key}")
     require(float(cfg.prune.latency.max_error) > 0, f"prune.latency.max_error={cfg.prune.latency.max_error} must be "
             "above 0", "prune.latency.max_error")
+    recompute = search.get("distill_recompute")
+    require(recompute is None or str(recompute) in ("none", "selective", "full"), f"prune.search.distill_recompute="
+            f"{recompute} is not none, selective or full (or null: distill.recompute)", "prune.search.distill_recompute")
     steps = search.get("distill_steps") or 0
     require(isinstance(steps, int) and steps >= 0, f"prune.search.distill_steps={steps} must be a whole number, "
             "0 or more", "prune.search.distill_steps")

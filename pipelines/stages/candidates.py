@@ -78,7 +78,18 @@ def distill_config(cfg, student: Path, output: Path):
     return _with(cfg, {"distill.student": str(student), "distill.output": str(output), "distill.train_steps": steps,
                        "distill.warmup_steps": min(int(d.warmup_steps), max(0, steps - 1)),
                        "distill.eval_interval": 0, "distill.save_interval": min(steps, int(d.save_interval) or steps),
-                       "distill.keep_final_checkpoint": False})
+                       "distill.keep_final_checkpoint": False,
+                       "distill.recompute": str(cfg.prune.search.get("distill_recompute") or d.recompute)})
+
+
+def one_timing(timing, layout):
+    """``timing()`` on the main process only (one device times each shape), its result sent to every rank."""
+    import torch
+
+    found = [timing() if layout.is_main else None]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def run(cfg, layout, staging: Path, scores: Path, prune_stage, distill_stage) -> dict:
@@ -92,7 +103,8 @@ def run(cfg, layout, staging: Path, scores: Path, prune_stage, distill_stage) ->
     latency, target_ms = None, prune.get("target_latency")
     if search.latency_target(cfg):
         reference = search.reference_shape(cfg, teacher)
-        latency = targets.latencies(shapes, prune.latency, layout, place, reference=reference)
+        latency = one_timing(lambda: targets.latencies(shapes, prune.latency, layout, place, reference=reference),
+                             layout)
         targets.check_part_model(latency, float(prune.latency.max_error))
         key = "prune.target_latency" if reference is None else "prune.latency.reference"
         target_ms = float(target_ms) if reference is None else latency["reference_ms"]

@@ -31,6 +31,9 @@ QAD_COMMAND = ('make distill EXP=demo ARGS="distill.quantize=fp8 distill.train_s
 HIDDEN_COMMAND = ('make distill EXP=demo ARGS="distill.teacher=online distill.train_steps=20 '
                   'distill.intermediate=[{student:0,teacher:null},{student:1,teacher:null}] '
                   'distill.output=runs/demo/distill_depth_hidden run.students=[depth]"')
+LATENCY_COMMAND = ('make prune EXP=demo ARGS="prune=search run.students=[search] prune.target_params=null '
+                   'prune.latency.reference={num_layers:2} prune.search.max_depth_pruning=0.5 prune.search.top_k=2 '
+                   'prune.search.distill_steps=4 prune.latency.whole_limit=1000"')
 HAND_COMMANDS = [  # in order: import, then export what was imported
     ".venv/bin/python scripts/import.py import.source=runs/demo/export_depth import.output=/tmp/reimported",
     ".venv/bin/python scripts/export.py export.source=/tmp/reimported export.output=/tmp/exported",
@@ -46,6 +49,7 @@ RUN_HERE = {
     'make prune EXP=demo ARGS="prune=search prune.target_params=0.7 run.students=[search]"',
     QAD_COMMAND,
     HIDDEN_COMMAND,
+    LATENCY_COMMAND,
     *HAND_COMMANDS,
 }
 
@@ -122,6 +126,12 @@ def test_commands_on_the_demo_run(tmp_path, demo_run):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     searched = json.loads((tmp_path / "runs" / "demo" / "prune_search" / "manifest.json").read_text())
     assert searched["parameters"] <= searched["report"]["target_params"] < searched["report"]["params_before"]
+    result = subprocess.run(["bash", "-c", LATENCY_COMMAND], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=env)   # docs/pruning.md's: as fast as the 2-layer depth student, ranked by 4 steps
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ranked = json.loads((tmp_path / "runs" / "demo" / "prune_search" / "manifest.json").read_text())["report"]
+    assert ranked["ranked_by"] == "val_loss_distilled" and len(ranked["candidates"]) == 2
+    assert all(row["latency_ms"] <= ranked["targets"]["latency_ms"] for row in ranked["candidates"])
     for command in (QAD_COMMAND, HIDDEN_COMMAND):   # docs/deploy.md's and docs/distillation.md's
         result = subprocess.run(["bash", "-c", command.replace("runs/demo", f"{tmp_path}/runs/demo")], cwd=REPO,
                                 capture_output=True, text=True, timeout=600, env=env)

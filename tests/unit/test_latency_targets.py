@@ -111,9 +111,3 @@ def test_bad_targets_name_their_key_before_compute(overrides, key):
     cfg, teacher = demo_search(*overrides)
     with pytest.raises(UserError, match=rf"\(fix: {key}"):
         rules.prune_rules(cfg, teacher, {"tensor": 1, "pipeline": 1})
-
-
-def test_a_latency_target_under_pipeline_parallelism_is_refused():
-    cfg, teacher = demo_search("prune.target_latency=5")
-    with pytest.raises(UserError, match=r"\(fix: prune.target_latency"):
-        rules.prune_rules(cfg, teacher, {"tensor": 1, "pipeline": 2})

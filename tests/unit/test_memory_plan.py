@@ -110,3 +110,15 @@ def test_the_local_specs_activation_count_is_what_autograd_keeps(cpu_runtime):
                                      data=1, element_bytes=4, distributed_optimizer=False, fused=False,
                                      gpu=False).parts["activations"]
     assert abs(predicted / measured - 1) < 0.01, (predicted, measured)
+
+
+def test_the_ranking_runs_of_a_latency_search_are_planned_and_fit_only_pipelined():
+    """llama31_8b_latency distills each candidate inside the prune stage: at PP=8 that fits an H100,
+    on one GPU (the prune stage's usual layout) a ~5B student's training state does not."""
+    cfg, estimates = _plan("llama31_8b_latency")
+    ranking = next(e for e in estimates if e.stage == "prune ranking")
+    assert ranking.layout["pipeline"] == 8 and ranking.total < 80 * GB
+    memory_plan.check(cfg, estimates)
+    cfg, estimates = _plan("llama31_8b_latency", "run.stage_parallel.prune.pipeline=1")
+    with pytest.raises(UserError, match=r"prune ranking is predicted .*fix: prune.search.distill_recompute"):
+        memory_plan.check(cfg, estimates)

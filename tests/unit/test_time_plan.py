@@ -66,3 +66,22 @@ def test_an_unknown_gpu_names_the_key():
     with pytest.raises(UserError, match=r"\(fix: cluster.gpu\)"):
         tp.cluster_gpu(cfg)
     assert tp.plan(compose("pipeline", ["experiment=demo"]), ["distill"], {"layouts": {}}) == []
+
+
+def test_the_decode_floor_and_the_latency_check_before_compute():
+    """The HBM-bound decode floor: the bf16 weights and the KV cache once, at 80% of HBM; a target
+    even the floors miss is refused, a reference target is counted against the same model."""
+    from pipelines.model.build import count_parameters
+
+    arch, gpu = {**tp.PUBLISHED["arch"], "num_query_groups": 8, "kv_channels": 128}, tp.GPUS["h100"]
+    moved = 2 * count_parameters(arch) + 2 * 32 * 8 * 128 * 4096 * 2
+    assert tp.decode_ms(arch, gpu, 1, 4096) == pytest.approx(1000 * moved / (gpu.hbm * 0.8))
+    assert tp.decode_ms({**arch, "num_layers": 16}, gpu, 1, 4096) < tp.decode_ms(arch, gpu, 1, 4096)
+    cfg = compose("pipeline", ["experiment=llama31_8b_latency"])
+    teacher = preflight.model_lib.architecture(cfg.model)
+    lines = tp.latency_lines(cfg, teacher, gpu)
+    assert "shapes within the reference's" in lines[0]
+    absolute = compose("pipeline", ["experiment=llama31_8b_latency", "prune.latency.reference=null",
+                                    "prune.target_latency=0.5"])
+    with pytest.raises(UserError, match=r"no shape within the limits can decode that fast.*fix: prune.target_latency"):
+        tp.latency_lines(absolute, teacher, gpu)
