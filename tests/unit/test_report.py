@@ -92,6 +92,35 @@ def test_the_report_lists_the_search_candidates(tmp_path):
     assert "| 4 | 52 | 128 | 4 | 225,000 | 4.1953 |  |" in text
 
 
+def test_the_report_lists_a_latency_search_and_plots_it(tmp_path):
+    run = tmp_path / "run"
+    results(run, "teacher", 0.65, per_subject=2, seed=0)
+    (run / "prune_fast").mkdir(parents=True)
+
+    def row(layers, ffn, ms, pruned, distilled, chosen, after_prune):
+        return {"name": f"h64_f{ffn}_a4_l{layers}", "params": 1000 * ffn + layers,
+                "architecture": {"num_layers": layers, "hidden_size": 64, "ffn_hidden_size": ffn,
+                                 "num_attention_heads": 4},
+                "latency_ms": ms, "latency_method": "parts", "memory_bytes": 2_000_000, "memory_format": "fp8",
+                "val_loss_pruned": pruned, "val_loss_distilled": distilled, "distill_tokens": 8192,
+                "chosen": chosen, "chosen_after_pruning": after_prune}
+
+    rows = [row(3, 192, 1.25, 4.10, 3.95, False, True), row(3, 160, 1.20, 4.20, 3.90, True, False)]
+    (run / "prune_fast" / "prune_report.json").write_text(json.dumps({
+        "candidates": rows, "ranked_by": "val_loss_distilled",
+        "targets": {"params": None, "latency_ms": 1.3, "memory_gb": None},
+        "latency": {"method": "parts", "device": "cpu", "settings": {"batch": 1, "context": 64}, "max_error": 0.04,
+                    "check": [{}, {}]},
+        "memory": {"format": "fp8", "context": 4096, "batch": 1}}))
+    stages.run("report", compose("pipeline", [f"paths.runs={tmp_path}", "run.name=run"]))
+    text = (run / "report.md").read_text()
+    assert "## Search: fast (decode in at most 1.3 ms; ranked by the loss after a short distillation)" in text
+    assert "largest error on 2 whole-model timings: 4.0%" in text
+    assert "| 3 | 64 | 160 | 4 | 160,003 | 1.200 | 0.002 | 4.2000 | 3.9000 | chosen |" in text
+    assert "| 3 | 64 | 192 | 4 | 192,003 | 1.250 | 0.002 | 4.1000 | 3.9500 | best after pruning |" in text
+    assert (run / "report_search.png").stat().st_size > 0
+
+
 def test_quantized_rows_say_ptq_or_qad_and_what_each_cost():
     from pipelines.evaluation.recovery import quantization_lines
 
