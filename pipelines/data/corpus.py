@@ -145,6 +145,11 @@ class TokenWindows(torch.utils.data.Dataset):
 
     Sample ``i`` is tokens ``[i*s, i*s + s + 1)`` of the split's concatenated documents (they
     end with the end-of-document token), so the order is the same for every stage and run.
+
+    Conversations (``data.source=chat``, :mod:`pipelines.data.chat`) carry a loss mask, one byte
+    a token (``<split>.mask``): :meth:`loss_mask` is sample ``i``'s over its labels, and
+    :attr:`masked` says there is one. They were packed whole into segments of the sequence length,
+    so another length is refused.
     """
 
     def __init__(self, folder: Path, split: str, sequence_length: int):
@@ -152,6 +157,15 @@ class TokenWindows(torch.utils.data.Dataset):
         require(Path(str(prefix) + ".bin").exists(), f"no tokenized {split} split in {folder}; "
                 "run the prepare stage first (make prepare)", "data.output")
         self.tokens = np.memmap(str(prefix) + ".bin", dtype=np.int32, mode="r")
+        self.mask, self.loss_on = None, "all"
+        chat = (read_manifest(Path(folder)) or {}).get("chat")
+        if chat:
+            require(int(chat["window"]) == int(sequence_length), f"the conversations in {folder} are packed whole "
+                    f"into {chat['window']} tokens, and this stage reads {sequence_length}: set its sequence_length "
+                    f"to {chat['window']} (or prepare them with that length)", "data.chat.sequence_length")
+            self.mask, self.loss_on = np.memmap(str(prefix) + ".mask", dtype=np.uint8, mode="r"), str(chat["loss_on"])
+            require(len(self.mask) == len(self.tokens), f"{prefix}.mask does not match its tokens; prepare the data "
+                    "again (make prepare FORCE=1)", "data.output")
         self.sequence_length = sequence_length
         self.count = (len(self.tokens) - 1) // sequence_length
         require(self.count > 0, f"{split} split has {len(self.tokens)} tokens, fewer than one "
@@ -165,11 +179,34 @@ class TokenWindows(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.tokens[start:start + self.sequence_length + 1],
                                          dtype=np.int64))
 
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None
+
+    def loss_mask(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s loss mask over its ``s`` labels (float: 1 counts, 0 not)."""
+        start = index * self.sequence_length
+        return torch.from_numpy(np.array(self.mask[start + 1:start + self.sequence_length + 1], dtype=np.float32))
+
+    def mask_counts(self, samples: int) -> np.ndarray:
+        """How many labels the loss mask counts in each of the first ``samples`` samples."""
+        s = self.sequence_length
+        total = np.concatenate([[0], np.cumsum(self.mask[: samples * s + 1], dtype=np.int64)])
+        starts = np.arange(samples) * s
+        return total[starts + s + 1] - total[starts + 1]
+
     def batches(self, batch_size: int, limit: int | None = None):
         """Consecutive ``[b, s+1]`` batches of the first ``limit`` samples."""
         total = min(self.count, limit or self.count)
         for start in range(0, total, batch_size):
             yield torch.stack([self[i] for i in range(start, min(start + batch_size, total))])
+
+    def mask_batches(self, batch_size: int, limit: int | None = None):
+        """The loss masks ``[b, s]`` of :meth:`batches`' samples (None each, without a mask)."""
+        total = min(self.count, limit or self.count)
+        for start in range(0, total, batch_size):
+            indices = range(start, min(start + batch_size, total))
+            yield torch.stack([self.loss_mask(i) for i in indices]) if self.masked else None
 
 
 def tokenizer_hash(folder: Path) -> str | None:

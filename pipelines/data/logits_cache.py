@@ -98,11 +98,17 @@ class Layout:
         self.sequence_length, self.k, self.bits = sequence_length, k, id_bits(vocab_size)
         self.value_dtype = value_dtype
         self.torch_dtype, self.numpy_dtype = self.VALUE_DTYPES[value_dtype]
-        value_bytes = np.dtype(self.numpy_dtype).itemsize
-        self.id_bytes = math.ceil(sequence_length * k * self.bits / 8)
-        self.logprob_bytes = sequence_length * k * value_bytes
-        self.tail_bytes = sequence_length * value_bytes
+        self.value_bytes = np.dtype(self.numpy_dtype).itemsize
+        self.id_bytes, self.logprob_bytes, self.tail_bytes = self.parts(sequence_length)
         self.sample_bytes = self.id_bytes + self.logprob_bytes + self.tail_bytes
+
+    def parts(self, positions: int) -> tuple[int, int, int]:
+        """Bytes of the ids, log-probs and tail of ``positions`` stored positions."""
+        return (math.ceil(positions * self.k * self.bits / 8), positions * self.k * self.value_bytes,
+                positions * self.value_bytes)
+
+    def size(self, positions: int) -> int:
+        return sum(self.parts(positions))
 
     def encode(self, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor) -> bytes:
         """One sample ([s, k] ids and log-probs, [s] tail) as bytes."""
@@ -111,12 +117,14 @@ class Layout:
                  tail.to(self.torch_dtype).cpu().numpy().tobytes()]
         return b"".join(parts)
 
-    def decode(self, raw: np.ndarray):
-        s, k = self.sequence_length, self.k
-        ids = unpack_ids(raw[: self.id_bytes], self.bits, s * k).reshape(s, k)
-        offset = self.id_bytes
-        logprobs = raw[offset: offset + self.logprob_bytes].view(self.numpy_dtype).reshape(s, k)
-        tail = raw[offset + self.logprob_bytes:].view(self.numpy_dtype)
+    def decode(self, raw: np.ndarray, positions: int | None = None):
+        """One sample's arrays; ``positions``: how many it stores (a masked cache's sample), else ``s``."""
+        s, k = self.sequence_length if positions is None else positions, self.k
+        id_bytes, logprob_bytes, _ = self.parts(s)
+        ids = unpack_ids(raw[: id_bytes], self.bits, s * k).reshape(s, k)
+        offset = id_bytes
+        logprobs = raw[offset: offset + logprob_bytes].view(self.numpy_dtype).reshape(s, k)
+        tail = raw[offset + logprob_bytes: offset + logprob_bytes + s * self.value_bytes].view(self.numpy_dtype)
         return (torch.from_numpy(ids), torch.from_numpy(logprobs.astype(np.float32)),
                 torch.from_numpy(tail.astype(np.float32)))
 
@@ -197,9 +205,14 @@ CACHE_STAGES = ("logits", "teacher_logits")
 
 
 class LogitsCache:
-    """Random access by sample index to a finished cache, checked against what the run expects."""
+    """Random access by sample index to a finished cache, checked against what the run expects.
 
-    def __init__(self, folder: Path, expected_identity: dict | None = None, verify: bool = True):
+    A cache of conversations (``masked`` in its manifest) stores each sample's labels only where
+    the data's loss mask counts them: sample ``i`` holds ``n_i`` positions, the mask's count over
+    its labels, so it is read with the data's windows (``windows``); the positions the mask leaves
+    out come back as a uniform distribution over ``k`` ids (finite, and weighted 0 by the loss)."""
+
+    def __init__(self, folder: Path, expected_identity: dict | None = None, verify: bool = True, windows=None):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         require(manifest is not None and manifest.get("stage") in CACHE_STAGES,
@@ -213,6 +226,17 @@ class LogitsCache:
         self.layout = Layout(manifest["sequence_length"], manifest["k"], 2 ** manifest["id_bits"],
                              manifest.get("value_dtype", "float16"))
         self._maps: dict[int, np.memmap] = {}
+        self.windows, self.counts, self.offsets = None, None, None
+        if manifest.get("masked"):
+            require(windows is not None and windows.masked, f"the cache {self.folder} holds the labels of masked "
+                    "tokens only, and this run's data has no loss mask", "distill.cache")
+            self.windows = windows
+            self.counts = windows.mask_counts(len(self))
+            sizes = np.asarray([self.layout.size(int(n)) for n in self.counts], dtype=np.int64)
+            per_shard = manifest["samples_per_shard"]
+            self.offsets = np.zeros(len(sizes) + 1, dtype=np.int64)   # offsets[i]: where sample i-1 ends
+            for start in range(0, len(sizes), per_shard):   # in its shard
+                self.offsets[start + 1:start + per_shard + 1] = np.cumsum(sizes[start:start + per_shard])
 
     def __len__(self) -> int:
         return self.manifest["samples"]
@@ -231,5 +255,16 @@ class LogitsCache:
         """``(ids [s, k] int64, logprobs [s, k] float32, tail [s] float32)`` of one sample."""
         per_shard = self.manifest["samples_per_shard"]
         shard = self._shard(sample // per_shard)
-        start = (sample % per_shard) * self.layout.sample_bytes
-        return self.layout.decode(np.asarray(shard[start: start + self.layout.sample_bytes]))
+        if self.counts is None:
+            start = (sample % per_shard) * self.layout.sample_bytes
+            return self.layout.decode(np.asarray(shard[start: start + self.layout.sample_bytes]))
+        start = int(self.offsets[sample]) if sample % per_shard else 0   # within its shard
+        count = int(self.counts[sample])
+        ids, logprobs, tail = self.layout.decode(np.asarray(shard[start: start + self.layout.size(count)]), count)
+        s, k = self.layout.sequence_length, self.layout.k
+        where = self.windows.loss_mask(sample).bool()
+        full_ids = torch.arange(k, dtype=torch.int64).expand(s, k).clone()
+        full_logprobs = torch.full((s, k), -math.log(k), dtype=torch.float32)
+        full_tail = torch.full((s,), float("-inf"), dtype=torch.float32)
+        full_ids[where], full_logprobs[where], full_tail[where] = ids, logprobs, tail
+        return full_ids, full_logprobs, full_tail

@@ -255,9 +255,10 @@ def quantization_lines(report: dict) -> list[str]:
 
 def markdown(report: dict, name: str) -> str:
     teacher = report.get("teacher", {})
+    counted = " (assistant tokens)" if report.get("val_tokens") == "assistant" else ""
     lines = [f"# Recovery report: {name}", "",
              "| model | parameters | MMLU (macro) ± s.e. | MMLU / teacher | corpus task ± s.e. | corpus / teacher "
-             "| validation loss |",
+             f"| validation loss{counted} |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     order = ["teacher"] + [m for s in report["students"] for m in (f"pruned_{s}", f"distilled_{s}",
                                                                     *quantized_of(report, s))]
@@ -312,7 +313,23 @@ def markdown(report: dict, name: str) -> str:
     lines += quantization_lines(report)
     for student, found in (report.get("searches") or {}).items():
         lines += search_table(student, found)
+    lines += generation_lines(report.get("generations") or {})
     return "\n".join(lines) + "\n"
+
+
+def generation_lines(found: dict) -> list[str]:
+    """Every model's greedy answer to each ``eval.generate`` prompt, side by side."""
+    if not found:
+        return []
+    lines = ["", "## Generations", "", "Greedy, for the same prompts (`eval.generate`)."]
+    prompts = list(dict.fromkeys(row["prompt"] for rows in found.values() for row in rows))
+    for prompt in prompts:
+        lines += ["", f"**{prompt}**", ""]
+        for model, rows in found.items():
+            text = next((r["text"] for r in rows if r["prompt"] == prompt), None)
+            if text is not None:
+                lines.append(f"- *{model}*: {' '.join(text.split()) or '(nothing)'}")
+    return lines
 
 
 def plot(report: dict, subjects: dict, curves: dict, path: Path, name: str) -> None:

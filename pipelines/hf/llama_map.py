@@ -22,7 +22,7 @@ from pipelines.model.build import padded_vocab_size
 SUPPORTED_MODEL_TYPES = ("llama",)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "generation_config.json",
+    "generation_config.json", "chat_template.jinja",   # transformers 5 keeps an instruct model's template apart
 )
 
 

@@ -311,8 +311,9 @@ def local_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return model(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
 
 
-def lm_loss(model, batches, vocab_size: int, chunk_tokens: int = 1024) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``[b, s+1]`` token batches (on its device).
+def lm_loss(model, batches, vocab_size: int, chunk_tokens: int = 1024, masks=None) -> float:
+    """Mean next-token cross-entropy of ``model`` over ``[b, s+1]`` token batches (on its device);
+    with ``masks`` (``[b, s]`` per batch, or None), over the masked-in labels only.
 
     Vocabulary-parallel and chunked (:func:`pipelines.ops.kd_loss.token_logprobs`): no rank gathers
     the full vocabulary, and float32 copies exist for ``chunk_tokens`` tokens at a time.
@@ -323,13 +324,18 @@ def lm_loss(model, batches, vocab_size: int, chunk_tokens: int = 1024) -> float:
     group = parallel_state.get_tensor_model_parallel_group()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in batches:
+        for batch, mask in zip(batches, masks if masks is not None else iter(lambda: None, 0)):
             tokens, labels = batch[:, :-1], batch[:, 1:]
             logits = local_logits(model, tokens)
-            picked = token_logprobs(logits, labels[..., None], vocab_size, group, chunk_tokens)
-            total -= picked.sum().item()
-            count += labels.numel()
-    return total / count
+            picked = token_logprobs(logits, labels[..., None], vocab_size, group, chunk_tokens)[..., 0]
+            if mask is None:
+                total -= picked.sum().item()
+                count += labels.numel()
+            else:
+                mask = mask.to(picked.device)
+                total -= (picked * mask).sum().item()
+                count += int(mask.sum().item())
+    return total / max(count, 1)
 
 
 def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -233,12 +233,14 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
                  teacher: TopK | torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                  kd_weight: float = 1.0, temperature: float = 1.0, divergence: str = "forward_kl",
                  beta: float = 0.5, vocab_size: int | None = None, tp_group=None,
-                 chunk_tokens: int = 1024):
+                 chunk_tokens: int = 1024, normalizer: torch.Tensor | float | None = None):
     """``(loss, kd, ce)``: the mixed loss (differentiable) and its two parts (detached).
 
     Shapes: ``student_logits [..., V_local]`` (this rank's vocabulary slice), ``labels [...]``,
     ``loss_mask [...]`` (1 counts, 0 ignored). Each part is a mean over the counted tokens;
-    all are 0 when no token counts. ``vocab_size`` is the real vocabulary (columns past it are
+    all are 0 when no token counts. ``normalizer``: divide the counted tokens' sum by this
+    instead of their count (a global batch's share per micro-batch, so that micro-batches holding
+    more counted tokens weigh more). ``vocab_size`` is the real vocabulary (columns past it are
     padding). ``kd_weight`` 0 needs no teacher; 1 needs no labels.
     """
     if divergence not in DIVERGENCES:
@@ -250,7 +252,7 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
             else loss_mask.reshape(-1).float())
     # no branch on the count (reading it would synchronise with the device each micro-batch): with
     # no counted token every weight is 0, and so are the loss, its parts and the gradient
-    weights = mask / mask.sum().clamp_min(1.0)
+    weights = mask / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
     vocab = _Vocab(local_size, vocab_size, tp_group)
     use_kd, use_ce = kd_weight > 0, kd_weight < 1
     if use_kd and teacher is None:

@@ -91,8 +91,29 @@ def eval_inputs(cfg) -> dict:
     made = folder.parent if quantized(folder) else folder
     return {"checkpoint": str(folder.resolve()), "checkpoint_written_at": read_manifest(made).get("written_at"),
             "checkpoint_manifest_sha256": sha256_file(made / "manifest.json"),
-            "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name", "speed")}),
+            "eval": config_hash({k: v for k, v in dict(e).items() if k not in ("output", "name", "speed")
+                                 and (k != "generate" or len(e.generate.prompts) > 0)}),   # off: not stamped
             "data": str(Path(str(cfg.data.output)).resolve())}
+
+
+def run_generations(model, cfg, folder: Path, vocab_size: int, layout, name: str) -> list[dict]:
+    """``eval.generate``'s prompts, answered greedily (:mod:`pipelines.evaluation.generate`), with the
+    data's tokenizer and chat template when the data is conversations (the checkpoint's otherwise)."""
+    from transformers import AutoTokenizer
+
+    from pipelines.data.chat import load_template
+    from pipelines.evaluation.generate import generations
+
+    chat = str(cfg.data.source) == "chat"
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.data.tokenizer) if chat else str(folder / "tokenizer"))
+    if chat:
+        load_template(tokenizer, cfg.data)
+    model.eval()
+    found = generations(model, tokenizer, list(cfg.eval.generate.prompts), int(cfg.eval.generate.max_new_tokens),
+                        vocab_size, layout)
+    for row in found:
+        print(f"[eval] {name} on {row['prompt'][:40]!r}: {row['text'][:120]!r}", flush=True)
+    return found
 
 
 def checks(cfg, arch, layout) -> None:
@@ -192,10 +213,14 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     if int(e.val_samples) > 0:
         valid = TokenWindows(Path(str(cfg.data.output)), "valid", int(e.sequence_length))
         batches = map(layout.place, valid.batches(int(e.batch_size), int(e.val_samples)))
-        results["val_loss"] = lm_loss(model, batches, arch["vocab_size"])
+        masks = valid.mask_batches(int(e.batch_size), int(e.val_samples)) if valid.masked else None
+        results["val_loss"] = lm_loss(model, batches, arch["vocab_size"], masks=masks)
         results["val_ppl"] = float(torch.tensor(results["val_loss"]).exp())
-        print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f})",
-              flush=True)
+        results["val_tokens"] = valid.loss_on   # conversations: the assistant's tokens (data.chat.loss_on)
+        print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f}) on "
+              f"{valid.loss_on} tokens", flush=True)
+    if len(e.generate.prompts) > 0 and not quantized(folder):
+        results["generations"] = run_generations(model, cfg, folder, arch["vocab_size"], layout, name)
     if bool(e.mmlu.enabled) and not harness_mmlu:
         results["mmlu"] = run_mmlu(model, e, folder / "tokenizer", arch["vocab_size"], layout, loaded)
     if bool(e.corpus.enabled):

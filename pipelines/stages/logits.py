@@ -152,7 +152,12 @@ def run(cfg, layout, output: Path, inputs: dict) -> dict:
                                        teacher_sampled(logits, k, temperature, generator, **split))
                 del logits
             ids, logprobs, tail = ids.cpu(), logprobs.cpu(), tail.cpu()
-            encoded += [cache_layout.encode(ids[j], logprobs[j], tail[j]) for j in range(len(batch))]
+            for j, index in enumerate(indices[first:first + batch_size]):
+                if windows.masked:   # conversations: the labels the loss counts, no others
+                    where = windows.loss_mask(index).bool()
+                    encoded.append(cache_layout.encode(ids[j][where], logprobs[j][where], tail[j][where]))
+                else:
+                    encoded.append(cache_layout.encode(ids[j], logprobs[j], tail[j]))
             tokens += batch[:, :-1].numel()
         if writer:
             write_shard(output, shard, encoded, first=shard * per_shard)
@@ -165,9 +170,16 @@ def run(cfg, layout, output: Path, inputs: dict) -> dict:
     torch.distributed.barrier()
     if not layout.is_main:
         return {}
-    fields = cache_manifest(output, identity, cache_layout, samples, per_shard, teacher_path=str(teacher.resolve()))
+    facts = {"teacher_path": str(teacher.resolve())}
+    if windows.masked:
+        facts.update(masked=True, loss_tokens=int(windows.mask_counts(samples).sum()))
+    fields = cache_manifest(output, identity, cache_layout, samples, per_shard, **facts)
+    stored = sum((output / name).stat().st_size for name in fields["shards"])
+    fields["bytes_per_token"] = stored / (samples * sequence_length)
     print(f"[logits] {output}: {samples} samples x {sequence_length} tokens, k={k}, "
-          f"{cache_layout.sample_bytes / sequence_length:.1f} bytes/token")
+          f"{fields['bytes_per_token']:.1f} bytes/token"
+          + (f" (labels of the {100 * facts['loss_tokens'] / (samples * sequence_length):.1f}% of tokens the loss "
+             f"counts; {cache_layout.sample_bytes / sequence_length:.1f} for every token)" if windows.masked else ""))
     return fields
 
 

@@ -28,7 +28,9 @@ from pipelines.stages.rules import data_ranges
 
 def prepare_inputs(cfg) -> dict:
     """The data section, and the content of the corpus files it names (an edited file reruns)."""
-    inputs = {"data": config_hash(dict(cfg.data)), "tokenizer": str(cfg.data.tokenizer)}
+    chat = str(cfg.data.source) == "chat"   # its keys stay out of other sources' stamps (no rerun for them)
+    section = {k: v for k, v in dict(cfg.data).items() if chat or k not in ("chat", "chat_template")}
+    inputs = {"data": config_hash(section), "tokenizer": str(cfg.data.tokenizer)}
     files = [Path(str(f)) for f in (cfg.data.get("files") or [])]
     if files:   # a missing one is named by read_documents
         inputs["files"] = {str(f): sha256_file(f) if f.is_file() else None for f in files}
@@ -42,6 +44,8 @@ def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
 
     data_cfg = cfg.data
     output = Path(str(data_cfg.output))
+    if str(data_cfg.source) == "chat":
+        return prepare_chat(cfg, staging)
     documents = read_documents(data_cfg, Path(str(cfg.paths.data)) / "cache")
     require(len(documents) > 1, "the corpus has fewer than 2 documents", "data.source")
     tokenizer_dir = Path(str(data_cfg.tokenizer))
@@ -72,6 +76,69 @@ def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
               "tokens": {s: c[1] for s, c in counts.items()}, "max_token_id": top,
               "tokenizer_sha256": sha256_file(used) if used.exists() else None}
     print(f"[prepare] {output}: tokens {fields['tokens']}, documents {fields['documents']}")
+    return fields
+
+
+def prepare_chat(cfg, staging: Path) -> dict:
+    """Render ``cfg.data``'s conversations (:mod:`pipelines.data.chat`) into packed train/valid
+    token datasets with their loss masks (``<split>.mask``, one byte a token); the manifest's fields."""
+    import json
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from pipelines.data.chat import Renderer, load_template, pack, read_conversations
+    from pipelines.data.corpus import austen_documents, fetch_austen
+
+    data_cfg = cfg.data
+    chat, window = data_cfg.chat, int(data_cfg.chat.sequence_length)
+    tokenizer_dir = Path(str(data_cfg.tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    load_template(tokenizer, data_cfg)
+    conversations = read_conversations(data_cfg, lambda: austen_documents(fetch_austen(Path(str(cfg.paths.data)) / "cache")))
+    require(len(conversations) > 1, "the chat data holds fewer than 2 conversations", "data.files")
+    render = Renderer(tokenizer, str(chat.loss_on))
+    items = {"train": [], "valid": []}
+    stats = {split: {"conversations": 0, "too_long": 0, "tokens": 0, "loss_tokens": 0, "padding": 0}
+             for split in items}
+    for where, messages in tqdm(conversations, desc="[prepare] rendering", mininterval=2):
+        ids, mask = render(messages, where)
+        split = "valid" if is_valid(json.dumps(messages, sort_keys=True), float(data_cfg.valid_fraction)) else "train"
+        if len(ids) > window:
+            stats[split]["too_long"] += 1
+            continue
+        items[split].append((ids, mask))
+        stats[split]["conversations"] += 1
+        stats[split]["tokens"] += len(ids)
+        stats[split]["loss_tokens"] += int(mask.sum())
+    top = -1
+    pad = int(tokenizer.eos_token_id)
+    for split, kept in items.items():
+        require(kept, f"the {split} split has no conversation of at most {window} tokens "
+                f"({stats[split]['too_long']} longer ones dropped)", "data.chat.sequence_length")
+        require(stats[split]["loss_tokens"] > 0, f"the {split} split's loss mask (loss_on={chat.loss_on}) leaves no "
+                "token to train on", "data.chat.loss_on")
+        builder = IndexedDatasetBuilder(str(staging / f"{split}.bin"), dtype=np.int32)
+        with open(staging / f"{split}.mask", "wb") as masks:
+            for ids, mask in pack(kept, window, pad):
+                builder.add_item(torch.from_numpy(ids))
+                builder.end_document()
+                masks.write(mask.tobytes())
+                top = max(top, int(ids.max()))
+        builder.finalize(str(staging / f"{split}.idx"))
+        written = (staging / f"{split}.mask").stat().st_size
+        stats[split]["padding"] = written - stats[split]["tokens"]
+        stats[split]["loss_share"] = stats[split]["loss_tokens"] / stats[split]["tokens"]
+    used = tokenizer_dir / "tokenizer.json"
+    fields = {"tokenizer": str(tokenizer_dir), "documents": {s: v["conversations"] for s, v in stats.items()},
+              "tokens": {s: v["tokens"] + v["padding"] for s, v in stats.items()}, "max_token_id": top,
+              "tokenizer_sha256": sha256_file(used) if used.exists() else None,
+              "chat": {"window": window, "loss_on": str(chat.loss_on), "view": chat.get("view"), **stats}}
+    for split, v in stats.items():
+        print(f"[prepare] {split}: {v['conversations']} conversations, {v['tokens']:,} tokens ({v['padding']:,} padding), "
+              f"{100 * v['loss_share']:.1f}% of them {chat.loss_on} tokens; {v['too_long']} longer than {window} "
+              "tokens dropped", flush=True)
     return fields
 
 

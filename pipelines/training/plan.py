@@ -67,6 +67,8 @@ class Plan:
         self.windows = TokenWindows(self.data, "train", self.sequence_length)
         self.valid = TokenWindows(self.data, "valid", self.sequence_length)
         self.samples = len(self.windows)
+        # conversations: each train sample's counted labels (the loss's normalizer per global batch)
+        self.mask_counts = self.windows.mask_counts(self.samples) if self.windows.masked else None
         self.teacher_path = Path(str(d.teacher_checkpoint)) if d.get("teacher_checkpoint") else None
         self.cache = None
         if self.teacher_kind == "online":
@@ -81,7 +83,7 @@ class Plan:
             expected = {"data_inputs": data_inputs,
                         "sequence_length": self.sequence_length, "temperature": float(d.temperature),
                         "tokenizer": tokenizer_hash(self.student)}
-            self.cache = LogitsCache(Path(str(d.cache)), expected, verify=bool(d.verify_cache))
+            self.cache = LogitsCache(Path(str(d.cache)), expected, verify=bool(d.verify_cache), windows=self.windows)
             reads = min(self.samples, self.offset + self.steps * self.global_batch)  # wraps over the data only
             require(len(self.cache) >= reads, f"the teacher-logits cache {d.cache} holds {len(self.cache)} "
                     f"samples and this run reads up to {reads} (sample_offset + train_steps x global_batch_size, "

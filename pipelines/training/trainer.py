@@ -186,7 +186,8 @@ class Trainer:
         return padded[..., rank * local:(rank + 1) * local]
 
     def _loss(self, batch, teacher, kd_weight, hidden, output):
-        loss, kd, ce = self.loss(output, batch["labels"], teacher, kd_weight=kd_weight)
+        loss, kd, ce = self.loss(output, batch["labels"], teacher, kd_weight=kd_weight,
+                                 loss_mask=batch.get("loss_mask"), normalizer=batch.get("loss_tokens"))
         metrics = {"loss": None, "kd": kd, "ce": ce}
         if self.pairs:
             metrics["hidden"] = torch.zeros((), device=output.device)
@@ -232,8 +233,13 @@ class Trainer:
         plan = self.plan
         indices = step_samples(step, plan.global_batch, plan.samples, self.dp_rank, self.layout.data_parallel,
                                plan.offset, plan.order)
-        return [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], plan.renormalize)
-                for i in range(0, len(indices), plan.micro_batch)]
+        batches = [host_batch(plan.windows, plan.cache, indices[i:i + plan.micro_batch], plan.renormalize)
+                   for i in range(0, len(indices), plan.micro_batch)]
+        if plan.windows.masked:   # every rank's samples of the step: the global batch's counted tokens
+            everyone = [i for rank in range(self.layout.data_parallel) for i in step_samples(
+                step, plan.global_batch, plan.samples, rank, self.layout.data_parallel, plan.offset, plan.order)]
+            share_tokens(batches, self.plan.mask_counts[everyone].sum(), self.layout.data_parallel)
+        return batches
 
     def forward_backward(self) -> DeviceMetrics:
         """Gradients of the current step's global batch (in the DDP buffers); its metrics, still
@@ -278,6 +284,9 @@ class Trainer:
         mine = list(range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
         self.eval_batches = [make_batch(plan.valid, None, mine[i:i + plan.micro_batch], self.layout)
                              for i in range(0, per_rank, plan.micro_batch)]
+        if plan.valid.masked:   # the mean over every rank's counted validation tokens
+            counted = plan.valid.mask_counts(per_rank * self.layout.data_parallel).sum()
+            share_tokens(self.eval_batches, counted, self.layout.data_parallel, self.layout)
         if plan.teacher_path is None or int(self.layout.pipeline_parallel) > 1:
             return
         teacher = self.teacher
@@ -320,6 +329,15 @@ class Trainer:
         if has_teacher:
             result["val_kl"] = metrics["kd"]
         return result
+
+def share_tokens(batches: list[dict], counted: int, data_parallel: int, layout=None) -> None:
+    """Give each micro-batch of a masked global batch the normalizer ``counted / (micro-batches x
+    data-parallel ranks)``: the schedule's mean over micro-batches and DDP's over ranks then make
+    the loss the mean over the global batch's ``counted`` tokens."""
+    value = torch.tensor(max(int(counted), 1) / (len(batches) * data_parallel), dtype=torch.float32)
+    for batch in batches:
+        batch["loss_tokens"] = layout.place(value) if layout is not None else value
+
 
 # ----------------------------------------------------------------------------- the stage
 
