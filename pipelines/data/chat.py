@@ -4,10 +4,9 @@ template, with a loss mask stored beside the tokens.
 A record holds a list of messages under ``data.chat.messages_key``, each a mapping with a role
 (``data.chat.role_key``, one of ``data.chat.roles``) and a text (``data.chat.content_key``). The
 records come from JSONL files (``data.files``), a Hugging Face dataset (``data.hf_name``), or the
-built-in ``data.chat.view=austen``: a conversation-shaped view of Jane Austen's novels (each of
-the corpus's documents split at its paragraphs, the first passage the user's turn, the next the
-assistant's, and so on), labelled as such wherever it is used, since no package registry here
-ships an instruction data set.
+built-in ``data.chat.view=austen``: a conversation-shaped view of Jane Austen's novels (each two
+consecutive paragraphs, the first the user's turn, the second the assistant's), labelled as such
+wherever it is used, since no package registry here ships an instruction data set.
 
 **Rendering.** The conversation is rendered by the tokenizer's ``apply_chat_template`` (its own
 template, or ``data.chat_template``: a Jinja string or a file) and tokenized as one text, then an
@@ -42,19 +41,15 @@ LOSS_ON = ("assistant", "all")
 
 
 def austen_view(documents: list[str]) -> list[list[dict]]:
-    """The conversation-shaped view of the Austen corpus: each document's paragraphs, alternately
-    the user's and the assistant's turn, after a fixed system message."""
+    """The conversation-shaped view of the Austen corpus: each two consecutive paragraphs of a
+    document, the first the user's turn and the second the assistant's, after a fixed system message."""
     conversations = []
     for document in documents:
-        paragraphs = [p for p in document.split("\n") if p.strip()]
-        if len(paragraphs) < 2:
-            continue
-        turns = [{"role": "system", "content": "You continue passages of Jane Austen's novels."}]
-        for number, paragraph in enumerate(paragraphs):
-            turns.append({"role": "user" if number % 2 == 0 else "assistant", "content": paragraph})
-        if turns[-1]["role"] == "user":
-            turns.pop()
-        conversations.append(turns)
+        paragraphs = [p.strip() for p in document.split("\n") if p.strip()]
+        for first in range(0, len(paragraphs) - 1, 2):
+            conversations.append([{"role": "system", "content": "Continue the passage."},
+                                  {"role": "user", "content": paragraphs[first]},
+                                  {"role": "assistant", "content": paragraphs[first + 1]}])
     return conversations
 
 
@@ -172,10 +167,11 @@ def pack(items, window: int, pad: int):
             continue
         if used + len(ids) > window:
             rest = window - used
-            yield np.full(rest, pad, dtype=np.int32), np.zeros(rest, dtype=np.uint8)
+            if rest:
+                yield np.full(rest, pad, dtype=np.int32), np.zeros(rest, dtype=np.uint8)
             used = 0
         yield ids, mask
-        used += len(ids)
+        used = (used + len(ids)) % window
     # the last segment padded whole, plus the one token a window reads past its segment
     rest = (window - used) % window + 1
     yield np.full(rest, pad, dtype=np.int32), np.zeros(rest, dtype=np.uint8)

