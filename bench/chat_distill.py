@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="the demo run, 20 steps, 1 seed (CI)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds = args.steps or 20, 1
+        args.steps, args.seeds = 20, 1
     steps = [f"distill.train_steps={args.steps}"] if args.steps else []
     with tempfile.TemporaryDirectory(prefix="bench_chat_distill-", dir=REPO / "runs") as fresh:
         fresh = Path(fresh)

@@ -181,3 +181,25 @@ def test_the_cache_holds_the_assistant_tokens_labels_only(chat_data, trained_tea
         "distill.micro_batch_size=2", "distill.global_batch_size=2", "distill.eval_samples=4",
         "distill.eval_interval=0", "distill.save_interval=0"]))
     assert all(torch.isfinite(torch.tensor(v)) for v in distilled["final"].values() if isinstance(v, float))
+
+
+def test_eval_scores_assistant_tokens_and_answers_the_prompts(chat_data, tiny_data, trained_teacher, tmp_path):
+    """The eval stage on conversations: the validation loss over assistant tokens, and greedy answers
+    to eval.generate's prompts through the chat template, which the report lists side by side."""
+    data, _, _ = chat_data
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    run = tmp_path / "runs" / "chat"
+    overrides = [f"eval.model={trained_teacher}", f"eval.output={run / 'eval' / 'teacher'}", f"data.output={data}",
+                 "data.source=chat", f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.chat_template={template}",
+                 "eval.mmlu.enabled=false", "eval.corpus.enabled=false", "eval.val_samples=4",
+                 f"eval.sequence_length={WINDOW}", "eval.generate.prompts=[the letter,her sister]",
+                 "eval.generate.max_new_tokens=6"]
+    stages.run("eval", compose("pipeline", overrides))
+    results = json.loads((run / "eval" / "teacher" / "results.json").read_text())
+    assert results["val_tokens"] == "assistant"
+    assert [g["prompt"] for g in results["generations"]] == ["the letter", "her sister"]
+    assert all(isinstance(g["text"], str) for g in results["generations"])
+    stages.run("report", compose("pipeline", [f"paths.runs={tmp_path / 'runs'}", "run.name=chat"]))
+    text = (run / "report.md").read_text()
+    assert "validation loss (assistant tokens)" in text and "## Generations" in text and "**the letter**" in text
