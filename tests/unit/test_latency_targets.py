@@ -111,3 +111,17 @@ def test_bad_targets_name_their_key_before_compute(overrides, key):
     cfg, teacher = demo_search(*overrides)
     with pytest.raises(UserError, match=rf"\(fix: {key}"):
         rules.prune_rules(cfg, teacher, {"tensor": 1, "pipeline": 1})
+
+
+def test_the_reference_shape_meets_its_own_target(monkeypatch, tmp_path):
+    """Timed again, the reference's own shape would be above or below its time by noise alone: it
+    keeps the reference's time, so "as fast as this shape" always admits that shape."""
+    cfg, teacher = demo_search("prune.target_params=0.9")
+    grid = shapes(cfg, teacher)
+    fake_timer(monkeypatch)
+    reference = grid[len(grid) // 2]
+    for whole_limit in (1000, 4):   # timed shape by shape, and by parts
+        settings = OmegaConf.merge(LATENCY, {"whole_limit": whole_limit})
+        (tmp_path / str(whole_limit)).mkdir()
+        found = targets.latencies(grid, settings, HOST, tmp_path / str(whole_limit), reference=reference)
+        assert found["ms"][targets.shape_name(reference)] == found["reference_ms"]
