@@ -16,12 +16,12 @@ The run's stages up to the teacher cache and the hand-written students run first
    steps each, from their pruned checkpoints: the searched one, the one ranked by the loss after
    pruning, the depth and the width student. Each one's loss is the distill stage's own at its
    last step (held-out). The ranking's own tokens (top_k x rank_steps) are extra, and printed;
-4. **the check of the latency**: the target shape and the chosen shape timed whole again,
-   alternating, ``--repeats`` times each; medians.
+4. **the check of the latency**: the target shape, the chosen shape and the width student's timed
+   whole again, alternating, ``--repeats`` times each; medians.
 
 Everything is written in a fresh temporary folder under the run, removed afterwards. Last line:
 ``target_ms=<t> chosen_ms=<c> chosen_val_loss=<x> after_prune_rank_val_loss=<r> depth_val_loss=<d>
-width_val_loss=<w>``. The goal: c <= 1.05 t and x <= min(r, d, w).
+width_val_loss=<w> width_ms=<m>``. The goal: c <= 1.05 t and x <= min(r, d, w).
 """
 
 from __future__ import annotations
@@ -120,15 +120,16 @@ def main(argv: list[str]) -> int:
         tokens = read(fresh / "distill_chosen")["tokens"]
         ranking_tokens = sum(r.get("distill_tokens", 0) for r in rows)
     # the latency claim, checked: the two shapes timed whole again, alternating
-    chosen_arch = {**depth, **chosen["architecture"]}
-    times: dict[str, list[float]] = {"target": [], "chosen": []}
+    shapes = {"target": depth, "chosen": {**depth, **chosen["architecture"]},
+              "width": read(run / "prune_width")["report"]["config_after"]}
+    times: dict[str, list[float]] = {name: [] for name in shapes}
     for repeat in range(args.repeats):
-        for name in (("target", "chosen") if repeat % 2 == 0 else ("chosen", "target")):
-            times[name].append(targets.time_shape(depth if name == "target" else chosen_arch, settings, host))
-    target_ms, chosen_ms = statistics.median(times["target"]), statistics.median(times["chosen"])
-    print(f"\n{run}: target {target_ms:.3f} ms (min {min(times['target']):.3f}, max {max(times['target']):.3f}), "
-          f"chosen {chosen['name']} {chosen_ms:.3f} ms (min {min(times['chosen']):.3f}, max {max(times['chosen']):.3f}), "
-          f"{args.repeats} alternating whole timings each")
+        for name in (list(shapes) if repeat % 2 == 0 else list(shapes)[::-1]):
+            times[name].append(targets.time_shape(shapes[name], settings, host))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    target_ms, chosen_ms = median["target"], median["chosen"]
+    print(f"\n{run}: {args.repeats} alternating whole timings each (median, min-max): " + ", ".join(
+        f"{name} {median[name]:.3f} ms ({min(times[name]):.3f}-{max(times[name]):.3f})" for name in shapes))
     print(f"candidates ({report['latency']['method']} latency; after {args.rank_steps} steps each, "
           f"{ranking_tokens:,} ranking tokens in all):")
     for row in rows:
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
         print(f"  {name:18s} {value:.4f}")
     print(f"target_ms={target_ms:.3f} chosen_ms={chosen_ms:.3f} chosen_val_loss={losses['chosen']:.4f} "
           f"after_prune_rank_val_loss={losses['after_prune_rank']:.4f} depth_val_loss={losses['depth']:.4f} "
-          f"width_val_loss={losses['width']:.4f}")
+          f"width_val_loss={losses['width']:.4f} width_ms={median['width']:.3f}")
     return 0
 
 
