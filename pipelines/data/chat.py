@@ -159,8 +159,8 @@ class Renderer:
 
 def pack(items, window: int, pad: int):
     """Lay ``(ids, mask)`` items out in segments of ``window`` tokens, none cut (see the module);
-    yields ``(ids, mask)`` chunks to write in order and returns nothing; items longer than a
-    segment are skipped (the caller counts them with :func:`fits`)."""
+    yields ``(ids, mask)`` chunks to write in order; items longer than a segment are skipped
+    (the caller counts them)."""
     used = 0
     for ids, mask in items:
         if len(ids) > window:
@@ -175,7 +175,3 @@ def pack(items, window: int, pad: int):
     # the last segment padded whole, plus the one token a window reads past its segment
     rest = (window - used) % window + 1
     yield np.full(rest, pad, dtype=np.int32), np.zeros(rest, dtype=np.uint8)
-
-
-def fits(ids: np.ndarray, window: int) -> bool:
-    return len(ids) <= window

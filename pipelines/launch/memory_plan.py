@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 
 from pipelines.core.errors import UserError
 from pipelines.model import build as model_lib
+from pipelines.pruning import search
 
 GIB = 1024 ** 3
 FRAMEWORK_BYTES = 3 * GIB      # GPU: CUDA context, NCCL buffers (an estimate, unmeasured here)
@@ -205,8 +206,6 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
 
 def ranking_candidate(cfg, source: dict, layout: dict) -> dict | None:
     """The largest shape a search by targets may distill in the prune stage (``prune.search.distill_steps``), or None."""
-    from pipelines.pruning import search
-
     if not (search.ranked(cfg) and int(cfg.prune.search.distill_steps) > 0):
         return None
     return search.check_ranked(cfg, source, layout)[0]
@@ -253,7 +252,7 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
                     ranking, sequence=int(section.sequence_length), micro_batch=int(section.micro_batch_size),
                     microbatches=int(section.global_batch_size) // int(section.micro_batch_size), tensor=tensor,
                     pipeline=pipeline, data=1, element_bytes=2, distributed_optimizer=bool(section.distributed_optimizer),
-                    recompute=str(cfg.prune.search.get("distill_recompute") or section.recompute), fused=fused,
+                    recompute=search.ranking_recompute(cfg), fused=fused,
                     sequence_parallel=tensor > 1, chunk_tokens=int(section.chunk_tokens),
                     teacher=teacher if str(section.teacher) == "online" else None,
                     cache_k=int(cfg.logits.k) if str(section.teacher) == "cache" else 0, stage="prune ranking",

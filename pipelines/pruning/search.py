@@ -118,7 +118,7 @@ def within_budget(cfg, teacher: dict) -> list[dict]:
     wanted = budget(cfg, teacher)
     unpruned = {k: teacher[k] for k in SEARCHABLE}
     shapes = [s for s in grid(teacher, cfg.prune.search)
-              if exportable_shape(s) and {k: s[k] for k in SEARCHABLE} != unpruned]
+              if model_lib.exportable(s) and {k: s[k] for k in SEARCHABLE} != unpruned]
     limits = f"prune.search.max_width_pruning={cfg.prune.search.max_width_pruning} and " \
              f"max_depth_pruning={cfg.prune.search.max_depth_pruning}"
     if wanted is not None:
@@ -131,19 +131,14 @@ def within_budget(cfg, teacher: dict) -> list[dict]:
         shapes = fitting
     memory_gb = cfg.prune.get("target_memory_gb")
     if memory_gb is not None:
-        sizes = {id(s): memory_bytes(s, cfg.prune.memory, int4_group(cfg, s)) / 1e9 for s in shapes}
-        fitting = [s for s in shapes if sizes[id(s)] <= float(memory_gb)]
+        sizes = [memory_bytes(s, cfg.prune.memory, int4_group(cfg, s)) / 1e9 for s in shapes]
+        fitting = [s for s, size in zip(shapes, sizes) if size <= float(memory_gb)]
         require(fitting, f"no shape within {limits}{' and the parameter budget' if wanted else ''} fits "
                 f"{float(memory_gb)} GB in {cfg.prune.memory.format} with a {cfg.prune.memory.context}-token KV "
-                f"cache (the smallest needs {min(sizes.values()):.3f} GB); raise it or the search limits",
+                f"cache (the smallest needs {min(sizes):.3f} GB); raise it or the search limits",
                 "prune.target_memory_gb")
         shapes = fitting
     return sorted(shapes, key=counted, reverse=True)
-
-
-def exportable_shape(shape: dict) -> bool:
-    """Whether a grid shape can be a student at all (transformers loads it)."""
-    return model_lib.exportable(shape)
 
 
 def int4_group(cfg, shape: dict) -> int | None:
@@ -175,6 +170,11 @@ def reference_shape(cfg, teacher: dict) -> dict | None:
     require(cfg.prune.get("target_latency") is None, "prune.latency.reference and prune.target_latency both set: "
             "the reference's timing is the target", "prune.latency.reference")
     return {**teacher, **changes}
+
+
+def ranking_recompute(cfg) -> str:
+    """The ranking runs' activation recompute: ``prune.search.distill_recompute``, else ``distill.recompute``."""
+    return str(cfg.prune.search.get("distill_recompute") or cfg.distill.recompute)
 
 
 def ranked(cfg) -> bool:

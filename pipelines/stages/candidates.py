@@ -79,7 +79,7 @@ def distill_config(cfg, student: Path, output: Path):
                        "distill.warmup_steps": min(int(d.warmup_steps), max(0, steps - 1)),
                        "distill.eval_interval": 0, "distill.save_interval": min(steps, int(d.save_interval) or steps),
                        "distill.keep_final_checkpoint": False,
-                       "distill.recompute": str(cfg.prune.search.get("distill_recompute") or d.recompute)})
+                       "distill.recompute": search.ranking_recompute(cfg)})
 
 
 def one_timing(timing, layout):
