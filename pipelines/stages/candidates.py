@@ -110,8 +110,11 @@ def run(cfg, layout, staging: Path, scores: Path, prune_stage, distill_stage) ->
         target_ms = float(target_ms) if reference is None else latency["reference_ms"]
         meeting = [x for x in shapes if latency["ms"][targets.shape_name(x)] <= target_ms]
         fastest = min(latency["ms"].values())
+        outside = "" if reference is None or targets.shape_name(reference) in {targets.shape_name(x) for x in shapes} \
+            else f"; the reference {targets.shape_name(reference)} itself is outside the limits " \
+                 f"(prune.search.max_width_pruning, max_depth_pruning)"
         require(meeting, f"no shape within the limits decodes in {target_ms:.3f} ms (the fastest: {fastest:.3f} ms "
-                f"on {latency['device']}); raise {key} or the search limits", key)
+                f"on {latency['device']}){outside}; raise {key} or the search limits", key)
         require(int(s.top_k) <= len(meeting), f"prune.search.top_k={s.top_k} is more than the {len(meeting)} shapes "
                 f"that decode in {target_ms:.3f} ms ({key})", "prune.search.top_k")
         shapes = meeting
