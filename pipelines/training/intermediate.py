@@ -14,11 +14,17 @@ states would cost about 2·hidden bytes per token per layer against the logits c
 with the cache it is refused. Student and teacher widths must be equal (no projection is
 learned), and the pipeline-parallel size 1 (a pair may not cross stages).
 
+With a loss mask (conversations, ``data.chat.loss_on=assistant``) a term counts the tokens the
+logit losses count: the state at a position is the one that predicts that position's label. It
+is the masked sum divided by the same normalizer as KD and CE (the global batch's counted tokens'
+share), so the terms weigh tokens as the logit losses do.
+
 Under tensor parallelism without sequence parallelism (CPU, the local spec) every rank holds the
 whole hidden state and computes the same term, which megatron's collectives turn into the gradient
 of one copy. With sequence parallelism (the TE spec on GPUs) the states are split over the sequence:
-each rank's term covers its tokens and is divided by the tensor-parallel size, so the ranks' terms
-add up to the mean over all tokens; that path runs only on GPUs and is not tested here.
+each rank's term covers its tokens (unmasked: divided by the tensor-parallel size; masked: its
+slice of the mask over the whole count), so the ranks' terms add up to the mean over all tokens;
+that path runs only on GPUs and is not tested here beyond the slicing.
 """
 
 from __future__ import annotations
@@ -110,13 +116,18 @@ def pairs(d, section: str, student: Path, student_arch: dict, teacher_arch: dict
     return found
 
 
-def pair_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean over tokens of the distance between ``[..., h]`` hidden states (float32), differentiable
-    in ``student``."""
+def token_distance(student: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:
+    """The per-token distance between ``[..., h]`` hidden states, ``[...]`` (float32),
+    differentiable in ``student``."""
     s, t = student.float(), teacher.detach().float()
     if loss == "cosine":
-        return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
-    return F.mse_loss(s, t)
+        return 1.0 - F.cosine_similarity(s, t, dim=-1)
+    return (s - t).pow(2).mean(-1)
+
+
+def pair_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean over tokens of :func:`token_distance`."""
+    return token_distance(student, teacher, loss).mean()
 
 
 class HiddenStates:
@@ -137,8 +148,26 @@ class HiddenStates:
         return states
 
 
-def hidden_loss(pairs_: list[Pair], student: dict, teacher: dict, sequence_parallel_size: int = 1) -> torch.Tensor:
-    """The weighted sum of the pairs' terms, each divided by the sequence-parallel size (see the
-    module doc)."""
-    total = sum(p.weight * pair_loss(student[p.student], teacher[p.teacher], p.loss) for p in pairs_)
-    return total / sequence_parallel_size
+def token_weights(loss_mask: torch.Tensor, normalizer: torch.Tensor | float | None,
+                  sequence_parallel_size: int = 1, sequence_parallel_rank: int = 0) -> torch.Tensor:
+    """``[s_local, b]`` weights for states ``[s, b, h]`` from a ``[b, s]`` loss mask: the mask over
+    ``normalizer`` (default: the whole mask's count), this sequence-parallel rank's rows."""
+    mask = loss_mask.float()
+    weights = mask / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
+    rows = weights.t()
+    local = rows.shape[0] // sequence_parallel_size
+    return rows[sequence_parallel_rank * local:(sequence_parallel_rank + 1) * local]
+
+
+def hidden_loss(pairs_: list[Pair], student: dict, teacher: dict, sequence_parallel_size: int = 1,
+                loss_mask: torch.Tensor | None = None, normalizer: torch.Tensor | float | None = None,
+                sequence_parallel_rank: int = 0) -> torch.Tensor:
+    """The weighted sum of the pairs' terms (see the module doc): unmasked, each a mean over this
+    rank's tokens divided by the sequence-parallel size; masked, the weighted sum by
+    :func:`token_weights`."""
+    if loss_mask is None:
+        total = sum(p.weight * pair_loss(student[p.student], teacher[p.teacher], p.loss) for p in pairs_)
+        return total / sequence_parallel_size
+    weights = token_weights(loss_mask, normalizer, sequence_parallel_size, sequence_parallel_rank)
+    return sum(p.weight * (token_distance(student[p.student], teacher[p.teacher], p.loss) * weights).sum()
+               for p in pairs_)

@@ -210,8 +210,11 @@ class Trainer:
         if self.pairs:   # both forwards ran: the hooks hold this micro-batch's states
             student_states, teacher_states = self.hidden.take(), self.teacher_hidden.take()
             if kd_weight is None:   # training; validation scores the logits (its teacher is cached top-k)
-                hidden = intermediate.hidden_loss(self.pairs, student_states, teacher_states,
-                                                  self.layout.tensor_parallel if self.sequence_parallel else 1)
+                sp = self.layout.tensor_parallel if self.sequence_parallel else 1
+                hidden = intermediate.hidden_loss(
+                    self.pairs, student_states, teacher_states, sp, loss_mask=batch.get("loss_mask"),
+                    normalizer=batch.get("loss_tokens"),
+                    sequence_parallel_rank=torch.distributed.get_rank(self.tp_group) if sp > 1 else 0)
         weight = self.plan.kd_weight if kd_weight is None else kd_weight
         return output, partial(self._loss, batch, teacher, weight, hidden)
 

@@ -113,6 +113,21 @@ def test_the_loss_counts_assistant_tokens_only(chat_data, tiny_teacher, tmp_path
     assert abs(masked - whole) > 1e-3
 
 
+def test_hidden_state_terms_train_on_conversations(chat_data, tiny_teacher, tmp_path):
+    """distill.intermediate with a loss mask: the terms count the assistant tokens' states (the
+    arithmetic: test_intermediate.py); here the wiring, [b, s] mask against [s, b, h] states."""
+    data, _, _ = chat_data
+    stages.run("distill", compose("pipeline", [
+        f"distill.student={tiny_teacher}", f"distill.output={tmp_path / 'kd'}", f"data.output={data}",
+        "distill.teacher=online", f"distill.teacher_checkpoint={tiny_teacher}", f"distill.sequence_length={WINDOW}",
+        "distill.intermediate=[{student:0,teacher:1,loss:cosine}]", "distill.train_steps=2", "distill.warmup_steps=1",
+        "distill.micro_batch_size=2", "distill.global_batch_size=4", "distill.eval_samples=4",
+        "distill.eval_interval=0", "distill.save_interval=0", "distill.log_interval=1"]))
+    lines = [json.loads(x) for x in (tmp_path / "kd" / "train" / "metrics.jsonl").read_text().splitlines()]
+    hidden = [x["hidden"] for x in lines if x["kind"] == "train"]
+    assert len(hidden) == 2 and all(0 < h < 2 for h in hidden)
+
+
 def test_another_sequence_length_is_refused(chat_data):
     data, _, _ = chat_data
     with pytest.raises(UserError, match=r"packed whole into 256 tokens.*fix: data.chat.sequence_length"):

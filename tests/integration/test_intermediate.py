@@ -27,6 +27,33 @@ def test_the_terms_against_their_definitions():
     assert s.grad is not None and s.grad.abs().sum() > 0
 
 
+def test_a_masked_term_counts_the_masked_tokens_as_the_logit_losses_do():
+    """Conversations: only the counted tokens' states pull; over micro-batches with the global
+    normalizer the terms add up to the mean over every counted token; sequence-parallel slices
+    add up to the whole."""
+    torch.manual_seed(0)
+    pairs = [intermediate.Pair(0, 1, "cosine", 0.5), intermediate.Pair(0, 1, "mse", 2.0)]
+    s, t = torch.randn(6, 2, 8, requires_grad=True), torch.randn(6, 2, 8)   # [s, b, h]
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 0, 0, 0, 1, 1]])            # [b, s]
+    term = intermediate.hidden_loss(pairs, {0: s}, {1: t}, loss_mask=mask)
+    counted = mask.t().bool()
+    expected = sum(p.weight * intermediate.pair_loss(s[counted], t[counted], p.loss) for p in pairs)
+    torch.testing.assert_close(term, expected)
+    term.backward()
+    assert s.grad[~counted].abs().sum() == 0 and s.grad[counted].abs().sum(-1).min() > 0
+    # two micro-batches (one sequence each) with the global batch's share (trainer.share_tokens):
+    # the schedule's mean over micro-batches is the mean over every counted token
+    share = mask.sum() / 2
+    halves = 0.5 * sum(intermediate.hidden_loss(pairs, {0: s[:, i:i + 1]}, {1: t[:, i:i + 1]},
+                                          loss_mask=mask[i:i + 1], normalizer=share) for i in range(2))
+    torch.testing.assert_close(halves, expected)
+    # sequence parallel over 2: each rank holds 3 positions and its slice of the mask
+    ranks = sum(intermediate.hidden_loss(pairs, {0: s[3 * r:3 * r + 3]}, {1: t[3 * r:3 * r + 3]},
+                                         sequence_parallel_size=2, loss_mask=mask, sequence_parallel_rank=r)
+                for r in range(2))
+    torch.testing.assert_close(ranks, expected)
+
+
 @pytest.fixture(scope="module")
 def depth_student(tmp_path_factory, trained_teacher, tiny_data):
     """The trained teacher without its layers 1 and 2: student layers 0 and 1 came from 0 and 3."""
