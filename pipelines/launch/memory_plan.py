@@ -166,7 +166,7 @@ def training(arch: dict, *, sequence: int, micro_batch: int, microbatches: int, 
 
 def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes: int,
             chunk_tokens: int = 1024, gpu: bool = True, stage: str = "logits", data: int = 1,
-            sampled: bool = False, temperature: float = 1.0) -> Estimate:
+            sampled: bool = False, temperature: float = 1.0, pipeline: int = 1) -> Estimate:
     """Peak bytes per GPU of a forward-only pass of ``batch`` sequences (logits, prune, eval).
 
     Nothing is kept between layers, so the peak is the weights plus the largest of: one layer's
@@ -183,13 +183,15 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     gpu-check`` measures it; on CPU ``bench/memory_plan.py`` measures a fifth to a half of a
     chunk above the softmax at its three sizes).
     Float32 logits at T = 1 are used as they are, without a float32 copy (:func:`float32_chunks`).
+    Over ``pipeline`` stages the weights are the most loaded stage's; the logits are counted as if
+    on that stage too (the last one holds them).
     """
-    estimate = Estimate(stage, {"tensor": tensor, "pipeline": 1, "data": data})
+    estimate = Estimate(stage, {"tensor": tensor, "pipeline": pipeline, "data": data})
     parts = estimate.parts
     tokens = sequence * batch
     f, h = arch["ffn_hidden_size"], arch["hidden_size"]
     vocab = model_lib.padded_vocab_size(arch) // tensor
-    parts["weights"] = parameters_per_rank(arch, tensor, 1) * element_bytes
+    parts["weights"] = parameters_per_rank(arch, tensor, pipeline) * element_bytes
     layer = (4 * f / tensor + 4 * h) * tokens * element_bytes  # no [s, s] scores: fused attention
     chunk = min(chunk_tokens, tokens)
     float32 = float32_chunks(arch, element_bytes, temperature)
@@ -240,11 +242,11 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
                                      batch=int(cfg.logits.batch_size), tensor=tensor, element_bytes=2,
                                      chunk_tokens=int(cfg.logits.chunk_tokens), stage=stage,
                                      data=data, sampled=str(cfg.logits.mode) == "sampled",
-                                     temperature=float(cfg.logits.temperature)))
+                                     temperature=float(cfg.logits.temperature), pipeline=pipeline))
         elif stage == "prune":
             estimates.append(forward(teacher, sequence=int(cfg.prune.sequence_length),
                                      batch=int(cfg.prune.batch_size), tensor=tensor, element_bytes=2,
-                                     stage=stage, data=data))
+                                     stage=stage, data=data, pipeline=pipeline))
             ranking = ranking_candidate(cfg, checked.get("source") or teacher, layout)
             if ranking is not None:   # each candidate's short distillation, in the prune stage's layout
                 section = cfg.distill
@@ -262,7 +264,7 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
             tokens = int(cfg.eval.batch_tokens)
             length = min(int(cfg.eval.max_length), tokens)
             estimates.append(forward(teacher, sequence=length, batch=max(1, tokens // length), tensor=tensor,
-                                     element_bytes=2, stage=stage, data=data))
+                                     element_bytes=2, stage=stage, data=data, pipeline=pipeline))
     return estimates
 
 

@@ -119,6 +119,9 @@ def test_the_ranking_runs_of_a_latency_search_are_planned_and_fit_only_pipelined
     ranking = next(e for e in estimates if e.stage == "prune ranking")
     assert ranking.layout["pipeline"] == 8 and ranking.total < 80 * GB
     memory_plan.check(cfg, estimates)
+    # the prune stage's own forward holds one pipeline stage's weights: 4 of 32 layers plus a vocabulary matrix
+    pruning = next(e for e in estimates if e.stage == "prune")
+    assert pruning.layout["pipeline"] == 8 and 2.5 * GB < pruning.parts["weights"] < 3.5 * GB
     cfg, estimates = _plan("llama31_8b_latency", "run.stage_parallel.prune.pipeline=1")
     with pytest.raises(UserError, match=r"prune ranking is predicted .*fix: prune.search.distill_recompute"):
         memory_plan.check(cfg, estimates)
