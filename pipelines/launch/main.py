@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     checked["layouts"] = {**checked["layouts"], **students[0]["layouts"]}   # the memory plan's
     if runs_on_gpus(cfg):
 
-        estimates = memory_plan.plan(cfg, names, checked)
+        estimates = memory_plan.plan(cfg, names, {**checked, "students": [s["student"] for s in students]})
         if estimates:
             print(f"[memory] predicted peak per GPU (limit cluster.gpu_memory_gb="
                   f"{cfg.cluster.get('gpu_memory_gb') or 80}):", flush=True)

@@ -48,6 +48,13 @@ with the top-k's float32 chunks (two; one for float32 logits at T = 1), or sampl
 whole-vocabulary chunk and torch's multinomial's buffers (written batch-major, so GPTModel's
 final transpose copies nothing).
 
+The single-process stages that run through transformers (quantize, speed) hold their models in
+bf16 on one GPU: quantize the student, speed every model of the run at once (they are timed in
+turns). On top, the largest model's pass over ``batch x sequence`` tokens: its logits at every
+position (counted in float32, the larger of what transformers versions return), one layer's MLP
+transients and the KV cache of the tokens it holds. ModelOpt's calibration statistics (a few
+values per channel) are not counted.
+
 What it does not know: TE's own workspaces, FP8, activation offloading, and fragmentation beyond
 the 10% allowance; and, on a GPU without TE where torch's flash kernel cannot run (float32
 training, a head size over 256), the keys and values :mod:`pipelines.ops.attention` repeats per
@@ -206,6 +213,23 @@ def forward(arch: dict, *, sequence: int, batch: int, tensor: int, element_bytes
     return estimate
 
 
+def single_gpu(models: list[dict], *, sequence: int, batch: int, cached_tokens: int, stage: str,
+               gpu: bool = True) -> Estimate:
+    """Peak bytes of a one-GPU transformers stage (quantize, speed): see the module."""
+    from pipelines.evaluation.speed import kv_cache_bytes
+
+    estimate = Estimate(stage, {"tensor": 1, "pipeline": 1, "data": 1})
+    parts = estimate.parts
+    parts["weights"] = sum(parameters_per_rank(arch, 1, 1) for arch in models) * 2
+    largest = max(models, key=lambda arch: parameters_per_rank(arch, 1, 1))
+    tokens = sequence * batch
+    parts["kv cache"] = kv_cache_bytes(largest, cached_tokens, batch)
+    parts["forward peak"] = max(4 * largest["ffn_hidden_size"] * tokens * 2,
+                                tokens * model_lib.padded_vocab_size(largest) * 4)
+    parts["framework"] = FRAMEWORK_BYTES + FRAGMENTATION * estimate.total if gpu else HOST_FRAMEWORK_BYTES
+    return estimate
+
+
 def ranking_candidate(cfg, source: dict, layout: dict) -> dict | None:
     """The largest shape a search by targets may distill in the prune stage (``prune.search.distill_steps``), or None."""
     if not (search.ranked(cfg) and int(cfg.prune.search.distill_steps) > 0):
@@ -218,7 +242,18 @@ def plan(cfg, stages: list[str], checked: dict) -> list[Estimate]:
     fused = True  # the cluster image has TE (without it: torch's attention kernel)
     estimates = []
     teacher, student = checked["teacher"], checked["student"]
+    students = checked.get("students") or [student]
     for stage in stages:
+        if stage == "quantize" and list(cfg.quantize.formats):
+            q = cfg.quantize
+            estimates.append(max((single_gpu([arch], sequence=int(q.sequence_length), batch=int(q.batch_size),
+                                             cached_tokens=int(q.sequence_length), stage=stage)
+                                  for arch in students), key=lambda e: e.total))
+        elif stage == "speed" and bool(cfg.eval.speed.enabled):
+            s = cfg.eval.speed
+            length = int(s.prompt_length)
+            estimates.append(single_gpu([teacher, *students], sequence=length, batch=int(s.batch),
+                                        cached_tokens=length + int(s.decode_tokens), stage=stage))
         layout = checked["layouts"].get(stage)
         if layout is None:
             continue
@@ -280,6 +315,8 @@ def check(cfg, estimates: list[Estimate]) -> None:
                  "logits": "logits.batch_size / run.stage_parallel.logits",
                  "prune": "prune.batch_size / run.stage_parallel.prune",
                  "prune ranking": "prune.search.distill_recompute / run.stage_parallel.prune (its pipeline size)",
-                 "eval": "eval.batch_tokens / run.stage_parallel.eval"}
+                 "eval": "eval.batch_tokens / run.stage_parallel.eval",
+                 "quantize": "quantize.batch_size / quantize.sequence_length",
+                 "speed": "eval.speed.batch / eval.speed.prompt_length"}
         raise UserError(f"{stage} is predicted to need {estimate.total / 1e9:.1f} GB per GPU, more than "
                         f"cluster.gpu_memory_gb={limit / 1e9:.0f} ({estimate.line().strip()})", fixes[stage])

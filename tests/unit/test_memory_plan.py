@@ -19,7 +19,7 @@ def _plan(experiment, *overrides):
 @pytest.mark.parametrize("experiment", ["llama31_8b_width_4b", "llama31_8b_depth_4b"])
 def test_8b_stages_fit_an_80_gb_gpu_with_headroom(experiment):
     cfg, estimates = _plan(experiment)
-    assert {e.stage for e in estimates} == {"correct", "prune", "logits", "distill", "eval"}
+    assert {e.stage for e in estimates} == {"correct", "prune", "logits", "distill", "quantize", "eval", "speed"}
     # at least the 10% margin bench/time_plan.py chose the layouts with
     assert all(e.total < 0.9 * 80 * GB for e in estimates), [e.line() for e in estimates]
     memory_plan.check(cfg, estimates)
@@ -124,4 +124,18 @@ def test_the_ranking_runs_of_a_latency_search_are_planned_and_fit_only_pipelined
     assert pruning.layout["pipeline"] == 8 and 2.5 * GB < pruning.parts["weights"] < 3.5 * GB
     cfg, estimates = _plan("llama31_8b_latency", "run.stage_parallel.prune.pipeline=1")
     with pytest.raises(UserError, match=r"prune ranking is predicted .*fix: prune.search.distill_recompute"):
+        memory_plan.check(cfg, estimates)
+
+
+def test_the_single_gpu_stages_hold_their_models_whole():
+    """quantize holds the student, speed every model of the run at once (timed in turns), both in
+    bf16 on one GPU; a decode batch that cannot fit is refused naming its key."""
+    cfg, estimates = _plan("llama31_8b_width_4b")
+    found = {e.stage: e for e in estimates}
+    teacher = memory_plan.parameters_per_rank(preflight.check(cfg, ["prune"])["teacher"], 1, 1) * 2
+    student = found["quantize"].parts["weights"]
+    assert 8 * GB < student < 10 * GB and found["quantize"].layout == {"tensor": 1, "pipeline": 1, "data": 1}
+    assert found["speed"].parts["weights"] == teacher + student
+    cfg, estimates = _plan("llama31_8b_width_4b", "eval.speed.batch=512", "eval.speed.prompt_length=2048")
+    with pytest.raises(UserError, match=r"speed is predicted .*fix: eval.speed.batch"):
         memory_plan.check(cfg, estimates)
