@@ -3,8 +3,9 @@ cache, resumes exactly, and is written as a plain model that the quantize stage 
 
 import json
 
+import pytest
 import torch
-from helpers import compose, run_script
+from helpers import compose, run_script, run_torchrun
 from test_distill import _kill_after_first_checkpoint, distill_args, final_weights, full_cache  # noqa: F401
 
 from pipelines import stages
@@ -72,3 +73,42 @@ def test_qad_trains_through_the_quantizers_resumes_and_writes_a_plain_student(tm
                                "quantize.calib_samples=8", "quantize.sequence_length=32"])
     stages.run("quantize", cfg)
     assert (tmp_path / "quantized" / "int4_awq" / "hf_quant_config.json").exists()
+
+
+def _losses(folder):
+    lines = [json.loads(x) for x in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["kind"] == "train"]
+
+
+def _qad(tmp_path, name, student, data, cache, fmt, tensor, **extra):
+    settings = {**QAD, "distill.cache": cache, "distill.quantize": fmt, "distill.train_steps": 3,
+                "distill.save_interval": 0, "distill.log_interval": 1, "distill.eval_interval": 0, **extra}
+    args = distill_args(student, data, tmp_path / name, **settings)
+    result = run_torchrun(2, "scripts/distill.py", *args, "parallel.tensor=2") if tensor == 2 else \
+        run_script("scripts/distill.py", *args, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _losses(tmp_path / name)
+
+
+def test_fp8_qad_at_tp2_trains_as_one_process(tmp_path, tiny_teacher, tiny_data, full_cache):
+    """Two gloo ranks at parallel.tensor=2: ModelOpt syncs the per-tensor FP8 ranges over the
+    split layers, so training through them gives one process's losses."""
+    one = _qad(tmp_path, "one", tiny_teacher, tiny_data, full_cache, "fp8", 1)
+    two = _qad(tmp_path, "two", tiny_teacher, tiny_data, full_cache, "fp8", 2)
+    assert len(one) == 3 and all(abs(a - b) <= 1e-3 for a, b in zip(one, two)), (one, two)
+
+
+def test_int4_awq_qad_at_tp2_folds_its_split_input_scales_back(tmp_path, tiny_teacher, tiny_data, full_cache):
+    """INT4-AWQ at parallel.tensor=2. ModelOpt's AWQ chooses its scales per rank (each rank's
+    share of a layer's output error) and averages them over the tensor-parallel group, so the
+    quantized model is close to one process's, not the same: its loss before training within 1e-3.
+    With no learning (lr 1e-12), the student written at the end is the starting one: the input
+    scales of the column- and row-parallel layers fold back into their split weights exactly."""
+    tiny = {"distill.lr": 1e-12, "distill.min_lr": 0}
+    one = _qad(tmp_path, "one", tiny_teacher, tiny_data, full_cache, "int4_awq", 1, **tiny)
+    two = _qad(tmp_path, "two", tiny_teacher, tiny_data, full_cache, "int4_awq", 2, **tiny)
+    assert abs(one[0] - two[0]) <= 1e-3, (one, two)
+    start, written = final_weights(tiny_teacher), final_weights(tmp_path / "two")
+    assert start.keys() == written.keys()
+    for key in start:
+        torch.testing.assert_close(written[key], start[key], rtol=1e-5, atol=1e-5, msg=key)
