@@ -27,7 +27,8 @@ from pipelines.model import checkpoint
 from pipelines.pruning import search
 from pipelines.pruning.search import within_budget
 from pipelines.stages import get, registry
-from pipelines.stages.rules import TRAINING, layout_fits, lists, positive, positive_whole, student_architecture
+from pipelines.stages.rules import (TRAINING, chat_lengths, layout_fits, lists, positive, positive_whole,
+                                     student_architecture)
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")   # a folder name that stays in the runs folder
 SLURM_NAME = re.compile(r"[A-Za-z0-9_.,:-]+")            # a partition, account, QOS or job-name prefix
@@ -66,6 +67,7 @@ def check(cfg, stages: list[str], source: dict | None = None, student: dict | No
             else ("processes",):
         if cluster.get(key) is not None:
             positive_whole(cluster[key], f"cluster.{key}", 1, inclusive=True)
+    chat_lengths(cfg, stages)
     # training sections first: other sections interpolate their keys (logits.temperature)
     for stage in sorted(stages, key=lambda name: name not in TRAINING):
         layout = None

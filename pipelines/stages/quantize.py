@@ -62,15 +62,16 @@ def checks(cfg, arch, layout) -> None:
 
 def calibration(cfg) -> tuple[list, object]:
     """``(calibration batches, the check batch)``: the first ``calib_samples`` training sequences,
-    and one held-out batch the export is compared on."""
+    and one held-out batch the export is compared on: the inputs (``sequence_length`` tokens) of
+    the windows every training stage reads, so conversations packed at that length line up."""
     q = cfg.quantize
     length, batch = int(q.sequence_length), int(q.batch_size)
-    train = TokenWindows(Path(str(cfg.data.output)), "train", length - 1)
+    train = TokenWindows(Path(str(cfg.data.output)), "train", length)
     require(len(train) >= int(q.calib_samples), f"the training split holds {len(train)} sequences of "
             f"{length} tokens, fewer than quantize.calib_samples={q.calib_samples}", "quantize.calib_samples")
-    batches = list(train.batches(batch, int(q.calib_samples)))
-    valid = TokenWindows(Path(str(cfg.data.output)), "valid", length - 1)
-    check = next(iter(valid.batches(min(batch, len(valid)), min(batch, len(valid)))))
+    batches = [b[:, :-1].contiguous() for b in train.batches(batch, int(q.calib_samples))]
+    valid = TokenWindows(Path(str(cfg.data.output)), "valid", length)
+    check = next(iter(valid.batches(min(batch, len(valid)), min(batch, len(valid)))))[:, :-1].contiguous()
     return batches, check
 
 

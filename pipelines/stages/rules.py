@@ -203,6 +203,22 @@ def data_ranges(data) -> None:
                 "chat template: set data.train_tokenizer_vocab=null and data.tokenizer", "data.train_tokenizer_vocab")
 
 
+WINDOW_STAGES = ("correct", "prune", "logits", "distill", "quantize", "eval")   # read the data's windows
+
+
+def chat_lengths(cfg, stages) -> None:
+    """Conversations are packed whole at ``data.chat.sequence_length``: every stage that reads
+    them must read that length (refused before any compute, naming the stage's key)."""
+    if str(cfg.data.source) != "chat":
+        return
+    wanted = int(cfg.data.chat.sequence_length)
+    for stage in stages:
+        if stage in WINDOW_STAGES:
+            require(int(cfg[stage].sequence_length) == wanted, f"{stage}.sequence_length={cfg[stage].sequence_length}: "
+                    f"the conversations are packed whole into data.chat.sequence_length={wanted} tokens; read them "
+                    "at that length", f"{stage}.sequence_length")
+
+
 def section_ranges(cfg, stage: str, teacher: dict) -> None:
     """Numeric ranges of the other stages' sections (also called by the logits stage itself)."""
     if stage == "logits":

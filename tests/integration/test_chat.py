@@ -128,6 +128,25 @@ def test_hidden_state_terms_train_on_conversations(chat_data, tiny_teacher, tmp_
     assert len(hidden) == 2 and all(0 < h < 2 for h in hidden)
 
 
+def test_quantize_calibrates_on_conversations(chat_data, trained_teacher, tmp_path):
+    """The quantize stage reads the windows every training stage reads (it read one token shorter,
+    which conversations packed at the window refused)."""
+    data, _, _ = chat_data
+    manifest = stages.run("quantize", compose("pipeline", [
+        f"data.output={data}", f"quantize.source={trained_teacher}", f"quantize.output={tmp_path / 'q'}",
+        "quantize.formats=[fp8]", "quantize.calib_samples=4", "quantize.batch_size=2",
+        f"quantize.sequence_length={WINDOW}"]))
+    assert manifest["formats"] == ["fp8"] and (tmp_path / "q" / "fp8" / "hf_quant_config.json").exists()
+
+
+def test_every_stage_reads_the_packed_length_or_is_refused_before_compute(tmp_path, tiny_data):
+    from pipelines.launch import preflight
+
+    cfg = chat_cfg(tmp_path, tiny_data, [tmp_path / "none.jsonl"], "experiment=demo", "quantize.sequence_length=64")
+    with pytest.raises(UserError, match=r"quantize.sequence_length=64: .*packed whole into data.chat.sequence_length"):
+        preflight.check(cfg, ["quantize"])
+
+
 def test_another_sequence_length_is_refused(chat_data):
     data, _, _ = chat_data
     with pytest.raises(UserError, match=r"packed whole into 256 tokens.*fix: data.chat.sequence_length"):
