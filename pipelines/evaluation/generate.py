@@ -39,9 +39,11 @@ def greedy(model, ids: list[int], new_tokens: int, vocab_size: int, stop: int | 
 
 
 def generations(model, tokenizer, prompts, new_tokens: int, vocab_size: int, layout) -> list[dict]:
-    """``[{prompt, text}]`` for each prompt."""
+    """``[{prompt, text, tokens}]`` for each prompt (``tokens``: how many it generated before the
+    end-of-text token or the limit)."""
     found = []
     for prompt in prompts:
         ids = greedy(model, prompt_ids(tokenizer, str(prompt)), new_tokens, vocab_size, tokenizer.eos_token_id, layout)
-        found.append({"prompt": str(prompt), "text": tokenizer.decode(ids, skip_special_tokens=True)})
+        found.append({"prompt": str(prompt), "text": tokenizer.decode(ids, skip_special_tokens=True),
+                      "tokens": len(ids)})
     return found

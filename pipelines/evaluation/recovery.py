@@ -317,6 +317,13 @@ def markdown(report: dict, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def empty_answer(row: dict) -> str:
+    """What an answer with no visible text was."""
+    if row.get("tokens") == 0:
+        return "(none: its first token is end-of-text)"
+    return "(only whitespace or special tokens)"
+
+
 def generation_lines(found: dict) -> list[str]:
     """Every model's greedy answer to each ``eval.generate`` prompt, side by side."""
     if not found:
@@ -326,9 +333,9 @@ def generation_lines(found: dict) -> list[str]:
     for prompt in prompts:
         lines += ["", f"**{prompt}**", ""]
         for model, rows in found.items():
-            text = next((r["text"] for r in rows if r["prompt"] == prompt), None)
-            if text is not None:
-                lines.append(f"- *{model}*: {' '.join(text.split()) or '(nothing)'}")
+            row = next((r for r in rows if r["prompt"] == prompt), None)
+            if row is not None:
+                lines.append(f"- *{model}*: {' '.join(row['text'].split()) or empty_answer(row)}")
     return lines
 
 

@@ -137,3 +137,15 @@ def test_quantized_rows_say_ptq_or_qad_and_what_each_cost():
                     "| quantized_fp8_depth_qad | FP8, QAD | 2.00 MB | +0.0500 | +0.0000 | 1.0e-02 |"]
     del report["quantized_fp8_depth"]["quantized"]["method"]   # a report made before QAD existed: PTQ
     assert "FP8, PTQ" in quantization_lines(report)[-2]
+
+
+def test_an_answer_with_no_text_says_why():
+    from pipelines.evaluation.recovery import generation_lines
+
+    found = {"teacher": [{"prompt": "p", "text": " Yes,\n indeed", "tokens": 3}],
+             "pruned": [{"prompt": "p", "text": "", "tokens": 0}],
+             "student": [{"prompt": "p", "text": "  ", "tokens": 2}]}
+    lines = generation_lines(found)
+    assert "- *teacher*: Yes, indeed" in lines
+    assert "- *pruned*: (none: its first token is end-of-text)" in lines
+    assert "- *student*: (only whitespace or special tokens)" in lines
