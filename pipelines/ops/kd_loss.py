@@ -229,6 +229,14 @@ class _FusedLoss(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None
 
 
+def counted_weights(mask: torch.Tensor, normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Each token's weight in a masked mean: the mask over ``normalizer``, or over its own count
+    (see :func:`distill_loss`). No branch on the count: with no counted token every weight is 0
+    (reading it would synchronise with the device each micro-batch)."""
+    mask = mask.float()
+    return mask / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
+
+
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = None,
                  teacher: TopK | torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                  kd_weight: float = 1.0, temperature: float = 1.0, divergence: str = "forward_kl",
@@ -248,11 +256,9 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor | None = Non
     local_size = student_logits.shape[-1]
     logits = student_logits.reshape(-1, local_size)
     tokens = logits.shape[0]
-    mask = (torch.ones(tokens, device=logits.device) if loss_mask is None
-            else loss_mask.reshape(-1).float())
-    # no branch on the count (reading it would synchronise with the device each micro-batch): with
-    # no counted token every weight is 0, and so are the loss, its parts and the gradient
-    weights = mask / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
+    mask = torch.ones(tokens, device=logits.device) if loss_mask is None else loss_mask.reshape(-1)
+    # with no counted token the loss, its parts and the gradient are 0
+    weights = counted_weights(mask, normalizer)
     vocab = _Vocab(local_size, vocab_size, tp_group)
     use_kd, use_ce = kd_weight > 0, kd_weight < 1
     if use_kd and teacher is None:

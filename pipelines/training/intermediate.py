@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from pipelines.core.artifacts import read_manifest
 from pipelines.core.errors import require
+from pipelines.ops.kd_loss import counted_weights
 
 LOSSES = ("cosine", "mse")
 KEYS = ("student", "teacher", "loss", "weight")
@@ -150,11 +151,10 @@ class HiddenStates:
 
 def token_weights(loss_mask: torch.Tensor, normalizer: torch.Tensor | float | None,
                   sequence_parallel_size: int = 1, sequence_parallel_rank: int = 0) -> torch.Tensor:
-    """``[s_local, b]`` weights for states ``[s, b, h]`` from a ``[b, s]`` loss mask: the mask over
-    ``normalizer`` (default: the whole mask's count), this sequence-parallel rank's rows."""
-    mask = loss_mask.float()
-    weights = mask / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
-    rows = weights.t()
+    """``[s_local, b]`` weights for states ``[s, b, h]`` from a ``[b, s]`` loss mask: the logit
+    losses' weights (:func:`~pipelines.ops.kd_loss.counted_weights`: the mask over ``normalizer``,
+    default the whole mask's count), this sequence-parallel rank's rows."""
+    rows = counted_weights(loss_mask, normalizer).t()
     local = rows.shape[0] // sequence_parallel_size
     return rows[sequence_parallel_rank * local:(sequence_parallel_rank + 1) * local]
 
