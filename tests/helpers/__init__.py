@@ -91,6 +91,14 @@ WORDS = ("the of and to a in that was her it his she had you with for not be as 
          "letter sister mother father house morning evening walk dinner ball marriage fortune "
          "friend family garden carriage visit manner temper opinion feeling reason").split()
 
+def train_losses(folder: Path, key: str = "loss") -> list[float]:
+    """A training run's ``key`` at each logged step (``train/metrics.jsonl``)."""
+    import json
+
+    lines = [json.loads(x) for x in (Path(folder) / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [x[key] for x in lines if x["kind"] == "train"]
+
+
 def compose(config_name: str, overrides: list[str]):
     """A stage config composed with Hydra, as the scripts get it."""
     from hydra import compose as hydra_compose

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import WORDS, compose
+from helpers import WORDS, compose, train_losses
 
 from pipelines import stages
 from pipelines.core.artifacts import read_manifest
@@ -123,8 +123,7 @@ def test_hidden_state_terms_train_on_conversations(chat_data, tiny_teacher, tmp_
         "distill.intermediate=[{student:0,teacher:1,loss:cosine}]", "distill.train_steps=2", "distill.warmup_steps=1",
         "distill.micro_batch_size=2", "distill.global_batch_size=4", "distill.eval_samples=4",
         "distill.eval_interval=0", "distill.save_interval=0", "distill.log_interval=1"]))
-    lines = [json.loads(x) for x in (tmp_path / "kd" / "train" / "metrics.jsonl").read_text().splitlines()]
-    hidden = [x["hidden"] for x in lines if x["kind"] == "train"]
+    hidden = train_losses(tmp_path / "kd", "hidden")
     assert len(hidden) == 2 and all(0 < h < 2 for h in hidden)
 
 

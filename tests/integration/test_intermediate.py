@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import compose, run_script, run_torchrun
+from helpers import compose, run_script, run_torchrun, train_losses
 from test_distill import distill_args
 
 from pipelines import stages
@@ -83,11 +83,6 @@ def test_a_depth_students_layers_pair_with_the_layers_they_came_from(depth_stude
 def online(teacher, **extra):
     return {"distill.teacher": "online", "distill.teacher_checkpoint": teacher, "distill.train_steps": 3,
             "distill.save_interval": 0, "distill.log_interval": 1, **extra}
-
-
-def train_losses(folder, key="loss"):
-    lines = [json.loads(x) for x in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
-    return [x[key] for x in lines if x["kind"] == "train"]
 
 
 PAIRS = "[{student:0,teacher:null},{student:1,teacher:null,loss:mse,weight:0.1}]"

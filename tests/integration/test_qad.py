@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import compose, run_script, run_torchrun
+from helpers import compose, run_script, run_torchrun, train_losses
 from test_distill import _kill_after_first_checkpoint, distill_args, final_weights, full_cache  # noqa: F401
 
 from pipelines import stages
@@ -75,11 +75,6 @@ def test_qad_trains_through_the_quantizers_resumes_and_writes_a_plain_student(tm
     assert (tmp_path / "quantized" / "int4_awq" / "hf_quant_config.json").exists()
 
 
-def _losses(folder):
-    lines = [json.loads(x) for x in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
-    return [x["loss"] for x in lines if x["kind"] == "train"]
-
-
 def _qad(tmp_path, name, student, data, cache, fmt, tensor, **extra):
     settings = {**QAD, "distill.cache": cache, "distill.quantize": fmt, "distill.train_steps": 3,
                 "distill.save_interval": 0, "distill.log_interval": 1, "distill.eval_interval": 0, **extra}
@@ -87,7 +82,7 @@ def _qad(tmp_path, name, student, data, cache, fmt, tensor, **extra):
     result = run_torchrun(2, "scripts/distill.py", *args, "parallel.tensor=2") if tensor == 2 else \
         run_script("scripts/distill.py", *args, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return _losses(tmp_path / name)
+    return train_losses(tmp_path / name)
 
 
 def test_fp8_qad_at_tp2_trains_as_one_process(tmp_path, tiny_teacher, tiny_data, full_cache):
