@@ -22,12 +22,11 @@ written in a fresh temporary folder under the run, removed afterwards. Last line
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, mean_sd, smollm2_checkpoint, stage
+from common import mean_sd, read, smollm2_checkpoint, stage
 
 
 def main(argv: list[str]) -> int:
@@ -48,7 +47,7 @@ def main(argv: list[str]) -> int:
     common = [f"experiment={experiment}", "prune=depth", *args.overrides]
     print(f"[hidden_state_kd] {run}: the stages up to the teacher cache", flush=True)
     stage("stage", ["prepare,import,correct,prune,logits", *common[:1], "run.students=[depth]", *args.overrides])
-    student = json.loads((run / "prune_depth" / "manifest.json").read_text())
+    student = read(run / "prune_depth")
     layers = int(student["report"]["config_after"]["num_layers"])
     pairs = ",".join(f"{{student:{n},teacher:null,loss:cosine,weight:{args.weight / layers}}}" for n in range(layers))
     variants = {"logits_only": ["distill.teacher=online"],
@@ -62,7 +61,7 @@ def main(argv: list[str]) -> int:
                 output = Path(fresh) / f"{name}_{seed}"
                 stage("distill", [*common, *steps, *extra, f"distill.data_seed={seed}", f"distill.output={output}",
                                   "distill.log_interval=1000"])
-                losses[name].append(json.loads((output / "manifest.json").read_text())["final"]["val_loss"])
+                losses[name].append(read(output)["final"]["val_loss"])
                 print(f"[hidden_state_kd] seed {seed} {name}: validation loss {losses[name][-1]:.4f}", flush=True)
     mean, sd = mean_sd(losses)
     print(f"\ndepth student of {run}, {layers} layers paired with their source layers; validation loss, "

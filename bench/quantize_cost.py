@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, smollm2_checkpoint, stage
+from common import smollm2_checkpoint, stage
 FORMATS = {"fp8": "fp8", "int4": "int4_awq"}
 
 
