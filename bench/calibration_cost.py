@@ -64,7 +64,7 @@ def main() -> None:
             started = time.perf_counter()
             methods.width_prune(model, ARCH, {"hidden_size": 384, "ffn_hidden_size": 1024,
                                             "num_attention_heads": 8},
-                              lambda: iter(batches), Path(tmp) / "scores.pth")
+                              lambda: ((batch[:, :-1], None) for batch in batches), Path(tmp) / "scores.pth")
             calibration_times.append(time.perf_counter() - started)
     forward, calibration = statistics.median(forward_times), statistics.median(calibration_times)
     tokens = args.samples * args.sequence_length

@@ -11,13 +11,20 @@ conversations are a conversation-shaped view of Jane Austen's novels (no package
 ships an instruction data set). Then, for each of ``--seeds`` data orders, the depth student is
 distilled twice for ``--steps`` steps on the same tokens: KD from the cache (the recipe's default,
 ``kd_weight`` 0.7) and CE only (``distill.teacher=none``). Each loss is the distill stage's own at
-its last step, on the held-out conversations' assistant tokens.
+its last step, on the held-out conversations' assistant tokens, each conversation alone in its
+attention (``data.chat.packing=isolated``, the default).
+
+Beside them (not in ``--quick``), each seed's KD run is repeated on the same conversations packed
+with attention crossing from one to the next (``data.chat.packing=shared``: its own data folder
+and cache, from the same teacher), then scored by the eval stage on the isolated held-out
+conversations: what training with the crossing costs a student that serves one conversation at a time.
 
 ``--quick`` runs the same on the demo run (its pre-trained tiny teacher and depth student, its
 Austen tokenizer with a ChatML template given by ``data.chat_template``), in a temporary folder.
 
 Last line: ``cache_bytes_per_token=<b> assistant_share=<s> kd_val_loss=<x> ce_val_loss=<y> seeds=<n>``
-(the cache's bytes over every token of its samples; the share of the real tokens the loss counts).
+(the cache's bytes over every token of its samples; the share of the real tokens the loss counts),
+with ``kd_shared_val_loss=<z>`` before ``seeds`` in the full run.
 """
 
 from __future__ import annotations
@@ -81,12 +88,38 @@ def main(argv: list[str]) -> int:
                 losses[name].append(read(output)["final"]["val_loss"])
                 print(f"[chat_distill] seed {seed} {name}: assistant-token validation loss {losses[name][-1]:.4f}",
                       flush=True)
+        if not args.quick:
+            losses["kd_shared"] = shared_arm(common, steps, fresh, data, args.seeds)
     mean, sd = mean_sd(losses)
-    for name in variants:
+    for name in losses:
         print(f"  {name}: {mean[name]:.4f} ± {sd[name]:.4f}   ({', '.join(f'{v:.4f}' for v in losses[name])})")
+    shared = f"kd_shared_val_loss={mean['kd_shared']:.4f} " if "kd_shared" in mean else ""
     print(f"cache_bytes_per_token={per_token:.2f} assistant_share={share:.4f} kd_val_loss={mean['kd']:.4f} "
-          f"ce_val_loss={mean['ce']:.4f} seeds={args.seeds}")
+          f"ce_val_loss={mean['ce']:.4f} {shared}seeds={args.seeds}")
     return 0
+
+
+def shared_arm(common: list[str], steps: list[str], fresh: Path, isolated: Path, seeds: int) -> list[float]:
+    """Each seed's KD run on the conversations packed with attention crossing (its own data and
+    cache, the same corrected teacher and student), scored alone by the eval stage on ``isolated``."""
+    data = [f"data.output={fresh / 'shared_data'}", "data.chat.packing=shared"]
+    cache = fresh / "shared_logits"
+    print("[chat_distill] the same conversations packed with attention crossing: data and cache", flush=True)
+    stage("prepare", [*common, *data])
+    stage("logits", [*common, *data, f"logits.output={cache}"])   # the run's teacher: corrected
+    found = []
+    for seed in range(1, seeds + 1):
+        output = fresh / f"kd_shared_{seed}"
+        stage("distill", [*common, *steps, *data, f"distill.cache={cache}", f"distill.data_seed={seed}",
+                          f"distill.output={output}", "distill.log_interval=1000", "distill.keep_final_checkpoint=false"])
+        scored = fresh / f"kd_shared_{seed}_eval"
+        stage("eval", [*common, f"data.output={isolated}", f"eval.model={output}", f"eval.output={scored}",
+                       "eval.name=kd_shared", "eval.val_samples=${distill.eval_samples}", "eval.mmlu.enabled=false",
+                       "eval.corpus.enabled=false", "eval.generate.prompts=[]"])
+        found.append(json.loads((scored / "results.json").read_text())["val_loss"])
+        print(f"[chat_distill] seed {seed} kd_shared: trained with attention crossing, scored alone {found[-1]:.4f} "
+              f"(its own validation, crossing: {read(output)['final']['val_loss']:.4f})", flush=True)
+    return found
 
 
 if __name__ == "__main__":

@@ -21,11 +21,18 @@ a prefix of the whole is refused, since the turns' tokens could not be found.
 ``data.chat.sequence_length`` (the stages' sequence length, checked where the windows are read):
 a conversation that does not fit in what is left of the current segment starts the next one, the
 rest padded with end-of-document tokens that the mask leaves out. So no conversation is cut
-between two training samples and no sample's loss reads a cut one; a sample may hold several
-whole conversations, and attention crosses from one to the next (as packing documents does), the
-earlier ones being context the mask never scores. Marking the boundaries in the attention mask
-would need per-sample masks through megatron's attention, which the stages do not pass. A
-conversation longer than a segment is dropped and counted in the manifest (``too_long``).
+between two training samples and no sample's loss reads a cut one. A conversation longer than a
+segment is dropped and counted in the manifest (``too_long``). ``data.chat.packing``:
+
+- ``isolated`` (the default): a sample holds as many whole conversations as fit, and each sees
+  only itself: its positions start at 0 and attention stays within it (the per-document mask of
+  :mod:`pipelines.ops.masks`, from where each begins: ``<split>.starts``, one byte a token). Every
+  stage's model reads them so, and a conversation is scored as it would be alone. Through megatron's
+  and torch's attention; transformer-engine's ignores the mask and is refused by name.
+- ``one``: one conversation a sample, the rest padding: the same for any attention, TE included,
+  at the cost of the padding's compute (the manifest counts it).
+- ``shared``: as ``isolated``, but attention crosses from one conversation to the next (as packing
+  documents does), the earlier ones context the mask never scores.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 from pipelines.core.errors import UserError, require
 
 LOSS_ON = ("assistant", "all")
+PACKING = ("isolated", "one", "shared")
 
 
 def austen_view(documents: list[str]) -> list[list[dict]]:
@@ -157,21 +165,26 @@ class Renderer:
         return np.asarray([*ids, eos], dtype=np.int32), mask
 
 
-def pack(items, window: int, pad: int):
+def pack(items, window: int, pad: int, one: bool = False):
     """Lay ``(ids, mask)`` items out in segments of ``window`` tokens, none cut (see the module);
-    yields ``(ids, mask)`` chunks to write in order; items longer than a segment are skipped
-    (the caller counts them)."""
+    ``one``: one item a segment. Yields ``(ids, mask, starts)`` chunks to write in order, ``starts``
+    1 at the first token of each item and of each run of padding; items longer than a segment are
+    skipped (the caller counts them)."""
+    def padding(count: int):
+        starts = np.zeros(count, dtype=np.uint8)
+        starts[:1] = 1
+        return np.full(count, pad, dtype=np.int32), np.zeros(count, dtype=np.uint8), starts
+
     used = 0
     for ids, mask in items:
         if len(ids) > window:
             continue
-        if used + len(ids) > window:
-            rest = window - used
-            if rest:
-                yield np.full(rest, pad, dtype=np.int32), np.zeros(rest, dtype=np.uint8)
+        if used and (one or used + len(ids) > window):
+            yield padding(window - used)
             used = 0
-        yield ids, mask
+        starts = np.zeros(len(ids), dtype=np.uint8)
+        starts[0] = 1
+        yield ids, mask, starts
         used = (used + len(ids)) % window
     # the last segment padded whole, plus the one token a window reads past its segment
-    rest = (window - used) % window + 1
-    yield np.full(rest, pad, dtype=np.int32), np.zeros(rest, dtype=np.uint8)
+    yield padding((window - used) % window + 1)

@@ -149,7 +149,9 @@ class TokenWindows(torch.utils.data.Dataset):
     Conversations (``data.source=chat``, :mod:`pipelines.data.chat`) carry a loss mask, one byte
     a token (``<split>.mask``): :meth:`loss_mask` is sample ``i``'s over its labels, and
     :attr:`masked` says there is one. They were packed whole into segments of the sequence length,
-    so another length is refused.
+    so another length is refused. Packed with ``data.chat.packing=isolated``, each sample also says
+    where its conversations begin (``<split>.starts``, one byte a token): :meth:`starts`, which the
+    model reads to keep attention within each (:func:`pipelines.model.build.model_inputs`).
     """
 
     def __init__(self, folder: Path, split: str, sequence_length: int):
@@ -157,7 +159,7 @@ class TokenWindows(torch.utils.data.Dataset):
         require(Path(str(prefix) + ".bin").exists(), f"no tokenized {split} split in {folder}; "
                 "run the prepare stage first (make prepare)", "data.output")
         self.tokens = np.memmap(str(prefix) + ".bin", dtype=np.int32, mode="r")
-        self.mask, self.loss_on = None, "all"
+        self.mask, self.loss_on, self.begins = None, "all", None
         chat = (read_manifest(Path(folder)) or {}).get("chat")
         if chat:
             require(int(chat["window"]) == int(sequence_length), f"the conversations in {folder} are packed whole "
@@ -166,6 +168,10 @@ class TokenWindows(torch.utils.data.Dataset):
             self.mask, self.loss_on = np.memmap(str(prefix) + ".mask", dtype=np.uint8, mode="r"), str(chat["loss_on"])
             require(len(self.mask) == len(self.tokens), f"{prefix}.mask does not match its tokens; prepare the data "
                     "again (make prepare FORCE=1)", "data.output")
+            if chat.get("packing") == "isolated":
+                self.begins = np.memmap(str(prefix) + ".starts", dtype=np.uint8, mode="r")
+                require(len(self.begins) == len(self.tokens), f"{prefix}.starts does not match its tokens; prepare "
+                        "the data again (make prepare FORCE=1)", "data.output")
         self.sequence_length = sequence_length
         self.count = (len(self.tokens) - 1) // sequence_length
         require(self.count > 0, f"{split} split has {len(self.tokens)} tokens, fewer than one "
@@ -188,6 +194,14 @@ class TokenWindows(torch.utils.data.Dataset):
         start = index * self.sequence_length
         return torch.from_numpy(np.array(self.mask[start + 1:start + self.sequence_length + 1], dtype=np.float32))
 
+    def starts(self, index: int) -> torch.Tensor | None:
+        """Where sample ``index``'s packed conversations begin, over its ``s`` inputs (bool; None
+        unless they are kept apart: ``data.chat.packing=isolated``)."""
+        if self.begins is None:
+            return None
+        start = index * self.sequence_length
+        return torch.from_numpy(np.array(self.begins[start:start + self.sequence_length], dtype=np.bool_))
+
     def mask_counts(self, samples: int) -> np.ndarray:
         """How many labels the loss mask counts in each of the first ``samples`` samples."""
         s = self.sequence_length
@@ -207,6 +221,19 @@ class TokenWindows(torch.utils.data.Dataset):
         for start in range(0, total, batch_size):
             indices = range(start, min(start + batch_size, total))
             yield torch.stack([self.loss_mask(i) for i in indices]) if self.masked else None
+
+    def start_batches(self, batch_size: int, limit: int | None = None):
+        """The conversation starts ``[b, s]`` of :meth:`batches`' samples (None each, unless kept apart)."""
+        total = min(self.count, limit or self.count)
+        for start in range(0, total, batch_size):
+            indices = range(start, min(start + batch_size, total))
+            yield torch.stack([self.starts(i) for i in indices]) if self.begins is not None else None
+
+    def input_batches(self, batch_size: int, limit: int | None = None):
+        """``(inputs [b, s], starts [b, s] or None)`` of :meth:`batches`' samples: what a forward
+        pass reads (calibration), without the last label."""
+        return zip((batch[:, :-1].contiguous() for batch in self.batches(batch_size, limit)),
+                   self.start_batches(batch_size, limit))
 
 
 def tokenizer_hash(folder: Path) -> str | None:

@@ -20,6 +20,7 @@ from pipelines.model.spec import layer_spec
 from pipelines.ops import rope
 from pipelines.ops.embedding import fuse_gradient
 from pipelines.ops.kd_loss import token_logprobs
+from pipelines.ops.masks import causal_mask, document_inputs
 
 ARCHITECTURE_KEYS = (
     "num_layers",
@@ -295,25 +296,39 @@ def batch_major_logits(output_layer) -> None:
     output_layer.register_forward_hook(sequence_first_view, with_kwargs=True)
 
 
-def causal_mask(sequence_length: int, device=None) -> torch.Tensor:
-    """Megatron attention mask [1, 1, s, s]: True where a position may NOT attend."""
-    return torch.triu(torch.ones(1, 1, sequence_length, sequence_length, dtype=torch.bool,
-                                 device=device), diagonal=1)
-
-
 def position_ids(tokens: torch.Tensor) -> torch.Tensor:
     """Positions 0..s-1 for a [b, s] batch of tokens."""
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
-def local_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """This tensor-parallel rank's logits ``[b, s, vocab_padded / tp]`` of a one-stage model."""
-    return model(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
+def model_inputs(tokens: torch.Tensor, starts: torch.Tensor | None = None):
+    """The ``(position_ids, attention_mask)`` a megatron model reads beside ``tokens`` ``[b, s]``:
+    plain causal, or with ``starts`` (``[b, s]``, True where a packed conversation begins:
+    ``data.chat.packing=isolated``) positions and attention kept within each conversation
+    (:mod:`pipelines.ops.masks`).
+
+    transformer-engine's attention applies its causal mask type and ignores a given mask; it would
+    need packed-sequence parameters, which the stages do not build: refused there, by name.
+    """
+    if starts is None:
+        return position_ids(tokens), causal_mask(tokens.shape[1], tokens.device)
+    require(not kernels.transformer_engine_available(), "data.chat.packing=isolated keeps attention within each "
+            "packed conversation through an attention mask, which transformer-engine's attention ignores; on a "
+            "TE node use data.chat.packing=one (one conversation a sample, no attention across) or shared "
+            "(attention crosses between them)", "data.chat.packing")
+    return document_inputs(starts.to(tokens.device))
 
 
-def lm_loss(model, batches, vocab_size: int, chunk_tokens: int = 1024, masks=None) -> float:
+def local_logits(model, tokens: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """This tensor-parallel rank's logits ``[b, s, vocab_padded / tp]`` of a one-stage model
+    (``starts``: see :func:`model_inputs`)."""
+    return model(tokens, *model_inputs(tokens, starts))
+
+
+def lm_loss(model, batches, vocab_size: int, chunk_tokens: int = 1024, masks=None, starts=None) -> float:
     """Mean next-token cross-entropy of ``model`` over ``[b, s+1]`` token batches (on its device);
-    with ``masks`` (``[b, s]`` per batch, or None), over the masked-in labels only.
+    with ``masks`` (``[b, s]`` per batch, or None), over the masked-in labels only; ``starts``
+    (``[b, s]`` per batch, or None): where packed conversations begin (:func:`model_inputs`).
 
     Vocabulary-parallel and chunked (:func:`pipelines.ops.kd_loss.token_logprobs`): no rank gathers
     the full vocabulary, and float32 copies exist for ``chunk_tokens`` tokens at a time.
@@ -324,9 +339,11 @@ def lm_loss(model, batches, vocab_size: int, chunk_tokens: int = 1024, masks=Non
     group = parallel_state.get_tensor_model_parallel_group()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch, mask in zip(batches, masks if masks is not None else iter(lambda: None, 0)):
+        nothing = iter(lambda: None, 0)
+        for batch, mask, begins in zip(batches, masks if masks is not None else nothing,
+                                       starts if starts is not None else nothing):
             tokens, labels = batch[:, :-1], batch[:, 1:]
-            logits = local_logits(model, tokens)
+            logits = local_logits(model, tokens, begins)
             picked = token_logprobs(logits, labels[..., None], vocab_size, group, chunk_tokens)[..., 0]
             if mask is None:
                 total -= picked.sum().item()
@@ -336,6 +353,15 @@ def lm_loss(model, batches, vocab_size: int, chunk_tokens: int = 1024, masks=Non
                 total -= (picked * mask).sum().item()
                 count += int(mask.sum().item())
     return total / max(count, 1)
+
+
+def windows_loss(model, windows, batch_size: int, limit: int | None, vocab_size: int, place=lambda t: t) -> float:
+    """:func:`lm_loss` of ``model`` on the first ``limit`` samples of ``windows``
+    (:class:`pipelines.data.corpus.TokenWindows`), over the tokens its loss mask counts, with its
+    conversations kept apart where they are (``place``: onto the model's device)."""
+    return lm_loss(model, map(place, windows.batches(batch_size, limit)), vocab_size,
+                   masks=windows.mask_batches(batch_size, limit) if windows.masked else None,
+                   starts=windows.start_batches(batch_size, limit))
 
 
 def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -61,14 +61,15 @@ class _SkippedLayers:
 
 
 def depth_scores(model, arch, criterion: str, drop_count: int, calib, valid) -> dict[str, float]:
-    """Score of removing each contiguous block of ``drop_count`` layers (lower is better)."""
+    """Score of removing each contiguous block of ``drop_count`` layers (lower is better);
+    ``calib()``: ``(inputs, conversation starts or None)`` batches; ``valid(model)``: its held-out loss."""
     layers = arch["num_layers"]
     starts = range(layers - drop_count + 1)
     if criterion == "loss":
         scores = {}
         for start in starts:
             with _SkippedLayers(model, list(range(start, start + drop_count))):
-                scores[f"{start}-{start + drop_count - 1}"] = model_lib.lm_loss(model, valid(), arch["vocab_size"])
+                scores[f"{start}-{start + drop_count - 1}"] = valid(model)
         return scores
     if criterion == "block_influence":
         hidden = {}
@@ -79,12 +80,12 @@ def depth_scores(model, arch, criterion: str, drop_count: int, calib, valid) -> 
         sums = {start: 0.0 for start in starts}
         tokens_seen = 0
         with torch.no_grad():
-            for batch in calib():
-                model_lib.local_logits(model, batch[:, :-1])
+            for tokens, begins in calib():
+                model_lib.local_logits(model, tokens, begins)
                 for start in starts:
                     cosine = F.cosine_similarity(hidden[start].float(), hidden[start + drop_count].float(), dim=-1)
                     sums[start] += (1 - cosine).sum().item()
-                tokens_seen += batch[:, :-1].numel()
+                tokens_seen += tokens.numel()
         for hook in hooks:
             hook.remove()
         return {f"{s}-{s + drop_count - 1}": total / tokens_seen for s, total in sums.items()}
@@ -115,8 +116,8 @@ def drop_layers(model, arch, drop: list[int], layout):
 
 def minitron(model, arch, constraints: dict, divisors: dict, calib_batches, scores_path: Path,
              search_config: dict | None = None):
-    """ModelOpt's ``mcore_minitron`` under ``constraints`` (``export_config`` or ``params``);
-    returns the pruned model and its arch."""
+    """ModelOpt's ``mcore_minitron`` under ``constraints`` (``export_config`` or ``params``), calibrated
+    on ``calib_batches()``: ``(inputs, conversation starts or None)``; returns the pruned model and its arch."""
     import modelopt.torch.prune as mtp
     from modelopt.torch.prune.plugins.mcore_minitron import get_mcore_minitron_config
 
@@ -126,9 +127,8 @@ def minitron(model, arch, constraints: dict, divisors: dict, calib_batches, scor
 
     def forward_loop(module):
         with torch.no_grad():
-            for batch in calib_batches():
-                tokens = batch[:, :-1]
-                module(tokens, model_lib.position_ids(tokens), model_lib.causal_mask(tokens.shape[1], tokens.device))
+            for tokens, starts in calib_batches():
+                module(tokens, *model_lib.model_inputs(tokens, starts))
 
     pruned, _ = mtp.prune(
         model,

@@ -266,7 +266,7 @@ def shape_of(config) -> dict:
 
 def score_function(cfg, arch: dict, valid, layout, tokenizer_dir: Path):
     """ModelOpt's ``score_func`` (higher is better) for the shape a candidate model has now:
-    minus the validation loss, or the accuracy on an MMLU slice; ``-inf`` when not exportable."""
+    minus the validation loss (``valid(model)``), or the accuracy on an MMLU slice; ``-inf`` when not exportable."""
     search = cfg.prune.search
     requests = None
     if str(search.score) == "mmlu":
@@ -283,7 +283,7 @@ def score_function(cfg, arch: dict, valid, layout, tokenizer_dir: Path):
         if not model_lib.exportable(shape):
             return float("-inf")
         if requests is None:
-            return -model_lib.lm_loss(model, valid(), arch["vocab_size"])
+            return -valid(model)
 
         picks = choose(model, requests, int(cfg.eval.batch_tokens), arch["vocab_size"], layout)
         return sum(p == a for p, a in zip(picks, answers)) / len(answers)

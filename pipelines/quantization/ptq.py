@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipelines.core.errors import require
+from pipelines.ops.masks import hf_batch
 from pipelines.quantization.load import is_scale, load_fake_quantized
 
 # quantize.formats entry -> (ModelOpt config name, needs a GPU, the weight bits serving engines store)
@@ -116,13 +117,13 @@ def mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().mean().item()
 
 
-def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], check: torch.Tensor,
+def quantize_export(hf_dir: Path, fmt: str, calibration: list[tuple], check: tuple,
                     output: Path, export_dtype: torch.dtype, layout, group: int = 128) -> dict:
     """Quantize the Hugging Face model ``hf_dir`` to ``fmt`` and export it into ``output``.
 
-    ``calibration``: token batches ``[b, s]`` for the quantizers' ranges (and AWQ's search);
-    ``check``: a token batch the export is compared on; ``layout``: the runtime's (device and
-    compute dtype). Returns the format's report.
+    ``calibration``: ``(tokens [b, s], conversation starts [b, s] or None)`` batches for the
+    quantizers' ranges (and AWQ's search); ``check``: one such batch the export is compared on;
+    ``layout``: the runtime's (device and compute dtype). Returns the format's report.
     """
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
@@ -136,14 +137,14 @@ def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], che
     model.config.dtype = compute_dtype
     # loading in bfloat16 also rounded RoPE's inverse frequencies, which engines keep in float32
     model.model.rotary_emb = layout.place_module(type(model.model.rotary_emb)(model.config))
-    check = layout.place(check)
+    check = hf_batch(*layout.place(check), compute_dtype)
     with torch.no_grad():
-        unquantized = model(check).logits
+        unquantized = model(**check).logits
 
     def forward_loop(module):
         with torch.no_grad():
-            for batch in calibration:
-                module(layout.place(batch))
+            for tokens, starts in calibration:
+                module(**hf_batch(*layout.place((tokens, starts)), compute_dtype))
 
     mtq.quantize(model, modelopt_config(fmt, group), forward_loop)
     # the export shares one input scale among layers that read the same input (q/k/v, gate/up) and
@@ -156,7 +157,7 @@ def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], che
             if "norm" in name:
                 parameter.copy_(parameter.to(export_dtype))
     with torch.no_grad():
-        quantized = reference(check).logits
+        quantized = reference(**check).logits
     del reference
     # exported in the compute dtype: with bfloat16, ModelOpt divides the weights by their scales in
     # bfloat16 before rounding to FP8, which rounds twice and departs from the calibrated model
@@ -165,7 +166,7 @@ def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], che
     store_unquantized_as(output, export_dtype)
     loaded, algo = load_fake_quantized(output, compute_dtype, layout)
     with torch.no_grad():
-        exported = loaded(check).logits
+        exported = loaded(**check).logits
     error, drift = mean_abs(quantized, unquantized), mean_abs(exported, quantized)
     exported_error = mean_abs(exported, unquantized)
     # The export and ModelOpt's fake quantization round some weights apart: a bfloat16 weight over a
@@ -182,7 +183,7 @@ def quantize_export(hf_dir: Path, fmt: str, calibration: list[torch.Tensor], che
     return {"format": fmt, "quant_algo": algo, "weight_bits": FORMATS[fmt][2],
             "group_size": group if FORMATS[fmt][2] == 4 else None,
             "bytes": sum(p.stat().st_size for p in files),
-            "calibration_tokens": sum(int(b.numel()) for b in calibration),
+            "calibration_tokens": sum(int(tokens.numel()) for tokens, _ in calibration),
             "logit_error": error, "export_logit_error": exported_error, "export_logit_drift": drift,
             "quant_config": json.loads((output / "hf_quant_config.json").read_text())["quantization"],
             "seconds": time.perf_counter() - started}

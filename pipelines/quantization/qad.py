@@ -49,7 +49,7 @@ def check(cfg, section: str, on_gpu: bool) -> str | None:
 class FakeQuantization:
     """ModelOpt's fake quantization in ``fmt`` on a megatron-core student (see the module doc)."""
 
-    def __init__(self, fmt: str, calibration: list[torch.Tensor], layout, group: int = 128):
+    def __init__(self, fmt: str, calibration: list[tuple], layout, group: int = 128):
         """``group``: the INT4 block size (:func:`~pipelines.quantization.ptq.group_size`)."""
         self.fmt, self.layout, self.calibration, self.group = fmt, layout, calibration, group
 
@@ -66,7 +66,7 @@ class FakeQuantization:
         require(plan.samples >= samples, f"the training split holds {plan.samples} sequences of "
                 f"{plan.sequence_length} tokens, fewer than quantize.calib_samples={samples}",
                 "quantize.calib_samples")
-        batches = [b[:, :-1] for b in plan.windows.batches(batch, samples)]
+        batches = list(plan.windows.input_batches(batch, samples))
         group = group_size(cfg.quantize.group_size, plan.arch) if FORMATS[fmt][2] == 4 else 128
         return cls(fmt, batches, layout, group)
 
@@ -76,8 +76,8 @@ class FakeQuantization:
 
         def forward_loop(module):
             with torch.no_grad():
-                for tokens in self.calibration:
-                    local_logits(module, self.layout.place(tokens))
+                for tokens, starts in self.calibration:
+                    local_logits(module, self.layout.place(tokens), starts)
 
         was_training = model.training
         model.eval()

@@ -28,7 +28,8 @@ from pipelines.evaluation import harness
 from pipelines.evaluation.scoring import load_questions, mmlu_summary, run_corpus_task, run_mmlu
 from pipelines.hf import convert
 from pipelines.model import checkpoint
-from pipelines.model.build import count_parameters, lm_loss
+from pipelines.model.build import count_parameters, windows_loss
+from pipelines.ops.masks import hf_inputs
 from pipelines.stages.base import Stage
 from pipelines.stages.rules import section_ranges
 
@@ -182,7 +183,7 @@ class HFLogits(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens, position_ids=None, attention_mask=None):
-        return self.model(input_ids=tokens).logits
+        return self.model(**hf_inputs(tokens, position_ids, attention_mask, self.model.dtype)).logits
 
 
 def run(cfg, layout, staging: Path, inputs: dict) -> dict:
@@ -212,9 +213,8 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
                                    "method": made.get("method", "PTQ")}
     if int(e.val_samples) > 0:
         valid = TokenWindows(Path(str(cfg.data.output)), "valid", int(e.sequence_length))
-        batches = map(layout.place, valid.batches(int(e.batch_size), int(e.val_samples)))
-        masks = valid.mask_batches(int(e.batch_size), int(e.val_samples)) if valid.masked else None
-        results["val_loss"] = lm_loss(model, batches, arch["vocab_size"], masks=masks)
+        results["val_loss"] = windows_loss(model, valid, int(e.batch_size), int(e.val_samples), arch["vocab_size"],
+                                           layout.place)
         results["val_ppl"] = float(torch.tensor(results["val_loss"]).exp())
         results["val_tokens"] = valid.loss_on   # conversations: the assistant's tokens (data.chat.loss_on)
         print(f"[eval] {name}: validation loss {results['val_loss']:.4f} (ppl {results['val_ppl']:.1f}) on "

@@ -145,9 +145,11 @@ def run(cfg, layout, output: Path, inputs: dict) -> dict:
         indices = list(range(shard * per_shard, min((shard + 1) * per_shard, samples)))
         generator = torch.Generator(device=layout.device).manual_seed(seed + shard)
         for first in range(0, len(indices), batch_size):
-            batch = layout.place(torch.stack([windows[i] for i in indices[first:first + batch_size]]))
+            chunk = indices[first:first + batch_size]
+            batch = layout.place(torch.stack([windows[i] for i in chunk]))
+            starts = torch.stack([windows.starts(i) for i in chunk]) if windows.starts(chunk[0]) is not None else None
             with torch.no_grad():
-                logits = local_logits(model, batch[:, :-1])  # this rank's vocabulary slice
+                logits = local_logits(model, batch[:, :-1], starts)  # this rank's vocabulary slice
                 ids, logprobs, tail = (teacher_topk(logits, k, temperature, **split) if mode == "topk" else
                                        teacher_sampled(logits, k, temperature, generator, **split))
                 del logits

@@ -81,18 +81,21 @@ def prepare(cfg, layout, staging: Path, inputs: dict) -> dict:
 
 def prepare_chat(cfg, staging: Path) -> dict:
     """Render ``cfg.data``'s conversations (:mod:`pipelines.data.chat`) into packed train/valid
-    token datasets with their loss masks (``<split>.mask``, one byte a token); the manifest's fields."""
+    token datasets with their loss masks (``<split>.mask``) and where each conversation begins
+    (``<split>.starts``), one byte a token each; the manifest's fields."""
     import json
 
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from pipelines.data.chat import Renderer, load_template, pack, read_conversations
+    from pipelines.data.chat import PACKING, Renderer, load_template, pack, read_conversations
     from pipelines.data.corpus import austen_documents, fetch_austen
 
     data_cfg = cfg.data
     chat, window = data_cfg.chat, int(data_cfg.chat.sequence_length)
+    packing = str(chat.get("packing", PACKING[0]))
+    require(packing in PACKING, f"data.chat.packing={packing} is not one of {PACKING}", "data.chat.packing")
     tokenizer_dir = Path(str(data_cfg.tokenizer))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     load_template(tokenizer, data_cfg)
@@ -120,11 +123,12 @@ def prepare_chat(cfg, staging: Path) -> dict:
         require(stats[split]["loss_tokens"] > 0, f"the {split} split's loss mask (loss_on={chat.loss_on}) leaves no "
                 "token to train on", "data.chat.loss_on")
         builder = IndexedDatasetBuilder(str(staging / f"{split}.bin"), dtype=np.int32)
-        with open(staging / f"{split}.mask", "wb") as masks:
-            for ids, mask in pack(kept, window, pad):
+        with open(staging / f"{split}.mask", "wb") as masks, open(staging / f"{split}.starts", "wb") as begins:
+            for ids, mask, starts in pack(kept, window, pad, one=packing == "one"):
                 builder.add_item(torch.from_numpy(ids))
                 builder.end_document()
                 masks.write(mask.tobytes())
+                begins.write(starts.tobytes())
                 top = max(top, int(ids.max()))
         builder.finalize(str(staging / f"{split}.idx"))
         written = (staging / f"{split}.mask").stat().st_size
@@ -134,7 +138,8 @@ def prepare_chat(cfg, staging: Path) -> dict:
     fields = {"tokenizer": str(tokenizer_dir), "documents": {s: v["conversations"] for s, v in stats.items()},
               "tokens": {s: v["tokens"] + v["padding"] for s, v in stats.items()}, "max_token_id": top,
               "tokenizer_sha256": sha256_file(used) if used.exists() else None,
-              "chat": {"window": window, "loss_on": str(chat.loss_on), "view": chat.get("view"), **stats}}
+              "chat": {"window": window, "loss_on": str(chat.loss_on), "packing": packing, "view": chat.get("view"),
+                       **stats}}
     for split, v in stats.items():
         print(f"[prepare] {split}: {v['conversations']} conversations, {v['tokens']:,} tokens ({v['padding']:,} padding), "
               f"{100 * v['loss_share']:.1f}% of them {chat.loss_on} tokens; {v['too_long']} longer than {window} "

@@ -63,18 +63,19 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     valid_data = TokenWindows(Path(str(cfg.data.output)), "valid", sequence_length)
     batch_size = int(cfg.prune.batch_size)
 
-    def calib():  # batches on the model's device
-        return map(layout.place, calib_data.batches(batch_size, int(cfg.prune.calib_samples)))
+    def calib():  # (inputs, conversation starts or None) on the model's device
+        return ((layout.place(t), starts) for t, starts in calib_data.input_batches(batch_size, int(cfg.prune.calib_samples)))
 
-    def valid():
-        return map(layout.place, valid_data.batches(batch_size, int(cfg.prune.eval_samples)))
+    def valid(model) -> float:   # the loss on prune.eval_samples held-out sequences (the loss mask's tokens)
+        return model_lib.windows_loss(model, valid_data, batch_size, int(cfg.prune.eval_samples), arch["vocab_size"],
+                                      layout.place)
 
     started = time.perf_counter()
     dtype = layout.compute_dtype
     purpose = "train" if cfg.prune.mode == "depth" else "modelopt"
     model, arch = checkpoint.load_model(source, layout, dtype=dtype, purpose=purpose)
     model.eval()
-    teacher_loss = model_lib.lm_loss(model, valid(), arch["vocab_size"])
+    teacher_loss = valid(model)
     report = {"mode": cfg.prune.mode, "source": str(source), "config_before": arch,
               "params_before": model_lib.count_parameters(arch), "val_loss_teacher": teacher_loss}
     if cfg.prune.mode == "depth":
@@ -108,7 +109,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
         report["importance"] = {"scores_cache": str(cache)}
     pruned.eval()
     report.update(config_after=new_arch, params_after=model_lib.count_parameters(new_arch),
-                  val_loss_pruned=model_lib.lm_loss(pruned, valid(), arch["vocab_size"]),
+                  val_loss_pruned=valid(pruned),
                   seconds=time.perf_counter() - started)
     checkpoint.save_weights(pruned, staging)
     fields = {"report": report, "config": new_arch, "parameters": report["params_after"]}

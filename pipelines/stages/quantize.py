@@ -63,15 +63,16 @@ def checks(cfg, arch, layout) -> None:
 def calibration(cfg) -> tuple[list, object]:
     """``(calibration batches, the check batch)``: the first ``calib_samples`` training sequences,
     and one held-out batch the export is compared on: the inputs (``sequence_length`` tokens) of
-    the windows every training stage reads, so conversations packed at that length line up."""
+    the windows every training stage reads, so conversations packed at that length line up, with
+    where they begin where they are kept apart (``(tokens, starts or None)`` each)."""
     q = cfg.quantize
     length, batch = int(q.sequence_length), int(q.batch_size)
     train = TokenWindows(Path(str(cfg.data.output)), "train", length)
     require(len(train) >= int(q.calib_samples), f"the training split holds {len(train)} sequences of "
             f"{length} tokens, fewer than quantize.calib_samples={q.calib_samples}", "quantize.calib_samples")
-    batches = [b[:, :-1].contiguous() for b in train.batches(batch, int(q.calib_samples))]
+    batches = list(train.input_batches(batch, int(q.calib_samples)))
     valid = TokenWindows(Path(str(cfg.data.output)), "valid", length)
-    check = next(iter(valid.batches(min(batch, len(valid)), min(batch, len(valid)))))[:, :-1].contiguous()
+    check = next(iter(valid.input_batches(min(batch, len(valid)), min(batch, len(valid)))))
     return batches, check
 
 
@@ -85,7 +86,7 @@ def run(cfg, layout, staging: Path, inputs: dict) -> dict:
     hf.mkdir()
     export_to(folder, hf, layout)
     batches, check = calibration(cfg)
-    print(f"[quantize] {folder.name}: {len(formats)} formats, calibrating on {sum(b.numel() for b in batches):,} "
+    print(f"[quantize] {folder.name}: {len(formats)} formats, calibrating on {sum(t.numel() for t, _ in batches):,} "
           f"tokens of the training data", flush=True)
     report = {"source": str(folder.resolve()), "architecture": arch, "formats": {}}
     trained = (read_manifest(folder) or {}).get("quantize")   # distill.quantize: trained fake-quantized

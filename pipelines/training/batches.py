@@ -26,12 +26,15 @@ def step_samples(step: int, global_batch: int, samples: int, dp_rank: int, dp: i
 
 
 def host_batch(windows, cache, indices, renormalize: bool = False) -> dict:
-    """One micro-batch in host memory: tokens, labels and the cached teacher (or None);
+    """One micro-batch in host memory: tokens, labels and the cached teacher (or None), and for
+    conversations their loss mask and where each begins (:class:`~pipelines.data.corpus.TokenWindows`);
     ``renormalize``: the teacher's top-k renormalised to sum to 1, its tail bucket dropped."""
     rows = torch.stack([windows[i] for i in indices])
     batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:], "teacher": None}
     if windows.masked:   # conversations: the loss counts the masked-in tokens only
         batch["loss_mask"] = torch.stack([windows.loss_mask(i) for i in indices])
+    if windows.starts(indices[0]) is not None:   # and each attends to itself only (data.chat.packing=isolated)
+        batch["starts"] = torch.stack([windows.starts(i) for i in indices])
     if cache is not None:
         parts = [cache[i] for i in indices]
         batch["teacher"] = TopK(*(torch.stack(p) for p in zip(*parts)))

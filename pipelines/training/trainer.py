@@ -17,7 +17,7 @@ import torch
 from pipelines.backend import kernels
 from pipelines.core.errors import require
 from pipelines.model import checkpoint
-from pipelines.model.build import causal_mask, local_logits, padded_vocab_size, position_ids
+from pipelines.model.build import local_logits, model_inputs, padded_vocab_size
 from pipelines.ops.kd_loss import distill_loss, teacher_topk
 from pipelines.training import intermediate
 from pipelines.training.batches import host_batch, make_batch, step_samples
@@ -170,12 +170,13 @@ class Trainer:
 
     # -- the pieces the megatron schedule calls
 
-    def _teacher_logits(self, tokens):
-        """The online teacher's logits, sliced like the student's (padding may differ)."""
+    def _teacher_logits(self, tokens, inputs):
+        """The online teacher's logits, sliced like the student's (padding may differ); ``inputs``:
+        the positions and mask the student read."""
         from megatron.core import tensor_parallel
 
         with torch.no_grad():
-            logits = self.teacher(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
+            logits = self.teacher(tokens, *inputs)
         if self.teacher_padded == self.padded:
             return logits
         full = tensor_parallel.gather_from_tensor_model_parallel_region(logits.contiguous())
@@ -202,10 +203,11 @@ class Trainer:
     def _forward_step(self, data_iterator, model, kd_weight=None):
         batch = next(data_iterator)
         tokens = batch["tokens"]
-        output = model(tokens, position_ids(tokens), causal_mask(tokens.shape[1], tokens.device))
+        inputs = model_inputs(tokens, batch.get("starts"))
+        output = model(tokens, *inputs)
         teacher = batch["teacher"]
         if teacher is None and self.teacher is not None:
-            teacher = self._teacher_logits(tokens)
+            teacher = self._teacher_logits(tokens, inputs)
         hidden = None
         if self.pairs:   # both forwards ran: the hooks hold this micro-batch's states
             student_states, teacher_states = self.hidden.take(), self.teacher_hidden.take()
@@ -301,7 +303,7 @@ class Trainer:
         with torch.no_grad():
             for batch in self.eval_batches:  # top-k per vocabulary slice, chunked: no full-vocab gather
                 batch["teacher"] = teacher_topk(
-                    local_logits(teacher, batch["tokens"]), min(self.vocab_size, int(d.eval_topk)),
+                    local_logits(teacher, batch["tokens"], batch.get("starts")), min(self.vocab_size, int(d.eval_topk)),
                     float(d.temperature), vocab_size=self.vocab_size, tp_group=self.tp_group,
                     chunk_tokens=int(d.chunk_tokens))
         del teacher

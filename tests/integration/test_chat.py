@@ -23,14 +23,15 @@ def sentence(generator, words):
     return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=generator).tolist())
 
 
-def conversations(count=80, seed=0):
+def conversations(count=80, seed=0, short=0):
+    """``short`` conversations of a few words (several fit a window), then ``count`` of one or two exchanges."""
     generator = torch.Generator().manual_seed(seed)
     found = []
-    for number in range(count):
+    for number in range(-short, count):
         turns = [{"role": "system", "content": "be brief"}]
-        for _ in range(1 + number % 2):
-            turns += [{"role": "user", "content": sentence(generator, 4)},
-                      {"role": "assistant", "content": sentence(generator, 5)}]
+        for _ in range(1 + number % 2 if number >= 0 else 1):
+            turns += [{"role": "user", "content": sentence(generator, 4 if number >= 0 else 1)},
+                      {"role": "assistant", "content": sentence(generator, 5 if number >= 0 else 2)}]
         found.append({"messages": turns})
     return found
 
@@ -53,7 +54,7 @@ def chat_cfg(tmp_path, tiny_data, files, *overrides):
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory, tiny_data):
     folder = tmp_path_factory.mktemp("chat")
-    records = conversations()
+    records = conversations(short=60)
     records.append({"messages": [{"role": "user", "content": sentence(torch.Generator().manual_seed(9), 300)},
                                  {"role": "assistant", "content": "no"}]})   # longer than a window: dropped
     cfg = chat_cfg(folder, tiny_data, [write(folder / "chat.jsonl", records)])
@@ -83,19 +84,27 @@ def test_packing_keeps_every_conversation_whole():
     generator = np.random.default_rng(0)
     items = [(np.arange(n, dtype=np.int32) + 1, np.ones(n, dtype=np.uint8)) for n in generator.integers(5, 40, 50)]
     items.append((np.ones(WINDOW + 5, dtype=np.int32), np.ones(WINDOW + 5, dtype=np.uint8)))   # too long: skipped
-    stream = np.concatenate([ids for ids, _ in pack(items, WINDOW, 0)])
-    assert len(stream) % WINDOW == 1
-    position = 0
-    for ids, _ in (item for item in items if len(item[0]) <= WINDOW):
-        found = next(p for p in range(position, len(stream)) if stream[p] == 1 and
-                     np.array_equal(stream[p:p + len(ids)], ids))
-        assert found // WINDOW == (found + len(ids) - 1) // WINDOW   # inside one window's segment
-        position = found + len(ids)
+    kept = [item for item in items if len(item[0]) <= WINDOW]
+    for one in (False, True):
+        chunks = list(pack(items, WINDOW, 0, one=one))
+        stream, starts = (np.concatenate([chunk[i] for chunk in chunks]) for i in (0, 2))
+        assert len(stream) % WINDOW == 1 and len(starts) == len(stream)
+        position, segments = 0, set()
+        for ids, _ in kept:
+            found = next(p for p in range(position, len(stream)) if stream[p] == 1 and
+                         np.array_equal(stream[p:p + len(ids)], ids))
+            assert found // WINDOW == (found + len(ids) - 1) // WINDOW   # inside one window's segment
+            assert starts[found] == 1 and not starts[found + 1:found + len(ids)].any()   # begins there, once
+            segments.add(found // WINDOW)
+            position = found + len(ids)
+        # one: a segment each; else packed (these items average 22 tokens: about 11 a segment)
+        assert len(segments) == len(kept) if one else len(segments) < len(kept) / 5
 
 
 def test_the_loss_counts_assistant_tokens_only(chat_data, tiny_teacher, tmp_path, cpu_runtime):
-    """A distill run on conversations: its validation loss is the masked mean, which the eval stage's
-    lm_loss reproduces, and which differs from the mean over every token."""
+    """A distill run on conversations: its validation loss is the masked mean with each packed
+    conversation apart, which the eval stage's loss reproduces, and which differs from the mean over
+    every token and from the mean with attention crossing between conversations."""
     from pipelines.model import build as model_lib
     from pipelines.model import checkpoint
 
@@ -107,10 +116,12 @@ def test_the_loss_counts_assistant_tokens_only(chat_data, tiny_teacher, tmp_path
         "distill.eval_samples=4", "distill.eval_interval=0", "distill.save_interval=0"]))
     model, arch = checkpoint.load_model(tmp_path / "ft", cpu_runtime)
     valid = TokenWindows(data, "valid", WINDOW)
-    masked = model_lib.lm_loss(model, valid.batches(2, 4), arch["vocab_size"], masks=valid.mask_batches(2, 4))
+    masked = model_lib.windows_loss(model, valid, 2, 4, arch["vocab_size"])   # each conversation apart
+    crossing = model_lib.lm_loss(model, valid.batches(2, 4), arch["vocab_size"], masks=valid.mask_batches(2, 4))
     whole = model_lib.lm_loss(model, valid.batches(2, 4), arch["vocab_size"])
-    assert manifest["final"]["val_loss"] == pytest.approx(masked, abs=1e-4)
-    assert abs(masked - whole) > 1e-3
+    # the validation kept each conversation apart (here they differ by 8e-4)
+    assert manifest["final"]["val_loss"] == pytest.approx(masked, abs=1e-5)
+    assert abs(masked - whole) > 1e-3 and abs(masked - crossing) > 2e-4
 
 
 def test_hidden_state_terms_train_on_conversations(chat_data, tiny_teacher, tmp_path):
@@ -202,8 +213,8 @@ def test_the_cache_holds_the_assistant_tokens_labels_only(chat_data, trained_tea
     model.eval()
     for sample in (0, manifest["samples"] - 1):   # the first sample of the first shard, the last of the last
         with torch.no_grad():
-            ids, logprobs, _ = teacher_topk(local_logits(model, windows[sample][None, :-1]), 8,
-                                            vocab_size=arch["vocab_size"])
+            ids, logprobs, _ = teacher_topk(local_logits(model, windows[sample][None, :-1], windows.starts(sample)[None]),
+                                            8, vocab_size=arch["vocab_size"])
         where = windows.loss_mask(sample).bool()
         got_ids, got_logprobs, _ = read[sample]
         assert torch.equal(got_ids[where], ids[0][where])

@@ -26,7 +26,7 @@ def test_awq_calibration_then_plain_gives_back_the_model(cpu_runtime):
     model = model_lib.build(arch, model_lib.transformer_config(arch, torch.float32)).eval()
     tokens = torch.randint(0, arch["vocab_size"], (2, 32))
     before = model_lib.local_logits(model, tokens).detach()
-    fake = FakeQuantization("int4_awq", [torch.randint(0, arch["vocab_size"], (4, 32))], cpu_runtime,
+    fake = FakeQuantization("int4_awq", [(torch.randint(0, arch["vocab_size"], (4, 32)), None)], cpu_runtime,
                             group_size("auto", arch))
     fake.apply(model)
     quantized = model_lib.local_logits(model, tokens).detach()

@@ -186,3 +186,67 @@ def test_swiglu_is_megatrons_unfused_code_bit_for_bit_keeping_less(cpu_runtime, 
     # per layer and token, megatron's unfused code keeps silu(a) and b + 0 (2 x ffn) that ours does not
     tokens_kept = tokens.numel() * arch["num_layers"] * 2 * arch["ffn_hidden_size"] * dtype.itemsize
     assert plain_kept - ours_kept == tokens_kept, (plain_kept, ours_kept, tokens_kept)
+
+
+@pytest.mark.parametrize("purpose", ["train", "modelopt"], ids=["torch_fused_attention", "megatron_attention"])
+def test_packed_conversations_are_scored_as_if_alone(cpu_runtime, purpose):
+    """``data.chat.packing=isolated``: a sample packing two conversations and padding gives each
+    the logits it has alone in a sample, through torch's fused attention (training's spec) and
+    megatron's own (the pruning spec on CPU). The plain causal mask does not: the second one
+    then reads the first."""
+    arch = load("tiny")
+    torch.manual_seed(0)
+    model = model_lib.build(arch, model_lib.transformer_config(arch, torch.float32), purpose=purpose).eval()
+    generator = torch.Generator().manual_seed(1)
+    first, second = (torch.randint(0, arch["vocab_size"], (1, n), generator=generator) for n in (9, 14))
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    packed = torch.cat([torch.cat([first, second, pad], 1), torch.cat([second, first, pad], 1)])
+    starts = torch.zeros(packed.shape, dtype=torch.bool)
+    starts[0, [0, 9, 23]] = True
+    starts[1, [0, 14, 23]] = True
+    with torch.no_grad():
+        isolated = model_lib.local_logits(model, packed, starts)
+        plain = model_lib.local_logits(model, packed)
+        alone = {n: model_lib.local_logits(model, x) for n, x in ((9, first), (14, second))}
+    torch.testing.assert_close(isolated[0, :9], alone[9][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(isolated[0, 9:23], alone[14][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(isolated[1, :14], alone[14][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(isolated[1, 14:23], alone[9][0], rtol=1e-5, atol=1e-5)
+    assert (plain[0, 9:23] - alone[14][0]).abs().max() > 1e-2
+    positions, mask = model_lib.model_inputs(packed, starts)
+    assert positions[0, 9:12].tolist() == [0, 1, 2] and positions[1, 23:].tolist() == [0, 1, 2, 3, 4]
+    assert mask.shape == (2, 1, 28, 28) and not mask[0, 0, 12, 9] and mask[0, 0, 12, 8] and mask[0, 0, 9, 10]
+
+
+def test_packed_conversations_through_transformers_as_if_alone():
+    """The same for a Hugging Face model (quantized students are scored and calibrated through one):
+    positions and an additive 4D mask, for eager and SDPA attention alike."""
+    import transformers
+
+    from pipelines.ops.masks import hf_batch
+
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 100, (2, 20), generator=generator)
+    starts = torch.zeros(2, 20, dtype=torch.bool)
+    starts[:, 7] = True
+    for attention in ("sdpa", "eager"):
+        config._attn_implementation = attention
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            packed = model(**hf_batch(tokens, starts)).logits
+            alone = model(input_ids=tokens[:, 7:]).logits
+            assert hf_batch(tokens) == {"input_ids": tokens}
+        torch.testing.assert_close(packed[:, 7:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_conversations_are_refused_where_transformer_engine_would_ignore_the_mask(monkeypatch):
+    from pipelines.backend import kernels
+
+    monkeypatch.setattr(kernels, "transformer_engine_available", lambda: True)
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    model_lib.model_inputs(tokens)   # the plain causal mask is TE's own
+    with pytest.raises(UserError, match=r"transformer-engine's attention ignores.*\(fix: data.chat.packing"):
+        model_lib.model_inputs(tokens, torch.zeros(1, 8, dtype=torch.bool))
