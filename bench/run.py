@@ -89,7 +89,8 @@ BENCHMARKS = (
               "short distillation, is no worse than the after-pruning ranking or the hand-written students"),
     Benchmark("chat_distill", "chat_distill", ("--seeds", "2", "--steps", "30"),
               says="on conversations (a conversation-shaped view of Austen), the masked cache's bytes and KD against "
-              "CE-only on assistant tokens at equal tokens, 2 seeds of 30 steps (no goal: which way it falls)"),
+              "CE-only on assistant tokens at equal tokens, and KD trained with attention crossing between packed "
+              "conversations, 2 seeds of 30 steps (no goal: which way it falls)"),
     Benchmark("memory_plan", "memory_plan", goal="plan_max_rel_error <= 0.15 and worst_8b_stage_gb < 80",
               says="the memory plan within 15% of measured peaks; every 8B stage below 80 GB"),
     Benchmark("time_plan", "time_plan", goal="distill_mfu >= 0.50",

@@ -2,7 +2,8 @@
 template, with a loss mask stored beside the tokens.
 
 A record holds a list of messages under ``data.chat.messages_key``, each a mapping with a role
-(``data.chat.role_key``, one of ``data.chat.roles``) and a text (``data.chat.content_key``). The
+(``data.chat.role_key``, one of ``data.chat.roles`` once renamed by ``data.chat.role_map``, as
+ShareGPT's ``{human: user, gpt: assistant}``) and a text (``data.chat.content_key``). The
 records come from JSONL files (``data.files``), a Hugging Face dataset (``data.hf_name``), or the
 built-in ``data.chat.view=austen``: a conversation-shaped view of Jane Austen's novels (each two
 consecutive paragraphs, the first the user's turn, the second the assistant's), labelled as such
@@ -93,6 +94,7 @@ def conversation(record, where: str, chat) -> list[dict]:
     """One record's messages as ``[{role, content}]``, refused in one line naming the key when malformed."""
     key, role_key, content_key = str(chat.messages_key), str(chat.role_key), str(chat.content_key)
     roles = [str(r) for r in chat.roles]
+    renamed = {str(k): str(v) for k, v in (chat.get("role_map") or {}).items()}
     require(isinstance(record, dict) and key in record, f"{where} has no '{key}' field", "data.chat.messages_key")
     messages = record[key]
     require(isinstance(messages, list) and messages, f"{where}: '{key}' is not a non-empty list of messages",
@@ -101,9 +103,9 @@ def conversation(record, where: str, chat) -> list[dict]:
     for number, message in enumerate(messages):
         require(isinstance(message, dict) and role_key in message and content_key in message,
                 f"{where}: message {number} lacks '{role_key}' or '{content_key}'", "data.chat.role_key")
-        role, content = message[role_key], message[content_key]
-        require(role in roles, f"{where}: message {number} has the role {role!r}, not one of {roles}",
-                "data.chat.roles")
+        role, content = renamed.get(str(message[role_key]), message[role_key]), message[content_key]
+        require(role in roles, f"{where}: message {number} has the role {role!r}, not one of {roles} (another "
+                "data set's names, such as ShareGPT's human and gpt, map with data.chat.role_map)", "data.chat.roles")
         require(isinstance(content, str), f"{where}: message {number}'s '{content_key}' is not text",
                 "data.chat.content_key")
         require(role != "assistant" or content.strip(), f"{where}: message {number} is an empty assistant turn",

@@ -200,6 +200,12 @@ def data_ranges(data) -> None:
         _one_of(chat.get("packing", PACKING[0]), PACKING, "data.chat.packing")
         require(OmegaConf.is_list(chat.roles) and "assistant" in list(chat.roles), f"data.chat.roles={chat.roles} "
                 "must be a list holding assistant", "data.chat.roles")
+        renamed = chat.get("role_map") or {}
+        require(OmegaConf.is_dict(renamed) or isinstance(renamed, dict), f"data.chat.role_map={renamed!r} must map "
+                "the records' role names to the template's, as {human: user, gpt: assistant}", "data.chat.role_map")
+        strays = [str(v) for v in renamed.values() if str(v) not in [str(r) for r in chat.roles]]
+        require(not strays, f"data.chat.role_map maps to {strays}, not in data.chat.roles={list(chat.roles)}",
+                "data.chat.role_map")
     if data.source == "chat":
         require(data.train_tokenizer_vocab is None, "conversations are rendered with a model's own tokenizer and "
                 "chat template: set data.train_tokenizer_vocab=null and data.tokenizer", "data.train_tokenizer_vocab")

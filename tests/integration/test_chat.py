@@ -178,6 +178,31 @@ def test_a_bad_record_names_its_key_and_line(tmp_path, tiny_data, record, key):
         stages.run("prepare", chat_cfg(tmp_path, tiny_data, [path]))
 
 
+def test_sharegpt_records_through_a_role_map(tmp_path, tiny_data):
+    """ShareGPT's shape (conversations / from / value, roles human and gpt) renders to the same tokens
+    and mask as the same turns in the messages shape; without the map its roles are refused by name."""
+    records = conversations(20)
+    renamed = {"system": "system", "user": "human", "assistant": "gpt"}
+    shared = [{"conversations": [{"from": renamed[m["role"]], "value": m["content"]} for m in r["messages"]]}
+              for r in records]
+    keys = ["data.chat.messages_key=conversations", "data.chat.role_key=from", "data.chat.content_key=value"]
+    for folder in "abcd":
+        (tmp_path / folder).mkdir()
+    with pytest.raises(UserError, match=r"role 'human'.*data.chat.role_map.*\(fix: data.chat.roles"):
+        stages.run("prepare", chat_cfg(tmp_path / "a", tiny_data, [write(tmp_path / "sg.jsonl", shared)], *keys))
+    stages.run("prepare", chat_cfg(tmp_path / "b", tiny_data, [tmp_path / "sg.jsonl"], *keys,
+                                   "data.chat.role_map={human: user, gpt: assistant}"))
+    stages.run("prepare", chat_cfg(tmp_path / "c", tiny_data, [write(tmp_path / "m.jsonl", records)]))
+    for suffix in ("bin", "mask", "starts"):
+        assert (tmp_path / "b" / "chat" / f"train.{suffix}").read_bytes() == \
+            (tmp_path / "c" / "chat" / f"train.{suffix}").read_bytes()
+    with pytest.raises(UserError, match=r"maps to \['bot'\].*\(fix: data.chat.role_map"):
+        from pipelines.launch import preflight
+
+        preflight.check(chat_cfg(tmp_path / "d", tiny_data, [tmp_path / "sg.jsonl"], "experiment=demo",
+                                 "data.chat.role_map={gpt: bot}"), ["prepare"])
+
+
 def test_no_template_and_an_empty_mask_are_refused(tmp_path, tiny_data):
     path = write(tmp_path / "chat.jsonl", conversations(20))
     with pytest.raises(UserError, match=r"no chat template.*\(fix: data.chat_template"):
