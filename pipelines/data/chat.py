@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.core.errors import UserError, require
+from pipelines.data import hub
 
 LOSS_ON = ("assistant", "all")
 PACKING = ("isolated", "one", "shared")
@@ -77,12 +78,8 @@ def _records(data_cfg):
                         raise UserError(f"{path}:{number} is not a JSON record ({error.msg})", "data.files") from None
         return
     if data_cfg.get("hf_name"):
-        try:
-            import datasets
-        except ImportError:
-            raise UserError("a Hugging Face chat dataset needs the 'datasets' package: pip install datasets",
-                            "data.hf_name") from None
-        dataset = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config, split=data_cfg.hf_split)
+        dataset = hub.load_split(data_cfg, "a Hugging Face chat data set")
+        hub.column(dataset, str(chat.messages_key), "data.chat.messages_key")
         for number, record in enumerate(dataset):
             yield f"{data_cfg.hf_name}[{number}]", record
         return

@@ -22,6 +22,7 @@ import torch
 
 from pipelines.core.artifacts import read_manifest, sha256_file
 from pipelines.core.errors import UserError, require
+from pipelines.data import hub
 
 AUSTEN_RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 
@@ -90,13 +91,9 @@ def read_documents(data_cfg, cache: Path) -> list[str]:
                         documents.append(record[data_cfg.text_key])
         return documents
     if source == "hf":
-        try:
-            import datasets
-        except ImportError:
-            raise UserError("data.source=hf needs the 'datasets' package: pip install datasets",
-                            "data.source") from None
-        dataset = datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config, split=data_cfg.hf_split)
-        return [text for text in dataset[data_cfg.text_key] if text.strip()]
+        dataset = hub.load_split(data_cfg, "data.source=hf")
+        hub.column(dataset, str(data_cfg.text_key), "data.text_key")
+        return [text for text in dataset[str(data_cfg.text_key)] if isinstance(text, str) and text.strip()]
     raise UserError(f"unknown data source {source!r} (austen, text, jsonl, hf)", "data.source")
 
 

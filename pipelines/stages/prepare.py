@@ -27,13 +27,18 @@ from pipelines.stages.rules import data_ranges
 
 
 def prepare_inputs(cfg) -> dict:
-    """The data section, and the content of the corpus files it names (an edited file reruns)."""
+    """The data section, and the content of the corpus files it names (an edited file reruns), or
+    the sizes and times of a local ``data.hf_name`` folder's files."""
     chat = str(cfg.data.source) == "chat"   # its keys stay out of other sources' stamps (no rerun for them)
     section = {k: v for k, v in dict(cfg.data).items() if chat or k not in ("chat", "chat_template")}
     inputs = {"data": config_hash(section), "tokenizer": str(cfg.data.tokenizer)}
     files = [Path(str(f)) for f in (cfg.data.get("files") or [])]
     if files:   # a missing one is named by read_documents
         inputs["files"] = {str(f): sha256_file(f) if f.is_file() else None for f in files}
+    local = Path(str(cfg.data.hf_name)) if cfg.data.get("hf_name") and str(cfg.data.source) in ("hf", "chat") else None
+    if local is not None and local.is_dir():   # a local data set: its files' sizes and times (it may be large)
+        inputs["hf_files"] = {str(f.relative_to(local)): [f.stat().st_size, f.stat().st_mtime_ns]
+                              for f in sorted(local.rglob("*")) if f.is_file()}
     return inputs
 
 

@@ -179,8 +179,9 @@ def test_a_bad_record_names_its_key_and_line(tmp_path, tiny_data, record, key):
 
 
 def test_sharegpt_records_through_a_role_map(tmp_path, tiny_data):
-    """ShareGPT's shape (conversations / from / value, roles human and gpt) renders to the same tokens
-    and mask as the same turns in the messages shape; without the map its roles are refused by name."""
+    """ShareGPT's shape (conversations / from / value, roles human and gpt), from JSONL or a local
+    Hugging Face data set, renders to the same tokens and mask as the same turns in the messages
+    shape; without the map its roles are refused by name."""
     records = conversations(20)
     renamed = {"system": "system", "user": "human", "assistant": "gpt"}
     shared = [{"conversations": [{"from": renamed[m["role"]], "value": m["content"]} for m in r["messages"]]}
@@ -193,9 +194,14 @@ def test_sharegpt_records_through_a_role_map(tmp_path, tiny_data):
     stages.run("prepare", chat_cfg(tmp_path / "b", tiny_data, [tmp_path / "sg.jsonl"], *keys,
                                    "data.chat.role_map={human: user, gpt: assistant}"))
     stages.run("prepare", chat_cfg(tmp_path / "c", tiny_data, [write(tmp_path / "m.jsonl", records)]))
+    (tmp_path / "e" / "records").mkdir(parents=True)   # the same records as a local Hugging Face data set
+    write(tmp_path / "e" / "records" / "train.jsonl", shared)
+    stages.run("prepare", chat_cfg(tmp_path / "e", tiny_data, [], *keys, f"data.hf_name={tmp_path / 'e' / 'records'}",
+                                   "data.chat.role_map={human: user, gpt: assistant}"))
     for suffix in ("bin", "mask", "starts"):
         assert (tmp_path / "b" / "chat" / f"train.{suffix}").read_bytes() == \
-            (tmp_path / "c" / "chat" / f"train.{suffix}").read_bytes()
+            (tmp_path / "c" / "chat" / f"train.{suffix}").read_bytes() == \
+            (tmp_path / "e" / "chat" / f"train.{suffix}").read_bytes()
     with pytest.raises(UserError, match=r"maps to \['bot'\].*\(fix: data.chat.role_map"):
         from pipelines.launch import preflight
 

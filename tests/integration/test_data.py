@@ -75,3 +75,40 @@ def test_data_of_another_tokenizer_is_refused_before_compute(tiny_data, tiny_tea
     with pytest.raises(UserError, match=r"tokenized with another tokenizer.*fix: data.tokenizer"):
         stages.run("logits", cfg)
     assert not (tmp_path / "runs" / "default" / "logits" / "manifest.json").exists()
+
+
+def test_a_hugging_face_data_set_from_a_local_folder(tmp_path, capsys, monkeypatch):
+    """data.source=hf reads a folder of data files and a save_to_disk folder to the same tokens; an
+    edited file reruns prepare; a missing column, a missing split and an unreachable name are
+    refused naming their keys (the Hub itself is not reachable here)."""
+    import datasets
+
+    texts = [f"the letter {i} was her walk and his sister." for i in range(120)]
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "train.jsonl").write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    base = ["data.source=hf", "data.train_tokenizer_vocab=300", f"paths.data={tmp_path}"]
+    made = {}
+    for name in ("files", "saved"):
+        made[name] = stages.run("prepare", compose("pipeline", [*base, f"data.hf_name={tmp_path / name}",
+                                                                f"data.output={tmp_path / ('out_' + name)}"]))
+    assert made["files"]["tokens"] == made["saved"]["tokens"] and made["files"]["documents"]["train"] > 100
+    with (files / "train.jsonl").open("a") as more:
+        more.write('{"text": "one more line of her letter."}\n')
+    capsys.readouterr()
+    stages.run("prepare", compose("pipeline", [*base, f"data.hf_name={files}", f"data.output={tmp_path / 'out_files'}"]))
+    assert "up to date" not in capsys.readouterr().out
+    cases = [(["data.text_key=body"], r"not 'body'.*\(fix: data.text_key"),
+             (["data.hf_split=valid"], r"[Ss]plit.*\(fix: data.hf_split")]
+    for extra, refusal in cases:
+        with pytest.raises(UserError, match=refusal):
+            stages.run("prepare", compose("pipeline", [*base, f"data.hf_name={files}", *extra,
+                                                       f"data.output={tmp_path / 'bad'}"]))
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(UserError, match=r"could not load 'someone/corpus'.*save_to_disk.*\(fix: data.hf_name"):
+        stages.run("prepare", compose("pipeline", [*base, "data.hf_name=someone/corpus", f"data.output={tmp_path / 'bad'}"]))
