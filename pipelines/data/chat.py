@@ -23,7 +23,9 @@ a prefix of the whole is refused, since the turns' tokens could not be found.
 a conversation that does not fit in what is left of the current segment starts the next one, the
 rest padded with end-of-document tokens that the mask leaves out. So no conversation is cut
 between two training samples and no sample's loss reads a cut one. A conversation longer than a
-segment is dropped and counted in the manifest (``too_long``). ``data.chat.packing``:
+segment is counted in the manifest (``too_long``) and dropped, or with
+``data.chat.too_long=truncate`` cut to the segment (its tail, end of text included, lost).
+``data.chat.packing``:
 
 - ``isolated`` (the default): a sample holds as many whole conversations as fit, and each sees
   only itself: its positions start at 0 and attention stays within it (the per-document mask of
@@ -48,6 +50,7 @@ from pipelines.data import hub
 
 LOSS_ON = ("assistant", "all")
 PACKING = ("isolated", "one", "shared")
+TOO_LONG = ("drop", "truncate")
 
 
 def austen_view(documents: list[str]) -> list[list[dict]]:
@@ -160,6 +163,7 @@ class Renderer:
                         "prefix of the whole conversation, so the assistant's tokens cannot be found; use a template "
                         "that renders turn by turn", "data.chat_template")
                 mask[:len(ids)][(starts >= len(head)) & (starts < len(upto))] = 1
+        mask[0] = 0   # a conversation's first token is never a label: nothing of it comes before
         eos = self.tokenizer.eos_token_id
         return np.asarray([*ids, eos], dtype=np.int32), mask
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from pipelines.core.artifacts import config_hash, sha256_file
 from pipelines.core.errors import require
@@ -26,11 +27,17 @@ from pipelines.stages.base import Stage
 from pipelines.stages.rules import data_ranges
 
 
+CHAT_LEFT_OUT_WHEN_OFF = {"role_map": None, "too_long": "drop"}
+
+
 def prepare_inputs(cfg) -> dict:
     """The data section, and the content of the corpus files it names (an edited file reruns), or
     the sizes and times of a local ``data.hf_name`` folder's files."""
     chat = str(cfg.data.source) == "chat"   # its keys stay out of other sources' stamps (no rerun for them)
     section = {k: v for k, v in dict(cfg.data).items() if chat or k not in ("chat", "chat_template")}
+    if chat:   # keys added after data was stamped stay out at their off values: that data is still up to date
+        section["chat"] = OmegaConf.create({k: v for k, v in cfg.data.chat.items()
+                                            if not (k in CHAT_LEFT_OUT_WHEN_OFF and v == CHAT_LEFT_OUT_WHEN_OFF[k])})
     inputs = {"data": config_hash(section), "tokenizer": str(cfg.data.tokenizer)}
     files = [Path(str(f)) for f in (cfg.data.get("files") or [])]
     if files:   # a missing one is named by read_documents
@@ -94,13 +101,16 @@ def prepare_chat(cfg, staging: Path) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from pipelines.data.chat import PACKING, Renderer, load_template, pack, read_conversations
+    from pipelines.data.chat import PACKING, TOO_LONG, Renderer, load_template, pack, read_conversations
     from pipelines.data.corpus import austen_documents, fetch_austen
 
     data_cfg = cfg.data
     chat, window = data_cfg.chat, int(data_cfg.chat.sequence_length)
     packing = str(chat.get("packing", PACKING[0]))
     require(packing in PACKING, f"data.chat.packing={packing} is not one of {PACKING}", "data.chat.packing")
+    too_long = str(chat.get("too_long", TOO_LONG[0]))
+    require(too_long in TOO_LONG, f"data.chat.too_long={too_long} is not one of {TOO_LONG}", "data.chat.too_long")
+    truncate = too_long == "truncate"
     tokenizer_dir = Path(str(data_cfg.tokenizer))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     load_template(tokenizer, data_cfg)
@@ -115,7 +125,9 @@ def prepare_chat(cfg, staging: Path) -> dict:
         split = "valid" if is_valid(json.dumps(messages, sort_keys=True), float(data_cfg.valid_fraction)) else "train"
         if len(ids) > window:
             stats[split]["too_long"] += 1
-            continue
+            if not truncate:
+                continue
+            ids, mask = ids[:window], mask[:window]
         items[split].append((ids, mask))
         stats[split]["conversations"] += 1
         stats[split]["tokens"] += len(ids)
@@ -124,7 +136,8 @@ def prepare_chat(cfg, staging: Path) -> dict:
     pad = int(tokenizer.eos_token_id)
     for split, kept in items.items():
         require(kept, f"the {split} split has no conversation of at most {window} tokens "
-                f"({stats[split]['too_long']} longer ones dropped)", "data.chat.sequence_length")
+                f"({stats[split]['too_long']} longer ones dropped; data.chat.too_long=truncate keeps them cut)",
+                "data.chat.sequence_length")
         require(stats[split]["loss_tokens"] > 0, f"the {split} split's loss mask (loss_on={chat.loss_on}) leaves no "
                 "token to train on", "data.chat.loss_on")
         builder = IndexedDatasetBuilder(str(staging / f"{split}.bin"), dtype=np.int32)
@@ -143,12 +156,12 @@ def prepare_chat(cfg, staging: Path) -> dict:
     fields = {"tokenizer": str(tokenizer_dir), "documents": {s: v["conversations"] for s, v in stats.items()},
               "tokens": {s: v["tokens"] + v["padding"] for s, v in stats.items()}, "max_token_id": top,
               "tokenizer_sha256": sha256_file(used) if used.exists() else None,
-              "chat": {"window": window, "loss_on": str(chat.loss_on), "packing": packing, "view": chat.get("view"),
-                       **stats}}
+              "chat": {"window": window, "loss_on": str(chat.loss_on), "packing": packing, "too_long_action": too_long,
+                       "view": chat.get("view"), **stats}}
     for split, v in stats.items():
         print(f"[prepare] {split}: {v['conversations']} conversations, {v['tokens']:,} tokens ({v['padding']:,} padding), "
               f"{100 * v['loss_share']:.1f}% of them {chat.loss_on} tokens; {v['too_long']} longer than {window} "
-              "tokens dropped", flush=True)
+              f"tokens {'truncated' if truncate else 'dropped'}", flush=True)
     return fields
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from pipelines.backend.distributed import require_no_context_parallel
 from pipelines.core.errors import require
-from pipelines.data.chat import PACKING
+from pipelines.data.chat import PACKING, TOO_LONG
 from pipelines.data.logits_cache import Layout
 from pipelines.model import build as model_lib
 from pipelines.ops.kd_loss import DIVERGENCES
@@ -198,6 +198,7 @@ def data_ranges(data) -> None:
         positive_whole(chat.sequence_length, "data.chat.sequence_length", 1, inclusive=True)
         _one_of(chat.loss_on, ("assistant", "all"), "data.chat.loss_on")
         _one_of(chat.get("packing", PACKING[0]), PACKING, "data.chat.packing")
+        _one_of(chat.get("too_long", TOO_LONG[0]), TOO_LONG, "data.chat.too_long")
         require(OmegaConf.is_list(chat.roles) and "assistant" in list(chat.roles), f"data.chat.roles={chat.roles} "
                 "must be a list holding assistant", "data.chat.roles")
         renamed = chat.get("role_map") or {}

@@ -209,6 +209,35 @@ def test_sharegpt_records_through_a_role_map(tmp_path, tiny_data):
                                  "data.chat.role_map={gpt: bot}"), ["prepare"])
 
 
+def test_a_conversation_longer_than_a_segment_is_dropped_or_truncated(tmp_path, tiny_data):
+    """data.chat.too_long: drop (the default, counted) or truncate (a whole segment, cut: its first
+    tokens and mask as the full rendering's)."""
+    from transformers import AutoTokenizer
+
+    from pipelines.data.chat import Renderer, load_template
+
+    records = conversations(20)
+    long = {"messages": [{"role": "user", "content": "tell me"},
+                         {"role": "assistant", "content": sentence(torch.Generator().manual_seed(3), 300)}]}
+    path = write(tmp_path / "chat.jsonl", [long, *records])
+    made = {}
+    for action in ("drop", "truncate"):
+        (tmp_path / action).mkdir()
+        made[action] = stages.run("prepare", chat_cfg(tmp_path / action, tiny_data, [path], f"data.chat.too_long={action}"))
+    split = next(s for s in ("train", "valid") if made["drop"]["chat"][s]["too_long"] == 1)
+    kept = {a: made[a]["chat"][split]["conversations"] for a in made}
+    assert kept["truncate"] == kept["drop"] + 1 and made["truncate"]["chat"]["too_long_action"] == "truncate"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_data / "tokenizer"))
+    cfg = chat_cfg(tmp_path, tiny_data, [path])
+    load_template(tokenizer, cfg.data)
+    ids, mask = Renderer(tokenizer, "assistant")(long["messages"], "long")
+    assert len(ids) > WINDOW
+    tokens = np.memmap(tmp_path / "truncate" / "chat" / f"{split}.bin", dtype=np.int32, mode="r")
+    stored = np.memmap(tmp_path / "truncate" / "chat" / f"{split}.mask", dtype=np.uint8, mode="r")
+    assert np.array_equal(tokens[:WINDOW], ids[:WINDOW]) and np.array_equal(stored[:WINDOW], mask[:WINDOW])
+    assert stored[:WINDOW].sum() > WINDOW / 2   # the assistant's long answer, up to the cut
+
+
 def test_no_template_and_an_empty_mask_are_refused(tmp_path, tiny_data):
     path = write(tmp_path / "chat.jsonl", conversations(20))
     with pytest.raises(UserError, match=r"no chat template.*\(fix: data.chat_template"):

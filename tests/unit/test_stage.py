@@ -107,3 +107,20 @@ def test_distill_keys_added_later_stay_out_of_the_stamp_while_off():
                              "distill.intermediate=[{student:0,teacher:0}]"]).distill
     assert result_settings(d)["quantize"] == "fp8"
     assert result_settings(d)["intermediate"] == [{"student": 0, "teacher": 0}]
+
+
+def test_chat_keys_added_later_leave_prepared_data_up_to_date_at_their_off_values():
+    """data.chat.role_map and data.chat.too_long came after conversations were first prepared: at
+    null and drop, prepare's inputs are those of a config without them (no rerun); set, they count."""
+    from helpers import compose
+
+    from pipelines.stages.prepare import prepare_inputs
+
+    cfg = compose("pipeline", ["experiment=smollm2_135m_chat"])
+    before = OmegaConf.create(OmegaConf.to_container(cfg))
+    OmegaConf.set_struct(before, False)
+    del before.data.chat["role_map"], before.data.chat["too_long"]
+    assert prepare_inputs(cfg) == prepare_inputs(before)
+    for key, value in (("role_map", "{human: user}"), ("too_long", "truncate")):
+        changed = compose("pipeline", ["experiment=smollm2_135m_chat", f"data.chat.{key}={value}"])
+        assert prepare_inputs(changed) != prepare_inputs(cfg)
