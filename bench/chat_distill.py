@@ -78,6 +78,10 @@ def main(argv: list[str]) -> int:
         print(f"[chat_distill] {chat['train']['conversations']} train conversations, {100 * share:.1f}% of their "
               f"tokens the assistant's; cache {per_token:.1f} bytes/token ({full:.1f} with every token's labels)",
               flush=True)
+        shared_windows, after_another = packed_together(data, chat["window"])
+        print(f"[chat_distill] {100 * shared_windows:.0f}% of the training samples hold two or more conversations; "
+              f"{100 * after_another:.0f}% of the counted labels follow another conversation in their sample",
+              flush=True)
         losses: dict[str, list[float]] = {"kd": [], "ce": []}
         variants = {"kd": [], "ce": ["distill.teacher=none", "distill.kd_weight=0"]}
         for seed in range(1, args.seeds + 1):
@@ -97,6 +101,26 @@ def main(argv: list[str]) -> int:
     print(f"cache_bytes_per_token={per_token:.2f} assistant_share={share:.4f} kd_val_loss={mean['kd']:.4f} "
           f"ce_val_loss={mean['ce']:.4f} {shared}seeds={args.seeds}")
     return 0
+
+
+def packed_together(data: Path, window: int) -> tuple[float, float]:
+    """The share of training samples holding two or more conversations, and of the counted labels
+    that follow another conversation in their sample (what attention crossing would change)."""
+    import numpy as np
+
+    tokens, starts, mask = (np.memmap(data / f"train.{suffix}", dtype=dtype, mode="r")
+                            for suffix, dtype in (("bin", np.int32), ("starts", np.uint8), ("mask", np.uint8)))
+    samples = (len(tokens) - 1) // window
+    pad = tokens[-1]   # the stream ends in padding, which starts runs of its own
+    begins = (starts[:samples * window] == 1) & (tokens[:samples * window] != pad)
+    labels = mask[1:samples * window + 1].reshape(samples, window)   # sample i's labels
+    many, after = 0, 0
+    for sample, row in enumerate(begins.reshape(samples, window)):
+        found = np.flatnonzero(row)
+        if len(found) > 1:
+            many += 1
+            after += int(labels[sample, found[1] - 1:].sum())
+    return many / samples, after / max(int(labels.sum()), 1)
 
 
 def shared_arm(common: list[str], steps: list[str], fresh: Path, isolated: Path, seeds: int) -> list[float]:
