@@ -7,6 +7,7 @@ is present; :func:`transformer_engine_available` is the one probe for TE.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -157,8 +158,10 @@ def keep_freed_memory() -> None:
         pass
 
 
+@functools.cache
 def transformer_engine_available() -> bool:
-    """True when transformer-engine imports (and a GPU is present to run it)."""
+    """True when transformer-engine imports (and a GPU is present to run it); probed once a
+    process (model inputs ask it on every forward pass, and a failed import is not remembered)."""
     if not torch.cuda.is_available():
         return False
     try:

@@ -191,13 +191,22 @@ class TokenWindows(torch.utils.data.Dataset):
         start = index * self.sequence_length
         return torch.from_numpy(np.array(self.mask[start + 1:start + self.sequence_length + 1], dtype=np.float32))
 
+    @property
+    def isolated(self) -> bool:
+        """Whether the model keeps each packed conversation apart (``data.chat.packing=isolated``)."""
+        return self.begins is not None
+
     def starts(self, index: int) -> torch.Tensor | None:
         """Where sample ``index``'s packed conversations begin, over its ``s`` inputs (bool; None
-        unless they are kept apart: ``data.chat.packing=isolated``)."""
+        unless they are kept apart: :attr:`isolated`)."""
         if self.begins is None:
             return None
         start = index * self.sequence_length
         return torch.from_numpy(np.array(self.begins[start:start + self.sequence_length], dtype=np.bool_))
+
+    def stacked_starts(self, indices) -> torch.Tensor | None:
+        """:meth:`starts` of these samples as one ``[b, s]`` batch (None unless :attr:`isolated`)."""
+        return torch.stack([self.starts(i) for i in indices]) if self.isolated else None
 
     def mask_counts(self, samples: int) -> np.ndarray:
         """How many labels the loss mask counts in each of the first ``samples`` samples."""
@@ -212,19 +221,18 @@ class TokenWindows(torch.utils.data.Dataset):
         for start in range(0, total, batch_size):
             yield torch.stack([self[i] for i in range(start, min(start + batch_size, total))])
 
+    def _batch_indices(self, batch_size: int, limit: int | None):
+        total = min(self.count, limit or self.count)
+        return (range(start, min(start + batch_size, total)) for start in range(0, total, batch_size))
+
     def mask_batches(self, batch_size: int, limit: int | None = None):
         """The loss masks ``[b, s]`` of :meth:`batches`' samples (None each, without a mask)."""
-        total = min(self.count, limit or self.count)
-        for start in range(0, total, batch_size):
-            indices = range(start, min(start + batch_size, total))
+        for indices in self._batch_indices(batch_size, limit):
             yield torch.stack([self.loss_mask(i) for i in indices]) if self.masked else None
 
     def start_batches(self, batch_size: int, limit: int | None = None):
-        """The conversation starts ``[b, s]`` of :meth:`batches`' samples (None each, unless kept apart)."""
-        total = min(self.count, limit or self.count)
-        for start in range(0, total, batch_size):
-            indices = range(start, min(start + batch_size, total))
-            yield torch.stack([self.starts(i) for i in indices]) if self.begins is not None else None
+        """The conversation starts ``[b, s]`` of :meth:`batches`' samples (None each, unless :attr:`isolated`)."""
+        return map(self.stacked_starts, self._batch_indices(batch_size, limit))
 
     def input_batches(self, batch_size: int, limit: int | None = None):
         """``(inputs [b, s], starts [b, s] or None)`` of :meth:`batches`' samples: what a forward

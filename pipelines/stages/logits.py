@@ -147,7 +147,7 @@ def run(cfg, layout, output: Path, inputs: dict) -> dict:
         for first in range(0, len(indices), batch_size):
             chunk = indices[first:first + batch_size]
             batch = layout.place(torch.stack([windows[i] for i in chunk]))
-            starts = torch.stack([windows.starts(i) for i in chunk]) if windows.starts(chunk[0]) is not None else None
+            starts = windows.stacked_starts(chunk)
             with torch.no_grad():
                 logits = local_logits(model, batch[:, :-1], starts)  # this rank's vocabulary slice
                 ids, logprobs, tail = (teacher_topk(logits, k, temperature, **split) if mode == "topk" else

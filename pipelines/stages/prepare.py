@@ -106,10 +106,8 @@ def prepare_chat(cfg, staging: Path) -> dict:
 
     data_cfg = cfg.data
     chat, window = data_cfg.chat, int(data_cfg.chat.sequence_length)
-    packing = str(chat.get("packing", PACKING[0]))
-    require(packing in PACKING, f"data.chat.packing={packing} is not one of {PACKING}", "data.chat.packing")
+    packing = str(chat.get("packing", PACKING[0]))   # both checked by the stage's checks (rules.data_ranges)
     too_long = str(chat.get("too_long", TOO_LONG[0]))
-    require(too_long in TOO_LONG, f"data.chat.too_long={too_long} is not one of {TOO_LONG}", "data.chat.too_long")
     truncate = too_long == "truncate"
     tokenizer_dir = Path(str(data_cfg.tokenizer))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))

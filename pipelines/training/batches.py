@@ -33,8 +33,8 @@ def host_batch(windows, cache, indices, renormalize: bool = False) -> dict:
     batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:], "teacher": None}
     if windows.masked:   # conversations: the loss counts the masked-in tokens only
         batch["loss_mask"] = torch.stack([windows.loss_mask(i) for i in indices])
-    if windows.starts(indices[0]) is not None:   # and each attends to itself only (data.chat.packing=isolated)
-        batch["starts"] = torch.stack([windows.starts(i) for i in indices])
+    if windows.isolated:   # and each attends to itself only (data.chat.packing=isolated)
+        batch["starts"] = windows.stacked_starts(indices)
     if cache is not None:
         parts = [cache[i] for i in indices]
         batch["teacher"] = TopK(*(torch.stack(p) for p in zip(*parts)))
